@@ -1,0 +1,9 @@
+"""advreg: regularize neural networks by adversarial perturbation.
+
+Weight space: :class:`AMP` (adversarial model perturbation) and :class:`SAM`, both drop-in
+``torch.optim`` optimizers built on one engine (:mod:`advreg.perturb`).
+"""
+from advreg.perturb import AMP, SAM, PerturbedOptimizer
+
+__version__ = "0.1.0"
+__all__ = ["AMP", "SAM", "PerturbedOptimizer", "__version__"]
