@@ -1,0 +1,86 @@
+"""The ``advreg`` command line: ``advreg train`` runs one configuration into a run folder.
+
+Bad input ends with one line ``advreg: error: ...`` and exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Sequence
+
+from advreg import config as cfg
+from advreg.data import DATASETS
+from advreg.methods import METHODS
+from advreg.models import MODELS
+from advreg.train import TrainingDiverged, train
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not argparse's usage block
+        _fail(f"{message} (see '{self.prog} --help')")
+
+
+def _fail(message: str, status: int = EXIT_USAGE) -> None:
+    print(f"advreg: error: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="advreg", description="Regularize neural networks by adversarial perturbation.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    train = commands.add_parser("train", help="train one method with one seed into a run folder",
+                                description="Train one method with one seed; writes config.json, history.csv, "
+                                            "metrics.json and a checkpoint into --out.")
+    train.add_argument("--dataset", default="mnist1d", choices=DATASETS)
+    train.add_argument("--model", default="mlp", choices=MODELS)
+    train.add_argument("--method", default="erm", choices=tuple(METHODS))
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--epochs", type=int, default=cfg.TrainConfig.epochs)
+    train.add_argument("--out", required=True, help="the run folder (created; must be new unless --resume)")
+    train.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a setting, e.g. amp.epsilon=0.2 or optim.lr=0.05 (repeatable); "
+                            "an unknown key lists the valid ones")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def make_config(args: argparse.Namespace) -> cfg.TrainConfig:
+    config = cfg.TrainConfig(method=args.method, seed=args.seed, epochs=args.epochs,
+                             data=cfg.DataConfig(name=args.dataset), model=cfg.ModelConfig(name=args.model))
+    return cfg.override(config, args.settings)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    metrics = train(make_config(args), args.out, resume=args.resume, progress=not args.quiet)
+    print(format_metrics(metrics, args.out))
+
+
+def format_metrics(metrics: dict[str, Any], out: str) -> str:
+    rows = [("split", "error %", "NLL", "ECE %")]
+    for split in ("train", "val", "test"):
+        values = [metrics.get(f"{split}_{k}") for k in ("error", "nll", "ece")]
+        rows.append((split, *("-" if v is None else f"{v:.2f}" if i != 1 else f"{v:.3f}"
+                              for i, v in enumerate(values))))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+    return (f"{metrics['method']} seed {metrics['seed']}, {metrics['epochs']} epochs, "
+            f"{metrics['train_seconds']:.1f} s -> {out}\n" + "\n".join(lines))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        {"train": cmd_train}[args.command](args)
+    except KeyboardInterrupt:
+        _fail("interrupted; the last finished epoch is saved, continue with --resume", 130)
+    except ValueError as err:  # bad settings, a foreign --out, a corrupt file: the message says what to do
+        _fail(str(err))
+    except TrainingDiverged as err:
+        _fail(str(err), 1)
+
+
+if __name__ == "__main__":
+    main()

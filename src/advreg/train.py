@@ -1,0 +1,250 @@
+"""Train one configuration into a run folder: config.json, history.csv, metrics.json and checkpoint.pt.
+
+The checkpoint, written atomically after every epoch, holds the model, optimizer, scheduler and RNG
+states, so ``resume=True`` continues an interrupted run to the numbers of an uninterrupted one (CPU).
+"""
+from __future__ import annotations
+
+import math
+import platform
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+import advreg
+from advreg import models
+from advreg.config import TrainConfig
+from advreg.data import DataSplits, TensorLoader, load_dataset
+from advreg.evaluate import evaluate
+from advreg.io import load_checkpoint, read_json, save_checkpoint, write_csv, write_json
+from advreg.methods import build_optimizer, get_method
+from advreg.perturb import NonFiniteLossError
+
+CHECKPOINT, CONFIG, HISTORY, METRICS = "checkpoint.pt", "config.json", "history.csv", "metrics.json"
+
+
+class RunFolderError(ValueError):
+    """The ``out`` folder holds something other than this run."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or inf."""
+
+
+@dataclass
+class Run:
+    """Everything a configuration builds; the training state lives in these objects."""
+    config: TrainConfig
+    data: DataSplits
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: TensorLoader
+    generator: torch.Generator  # the shuffling order
+    device: torch.device
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy
+
+
+def train(config: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train ``config`` into folder ``out`` and return the final metrics (also in metrics.json)."""
+    out = Path(out)
+    validate(config)
+    checkpoint = _prepare_folder(out, config, resume)
+    run = build_run(config)
+    start, history = _restore(run, checkpoint) if checkpoint else (0, [])
+    bar = tqdm(range(start, config.epochs), initial=start, total=config.epochs, unit="epoch",
+               desc=f"{config.method} seed {config.seed}", disable=not progress, leave=False)
+    for epoch in bar:
+        history.append(run_epoch(run, epoch))
+        save_checkpoint(out / CHECKPOINT, _snapshot(run, epoch + 1, history))
+        write_csv(out / HISTORY, history)
+        bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", val_err=f"{history[-1]['val_error']:.1f}")
+    metrics = final_metrics(run, history)
+    write_json(out / METRICS, metrics)
+    return metrics
+
+
+def validate(config: TrainConfig) -> None:
+    """Raise ValueError, before any work, on a setting that cannot run."""
+    get_method(config.method)
+    if not (isinstance(config.epochs, int) and config.epochs >= 1):
+        raise ValueError(f"epochs must be an integer >= 1, got {config.epochs!r}")
+    if config.optim.batch_size < 1 or config.optim.lr <= 0:
+        raise ValueError("optim.batch_size must be >= 1 and optim.lr > 0")
+    if any(not 0 < f <= 1 for f in config.optim.milestones):
+        raise ValueError(f"optim.milestones are fractions of the epochs in (0, 1], got {config.optim.milestones}")
+    models.build(config.model.name, 2, input_shape=(1,), hidden=config.model.hidden, dropout=config.model.dropout)
+    build_optimizer(config, [nn.Parameter(torch.zeros(1))])  # the optimizer's own checks
+    resolve_device(config.device)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for but CUDA is not available; use --set device=cpu")
+    return device
+
+
+def build_run(config: TrainConfig) -> Run:
+    """Data, model, optimizer and schedule of ``config``, seeded: the same config builds the same run."""
+    torch.manual_seed(config.seed)
+    device = resolve_device(config.device)
+    data = load_dataset(config.data.name, seed=config.seed, val_fraction=config.data.val_fraction)
+    data = _to_device(data, device)
+    m = config.model
+    model = models.build(m.name, data.num_classes, input_shape=data.input_shape, hidden=m.hidden,
+                         dropout=m.dropout).to(device)
+    optimizer = build_optimizer(config, model.parameters())
+    milestones = sorted({max(1, round(f * config.epochs)) for f in config.optim.milestones})
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=config.optim.lr_decay)
+    generator = torch.Generator().manual_seed(config.seed)
+    loader = TensorLoader(*data.train, config.optim.batch_size, shuffle=True, generator=generator)
+    return Run(config, data, model, optimizer, scheduler, loader, generator, device)
+
+
+def run_epoch(run: Run, epoch: int) -> dict[str, float]:
+    """One pass over the training set, then the schedule's step and an evaluation; a history row."""
+    start, lr = time.perf_counter(), run.optimizer.param_groups[0]["lr"]
+    run.model.train()
+    loss_sum = torch.zeros((), device=run.device, dtype=torch.float64)
+    wrong = torch.zeros((), device=run.device, dtype=torch.long)
+    for x, y in run.loader:
+        loss, logits = _train_step(run, x, y)
+        loss_sum += loss.detach().double() * len(y)
+        wrong += (logits.argmax(dim=1) != y).sum()
+    n = len(run.loader.y)
+    train_loss = (loss_sum / n).item()  # one host synchronisation per epoch
+    if not math.isfinite(train_loss):
+        raise TrainingDiverged(f"the training loss became {train_loss} in epoch {epoch + 1}; "
+                               "lower optim.lr or the perturbation radius and start again")
+    run.scheduler.step()
+    val, test = evaluate(run.model, *run.data.val), evaluate(run.model, *run.data.test)
+    return {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_error": 100.0 * wrong.item() / n,
+            "val_loss": val["nll"], "val_error": val["error"], "test_loss": test["nll"],
+            "test_error": test["error"], "seconds": time.perf_counter() - start}
+
+
+def _train_step(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """One optimizer step; returns the loss and the logits of the clean pass (at θ)."""
+    clean_logits: list[Tensor] = []
+
+    def closure() -> Tensor:
+        run.optimizer.zero_grad(set_to_none=True)
+        logits = run.model(x)  # (B, K)
+        loss = run.loss_fn(logits, y)
+        loss.backward()
+        if not clean_logits:  # the first call is the pass at θ
+            clean_logits.append(logits.detach())
+        return loss
+
+    try:
+        loss = run.optimizer.step(closure)
+    except NonFiniteLossError as err:
+        raise TrainingDiverged(f"training {run.config.method} diverged: {err} "
+                               "(settings optim.lr, amp.epsilon, sam.rho)") from None
+    return loss, clean_logits[0]
+
+
+def final_metrics(run: Run, history: list[dict[str, float]]) -> dict[str, Any]:
+    """Flat metrics of the final weights: errors and ECE in percent, NLL in nats."""
+    metrics: dict[str, Any] = {"method": run.config.method, "seed": run.config.seed, "epochs": run.config.epochs,
+                               "train_seconds": sum(row["seconds"] for row in history)}
+    for split in ("train", "val", "test"):
+        for key, value in evaluate(run.model, *getattr(run.data, split)).items():
+            metrics[f"{split}_{key}"] = None if math.isnan(value) else value
+    return metrics
+
+
+# -- the run folder and the checkpoint -----------------------------------------------------------
+def _prepare_folder(out: Path, config: TrainConfig, resume: bool) -> dict[str, Any] | None:
+    """Check that ``out`` is this run's folder (or new); return the checkpoint to resume from, if any."""
+    if (out / CONFIG).exists():
+        saved = read_json(out / CONFIG)
+        saved.pop("code_version", None)
+        if _normalized(saved) != config.to_dict():
+            raise RunFolderError(f"{out} holds a different run ({_difference(saved, config.to_dict())}); "
+                                 "choose another --out, or pass the same settings to resume it")
+        if not resume:
+            raise RunFolderError(f"{out} already holds this run; pass --resume to continue it, "
+                                 "or choose another --out")
+        return load_checkpoint(out / CHECKPOINT) if (out / CHECKPOINT).exists() else None
+    if out.exists() and any(out.iterdir()):
+        raise RunFolderError(f"{out} is not empty and holds no advreg run; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / CONFIG, {**config.to_dict(), "code_version": code_version()})
+    return None
+
+
+def _normalized(saved: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return TrainConfig.from_dict(saved).to_dict()  # JSON lists back to tuples
+    except (TypeError, ValueError):
+        return saved
+
+
+def _difference(saved: dict[str, Any], wanted: dict[str, Any], prefix: str = "") -> str:
+    diffs = []
+    for key in sorted(set(saved) | set(wanted)):
+        a, b = saved.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs.append(_difference(a, b, f"{prefix}{key}."))
+        elif a != b and not (isinstance(a, list) and tuple(a) == b):
+            diffs.append(f"{prefix}{key}: {a!r} there, {b!r} here")
+    return "; ".join(d for d in diffs if d)
+
+
+def _snapshot(run: Run, epochs_done: int, history: list[dict[str, float]]) -> dict[str, Any]:
+    rng = {"torch": torch.get_rng_state(), "loader": run.generator.get_state()}
+    if run.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(run.device)
+    return {"epoch": epochs_done, "config": run.config.to_dict(), "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            "rng": rng, "history": history}
+
+
+def _restore(run: Run, checkpoint: dict[str, Any]) -> tuple[int, list[dict[str, float]]]:
+    if _normalized(checkpoint.get("config", {})) != run.config.to_dict():
+        raise RunFolderError("the checkpoint belongs to a different configuration than config.json; "
+                             "delete the folder to start over")
+    run.model.load_state_dict(checkpoint["model"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.scheduler.load_state_dict(checkpoint["scheduler"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    run.generator.set_state(checkpoint["rng"]["loader"])
+    if "cuda" in checkpoint["rng"] and run.device.type == "cuda":
+        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], run.device)
+    return checkpoint["epoch"], list(checkpoint["history"])
+
+
+def _to_device(data: DataSplits, device: torch.device) -> DataSplits:
+    move = lambda pair: (pair[0].to(device), pair[1].to(device))  # noqa: E731
+    return DataSplits(data.name, move(data.train), move(data.val), move(data.test), data.num_classes,
+                      data.input_shape)
+
+
+def code_version() -> dict[str, Any]:
+    """The advreg version, its git commit (and whether the tree had changes), torch and Python."""
+    version: dict[str, Any] = {"advreg": advreg.__version__, "torch": torch.__version__,
+                               "python": platform.python_version()}
+    root = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "."], capture_output=True,
+                               text=True, timeout=10, check=True).stdout.strip()
+        version.update(git_commit=commit, git_dirty=bool(dirty))
+    except (OSError, subprocess.SubprocessError):
+        version.update(git_commit=None, git_dirty=None)  # installed from a wheel: the version says it
+    return version
