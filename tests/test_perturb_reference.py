@@ -539,20 +539,14 @@ def test_nan_loss_raises_and_restores_theta(make_opt, nan_at):
 
 
 # ------------------------------------------------------------------------------ 12. AMP regularizes
-def _noisy_blobs(seed, n=240, dim=10, classes=3, noise=0.25):
-    gen = torch.Generator().manual_seed(1000 + seed)
-    centers = 1.2 * torch.randn(classes, dim, generator=gen, dtype=DT)
+def _noisy_blobs(seed, n, dim=10, classes=3, noise=0.2):
+    """Gaussian blobs (fixed centres) with 20% of the labels flipped: a small train set invites overfitting."""
+    centers = torch.randn(classes, dim, generator=torch.Generator().manual_seed(1000), dtype=DT)
+    gen = torch.Generator().manual_seed(seed)
     y = torch.randint(0, classes, (n,), generator=gen)
     x = centers[y] + torch.randn(n, dim, generator=gen, dtype=DT)
     flip = torch.rand(n, generator=gen) < noise
-    y = torch.where(flip, torch.randint(0, classes, (n,), generator=gen), y)
-    return x, y
-
-
-def _mlp(seed, dim=10, hidden=64, classes=3):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
-                         nn.Linear(hidden, classes)).to(DT)
+    return x, torch.where(flip, torch.randint(0, classes, (n,), generator=gen), y)
 
 
 def _top_hessian_eig(model, x, y, iters=30):
@@ -572,27 +566,35 @@ def _top_hessian_eig(model, x, y, iters=30):
     return lam
 
 
-def _train(method, seed, steps=300):
-    x, y = _noisy_blobs(seed)
-    model = _mlp(seed)
-    kw = dict(lr=0.1, momentum=0.9)
+def _train_blobs(method, seed, steps=400, batch=50):
+    """Mini-batch training of a 128-128 ReLU MLP on 200 noisy samples; held-out NLL on 2000 fresh ones."""
+    x, y = _noisy_blobs(seed, 200)
+    x_test, y_test = _noisy_blobs(10_000 + seed, 2000)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(10, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                          nn.Linear(128, 3)).to(DT)
+    kw = dict(lr=0.05, momentum=0.9)
     if method == "sgd":
         opt = torch.optim.SGD(model.parameters(), **kw)
     else:
         opt = advreg.AMP(model.parameters(), torch.optim.SGD, epsilon=1.0, inner_lr=1.0, inner_steps=1, **kw)
+    order = torch.Generator().manual_seed(seed)
     for _ in range(steps):
-        opt.step(make_closure(opt, model, x, y))
+        idx = torch.randperm(len(y), generator=order)[:batch]
+        opt.step(make_closure(opt, model, x[idx], y[idx]))
     with torch.no_grad():
-        loss = F.cross_entropy(model(x), y).item()
-    return loss, _top_hessian_eig(model, x, y)
+        train_loss = F.cross_entropy(model(x), y).item()
+        test_nll = F.cross_entropy(model(x_test), y_test).item()
+    return train_loss, test_nll, _top_hessian_eig(model, x, y)
 
 
 @pytest.mark.slow
-def test_amp_finds_flatter_solution():
-    seeds = [0, 1, 2]
-    sgd = [_train("sgd", s) for s in seeds]
-    amp = [_train("amp", s) for s in seeds]
-    sgd_loss, sgd_sharp = (sum(v) / len(seeds) for v in zip(*sgd))
-    amp_loss, amp_sharp = (sum(v) / len(seeds) for v in zip(*amp))
-    assert amp_sharp < 0.5 * sgd_sharp, f"AMP sharpness {amp_sharp:.3f} vs SGD {sgd_sharp:.3f}"
-    assert amp_loss >= sgd_loss, f"AMP train loss {amp_loss:.4f} < SGD {sgd_loss:.4f}"
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_amp_regularizes_an_overfitting_mlp(seed):
+    """Measured (seeds 0-2): held-out NLL 1.81/2.33/1.79 (SGD) vs 1.48/1.86/1.48 (AMP, eps=1);
+    top Hessian eigenvalue ~1.2 vs ~0.5. Thresholds leave margin under those."""
+    sgd_train, sgd_test, sgd_sharp = _train_blobs("sgd", seed)
+    amp_train, amp_test, amp_sharp = _train_blobs("amp", seed)
+    assert amp_test < 0.9 * sgd_test, f"held-out NLL: AMP {amp_test:.3f} vs SGD {sgd_test:.3f}"
+    assert amp_sharp < 0.75 * sgd_sharp, f"top Hessian eigenvalue: AMP {amp_sharp:.3f} vs SGD {sgd_sharp:.3f}"
+    assert amp_train > sgd_train, "AMP should fit the noisy labels less tightly than SGD"

@@ -60,18 +60,18 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
         """One training step; returns the loss at the unperturbed weights θ."""
-        closure = _checked(closure, type(self).__name__)
+        losses: list[Tensor] = []  # every pass of this step, checked once at the end
+        closure = _checked(closure, type(self).__name__, losses)
         loss = closure()
         if not self._is_active():
-            _require_finite(loss, "at the weights θ")
+            _require_finite(losses, "at the weights θ")
             self.base_optimizer.step()
             return loss
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         with self._frozen_running_stats(params), self._restoring(params) as theta:
             self._perturb(params, theta, closure)
-            perturbed_loss = closure()  # ∇J(θ+Δ) now in .grad
-            _require_finite(torch.stack([loss.detach().float(), perturbed_loss.detach().float()]),
-                            "at θ or at the perturbed weights θ+Δ")
+            closure()  # ∇J(θ+Δ) now in .grad
+            _require_finite(losses, "at θ or at perturbed weights θ+Δ")
         self.base_optimizer.step()  # at θ, with the gradient taken at θ+Δ
         return loss
 
@@ -145,7 +145,7 @@ def check_nonnegative(name: str, value: float, hint: str) -> None:
         raise ValueError(f"{name} must be a number >= 0, got {value!r}; {hint}")
 
 
-def _checked(closure: Closure | None, name: str) -> Closure:
+def _checked(closure: Closure | None, name: str, losses: list[Tensor]) -> Closure:
     if closure is None:
         raise ValueError(
             f"{name}.step needs a closure that clears the gradients, computes the loss, calls backward() "
@@ -157,6 +157,7 @@ def _checked(closure: Closure | None, name: str) -> Closure:
         if not isinstance(loss, Tensor):
             raise ValueError(f"the closure returned {type(loss).__name__}; it must return the loss tensor "
                              "(end it with `return loss`)")
+        losses.append(loss.detach())
         return loss
     return run
 
@@ -165,8 +166,9 @@ class NonFiniteLossError(ValueError):
     """The loss of a step was NaN or inf; the weights were left at θ and no step was taken."""
 
 
-def _require_finite(losses: Tensor, where: str) -> None:
-    if not bool(torch.isfinite(losses).all()):  # one host synchronisation per step
+def _require_finite(losses: list[Tensor], where: str) -> None:
+    finite = torch.stack([torch.isfinite(loss).all() for loss in losses]).all()
+    if not bool(finite):  # one host synchronisation per step
         raise NonFiniteLossError(f"the loss is not finite (NaN or inf) {where}; the weights were left at θ. "
                          "Lower the learning rate or the perturbation radius, or check the inputs")
 
