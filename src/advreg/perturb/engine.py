@@ -98,7 +98,12 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
-        for key, value in state_dict.pop("perturbation", {}).items():
+        saved = state_dict.pop("perturbation", {})
+        foreign = sorted(set(saved) - set(self._hyperparameters()))
+        if foreign:
+            raise ValueError(f"this state_dict was saved by another optimizer (it has {', '.join(foreign)}); "
+                             f"load it into the kind of optimizer that saved it, not {type(self).__name__}")
+        for key, value in saved.items():
             setattr(self, key, value)
         self._validate()
         self.base_optimizer.load_state_dict(state_dict)
