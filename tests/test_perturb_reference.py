@@ -23,18 +23,6 @@ ATOL = 1e-10
 ASAM_ETA = 0.01
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Every tensor here is tiny: one intra-op thread is faster, and avoids OpenMP oversubscription on a
-    loaded machine (measured: the overfitting test took 70 s with 2 threads under load, 4 s with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------------------------- helpers
 def make_model(seed=0, *, dropout=0.0, batchnorm=False, dtype=DT, hidden=7):
     """Linear(5,h) [-BatchNorm1d] - Tanh [- Dropout] - Linear(h,3), deterministic init."""
