@@ -22,8 +22,13 @@ What is measured
   first step.  The peak is the kernel's high-water mark ``VmHWM`` (reset right before the steps
   via ``/proc/self/clear_refs``); ``getrusage(RUSAGE_SELF).ru_maxrss`` is only a fallback,
   because on Linux a child started by ``subprocess`` inherits the parent's ``ru_maxrss`` across
-  exec (it would show this script's own peak, not the child's).  The first step is included on
-  purpose: it allocates the gradients, the momentum buffers and the perturbation's buffers.
+  exec (it would show this script's own peak, not the child's).  The workers run with glibc's
+  mmap threshold fixed (``MALLOC_MMAP_THRESHOLD_``), so that freed tensors leave the RSS at once
+  and the number follows live tensors, not heap fragmentation (which otherwise adds a
+  parameter-sized block in some runs and not others); up to 4 workers run at a time.
+  Both ways, the model's parameters exist before the baseline and are not counted: the rise is
+  gradients + optimizer state + the perturbation's buffers + temporaries (activations, foreach
+  intermediates).  The first step is included on purpose, since it allocates most of them.
 * **Optimizer state**: the exact bytes of the tensors in ``optimizer.state`` (public API; for
   AMP/SAM it is the wrapped SGD's state).  Scratch buffers that a perturbation keeps outside its
   state (e.g. the copy of theta) are not in it; they show up in the peak memory only.
@@ -58,6 +63,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import advreg
+
 NUM_CLASSES = 10
 INPUT_DIM = 40  # MNIST-1D: 40 samples per sequence
 SGD_KWARGS = dict(lr=0.1, momentum=0.9, weight_decay=1e-4)
@@ -76,21 +83,13 @@ class Method:
 
 
 def _amp(n: int) -> Method:
-    def make(params):
-        import advreg
-        return advreg.AMP(params, torch.optim.SGD, inner_steps=n, **AMP_KWARGS, **SGD_KWARGS)
-    return Method(f"AMP N={n}", n + 1, make)
-
-
-def _sam() -> Method:
-    def make(params):
-        import advreg
-        return advreg.SAM(params, torch.optim.SGD, **SAM_KWARGS, **SGD_KWARGS)
-    return Method("SAM", 2, make)
+    return Method(f"AMP N={n}", n + 1,
+                  lambda params: advreg.AMP(params, torch.optim.SGD, inner_steps=n, **AMP_KWARGS, **SGD_KWARGS))
 
 
 METHODS = [Method("SGD", 1, lambda params: torch.optim.SGD(params, **SGD_KWARGS)),
-           _amp(1), _amp(2), _amp(3), _sam()]
+           _amp(1), _amp(2), _amp(3),
+           Method("SAM", 2, lambda params: advreg.SAM(params, torch.optim.SGD, **SAM_KWARGS, **SGD_KWARGS))]
 BY_NAME = {m.name: m for m in METHODS}
 
 
@@ -253,7 +252,11 @@ def measure_memory_cpu(method: Method, width: int, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--device", "cpu", "--batch-size", str(args.batch_size),
            "--mem-steps", str(args.mem_steps), "--threads", str(torch.get_num_threads()),
            "--_mem-worker", method.name, "--_mem-worker-width", str(width)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    # A fixed glibc mmap threshold (no dynamic raise) hands a freed tensor back to the OS at once, so
+    # RSS follows the live tensors instead of heap fragmentation, which otherwise varies from run
+    # to run by a parameter-sized block.  No effect outside glibc.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(64 * 1024))
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"memory worker for {method.name} (width {width}) failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -300,7 +303,6 @@ def usable_cpus() -> int:
 
 
 def header(args, device: torch.device) -> str:
-    import advreg
     model, source = build_model(args.width)
     env = "".join(f"{k}={shlex.quote(os.environ[k])} " for k in ("PYTHONPATH", "CUDA_VISIBLE_DEVICES")
                   if os.environ.get(k))
@@ -315,12 +317,19 @@ def header(args, device: torch.device) -> str:
         f"device  : {device} ({hw})",
         f"torch   : {torch.__version__}, threads {torch.get_num_threads()} (of {usable_cpus()} usable CPUs), "
         f"python {platform.python_version()}",
+        f"load    : {_load()} (other processes on this machine inflate and scatter the times)",
         f"advreg  : {getattr(advreg, '__version__', '?')} from {os.path.dirname(advreg.__file__)}",
         f"model   : {source}: {n_params(model):,} parameters",
         f"data    : synthetic MNIST-1D batch, B={args.batch_size}; seeds fixed",
         f"methods : SGD {_kw(SGD_KWARGS)}; AMP {_kw(AMP_KWARGS)} (+SGD); SAM {_kw(SAM_KWARGS)} (+SGD)",
     ]
     return "\n".join(lines)
+
+
+def _load() -> str:
+    if not hasattr(os, "getloadavg"):
+        return "n/a"
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg()) + " (1/5/15 min)"
 
 
 def _kw(d: dict) -> str:
@@ -356,7 +365,7 @@ def memory_table(mem: dict[str, dict], width: int, label: str, steps: int) -> st
     unit, scale = ("KiB", 1024) if params < 4 * MIB else ("MiB", MIB)
     rows = [f"Peak memory, {label}: MLP {INPUT_DIM}-{width}-{width}-{NUM_CLASSES}, "
             f"{mem['SGD']['n_params']:,} parameters = {params / scale:,.1f} {unit}; "
-            f"rise of {source} over the first {steps} steps",
+            f"rise of {source} over {steps} step(s) from the first",
             f"{'method':<10} {f'peak rise {unit}':>14} {'ratio to SGD':>13} {f'opt.state {unit}':>14} "
             f"{'state/params':>13}"]
     for m in METHODS:
@@ -371,19 +380,21 @@ def memory_table(mem: dict[str, dict], width: int, label: str, steps: int) -> st
 # -- command line ---------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--device", choices=["cpu", "cuda"], default=default_device)
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--steps", type=int, default=200, help="timed steps per method per round")
-    p.add_argument("--width", type=int, default=100, help="hidden units of the timed MLP")
-    p.add_argument("--repeats", type=int, default=5, help="round-robin rounds; the median is reported")
-    p.add_argument("--warmup", type=int, default=20, help="untimed steps per method before the rounds")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default=default_device,
+                   help="default here: %(default)s (cuda when available)")
+    p.add_argument("--batch-size", type=int, default=50, help="default: %(default)s")
+    p.add_argument("--steps", type=int, default=200, help="timed steps per method per round (default: %(default)s)")
+    p.add_argument("--width", type=int, default=100, help="hidden units of the timed MLP (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="round-robin rounds; the median is reported (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=20,
+                   help="untimed steps per method before the rounds (default: %(default)s)")
     p.add_argument("--mem-width", type=int, default=2048,
-                   help="hidden units of the wide MLP whose memory is also measured (0: skip)")
-    p.add_argument("--mem-steps", type=int, default=3, help="steps per memory measurement")
+                   help="hidden units of the wide MLP whose memory is also measured; 0 skips it (default: %(default)s)")
+    p.add_argument("--mem-steps", type=int, default=3, help="steps per memory measurement (default: %(default)s)")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory measurements")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own choice)")
     p.add_argument("--_mem-worker", dest="mem_worker", choices=list(BY_NAME), help=argparse.SUPPRESS)
     p.add_argument("--_mem-worker-width", dest="mem_worker_width", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -408,17 +419,20 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     started = time.perf_counter()
     print(header(args, device), flush=True)
+    if hasattr(os, "getloadavg") and os.getloadavg()[0] > usable_cpus():
+        print("WARNING : the machine is busy (1-min load above the usable CPUs): times are inflated and noisy;"
+              " rerun on an idle machine for numbers to quote")
     print()
     print(time_table(time_methods(args, device), args), flush=True)
     if args.memory:
-        widths = [(args.width, "timed MLP (tiny: mostly noise)")]
+        widths = [(args.width, "timed MLP (--width; for a tiny model mostly allocator noise)")]
         if args.mem_width and args.mem_width != args.width:
-            widths.append((args.mem_width, "wide MLP (parameters dominate: read these ratios)"))
+            widths.append((args.mem_width, "wide MLP (--mem-width; read these ratios when parameters dominate)"))
         mem = measure_memory(args, device, [width for width, _ in widths])
         for width, label in widths:
             print()
             print(memory_table(mem[width], width, label, args.mem_steps), flush=True)
-    print(f"\ntotal benchmark time: {time.perf_counter() - started:.1f} s")
+    print(f"\ntotal benchmark time: {time.perf_counter() - started:.1f} s; {_load()} at the end")
 
 
 if __name__ == "__main__":
