@@ -8,6 +8,7 @@ import argparse
 import sys
 from typing import Any, Sequence
 
+from advreg import __version__
 from advreg import config as cfg
 from advreg.data import DATASETS
 from advreg.methods import METHODS
@@ -29,6 +30,7 @@ def _fail(message: str, status: int = EXIT_USAGE) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="advreg", description="Regularize neural networks by adversarial perturbation.")
+    parser.add_argument("--version", action="version", version=f"advreg {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = commands.add_parser("train", help="train one method with one seed into a run folder",
                                 description="Train one method with one seed; writes config.json, history.csv, "
@@ -59,13 +61,16 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def format_metrics(metrics: dict[str, Any], out: str) -> str:
+    """The closing table: error and ECE in percent, NLL in nats, one row per split."""
+    def cell(value: float | None, digits: int) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
     rows = [("split", "error %", "NLL", "ECE %")]
     for split in ("train", "val", "test"):
-        values = [metrics.get(f"{split}_{k}") for k in ("error", "nll", "ece")]
-        rows.append((split, *("-" if v is None else f"{v:.2f}" if i != 1 else f"{v:.3f}"
-                              for i, v in enumerate(values))))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+        rows.append((split, cell(metrics[f"{split}_error"], 2), cell(metrics[f"{split}_nll"], 3),
+                     cell(metrics[f"{split}_ece"], 2)))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(text.rjust(width) for text, width in zip(row, widths)) for row in rows]
     return (f"{metrics['method']} seed {metrics['seed']}, {metrics['epochs']} epochs, "
             f"{metrics['train_seconds']:.1f} s -> {out}\n" + "\n".join(lines))
 
