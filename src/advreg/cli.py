@@ -5,15 +5,18 @@ Bad input ends with one line ``advreg: error: ...`` and exit status 2, never a t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
-from advreg import __version__
+from advreg import __version__, bench
 from advreg import config as cfg
 from advreg.data import DATASETS
-from advreg.methods import METHODS
+from advreg.methods import METHODS, resolve
 from advreg.models import MODELS
-from advreg.train import TrainingDiverged, train
+from advreg.io import atomic_write_bytes
+from advreg.train import TrainingDiverged, train, validate
 
 EXIT_USAGE = 2
 
@@ -46,18 +49,62 @@ def build_parser() -> argparse.ArgumentParser:
                             "an unknown key lists the valid ones")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_bench(commands)
     return parser
+
+
+def _add_bench(commands: Any) -> None:
+    bench = commands.add_parser(
+        "bench", help="train several methods over seeds (and a grid), select on validation, summarize",
+        description="Train every method x grid point x seed as run folders under --out/runs (resumable), "
+                    "choose each method's grid point by mean validation error, and write results.csv and "
+                    "summary.md (mean ± std of test error, NLL and ECE).")
+    bench.add_argument("--dataset", default="mnist1d", choices=DATASETS)
+    bench.add_argument("--model", default="mlp", choices=MODELS)
+    bench.add_argument("--methods", default="erm,amp", help=f"comma-separated, from: {', '.join(METHODS)}")
+    bench.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 for every method")
+    bench.add_argument("--epochs", type=int, default=cfg.TrainConfig.epochs)
+    bench.add_argument("--out", required=True, help="the bench folder (reruns skip finished runs)")
+    bench.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                       help="a setting for every run, e.g. optim.lr=0.05 (repeatable)")
+    bench.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                       help="values to choose from on validation, e.g. amp.epsilon=0.1,0.5 (repeatable; "
+                            "a key of a stage a method does not use is ignored for that method)")
+    bench.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs in parallel (default: cores)")
+    bench.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def make_config(args: argparse.Namespace) -> cfg.TrainConfig:
     config = cfg.TrainConfig(method=args.method, seed=args.seed, epochs=args.epochs,
                              data=cfg.DataConfig(name=args.dataset), model=cfg.ModelConfig(name=args.model))
-    return cfg.override(config, args.settings)
+    return resolve(config, args.settings)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     metrics = train(make_config(args), args.out, resume=args.resume, progress=not args.quiet)
     print(format_metrics(metrics, args.out))
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from: {', '.join(METHODS)}")
+    base = cfg.TrainConfig(epochs=args.epochs, data=cfg.DataConfig(name=args.dataset),
+                           model=cfg.ModelConfig(name=args.model))
+    out = Path(args.out)
+    specs = bench.plan(base, methods, args.seeds, args.settings, bench.parse_grid(args.grid), out)
+    for spec in specs:
+        validate(spec.config)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = bench.execute(specs, min(args.jobs, len(specs)), progress=not args.quiet)
+    chosen = bench.select(rows)
+    bench.write_results(out, rows, chosen)
+    title = (f"{args.dataset}, {args.model}, {args.epochs} epochs, mean ± std over {args.seeds} seeds; grid points "
+             "chosen by mean validation error; best mean in bold")
+    summary = bench.summarize(rows, chosen, title)
+    atomic_write_bytes(out / "summary.md", summary.encode())
+    print(summary, end="")
 
 
 def format_metrics(metrics: dict[str, Any], out: str) -> str:
@@ -78,7 +125,7 @@ def format_metrics(metrics: dict[str, Any], out: str) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        {"train": cmd_train}[args.command](args)
+        {"train": cmd_train, "bench": cmd_bench}[args.command](args)
     except KeyboardInterrupt:
         _fail("interrupted; the last finished epoch is saved, continue with --resume", 130)
     except ValueError as err:  # bad settings, a foreign --out, a corrupt file: the message says what to do

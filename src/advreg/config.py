@@ -50,6 +50,34 @@ class SAMConfig:
 
 
 @dataclass(frozen=True)
+class StagesConfig:
+    """Which member of each stage a step uses (DESIGN §1); the loss stage is configured in ``loss``."""
+    transform: str = "identity"  # identity | mixup | fgsm
+    perturbation: str = "none"  # none | amp | sam | rmp
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    smoothing: float = 0.0  # label smoothing α (AMP paper: 0.2)
+    flooding: float = 0.0  # flood level b (AMP paper: 0.02); 0 is off
+
+
+@dataclass(frozen=True)
+class MixupConfig:
+    alpha: float = 1.0  # λ ~ Beta(α, α)
+
+
+@dataclass(frozen=True)
+class AdvConfig:
+    pixels: float = 1.0  # FGSM step in 8-bit levels of the input range: ε = pixels·(hi - lo)/255
+
+
+@dataclass(frozen=True)
+class RMPConfig:
+    epsilon: float = 0.1  # radius of the L2 ball Δ is drawn from
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     method: str = "erm"
     seed: int = 0
@@ -58,8 +86,13 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    stages: StagesConfig = field(default_factory=StagesConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    mixup: MixupConfig = field(default_factory=MixupConfig)
+    adv: AdvConfig = field(default_factory=AdvConfig)
     amp: AMPConfig = field(default_factory=AMPConfig)
     sam: SAMConfig = field(default_factory=SAMConfig)
+    rmp: RMPConfig = field(default_factory=RMPConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

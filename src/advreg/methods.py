@@ -1,6 +1,7 @@
 """The named methods of the papers as presets of the three stages of a step (DESIGN §1).
 
-batch transform → loss → weight perturbation; a preset names one member of each, plus model options.
+batch transform → loss → weight perturbation: a preset is a few settings of the stages; any other
+combination is written with ``--set`` (e.g. ``--method amp --set stages.transform=mixup``).
 """
 from __future__ import annotations
 
@@ -9,24 +10,36 @@ from typing import Iterable
 
 import torch
 
-from advreg.config import TrainConfig
-from advreg.perturb import AMP, SAM
+from advreg import transforms
+from advreg.config import TrainConfig, override
+from advreg.losses import LossFn, make_loss
+from advreg.perturb import AMP, RMP, SAM
+
+PERTURBATIONS = ("none", "amp", "sam", "rmp")
+# the config section that configures each stage member; setting it while the member is off is an error
+SECTION_OF = {"mixup": ("transform", "mixup"), "adv": ("transform", "fgsm"), "amp": ("perturbation", "amp"),
+              "sam": ("perturbation", "sam"), "rmp": ("perturbation", "rmp")}
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
-    perturbation: str  # "none" | "amp" | "sam"
-    passes: str  # forward/backward passes per step, in words
+    settings: tuple[str, ...]  # key=value overrides of the defaults (ERM)
+    passes: str  # forward/backward passes per step
     paper: str
-    transform: str = "identity"
-    loss: str = "cross_entropy"
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("erm", "none", "1", "empirical risk minimization (AMP paper, Sec. 5)"),
-    Method("amp", "amp", "N+1", "Zheng et al., CVPR 2021, Algorithm 1"),
-    Method("sam", "sam", "2", "Foret et al., ICLR 2021"),
+    Method("erm", (), "1", "empirical risk minimization (AMP paper, Sec. 5.1)"),
+    Method("dropout", ("model.dropout=0.1",), "1", "Srivastava et al., JMLR 2014; 10% after each ReLU"),
+    Method("label_smoothing", ("loss.smoothing=0.2",), "1", "Szegedy et al., CVPR 2016; α = 0.2"),
+    Method("flooding", ("loss.flooding=0.02",), "1", "Ishida et al., ICML 2020; b = 0.02"),
+    Method("mixup", ("stages.transform=mixup",), "1", "Zhang et al., ICLR 2018; λ ~ Beta(1, 1)"),
+    Method("adv", ("stages.transform=fgsm",), "2 (1 for the example)",
+           "Goodfellow et al., ICLR 2015; FGSM training, 1 pixel level"),
+    Method("rmp", ("stages.perturbation=rmp",), "1", "AMP paper's random model perturbation, radius 0.1"),
+    Method("amp", ("stages.perturbation=amp",), "N+1", "Zheng et al., CVPR 2021, Algorithm 1"),
+    Method("sam", ("stages.perturbation=sam",), "2", "Foret et al., ICLR 2021"),
 )}
 
 
@@ -36,15 +49,78 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
+def resolve(config: TrainConfig, user_settings: list[str]) -> TrainConfig:
+    """``config`` with its method's preset applied, then the user's ``key=value`` settings.
+
+    Raises ValueError when a setting contradicts the preset's own stage choice, or configures a stage
+    member that is not in use (``amp.epsilon`` without the AMP perturbation): both would be ignored.
+    """
+    method = get_method(config.method)
+    preset = dict(s.split("=", 1) for s in method.settings)
+    for setting in user_settings:
+        key, _, value = setting.partition("=")
+        key = key.strip()
+        if key.startswith("stages.") and key in preset and preset[key] != value.strip():
+            raise ValueError(f"--method {method.name} sets {key}={preset[key]}; use another --method "
+                             f"(or erm) with --set {key}={value.strip()} instead")
+    resolved = override(override(config, list(method.settings)), user_settings)
+    check_sections_in_use(resolved, [s.partition("=")[0].strip() for s in user_settings])
+    return resolved
+
+
+def check_sections_in_use(config: TrainConfig, keys: list[str]) -> None:
+    for key in keys:
+        section = key.split(".")[0]
+        if section in SECTION_OF:
+            stage, member = SECTION_OF[section]
+            if getattr(config.stages, stage) != member:
+                raise ValueError(f"{key} configures the {member} {stage}, which this run does not use; "
+                                 f"add --set stages.{stage}={member} (or --method {member if member != 'fgsm' else 'adv'})")
+
+
+def check_preset(config: TrainConfig) -> None:
+    """The method's own stage choices must hold (a config built without ``resolve`` would train ERM)."""
+    for setting in get_method(config.method).settings:
+        key, value = setting.split("=", 1)
+        section, name = key.split(".")
+        if section == "stages" and getattr(config.stages, name) != value:
+            raise ValueError(f"method {config.method} needs {key}={value}, the config has "
+                             f"{getattr(config.stages, name)}; build it with advreg.methods.resolve")
+
+
+def validate_stages(config: TrainConfig) -> None:
+    if config.stages.transform not in transforms.TRANSFORMS:
+        raise ValueError(f"unknown stages.transform {config.stages.transform!r}; "
+                         f"choose one of: {', '.join(transforms.TRANSFORMS)}")
+    if config.stages.perturbation not in PERTURBATIONS:
+        raise ValueError(f"unknown stages.perturbation {config.stages.perturbation!r}; "
+                         f"choose one of: {', '.join(PERTURBATIONS)}")
+
+
+def build_transform(config: TrainConfig, input_range: tuple[float, float]) -> transforms.Transform:
+    kind = config.stages.transform
+    if kind == "mixup":
+        return transforms.MixUp(config.mixup.alpha)
+    if kind == "fgsm":
+        return transforms.FGSMExamples(config.adv.pixels, input_range)
+    return transforms.identity
+
+
+def build_loss(config: TrainConfig) -> LossFn:
+    return make_loss(config.loss.smoothing, config.loss.flooding)
+
+
 def build_optimizer(config: TrainConfig, params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
-    """The optimizer of ``config.method``: SGD, or SGD wrapped by the method's weight perturbation."""
+    """SGD, or SGD wrapped by the configured weight perturbation."""
     o = config.optim
     sgd = dict(lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
-    perturbation = get_method(config.method).perturbation
-    if perturbation == "amp":
+    kind = config.stages.perturbation
+    if kind == "amp":
         a = config.amp
         return AMP(params, torch.optim.SGD, epsilon=a.epsilon, inner_lr=a.inner_lr, inner_steps=a.inner_steps,
                    norm=a.norm, **sgd)
-    if perturbation == "sam":
+    if kind == "sam":
         return SAM(params, torch.optim.SGD, rho=config.sam.rho, adaptive=config.sam.adaptive, **sgd)
+    if kind == "rmp":
+        return RMP(params, torch.optim.SGD, epsilon=config.rmp.epsilon, **sgd)
     return torch.optim.SGD(params, **sgd)

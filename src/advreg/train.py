@@ -11,10 +11,9 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -24,7 +23,9 @@ from advreg.config import TrainConfig
 from advreg.data import DataSplits, TensorLoader, load_dataset
 from advreg.evaluate import evaluate
 from advreg.io import load_checkpoint, read_json, save_checkpoint, write_csv, write_json
-from advreg.methods import build_optimizer, get_method
+from advreg.losses import LossFn
+from advreg.methods import build_loss, build_optimizer, build_transform, check_preset, validate_stages
+from advreg.transforms import Transform
 from advreg.perturb import NonFiniteLossError
 
 CHECKPOINT, CONFIG, HISTORY, METRICS = "checkpoint.pt", "config.json", "history.csv", "metrics.json"
@@ -49,7 +50,8 @@ class Run:
     loader: TensorLoader
     generator: torch.Generator  # the shuffling order
     device: torch.device
-    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy
+    transform: Transform  # stage 1: the batch
+    loss_fn: LossFn  # stage 2: the objective; stage 3, the weight perturbation, is the optimizer
 
 
 def train(config: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -73,7 +75,10 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, progres
 
 def validate(config: TrainConfig) -> None:
     """Raise ValueError, before any work, on a setting that cannot run."""
-    get_method(config.method)
+    check_preset(config)
+    validate_stages(config)
+    build_loss(config)
+    build_transform(config, (0.0, 1.0))
     if not (isinstance(config.epochs, int) and config.epochs >= 1):
         raise ValueError(f"epochs must be an integer >= 1, got {config.epochs!r}")
     if config.optim.batch_size < 1 or config.optim.lr <= 0:
@@ -111,7 +116,9 @@ def build_run(config: TrainConfig) -> Run:
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=config.optim.lr_decay)
     generator = torch.Generator().manual_seed(config.seed)
     loader = TensorLoader(*data.train, config.optim.batch_size, shuffle=True, generator=generator)
-    return Run(config, data, model, optimizer, scheduler, loader, generator, device)
+    input_range = (data.train[0].min().item(), data.train[0].max().item())
+    return Run(config, data, model, optimizer, scheduler, loader, generator, device,
+               build_transform(config, input_range), build_loss(config))
 
 
 def run_epoch(run: Run, epoch: int) -> dict[str, float]:
@@ -137,13 +144,14 @@ def run_epoch(run: Run, epoch: int) -> dict[str, float]:
 
 
 def _train_step(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """One optimizer step; returns the loss and the logits of the clean pass (at θ)."""
+    """One optimizer step on the transformed batch; returns the loss and the logits of the first pass."""
     clean_logits: list[Tensor] = []
+    inputs, target = run.transform(run.model, x, y, run.data.num_classes)  # once: every pass sees it
 
     def closure() -> Tensor:
         run.optimizer.zero_grad(set_to_none=True)
-        logits = run.model(x)  # (B, K)
-        loss = run.loss_fn(logits, y)
+        logits = run.model(inputs)  # (B, K)
+        loss = run.loss_fn(logits, target)
         loss.backward()
         if not clean_logits:  # the first call is the pass at θ
             clean_logits.append(logits.detach())

@@ -23,7 +23,11 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
 
     The param_groups and the state are the base optimizer's own objects, so LR schedulers,
     ``zero_grad`` and ``state_dict`` (momentum included) see one optimizer.
+    A perturbation that needs no gradient at θ (``uses_clean_gradient = False``, e.g. random
+    perturbation) skips the clean pass: one pass per step, and ``step`` returns the loss at θ+Δ.
     """
+
+    uses_clean_gradient = True
 
     def __init__(self, params: Iterable, base_optimizer: type, *, bn_stats: str = "clean", **base_kwargs: Any):
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
@@ -62,18 +66,22 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
         """One training step; returns the loss at the unperturbed weights θ."""
         losses: list[Tensor] = []  # every pass of this step, checked once at the end
         closure = _checked(closure, type(self).__name__, losses)
-        loss = closure()
         if not self._is_active():
+            loss = closure()
             _require_finite(losses, "at the weights θ")
             self.base_optimizer.step()
             return loss
-        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if self.uses_clean_gradient:
+            loss = closure()
+            params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        else:
+            params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
         with self._frozen_running_stats(params), self._restoring(params) as theta:
             self._perturb(params, theta, closure)
-            closure()  # ∇J(θ+Δ) now in .grad
+            perturbed_loss = closure()  # ∇J(θ+Δ) now in .grad
             _require_finite(losses, "at θ or at perturbed weights θ+Δ")
         self.base_optimizer.step()  # at θ, with the gradient taken at θ+Δ
-        return loss
+        return loss if self.uses_clean_gradient else perturbed_loss
 
     @contextmanager
     def _restoring(self, params: list[Tensor]) -> Iterator[list[Tensor]]:
@@ -86,7 +94,7 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
             torch._foreach_copy_(params, theta)  # back to θ
 
     def _frozen_running_stats(self, params: list[Tensor]):
-        if self.bn_stats == "all":
+        if self.bn_stats == "all" or not self.uses_clean_gradient:  # no clean pass: this one counts
             return nullcontext()
         return frozen_running_stats({id(p) for p in params})
 

@@ -1,0 +1,185 @@
+"""``advreg bench``: train methods × grid points × seeds as separate run folders, select on validation, summarize.
+
+Each run is an ordinary run folder, so an interrupted bench resumes and skips finished runs. A grid point
+is chosen per method by mean validation error over the seeds; the test figures of that point alone are
+reported. Nothing is ever selected on the test set.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import itertools
+import math
+import multiprocessing
+import os
+import statistics
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from advreg.config import TrainConfig
+from advreg.io import atomic_write_bytes, read_json
+from advreg.methods import METHODS, SECTION_OF, resolve
+
+METRICS = ("test_error", "test_nll", "test_ece", "val_error", "val_nll", "train_error", "seconds_per_epoch")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    method: str
+    point: tuple[str, ...]  # the grid assignments key=value of this run
+    seed: int
+    folder: Path
+    config: TrainConfig
+
+
+def parse_grid(items: list[str]) -> dict[str, list[str]]:
+    """``["amp.epsilon=0.1,0.5"]`` → ``{"amp.epsilon": ["0.1", "0.5"]}``."""
+    grid: dict[str, list[str]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        options = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not key.strip() or not options:
+            raise ValueError(f"--grid expects key=v1,v2,..., got {item!r} (example: --grid amp.epsilon=0.1,0.5)")
+        grid[key.strip()] = options
+    return grid
+
+
+def plan(base: TrainConfig, methods: list[str], seeds: int, settings: list[str], grid: dict[str, list[str]],
+         out: Path) -> list[RunSpec]:
+    """Every (method, grid point, seed) run; a grid key of a stage a method does not use skips that method."""
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    specs = []
+    for method in methods:
+        keys = [k for k in grid if _applies(base, method, settings, k)]
+        for values in itertools.product(*(grid[k] for k in keys)):
+            point = tuple(f"{k}={v}" for k, v in zip(keys, values))
+            name = method + "".join(f"__{p}" for p in point)
+            for seed in range(seeds):
+                config = resolve(_with(base, method, seed), [*settings, *point])
+                specs.append(RunSpec(method, point, seed, out / "runs" / name / f"seed{seed}", config))
+    return specs
+
+
+def _with(base: TrainConfig, method: str, seed: int) -> TrainConfig:
+    return dataclasses.replace(base, method=method, seed=seed)
+
+
+def _applies(base: TrainConfig, method: str, settings: list[str], key: str) -> bool:
+    """A key of a stage member (amp.*) or of a preset (loss.smoothing) tunes only the methods that use it."""
+    section = key.split(".")[0]
+    if section in SECTION_OF:
+        stage, member = SECTION_OF[section]
+        return getattr(resolve(_with(base, method, 0), settings).stages, stage) == member
+    owners = [m for m in METHODS.values() if any(s.split("=")[0] == key for s in m.settings)]
+    return not owners or any(m.name == method for m in owners)
+
+
+def execute(specs: list[RunSpec], jobs: int, progress: bool = True) -> list[dict[str, Any]]:
+    """Run (or read back) every spec, ``jobs`` processes at a time; one row per run."""
+    rows: list[dict[str, Any]] = []
+    todo = [s for s in specs if not (s.folder / "metrics.json").exists()]
+    rows += [_row(s, read_json(s.folder / "metrics.json")) for s in specs if s not in todo]
+    bar = tqdm(total=len(specs), initial=len(rows), unit="run", desc="bench", disable=not progress)
+    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+    context = multiprocessing.get_context("spawn")  # a clean interpreter per worker: no forked torch state
+    with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=context) as pool:
+        futures = {pool.submit(_train_one, s.config, str(s.folder), threads): s for s in todo}
+        for future in as_completed(futures):
+            spec = futures[future]
+            metrics, error = future.result()
+            rows.append(_row(spec, metrics, error))
+            bar.update()
+    bar.close()
+    order = {s.folder: i for i, s in enumerate(specs)}
+    return sorted(rows, key=lambda r: order[Path(r["folder"])])
+
+
+def _train_one(config: TrainConfig, folder: str, threads: int) -> tuple[dict[str, Any] | None, str]:
+    """Worker: train one run folder (resuming it); a diverged run is a result, not a crash."""
+    import torch
+
+    from advreg.train import TrainingDiverged, train
+
+    torch.set_num_threads(threads)
+    try:
+        return train(config, folder, resume=True, progress=False), ""
+    except TrainingDiverged as err:
+        return None, str(err)
+
+
+def _row(spec: RunSpec, metrics: dict[str, Any] | None, error: str = "") -> dict[str, Any]:
+    row: dict[str, Any] = {"method": spec.method, "point": " ".join(spec.point), "seed": spec.seed,
+                           "folder": str(spec.folder), "error": error}
+    metrics = metrics or {}
+    seconds = metrics.get("train_seconds")
+    metrics = {**metrics, "seconds_per_epoch": seconds / spec.config.epochs if seconds is not None else None}
+    row.update({k: metrics.get(k) for k in METRICS})
+    return row
+
+
+def select(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Per method, the grid point with the lowest mean validation error over its seeds (failed runs: +inf)."""
+    chosen: dict[str, str] = {}
+    for method, method_rows in _group(rows, "method").items():
+        scores = {point: statistics.mean(_finite(r["val_error"]) for r in point_rows)
+                  for point, point_rows in _group(method_rows, "point").items()}
+        chosen[method] = min(scores, key=scores.__getitem__)  # first point wins a tie
+    return chosen
+
+
+def summarize(rows: list[dict[str, Any]], chosen: dict[str, str], title: str) -> str:
+    """The paper's Table 1 layout: mean ± std of test error, NLL and ECE per method; best in bold."""
+    stats = {m: _stats([r for r in rows if r["method"] == m and r["point"] == p]) for m, p in chosen.items()}
+    columns = (("test_error", "Test error (%)", 2), ("test_nll", "Test NLL", 3), ("test_ece", "Test ECE (%)", 2))
+    best = {key: min((s[key][0] for s in stats.values() if s[key]), default=None) for key, _, _ in columns}
+    erm = stats.get("erm", {}).get("seconds_per_epoch")
+    lines = [title, "", "| method | " + " | ".join(t for _, t, _ in columns) + " | time × ERM | runs | setting |",
+             "|---" * (len(columns) + 4) + "|"]
+    for method, s in stats.items():
+        cells = [_cell(s[key], digits, s[key] is not None and s[key][0] == best[key]) for key, _, digits in columns]
+        time = s["seconds_per_epoch"]
+        ratio = f"{time[0] / erm[0]:.2f}" if time and erm else "-"
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {ratio} | {s['runs']} | {chosen[method] or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out: Path, rows: list[dict[str, Any]], chosen: dict[str, str]) -> None:
+    buffer = io.StringIO()
+    fields = ["method", "point", "seed", "selected", *METRICS, "error", "folder"]
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, "selected": chosen.get(row["method"]) == row["point"]})
+    atomic_write_bytes(out / "results.csv", buffer.getvalue().encode())
+
+
+def _stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"runs": f"{sum(not r['error'] for r in rows)}/{len(rows)}"}
+    for key in METRICS:
+        values = [r[key] for r in rows if r[key] is not None and not r["error"]]
+        out[key] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0) if values else None
+    return out
+
+
+def _cell(value: tuple[float, float] | None, digits: int, bold: bool) -> str:
+    if value is None:
+        return "-"
+    text = f"{value[0]:.{digits}f} ± {value[1]:.{digits}f}"
+    return f"**{text}**" if bold else text
+
+
+def _group(rows: list[dict[str, Any]], key: str) -> dict[Any, list[dict[str, Any]]]:
+    groups: dict[Any, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row[key], []).append(row)
+    return groups
+
+
+def _finite(value: float | None) -> float:
+    return value if value is not None and math.isfinite(value) else math.inf

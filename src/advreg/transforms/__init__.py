@@ -1,0 +1,22 @@
+"""The batch-transform stage: what a batch becomes before the loss; it may use the model.
+
+A transform maps ``(model, x, y, num_classes)`` to ``(x', target)``, target hard (B,) or soft (B, K).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import Tensor, nn
+
+from advreg.transforms.adversarial import FGSMExamples
+from advreg.transforms.mixup import MixUp
+
+Transform = Callable[[nn.Module, Tensor, Tensor, int], tuple[Tensor, Tensor]]
+TRANSFORMS = ("identity", "mixup", "fgsm")
+
+
+def identity(model: nn.Module, x: Tensor, y: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    return x, y
+
+
+__all__ = ["FGSMExamples", "MixUp", "TRANSFORMS", "Transform", "identity"]

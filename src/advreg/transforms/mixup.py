@@ -1,0 +1,22 @@
+"""MixUp (Zhang et al., ICLR 2018, Eq. 1): x̃ = λx_i + (1-λ)x_j, ỹ = λy_i + (1-λ)y_j, λ ~ Beta(α, α) (AMP paper: α = 1).
+
+One λ per batch, partners j from a random permutation of the batch; the targets become distributions (B, K).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class MixUp:
+    def __init__(self, alpha: float = 1.0):
+        if not alpha > 0:
+            raise ValueError(f"mixup.alpha must be > 0, got {alpha!r} (the AMP paper uses 1, i.e. λ ~ U(0, 1))")
+        self.beta = torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha)))
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+        lam = self.beta.sample().to(x.device, x.dtype)  # global RNG: seeded and checkpointed by the trainer
+        partner = torch.randperm(len(y)).to(x.device)
+        onehot = F.one_hot(y, num_classes).to(x.dtype)  # (B, K)
+        return lam * x + (1 - lam) * x[partner], lam * onehot + (1 - lam) * onehot[partner]
