@@ -1,0 +1,88 @@
+"""``advreg bench``: the plan, validation-only selection, resumption, and its files."""
+import csv
+import math
+from pathlib import Path
+
+import pytest
+
+from advreg import bench, cli
+from advreg.config import TrainConfig
+
+
+def _plan(methods, grid, seeds=1, settings=()):
+    return bench.plan(TrainConfig(epochs=1), methods, seeds, list(settings), bench.parse_grid(grid), Path("/b"))
+
+
+def test_grid_keys_tune_only_the_methods_that_own_them():
+    specs = _plan(["erm", "label_smoothing", "amp"],
+                  ["loss.smoothing=0.1,0.2", "amp.epsilon=0.1,0.5,1", "optim.lr=0.05,0.1"], seeds=2)
+    points = {(s.method, s.point) for s in specs}
+    assert {p for m, p in points if m == "erm"} == {("optim.lr=0.05",), ("optim.lr=0.1",)}
+    assert len({p for m, p in points if m == "label_smoothing"}) == 4
+    assert len({p for m, p in points if m == "amp"}) == 6
+    assert len(specs) == 2 * (2 + 4 + 6)
+    amp = next(s for s in specs if s.method == "amp" and s.point[0] == "amp.epsilon=0.5")
+    assert amp.config.amp.epsilon == 0.5 and amp.config.stages.perturbation == "amp"
+    assert {s.folder.parent.name for s in specs if s.method == "amp"} >= {"amp__amp.epsilon=0.5__optim.lr=0.1"}
+
+
+def _row(method, point, seed, val, test):
+    return {"method": method, "point": point, "seed": seed, "folder": f"/b/{method}{point}/{seed}", "error": "",
+            "test_error": test, "test_nll": test / 10, "test_ece": 1.0, "val_error": val, "val_nll": 0.5,
+            "train_error": 0.0, "seconds_per_epoch": 1.0 if method == "erm" else 2.0}
+
+
+def test_selection_uses_validation_only_and_the_summary_reports_that_point():
+    rows = [_row("amp", "amp.epsilon=0.1", s, val=20, test=10) for s in range(3)]  # best test, worse val
+    rows += [_row("amp", "amp.epsilon=0.5", s, val=15, test=30) for s in range(3)]
+    rows += [_row("erm", "", s, val=25, test=25 + s) for s in range(3)]
+    chosen = bench.select(rows)
+    assert chosen == {"amp": "amp.epsilon=0.5", "erm": ""}
+    summary = bench.summarize(rows, chosen, "title")
+    amp_line = next(line for line in summary.splitlines() if line.startswith("| amp"))
+    assert "30.00 ± 0.00" in amp_line and "10.00" not in amp_line and "amp.epsilon=0.5" in amp_line
+    assert "| 2.00 |" in amp_line  # time relative to ERM
+    erm_line = next(line for line in summary.splitlines() if line.startswith("| erm"))
+    assert "**26.00 ± 1.00**" in erm_line  # best mean test error in bold
+
+
+def test_a_failed_run_never_wins_the_selection():
+    rows = [_row("amp", "amp.epsilon=9", 0, val=1, test=1), _row("amp", "amp.epsilon=0.1", 0, val=30, test=30)]
+    rows[0].update(error="diverged", val_error=None)
+    assert bench.select(rows) == {"amp": "amp.epsilon=0.1"}
+    assert math.isinf(bench._finite(None))
+
+
+def test_bench_cli_writes_its_files_and_resumes_without_retraining(tmp_path, capsys):
+    out = tmp_path / "b"
+    argv = ["bench", "--dataset", "digits", "--methods", "erm,amp", "--seeds", "2", "--epochs", "2", "--out", str(out),
+            "--set", "model.hidden=16", "--grid", "amp.epsilon=0.05,0.5", "--jobs", "2", "--quiet"]
+    cli.main(argv)
+    printed = capsys.readouterr().out
+    assert "| erm |" in printed and "| amp |" in printed
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 2 + 2 * 2
+    assert {r["selected"] for r in rows if r["method"] == "erm"} == {"True"}
+    assert sum(r["selected"] == "True" for r in rows if r["method"] == "amp") == 2  # one point, both seeds
+    assert (out / "summary.md").read_text() == printed
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/metrics.json")}
+    assert len(stamps) == 6
+    cli.main(argv)  # everything is finished: read back, nothing retrained
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/metrics.json")} == stamps
+    assert capsys.readouterr().out == printed
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["bench", "--methods", "erm,nope", "--out", "x"], "unknown method"),
+    (["bench", "--methods", "erm", "--grid", "amp.epsilon", "--out", "x"], "--grid expects"),
+    (["bench", "--methods", "erm", "--seeds", "0", "--out", "x"], "--seeds"),
+    (["bench", "--methods", "amp", "--grid", "amp.epsilon=-1,0.1", "--out", "x"], "epsilon must be"),
+])
+def test_bench_bad_input_is_one_line(capsys, tmp_path, monkeypatch, argv, words):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("advreg: error:") and words in err and "\n" not in err
+    assert not (tmp_path / "x").exists()
