@@ -11,6 +11,7 @@ import torch
 
 from advreg import cli
 from advreg.config import TrainConfig, override
+from advreg.methods import resolve
 from advreg.train import train
 
 FAST = ["--set", "model.hidden=32", "--set", "optim.batch_size=100"]
@@ -59,7 +60,7 @@ def test_train_amp_writes_the_run_folder(tmp_path):
 
 
 def test_same_seed_same_numbers_different_seed_different(tmp_path):
-    config = override(TrainConfig(method="amp", epochs=2), ["model.hidden=16", "optim.batch_size=200"])
+    config = resolve(TrainConfig(method="amp", epochs=2), ["model.hidden=16", "optim.batch_size=200"])
     a = train(config, tmp_path / "a", progress=False)
     b = train(config, tmp_path / "b", progress=False)
     c = train(override(config, ["seed=1"]), tmp_path / "c", progress=False)
@@ -97,7 +98,7 @@ def test_a_killed_run_resumes_to_the_same_numbers(tmp_path):
 def test_resume_in_process_after_an_interruption(tmp_path, monkeypatch):
     import advreg.train as training
 
-    config = override(TrainConfig(method="sam", epochs=4), ["model.hidden=16", "optim.batch_size=200",
+    config = resolve(TrainConfig(method="sam", epochs=4), ["model.hidden=16", "optim.batch_size=200",
                                                             "model.dropout=0.1"])
     whole = train(config, tmp_path / "whole", progress=False)
     real_epoch = training.run_epoch
@@ -174,7 +175,7 @@ def test_divergence_is_a_clear_error(capsys, tmp_path):
 
 
 def test_digits_is_the_second_dataset(tmp_path):
-    config = override(TrainConfig(method="amp", epochs=6), ["data.name=digits"])
+    config = resolve(TrainConfig(method="amp", epochs=6), ["data.name=digits"])
     metrics = train(config, tmp_path / "digits", progress=False)
     assert metrics["test_error"] < 25  # 10 classes, chance is 90%; measured 12.0
     assert json.loads((tmp_path / "digits" / "config.json").read_text())["data"]["name"] == "digits"
