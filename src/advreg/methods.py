@@ -79,13 +79,19 @@ def check_sections_in_use(config: TrainConfig, keys: list[str]) -> None:
 
 
 def check_preset(config: TrainConfig) -> None:
-    """The method's own stage choices must hold (a config built without ``resolve`` would train ERM)."""
+    """Each preset setting must be on: a config built without ``resolve``, or with the method's regularizer
+    set back to its ERM value (``--method dropout --set model.dropout=0``), would train ERM under its name."""
+    erm = TrainConfig()
     for setting in get_method(config.method).settings:
         key, value = setting.split("=", 1)
         section, name = key.split(".")
-        if section == "stages" and getattr(config.stages, name) != value:
-            raise ValueError(f"method {config.method} needs {key}={value}, the config has "
-                             f"{getattr(config.stages, name)}; build it with advreg.methods.resolve")
+        have = getattr(getattr(config, section), name)
+        if section == "stages" and have != value:
+            raise ValueError(f"method {config.method} needs {key}={value}, the config has {have}; "
+                             "build it with advreg.methods.resolve")
+        if have == getattr(getattr(erm, section), name):
+            raise ValueError(f"method {config.method} with {key}={have} is ERM; use --method erm, or give "
+                             f"{key} a value that turns the regularizer on (the preset's is {value})")
 
 
 def validate_stages(config: TrainConfig) -> None:
