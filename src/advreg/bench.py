@@ -146,8 +146,8 @@ def summarize(rows: list[dict[str, Any]], chosen: dict[str, str], title: str) ->
         time = s["seconds_per_epoch"]
         ratio = f"{time[0] / erm[0]:.2f}" if time and erm else "-"
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {ratio} | {s['runs']} | {chosen[method] or '-'} |")
-    lines += ["", "time × ERM: mean seconds per epoch relative to ERM's, measured in this bench while runs share "
-              "the machine (--jobs), so it is rough; benchmarks/step_cost.py measures the cost per step cleanly."]
+    lines += ["", "time × ERM: mean seconds per epoch relative to ERM's in this bench; with --jobs > 1 the runs "
+              "share the machine, so it is rough (benchmarks/step_cost.py measures the cost per step cleanly)."]
     return "\n".join(lines) + "\n"
 
 
