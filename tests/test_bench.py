@@ -70,6 +70,9 @@ def test_bench_cli_writes_its_files_and_resumes_without_retraining(tmp_path, cap
     cli.main(argv)  # everything is finished: read back, nothing retrained
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/metrics.json")} == stamps
     assert capsys.readouterr().out == printed
+    with pytest.raises(SystemExit) as exit_info:  # same folder, other settings: refused, not read back
+        cli.main([*argv[:argv.index("--epochs") + 1], "3", *argv[argv.index("--epochs") + 2:]])
+    assert exit_info.value.code == 2 and "epochs: 2 there, 3 here" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, words", [

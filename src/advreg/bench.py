@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from advreg.config import TrainConfig
 from advreg.io import atomic_write_bytes, read_json
 from advreg.methods import METHODS, SECTION_OF, resolve
+from advreg.train import CONFIG, check_same_run
 
 METRICS = ("test_error", "test_nll", "test_ece", "val_error", "val_nll", "train_error", "seconds_per_epoch")
 
@@ -83,6 +84,9 @@ def _applies(base: TrainConfig, method: str, settings: list[str], key: str) -> b
 def execute(specs: list[RunSpec], jobs: int, progress: bool = True) -> list[dict[str, Any]]:
     """Run (or read back) every spec, ``jobs`` processes at a time; one row per run."""
     rows: list[dict[str, Any]] = []
+    for spec in specs:  # a folder from another bench would be read back as if it were this one
+        if (spec.folder / CONFIG).exists():
+            check_same_run(spec.folder, spec.config)
     todo = [s for s in specs if not (s.folder / "metrics.json").exists()]
     rows += [_row(s, read_json(s.folder / "metrics.json")) for s in specs if s not in todo]
     bar = tqdm(total=len(specs), initial=len(rows), unit="run", desc="bench", disable=not progress)

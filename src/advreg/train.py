@@ -179,11 +179,7 @@ def final_metrics(run: Run, history: list[dict[str, float]]) -> dict[str, Any]:
 def _prepare_folder(out: Path, config: TrainConfig, resume: bool) -> dict[str, Any] | None:
     """Check that ``out`` is this run's folder (or new); return the checkpoint to resume from, if any."""
     if (out / CONFIG).exists():
-        saved = read_json(out / CONFIG)
-        saved.pop("code_version", None)
-        if _normalized(saved) != config.to_dict():
-            raise RunFolderError(f"{out} holds a different run ({_difference(saved, config.to_dict())}); "
-                                 "choose another --out, or pass the same settings to resume it")
+        check_same_run(out, config)
         if not resume:
             raise RunFolderError(f"{out} already holds this run; pass --resume to continue it, "
                                  "or choose another --out")
@@ -193,6 +189,15 @@ def _prepare_folder(out: Path, config: TrainConfig, resume: bool) -> dict[str, A
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / CONFIG, {**config.to_dict(), "code_version": code_version()})
     return None
+
+
+def check_same_run(out: Path, config: TrainConfig) -> None:
+    """Raise RunFolderError unless the run folder ``out`` was made with ``config``."""
+    saved = read_json(Path(out) / CONFIG)
+    saved.pop("code_version", None)
+    if _normalized(saved) != config.to_dict():
+        raise RunFolderError(f"{out} holds a different run ({_difference(saved, config.to_dict())}); "
+                             "choose another --out, or pass the same settings to resume it")
 
 
 def _normalized(saved: dict[str, Any]) -> dict[str, Any]:
