@@ -74,8 +74,9 @@ def check_sections_in_use(config: TrainConfig, keys: list[str]) -> None:
         if section in SECTION_OF:
             stage, member = SECTION_OF[section]
             if getattr(config.stages, stage) != member:
+                owner = next(m.name for m in METHODS.values() if f"stages.{stage}={member}" in m.settings)
                 raise ValueError(f"{key} configures the {member} {stage}, which this run does not use; "
-                                 f"add --set stages.{stage}={member} (or --method {member if member != 'fgsm' else 'adv'})")
+                                 f"add --set stages.{stage}={member} (or use --method {owner})")
 
 
 def check_preset(config: TrainConfig) -> None:
