@@ -221,14 +221,14 @@ def test_fgsm_on_a_linear_model_matches_the_gradient_by_hand():
     assert ((unclipped < lo) | (unclipped > hi)).any()  # the clip is exercised
 
     x_before = x.clone()
-    out = fgsm(model, x, y, eps, clamp=(lo, hi))
+    out = fgsm(model, x, y, eps, box=(lo, hi))
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-15)
     assert model.training  # train stays train
     assert all(p.grad is None for p in model.parameters())
     assert torch.equal(x, x_before) and not out.requires_grad
 
     model.eval()
-    fgsm(model, x, y, eps, clamp=(lo, hi))
+    fgsm(model, x, y, eps, box=(lo, hi))
     assert not model.training  # eval stays eval
 
 

@@ -17,4 +17,4 @@ class FGSMExamples:
         self.eps = pixels * (input_range[1] - input_range[0]) / 255
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
-        return fgsm(model, x, y, self.eps, clamp=self.box), y
+        return fgsm(model, x, y, self.eps, box=self.box), y
