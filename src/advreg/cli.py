@@ -16,6 +16,7 @@ from advreg.data import DATASETS
 from advreg.methods import METHODS, resolve
 from advreg.models import MODELS
 from advreg.io import atomic_write_bytes
+from advreg.robustness import evaluate_run
 from advreg.train import TrainingDiverged, train, validate
 
 EXIT_USAGE = 2
@@ -50,6 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_bench(commands)
+    evaluate = commands.add_parser(
+        "evaluate", help="add robust test errors (FGSM, PGD, transfer) to a run's metrics.json",
+        description="White-box FGSM and PGD-10 at eps = 4/255 of the input range (AMP paper, Appendix F) unless "
+                    "--eps is given in the data's units; --source crafts the examples on another run (black box).")
+    evaluate.add_argument("run", help="a finished run folder")
+    evaluate.add_argument("--attacks", default="fgsm,pgd", help="comma-separated: fgsm, pgd")
+    evaluate.add_argument("--eps", type=float, default=None, help="L-inf radius in the data's units")
+    evaluate.add_argument("--source", default=None, help="run folder whose model crafts the examples (transfer)")
+    evaluate.add_argument("--sanity", action="store_true",
+                          help="also report the accuracy left after unbounded PGD (200 steps of 0.01)")
     return parser
 
 
@@ -83,6 +94,14 @@ def make_config(args: argparse.Namespace) -> cfg.TrainConfig:
 def cmd_train(args: argparse.Namespace) -> None:
     metrics = train(make_config(args), args.out, resume=args.resume, progress=not args.quiet)
     print(format_metrics(metrics, args.out))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    results = evaluate_run(args.run, attacks, eps=args.eps, source=args.source, sanity=args.sanity)
+    width = max(len(k) for k in results)
+    print("\n".join(f"{k.ljust(width)}  {v:.4g}" if isinstance(v, float) else f"{k.ljust(width)}  {v}"
+                    for k, v in results.items()))
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -125,7 +144,7 @@ def format_metrics(metrics: dict[str, Any], out: str) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        {"train": cmd_train, "bench": cmd_bench}[args.command](args)
+        {"train": cmd_train, "bench": cmd_bench, "evaluate": cmd_evaluate}[args.command](args)
     except KeyboardInterrupt:
         _fail("interrupted; the last finished epoch is saved, continue with --resume", 130)
     except ValueError as err:  # bad settings, a foreign --out, a corrupt file: the message says what to do

@@ -1,0 +1,117 @@
+"""Robust test error of a trained run: white-box FGSM and PGD, black-box transfer, and the unbounded-PGD sanity check.
+
+Defaults follow the AMP paper (Appendix F): ε = 4 pixel levels, PGD with step 1 level and 10 steps, where a level is
+1/255 of the data's input range; the sanity check (ALPS §5) is PGD without a ball, 200 steps of 0.01.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from advreg import models
+from advreg.attacks import fgsm, pgd
+from advreg.config import TrainConfig
+from advreg.data import DataSplits, load_dataset
+from advreg.evaluate import predict_logits
+from advreg.io import load_checkpoint, read_json, write_json
+from advreg.train import CHECKPOINT, CONFIG, METRICS
+
+ATTACKS = ("fgsm", "pgd")
+
+
+@dataclass(frozen=True)
+class AttackSettings:
+    eps: float  # in the data's units
+    alpha: float
+    steps: int
+    box: tuple[float, float]
+
+
+def load_run(folder: str | Path) -> tuple[TrainConfig, DataSplits, nn.Module]:
+    """The config, data and final model of a finished run folder (weights read with weights_only=True)."""
+    folder = Path(folder)
+    if not (folder / METRICS).exists() or not (folder / CHECKPOINT).exists():
+        raise ValueError(f"{folder} holds no finished advreg run (config.json, checkpoint.pt, metrics.json); "
+                         "train it first with advreg train")
+    saved = read_json(folder / CONFIG)
+    saved.pop("code_version", None)
+    config = TrainConfig.from_dict(saved)
+    data = load_dataset(config.data.name, seed=config.seed, val_fraction=config.data.val_fraction)
+    m = config.model
+    model = models.build(m.name, data.num_classes, input_shape=data.input_shape, hidden=m.hidden, dropout=m.dropout)
+    model.load_state_dict(load_checkpoint(folder / CHECKPOINT)["model"])
+    return config, data, model.eval()
+
+
+def default_settings(data: DataSplits, eps: float | None = None) -> AttackSettings:
+    lo, hi = data.train[0].min().item(), data.train[0].max().item()
+    level = (hi - lo) / 255  # one 8-bit pixel level of the input range
+    eps = 4 * level if eps is None else eps
+    if not eps >= 0:
+        raise ValueError(f"--eps must be >= 0 (in the data's units), got {eps}")
+    alpha = level if eps >= level or eps == 0 else eps / 4  # the paper's step of 1 level; a 0-ball projects to x
+    return AttackSettings(eps=eps, alpha=alpha, steps=10, box=(lo, hi))
+
+
+def robust_errors(target: nn.Module, x: Tensor, y: Tensor, attacks: list[str], settings: AttackSettings,
+                  source: nn.Module | None = None, batch_size: int = 500) -> dict[str, float]:
+    """Test error (%) of ``target`` on examples crafted on ``source`` (itself if None); keys per attack."""
+    suffix = "" if source is None else "_transfer"
+    crafter = target if source is None else source
+    gen = torch.Generator().manual_seed(0)  # PGD's random start: the same examples on every call
+    wrong = {a: 0 for a in attacks}
+    for i in range(0, len(y), batch_size):
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        for attack in attacks:
+            adv = _craft(attack, crafter, xb, yb, settings, gen)
+            wrong[attack] += (predict_logits(target, adv).argmax(1) != yb).sum().item()
+    return {f"test_error_{a}{suffix}": 100.0 * n / len(y) for a, n in wrong.items()}
+
+
+def _craft(attack: str, model: nn.Module, x: Tensor, y: Tensor, s: AttackSettings,
+           generator: torch.Generator) -> Tensor:
+    if attack == "fgsm":
+        return fgsm(model, x, y, s.eps, box=s.box)
+    return pgd(model, x, y, s.eps, s.alpha, s.steps, norm="linf", box=s.box, generator=generator)
+
+
+def sanity_accuracy(model: nn.Module, x: Tensor, y: Tensor, steps: int = 200, alpha: float = 0.01,
+                    batch_size: int = 500) -> float:
+    """Accuracy (%) left after unbounded PGD: far above 0 means the gradients are masked, not the model robust."""
+    right = 0
+    for i in range(0, len(y), batch_size):
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        adv = pgd(model, xb, yb, eps=math.inf, alpha=alpha, steps=steps, norm="linf", random_start=False)
+        right += (predict_logits(model, adv).argmax(1) == yb).sum().item()
+    return 100.0 * right / len(y)
+
+
+def evaluate_run(folder: str | Path, attacks: list[str], eps: float | None = None, source: str | Path | None = None,
+                 sanity: bool = False) -> dict[str, Any]:
+    """Add robust test errors (and the attack settings) to the run's metrics.json; return the new keys."""
+    unknown = [a for a in attacks if a not in ATTACKS]
+    if unknown or not attacks:
+        raise ValueError(f"unknown attack(s) {', '.join(unknown) or '(none)'}; choose from: {', '.join(ATTACKS)}")
+    config, data, model = load_run(folder)
+    settings = default_settings(data, eps)
+    x, y = data.test
+    results: dict[str, Any] = robust_errors(model, x, y, attacks, settings)
+    if source is not None:
+        source_config, _, source_model = load_run(source)
+        if source_config.data.name != config.data.name:
+            raise ValueError(f"the source run was trained on {source_config.data.name}, the target on "
+                             f"{config.data.name}; transfer needs the same dataset")
+        results.update(robust_errors(model, x, y, attacks, settings, source=source_model))
+        results["attack_source"] = str(source)
+    if sanity:
+        results["test_accuracy_pgd_unbounded"] = sanity_accuracy(model, x, y)
+    results.update(attack_eps=settings.eps, attack_alpha=settings.alpha, attack_steps=settings.steps,
+                   attack_norm="linf")
+    metrics_path = Path(folder) / METRICS
+    write_json(metrics_path, {**read_json(metrics_path), **results})
+    return results
