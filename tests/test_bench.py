@@ -89,3 +89,18 @@ def test_bench_bad_input_is_one_line(capsys, tmp_path, monkeypatch, argv, words)
     err = capsys.readouterr().err.strip()
     assert err.startswith("advreg: error:") and words in err and "\n" not in err
     assert not (tmp_path / "x").exists()
+
+
+def test_bench_attacks_adds_robust_columns_and_keeps_them_on_rerun(tmp_path, capsys):
+    out = tmp_path / "robust"
+    argv = ["bench", "--dataset", "digits", "--methods", "erm,amp", "--seeds", "1", "--epochs", "2",
+            "--out", str(out), "--set", "model.hidden=16", "--attacks", "fgsm,pgd", "--jobs", "2", "--quiet"]
+    cli.main(argv)
+    printed = capsys.readouterr().out
+    assert "FGSM error (%)" in printed and "PGD error (%)" in printed
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert all(float(r["test_error_pgd"]) >= float(r["test_error"]) for r in rows)
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/metrics.json")}
+    cli.main(argv)  # finished and evaluated: nothing is redone, the robust errors stay
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/metrics.json")} == stamps
+    assert capsys.readouterr().out == printed

@@ -16,7 +16,7 @@ from advreg.data import DATASETS
 from advreg.methods import METHODS, resolve
 from advreg.models import MODELS
 from advreg.io import atomic_write_bytes
-from advreg.robustness import evaluate_run
+from advreg.robustness import ATTACKS, evaluate_run
 from advreg.train import TrainingDiverged, train, validate
 
 EXIT_USAGE = 2
@@ -82,6 +82,8 @@ def _add_bench(commands: Any) -> None:
                        help="values to choose from on validation, e.g. amp.epsilon=0.1,0.5 (repeatable; "
                             "a key of a stage a method does not use is ignored for that method)")
     bench.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs in parallel (default: cores)")
+    bench.add_argument("--attacks", default="", help="also add robust test errors to every run, e.g. fgsm,pgd "
+                                                     "(FGSM and PGD-10 at 4/255 of the input range, as advreg evaluate)")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -116,7 +118,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
     for spec in specs:
         validate(spec.config)
     out.mkdir(parents=True, exist_ok=True)
-    rows = bench.execute(specs, min(args.jobs, len(specs)), progress=not args.quiet)
+    attacks = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
+    if any(a not in ATTACKS for a in attacks):
+        raise ValueError(f"unknown attack in --attacks {args.attacks!r}; choose from: {', '.join(ATTACKS)}")
+    rows = bench.execute(specs, min(args.jobs, len(specs)), progress=not args.quiet, attacks=attacks)
     chosen = bench.select(rows)
     bench.write_results(out, rows, chosen)
     title = (f"{args.dataset}, {args.model}, {args.epochs} epochs, mean ± std over {args.seeds} seeds; grid points "
