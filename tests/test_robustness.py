@@ -60,3 +60,25 @@ def test_a_folder_without_a_run_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["evaluate", str(tmp_path)])
     assert exit_info.value.code == 2 and "no finished advreg run" in capsys.readouterr().err
+
+
+def test_autoattack_stays_in_the_ball_and_the_worst_case_is_pointwise(runs):
+    pytest.importorskip("pyautoattack")
+    from advreg.robustness import autoattack, default_settings, robust_errors
+
+    _, data, model = load_run(runs / "erm")
+    x, y = data.test[0][:64], data.test[1][:64]
+    settings = default_settings(data)
+    adv = autoattack(model, x, y, settings.eps, settings.box)
+    assert (adv - x).abs().max() <= settings.eps + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    errors = robust_errors(model, x, y, ["fgsm", "pgd", "autoattack"], settings)
+    assert errors["test_error_worst"] >= max(errors[f"test_error_{a}"] for a in ("fgsm", "pgd", "autoattack"))
+    assert errors["test_error_autoattack"] >= errors["test_error_fgsm"]
+
+
+def test_autoattack_without_its_package_says_how_to_install_it(runs, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pyautoattack", None)  # import fails as if not installed
+    with pytest.raises(ValueError, match=r"advreg\[autoattack\]"):
+        evaluate_run(runs / "erm", ["autoattack"])

@@ -18,7 +18,7 @@ Box = tuple[float, float] | None
 def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, box: Box = None) -> Tensor:
     """x' = clip_box(x + ε·sign(∇ₓ CE(f(x), y))): one signed-gradient step of size ε (L∞)."""
     _check_eps(eps)
-    with _eval(model):
+    with eval_mode(model):
         grad = _input_grad(model, x.detach(), y)
     return _clip(x.detach() + eps * grad.sign(), box)
 
@@ -34,7 +34,7 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps:
     x = x.detach()
     delta = _random_start(x, eps, norm, generator) if random_start else torch.zeros_like(x)
     x_adv = _clip(x + delta, box)
-    with _eval(model):
+    with eval_mode(model):
         for _ in range(steps):
             grad = _input_grad(model, x_adv, y)
             step = grad.sign() if norm == "linf" else grad / _norms(grad).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
@@ -53,7 +53,7 @@ def deepfool(model: nn.Module, x: Tensor, steps: int = 50, overshoot: float = 0.
     """
     if steps < 1 or overshoot < 0:
         raise ValueError(f"steps must be >= 1 and overshoot >= 0, got steps={steps!r}, overshoot={overshoot!r}")
-    with _eval(model):
+    with eval_mode(model):
         x0 = x if create_graph else x.detach()
         with torch.no_grad():
             clean = model(x0)  # (B, K)
@@ -100,7 +100,8 @@ def _deepfool_step(model: nn.Module, x: Tensor, source: Tensor, k: int,
 
 # -- shared pieces ----------------------------------------------------------------------------------
 @contextmanager
-def _eval(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside, the caller's mode restored after."""
     was_training = model.training
     model.eval()
     try:
