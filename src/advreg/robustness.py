@@ -1,7 +1,7 @@
 """Robust test error of a trained run: white-box FGSM and PGD, black-box transfer, and the unbounded-PGD sanity check.
 
 Defaults follow the AMP paper (Appendix F): ε = 4 pixel levels, PGD with step 1 level and 10 steps, where a level is
-1/255 of the data's input range; the sanity check (ALPS §5) is PGD without a ball, 200 steps of 0.01.
+1/255 of the data's input range; the sanity check (ALPS §5) is PGD without a ball, 200 steps of 0.01 of that range.
 """
 from __future__ import annotations
 
@@ -153,7 +153,8 @@ def evaluate_run(folder: str | Path, attacks: list[str], eps: float | None = Non
         results.update(robust_errors(model, x, y, attacks, settings, source=source_model))
         results["attack_source"] = str(source)
     if sanity:
-        results["test_accuracy_pgd_unbounded"] = sanity_accuracy(model, x, y)
+        span = settings.box[1] - settings.box[0]  # 0.01 on [0, 1] images, as in ALPS; the same fraction elsewhere
+        results["test_accuracy_pgd_unbounded"] = sanity_accuracy(model, x, y, alpha=0.01 * span)
     results.update(attack_eps=settings.eps, attack_alpha=settings.alpha, attack_steps=settings.steps,
                    attack_norm="linf")
     metrics_path = Path(folder) / METRICS
