@@ -4,6 +4,7 @@ Weight space: :class:`AMP` (adversarial model perturbation) and :class:`SAM`, bo
 ``torch.optim`` optimizers built on one engine (:mod:`advreg.perturb`).
 """
 from advreg.perturb import AMP, SAM, PerturbedOptimizer
+from advreg.transforms.alps import alps_label
 
 __version__ = "0.1.0"
-__all__ = ["AMP", "SAM", "PerturbedOptimizer", "__version__"]
+__all__ = ["AMP", "SAM", "PerturbedOptimizer", "alps_label", "__version__"]

@@ -52,7 +52,7 @@ class SAMConfig:
 @dataclass(frozen=True)
 class StagesConfig:
     """Which member of each stage a step uses (DESIGN §1); the loss stage is configured in ``loss``."""
-    transform: str = "identity"  # identity | mixup | fgsm
+    transform: str = "identity"  # identity | mixup | fgsm | alps
     perturbation: str = "none"  # none | amp | sam | rmp
 
 
@@ -65,6 +65,13 @@ class LossConfig:
 @dataclass(frozen=True)
 class MixupConfig:
     alpha: float = 1.0  # λ ~ Beta(α, α)
+
+
+@dataclass(frozen=True)
+class ALPSConfig:
+    alpha: float = 9.0  # λ ~ Beta(α, β), mode (α-1)/(α+β-2) = 0.89
+    beta: float = 2.0
+    epsilon: float = 0.2  # L1 radius of the label ball, in (0, 0.5)
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,7 @@ class TrainConfig:
     stages: StagesConfig = field(default_factory=StagesConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     mixup: MixupConfig = field(default_factory=MixupConfig)
+    alps: ALPSConfig = field(default_factory=ALPSConfig)
     adv: AdvConfig = field(default_factory=AdvConfig)
     amp: AMPConfig = field(default_factory=AMPConfig)
     sam: SAMConfig = field(default_factory=SAMConfig)

@@ -17,8 +17,8 @@ from advreg.perturb import AMP, RMP, SAM
 
 PERTURBATIONS = ("none", "amp", "sam", "rmp")
 # the config section that configures each stage member; setting it while the member is off is an error
-SECTION_OF = {"mixup": ("transform", "mixup"), "adv": ("transform", "fgsm"), "amp": ("perturbation", "amp"),
-              "sam": ("perturbation", "sam"), "rmp": ("perturbation", "rmp")}
+SECTION_OF = {"mixup": ("transform", "mixup"), "alps": ("transform", "alps"), "adv": ("transform", "fgsm"),
+              "amp": ("perturbation", "amp"), "sam": ("perturbation", "sam"), "rmp": ("perturbation", "rmp")}
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("mixup", ("stages.transform=mixup",), "1", "Zhang et al., ICLR 2018; λ ~ Beta(1, 1)"),
     Method("adv", ("stages.transform=fgsm",), "2 (1 for the example)",
            "Goodfellow et al., ICLR 2015; FGSM training, 1 pixel level"),
+    Method("alps", ("stages.transform=alps",), "2 (1 without gradients, for k*)",
+           "Guo et al., IJCAI 2021, Algorithm 1"),
     Method("rmp", ("stages.perturbation=rmp",), "1", "AMP paper's random model perturbation, radius 0.1"),
     Method("amp", ("stages.perturbation=amp",), "N+1", "Zheng et al., CVPR 2021, Algorithm 1"),
     Method("sam", ("stages.perturbation=sam",), "2", "Foret et al., ICLR 2021"),
@@ -110,6 +112,8 @@ def build_transform(config: TrainConfig, input_range: tuple[float, float]) -> tr
         return transforms.MixUp(config.mixup.alpha)
     if kind == "fgsm":
         return transforms.FGSMExamples(config.adv.pixels, input_range)
+    if kind == "alps":
+        return transforms.ALPS(config.alps.alpha, config.alps.beta, config.alps.epsilon)
     return transforms.identity
 
 
