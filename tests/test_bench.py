@@ -97,10 +97,25 @@ def test_bench_attacks_adds_robust_columns_and_keeps_them_on_rerun(tmp_path, cap
             "--out", str(out), "--set", "model.hidden=16", "--attacks", "fgsm,pgd", "--jobs", "2", "--quiet"]
     cli.main(argv)
     printed = capsys.readouterr().out
-    assert "FGSM error (%)" in printed and "PGD error (%)" in printed
+    assert "FGSM white-box error (%)" in printed and "PGD white-box error (%)" in printed
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert all(float(r["test_error_pgd"]) >= float(r["test_error"]) for r in rows)
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/metrics.json")}
     cli.main(argv)  # finished and evaluated: nothing is redone, the robust errors stay
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/metrics.json")} == stamps
     assert capsys.readouterr().out == printed
+
+
+def test_bench_attack_source_adds_black_box_columns(tmp_path, capsys):
+    source = tmp_path / "erm_source"
+    cli.main(["train", "--dataset", "digits", "--seed", "100", "--epochs", "2", "--out", str(source), "--quiet",
+              "--set", "model.hidden=16"])
+    out = tmp_path / "bb"
+    cli.main(["bench", "--dataset", "digits", "--methods", "mixup", "--seeds", "1", "--epochs", "2", "--out", str(out),
+              "--set", "model.hidden=16", "--attacks", "pgd", "--attack-source", str(source), "--jobs", "1",
+              "--quiet"])
+    assert "PGD black-box error (%)" in capsys.readouterr().out
+    row = next(csv.DictReader((out / "results.csv").open()))
+    assert float(row["test_error_pgd_transfer"]) >= 0
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--methods", "erm", "--out", str(tmp_path / "x"), "--attack-source", str(source)])

@@ -258,3 +258,15 @@ def test_a_preset_with_its_regularizer_off_is_refused(name, key):
     with pytest.raises(ValueError, match="is ERM"):
         validate(resolve(TrainConfig(method=name), [f"{key}=0"]))
     validate(resolve(TrainConfig(method=name), [f"{key}=0.05"]))  # another strength is still the method
+
+
+def test_dropout_on_the_penultimate_layer_only():
+    from advreg.models import build
+
+    every = build("mlp", 10, input_shape=(8,), hidden=(16, 16, 16), dropout=0.5)
+    last = build("mlp", 10, input_shape=(8,), hidden=(16, 16, 16), dropout=0.5, dropout_layers="last")
+    kinds = lambda m: [type(layer).__name__ for layer in m.net]  # noqa: E731
+    assert kinds(every).count("Dropout") == 3
+    assert kinds(last).count("Dropout") == 1 and kinds(last)[-2] == "Dropout"  # just before the classifier
+    with pytest.raises(ValueError, match="dropout_layers"):
+        build("mlp", 10, input_shape=(8,), dropout=0.5, dropout_layers="first")

@@ -28,7 +28,7 @@ from advreg.train import CONFIG, check_same_run
 from advreg.train import METRICS as METRICS_FILE
 
 METRICS = ("test_error", "test_nll", "test_ece", "val_error", "val_nll", "train_error", "seconds_per_epoch",
-           "test_error_fgsm", "test_error_pgd")  # the robust errors when the bench runs --attacks
+           "test_error_fgsm", "test_error_pgd", "test_error_fgsm_transfer", "test_error_pgd_transfer")
 
 
 @dataclass(frozen=True)
@@ -83,20 +83,21 @@ def _applies(base: TrainConfig, method: str, settings: list[str], key: str) -> b
     return not owners or any(m.name == method for m in owners)
 
 
-def execute(specs: list[RunSpec], jobs: int, progress: bool = True, attacks: tuple[str, ...] = ()
-            ) -> list[dict[str, Any]]:
-    """Run (or read back) every spec, ``jobs`` processes at a time, then its ``attacks``; one row per run."""
+def execute(specs: list[RunSpec], jobs: int, progress: bool = True, attacks: tuple[str, ...] = (),
+            source: str | None = None) -> list[dict[str, Any]]:
+    """Run (or read back) every spec, ``jobs`` processes at a time, then its ``attacks`` (white box, and
+    transferred from the run folder ``source`` if given); one row per run."""
     rows: list[dict[str, Any]] = []
     for spec in specs:  # a folder from another bench would be read back as if it were this one
         if (spec.folder / CONFIG).exists():
             check_same_run(spec.folder, spec.config)
-    todo = [s for s in specs if not _complete(s.folder, attacks)]
+    todo = [s for s in specs if not _complete(s.folder, attacks, source)]
     rows += [_row(s, read_json(s.folder / METRICS_FILE)) for s in specs if s not in todo]
     bar = tqdm(total=len(specs), initial=len(rows), unit="run", desc="bench", disable=not progress)
     threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
     context = multiprocessing.get_context("spawn")  # a clean interpreter per worker: no forked torch state
     with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=context) as pool:
-        futures = {pool.submit(_train_one, s.config, str(s.folder), threads, attacks): s for s in todo}
+        futures = {pool.submit(_train_one, s.config, str(s.folder), threads, attacks, source): s for s in todo}
         for future in as_completed(futures):
             spec = futures[future]
             metrics, error = future.result()
@@ -107,15 +108,17 @@ def execute(specs: list[RunSpec], jobs: int, progress: bool = True, attacks: tup
     return sorted(rows, key=lambda r: order[Path(r["folder"])])
 
 
-def _complete(folder: Path, attacks: tuple[str, ...]) -> bool:
+def _complete(folder: Path, attacks: tuple[str, ...], source: str | None = None) -> bool:
     if not (folder / METRICS_FILE).exists():
         return False
     metrics = read_json(folder / METRICS_FILE)
-    return all(f"test_error_{a}" in metrics for a in attacks)
+    done = all(f"test_error_{a}" in metrics for a in attacks)
+    return done and (source is None or (metrics.get("attack_source") == source
+                                        and all(f"test_error_{a}_transfer" in metrics for a in attacks)))
 
 
-def _train_one(config: TrainConfig, folder: str, threads: int,
-               attacks: tuple[str, ...]) -> tuple[dict[str, Any] | None, str]:
+def _train_one(config: TrainConfig, folder: str, threads: int, attacks: tuple[str, ...],
+               source: str | None = None) -> tuple[dict[str, Any] | None, str]:
     """Worker: train one run folder unless finished, then add the missing robust errors.
 
     A diverged run is a result, not a crash. A finished run is not retrained: that would rewrite its
@@ -130,8 +133,8 @@ def _train_one(config: TrainConfig, folder: str, threads: int,
     try:
         if not (Path(folder) / METRICS_FILE).exists():
             train(config, folder, resume=True, progress=False)
-        if not _complete(Path(folder), attacks):
-            evaluate_run(folder, list(attacks))
+        if not _complete(Path(folder), attacks, source):
+            evaluate_run(folder, list(attacks), source=source)
         return read_json(Path(folder) / METRICS_FILE), ""
     except TrainingDiverged as err:
         return None, str(err)
@@ -161,8 +164,9 @@ def summarize(rows: list[dict[str, Any]], chosen: dict[str, str], title: str) ->
     """The paper's Table 1 layout: mean ± std of test error, NLL and ECE per method; best in bold."""
     stats = {m: _stats([r for r in rows if r["method"] == m and r["point"] == p]) for m, p in chosen.items()}
     columns = [("test_error", "Test error (%)", 2), ("test_nll", "Test NLL", 3), ("test_ece", "Test ECE (%)", 2)]
-    columns += [(f"test_error_{a}", f"{a.upper()} error (%)", 2) for a in ("fgsm", "pgd")
-                if any(r.get(f"test_error_{a}") is not None for r in rows)]
+    columns += [(f"test_error_{a}{box}", f"{a.upper()} {name} error (%)", 2)
+                for box, name in (("", "white-box"), ("_transfer", "black-box")) for a in ("fgsm", "pgd")
+                if any(r.get(f"test_error_{a}{box}") is not None for r in rows)]
     best = {key: min((s[key][0] for s in stats.values() if s[key]), default=None) for key, _, _ in columns}
     erm = stats.get("erm", {}).get("seconds_per_epoch")
     lines = [title, "", "| method | " + " | ".join(t for _, t, _ in columns) + " | time × ERM | runs | setting |",

@@ -86,6 +86,9 @@ def _add_bench(commands: Any) -> None:
     bench.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs in parallel (default: cores)")
     bench.add_argument("--attacks", default="", help="also add robust test errors to every run, e.g. fgsm,pgd "
                                                      "(FGSM and PGD-10 at 4/255 of the input range, as advreg evaluate)")
+    bench.add_argument("--attack-source", default=None, metavar="RUN",
+                       help="with --attacks: also craft the examples on this run folder's model (black box, e.g. "
+                            "a separately trained ERM run) and report test_error_*_transfer")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -123,7 +126,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
     attacks = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
     if any(a not in ATTACKS for a in attacks):
         raise ValueError(f"unknown attack in --attacks {args.attacks!r}; choose from: {', '.join(ATTACKS)}")
-    rows = bench.execute(specs, min(args.jobs, len(specs)), progress=not args.quiet, attacks=attacks)
+    if args.attack_source and not attacks:
+        raise ValueError("--attack-source needs --attacks (e.g. --attacks fgsm,pgd)")
+    rows = bench.execute(specs, min(args.jobs, len(specs)), progress=not args.quiet, attacks=attacks,
+                         source=args.attack_source)
     chosen = bench.select(rows)
     bench.write_results(out, rows, chosen)
     title = (f"{args.dataset}, {args.model}, {args.epochs} epochs, mean ± std over {args.seeds} seeds; grid points "

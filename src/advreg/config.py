@@ -21,6 +21,7 @@ class ModelConfig:
     name: str = "mlp"
     hidden: tuple[int, ...] = (100, 100)
     dropout: float = 0.0  # the Dropout baseline uses 0.1 after each ReLU
+    dropout_layers: str = "all"  # all (AMP paper) | last: the penultimate layer only (ALPS paper, rate 0.5)
 
 
 @dataclass(frozen=True)

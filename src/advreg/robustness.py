@@ -44,7 +44,8 @@ def load_run(folder: str | Path) -> tuple[TrainConfig, DataSplits, nn.Module]:
     config = TrainConfig.from_dict(saved)
     data = load_dataset(config.data.name, seed=config.seed, val_fraction=config.data.val_fraction)
     m = config.model
-    model = models.build(m.name, data.num_classes, input_shape=data.input_shape, hidden=m.hidden, dropout=m.dropout)
+    model = models.build(m.name, data.num_classes, input_shape=data.input_shape, hidden=m.hidden, dropout=m.dropout,
+                         dropout_layers=m.dropout_layers)
     model.load_state_dict(load_checkpoint(folder / CHECKPOINT)["model"])
     return config, data, model.eval()
 

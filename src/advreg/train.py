@@ -85,7 +85,8 @@ def validate(config: TrainConfig) -> None:
         raise ValueError("optim.batch_size must be >= 1 and optim.lr > 0")
     if any(not 0 < f <= 1 for f in config.optim.milestones):
         raise ValueError(f"optim.milestones are fractions of the epochs in (0, 1], got {config.optim.milestones}")
-    models.build(config.model.name, 2, input_shape=(1,), hidden=config.model.hidden, dropout=config.model.dropout)
+    models.build(config.model.name, 2, input_shape=(1,), hidden=config.model.hidden, dropout=config.model.dropout,
+                 dropout_layers=config.model.dropout_layers)
     build_optimizer(config, [nn.Parameter(torch.zeros(1))])  # the optimizer's own checks
     resolve_device(config.device)
 
@@ -110,7 +111,7 @@ def build_run(config: TrainConfig) -> Run:
     data = _to_device(data, device)
     m = config.model
     model = models.build(m.name, data.num_classes, input_shape=data.input_shape, hidden=m.hidden,
-                         dropout=m.dropout).to(device)
+                         dropout=m.dropout, dropout_layers=m.dropout_layers).to(device)
     optimizer = build_optimizer(config, model.parameters())
     milestones = sorted({max(1, round(f * config.epochs)) for f in config.optim.milestones})
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=config.optim.lr_decay)
