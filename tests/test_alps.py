@@ -110,4 +110,4 @@ def test_alps_trains_from_the_cli_and_composes_with_amp(tmp_path, capsys):
     cli.main(["train", "--method", "amp", "--dataset", "digits", "--epochs", "1", "--out", str(tmp_path / "b"),
               "--quiet", "--set", "stages.transform=alps"])
     assert json.loads((tmp_path / "b" / "config.json").read_text())["stages"] == {"perturbation": "amp",
-                                                                                   "transform": "alps"}
+                                                                                   "transform": "alps", "loss": "ce"}

@@ -135,7 +135,10 @@ def test_metadata_and_forward_passes_per_step(name):
     calls = []
     run.model.register_forward_hook(lambda *_: calls.append(1))
     train_on(run, batches(run, 1))
-    assert len(calls) == _passes(method, config)
+    if name == "amm":  # DeepFool stops early; MIN runs it twice, each at most u steps, a clean and a final pass
+        assert 1 + 4 <= len(calls) <= 1 + 2 * (config.amm.steps + 2)
+    else:
+        assert len(calls) == _passes(method, config)
 
 
 def test_the_registry_holds_the_amp_papers_baselines():
@@ -180,7 +183,7 @@ def test_amp_on_mixup_batches_transforms_once_and_passes_n_plus_one_times(inner_
         assert math.isfinite(loss.item())
         assert run.transform.calls == step
         assert run.loss_fn.calls == step * (inner_steps + 1)
-    targets = [args[1] for args in run.loss_fn.seen[-(inner_steps + 1):]]
+    targets = [args[2] for args in run.loss_fn.seen[-(inner_steps + 1):]]
     assert targets[0].shape == (64, run.data.num_classes)  # soft MixUp targets
     assert all(t is targets[0] for t in targets)  # every pass of a step sees the same mixed batch
     assert not same(params(run), before)
@@ -196,7 +199,7 @@ def test_flooding_composes_with_amp_through_the_command_line_setting():
     logits[torch.arange(4), torch.arange(4)] = 20.0  # CE ≈ 2e-8, below the flood level
     y = torch.arange(4)
     J = cross_entropy(logits, y)
-    torch.testing.assert_close(run.loss_fn(logits, y), 2 * 0.02 - J)
+    torch.testing.assert_close(run.loss_fn.criterion(logits, y), 2 * 0.02 - J)
     loss, _ = train_on(run, batches(run, 1))[0]
     assert math.isfinite(loss.item())
 

@@ -37,65 +37,99 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps:
     with eval_mode(model):
         for _ in range(steps):
             grad = _input_grad(model, x_adv, y)
-            step = grad.sign() if norm == "linf" else grad / _norms(grad).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
+            step = grad.sign() if norm == "linf" else grad / _per_sample(sample_norms(grad).clamp_min(1e-12), x)
             x_adv = _clip(x + _project(x_adv + alpha * step - x, eps, norm), box)
     return x_adv
 
 
-def deepfool(model: nn.Module, x: Tensor, steps: int = 50, overshoot: float = 0.02,
-             create_graph: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+def deepfool(model: nn.Module, x: Tensor, steps: int = 50, overshoot: float = 0.02, create_graph: bool = False,
+             labels: Tensor | None = None, high_order: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """Minimal L2 perturbations that change each sample's predicted class, all samples at once.
 
-    Returns ``(perturbation, norms, success)``: r with x + r past the nearest boundary (scaled by
-    1 + overshoot), its per-sample L2 norms (B,), and whether the prediction changed (B,). The source class
-    is the prediction at x, so misclassified inputs are handled like any other. Each iteration takes one
-    autograd call for all classes of all samples; ``create_graph=True`` keeps r differentiable (AMM).
+    Returns ``(perturbation, norms, success)``: r with x + r past the nearest boundary (each linearized step
+    scaled by 1 + overshoot), its per-sample L2 norms (B,), and whether the attack reached its goal (B,).
+    Without ``labels`` the source class is the prediction at x and success means it changed. With ``labels``
+    (the AMM paper, Sec. 3.1.2), a correctly classified sample is attacked the same way, while a misclassified one
+    is pushed toward its label: each step crosses the linearized boundary between its current prediction and the
+    label, and success means it is classified as the label. Each iteration takes one autograd call for all
+    classes of all samples. ``create_graph=True`` keeps r differentiable in the weights (AMM): through ∇f too
+    (high-order gradients), or with ``high_order=False`` through the logits only, ∇f held constant (AMM's
+    ablation, Sec. 4.3.1).
     """
-    if steps < 1 or overshoot < 0:
-        raise ValueError(f"steps must be >= 1 and overshoot >= 0, got steps={steps!r}, overshoot={overshoot!r}")
+    perturbation, success, _ = deepfool_with_source(model, x, steps, overshoot, create_graph, labels, high_order)
+    return perturbation, sample_norms(perturbation), success
+
+
+def deepfool_with_source(model: nn.Module, x: Tensor, steps: int = 50, overshoot: float = 0.02,
+                         create_graph: bool = False, labels: Tensor | None = None,
+                         high_order: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`deepfool`'s perturbation and success, and the prediction at x (B,) that the attack started from."""
+    if not (isinstance(steps, int) and steps >= 1) or overshoot < 0:
+        raise ValueError(f"steps must be an integer >= 1 and overshoot >= 0, got steps={steps!r}, "
+                         f"overshoot={overshoot!r}")
+    if labels is not None and labels.shape != (len(x),):
+        raise ValueError(f"labels must be class indices of shape ({len(x)},), got {tuple(labels.shape)}")
     with eval_mode(model):
-        x0 = x if create_graph else x.detach()
+        x0 = x.detach()
         with torch.no_grad():
             clean = model(x0)  # (B, K)
         source, num_classes = clean.argmax(dim=1), clean.shape[1]
+        goal = _Goal(source, labels)
         r_total = torch.zeros_like(x0)
         active = torch.ones(len(x0), dtype=torch.bool, device=x0.device)
         for _ in range(steps):
-            r_step, still = _deepfool_step(model, x0 + (1 + overshoot) * r_total, source, num_classes, create_graph)
-            active = active & still
+            r_step, done = _deepfool_step(model, x0 + (1 + overshoot) * r_total, goal, num_classes,
+                                          create_graph, high_order)
+            active = active & ~done
             if not bool(active.any()):  # one host synchronisation per iteration
                 break
-            r_total = r_total + r_step * active.view(-1, *[1] * (x0.dim() - 1))
+            r_total = r_total + r_step * _per_sample(active, x0)
         perturbation = (1 + overshoot) * r_total
         with torch.no_grad():
-            success = model(x0 + perturbation).argmax(dim=1) != source
-    return perturbation, _norms(perturbation), success
+            success = goal.reached(model(x0 + perturbation).argmax(dim=1))
+    return perturbation, success, source
 
 
-def _deepfool_step(model: nn.Module, x: Tensor, source: Tensor, k: int,
-                   create_graph: bool) -> tuple[Tensor, Tensor]:
-    """The linearized step toward the nearest boundary, and whether each sample still has its source class."""
+class _Goal:
+    """Per sample, what DeepFool moves toward: any other class than the source (untargeted), or the label."""
+
+    def __init__(self, source: Tensor, labels: Tensor | None):
+        self.source = source
+        self.targeted = (source != labels) if labels is not None else torch.zeros_like(source, dtype=torch.bool)
+        self.labels = labels if labels is not None else source
+
+    def reached(self, prediction: Tensor) -> Tensor:
+        return torch.where(self.targeted, prediction == self.labels, prediction != self.source)
+
+
+def _deepfool_step(model: nn.Module, x: Tensor, goal: _Goal, k: int, create_graph: bool,
+                   high_order: bool) -> tuple[Tensor, Tensor]:
+    """The linearized step toward the chosen boundary, and whether each sample has already reached its goal."""
     batch, shape = len(x), x.shape[1:]
-    x_in = x if create_graph else x.detach()
-    x_in = x_in.requires_grad_(True) if not x_in.requires_grad else x_in
+    x_in = x if (create_graph and x.requires_grad) else x.detach().requires_grad_(True)
     with torch.enable_grad():
         replicated = x_in.unsqueeze(0).expand(k, *x_in.shape).reshape(k * batch, *shape)  # (K·B, ...)
         rep_logits = model(replicated).view(k, batch, k)  # (K, B, K)
         logits = rep_logits[0]  # (B, K): every replica holds the same x
         chosen = rep_logits.diagonal(dim1=0, dim2=2).sum()  # Σ_k Σ_b f_k(x_b) with replica k holding class k
-        (grads,) = torch.autograd.grad(chosen, replicated, create_graph=create_graph)  # one call, all classes
+        (grads,) = torch.autograd.grad(chosen, replicated, create_graph=create_graph and high_order,
+                                       retain_graph=create_graph)  # one call, all classes
+    if not create_graph:
+        logits = logits.detach()
     grads = grads.view(k, batch, -1).transpose(0, 1)  # (B, K, D): ∇f_k(x_b)
-    still = logits.argmax(dim=1) == source
+    current = logits.argmax(dim=1)
+    done = goal.reached(current)
+    base = torch.where(goal.targeted, current, goal.source)  # the class the step moves away from
     idx = torch.arange(batch, device=x.device)
-    f_diff = logits - logits[idx, source].unsqueeze(1)  # (B, K): f_k - f_source
-    w_diff = grads - grads[idx, source].unsqueeze(1)  # (B, K, D)
+    f_diff = logits - logits[idx, base].unsqueeze(1)  # (B, K): f_k - f_base
+    w_diff = grads - grads[idx, base].unsqueeze(1)  # (B, K, D)
     w_norm = w_diff.norm(dim=2)  # (B, K)
-    distance = f_diff.abs() / w_norm.clamp_min(1e-12)
-    distance[idx, source] = float("inf")  # the source class is no boundary
-    nearest = distance.argmin(dim=1)  # (B,)
-    w = w_diff[idx, nearest]  # (B, D)
-    scale = f_diff[idx, nearest].abs() / w_norm[idx, nearest].pow(2).clamp_min(1e-24)  # |f'| / ‖w‖²
-    return (scale.unsqueeze(1) * w).view_as(x), still
+    distance = (f_diff.abs() / w_norm.clamp_min(1e-12)).detach()
+    distance[idx, base] = float("inf")  # the class itself is no boundary
+    toward = torch.where(goal.targeted, goal.labels, distance.argmin(dim=1))  # (B,)
+    w = w_diff[idx, toward]  # (B, D)
+    scale = f_diff[idx, toward].abs() / w_norm[idx, toward].pow(2).clamp_min(1e-24)  # |f'| / ‖w‖²
+    return (scale.unsqueeze(1) * w).view_as(x), done
 
 
 # -- shared pieces ----------------------------------------------------------------------------------
@@ -118,15 +152,16 @@ def _input_grad(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return grad
 
 
-def _norms(t: Tensor) -> Tensor:
+def sample_norms(t: Tensor) -> Tensor:
+    """Per-sample L2 norms (B,) of a batch of perturbations."""
     return t.flatten(1).norm(dim=1)  # (B,)
 
 
 def _project(delta: Tensor, eps: float, norm: str) -> Tensor:
     if norm == "linf":
         return delta.clamp(-eps, eps)
-    factor = (eps / _norms(delta).clamp_min(1e-12)).clamp(max=1.0)  # (B,)
-    return delta * factor.view(-1, *[1] * (delta.dim() - 1))
+    factor = (eps / sample_norms(delta).clamp_min(1e-12)).clamp(max=1.0)  # (B,)
+    return delta * _per_sample(factor, delta)
 
 
 def _random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator | None) -> Tensor:
@@ -135,7 +170,12 @@ def _random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator |
     direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     d = x[0].numel()
     radius = eps * torch.rand(len(x), generator=generator, device=x.device, dtype=x.dtype).pow(1.0 / d)
-    return direction / _norms(direction).view(-1, *[1] * (x.dim() - 1)) * radius.view(-1, *[1] * (x.dim() - 1))
+    return direction / _per_sample(sample_norms(direction), x) * _per_sample(radius, x)
+
+
+def _per_sample(values: Tensor, like: Tensor) -> Tensor:
+    """(B,) values shaped to broadcast over a batch like ``like``."""
+    return values.view(-1, *[1] * (like.dim() - 1))
 
 
 def _clip(x: Tensor, box: Box) -> Tensor:

@@ -34,6 +34,7 @@ class OptimConfig:
     batch_size: int = 50
     milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of the epochs
     lr_decay: float = 0.1
+    clip_grad: float = 0.0  # clip each gradient's global L2 norm to this (AMM paper, Sec. 4.2: 10); 0 is off
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,10 @@ class SAMConfig:
 
 @dataclass(frozen=True)
 class StagesConfig:
-    """Which member of each stage a step uses (DESIGN §1); the loss stage is configured in ``loss``."""
+    """Which member of each stage a step uses (DESIGN §1)."""
     transform: str = "identity"  # identity | mixup | fgsm | alps
     perturbation: str = "none"  # none | amp | sam | rmp
+    loss: str = "ce"  # ce (cross-entropy, with loss.smoothing and loss.flooding) | amm (CE + λ·margin term)
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,21 @@ class RMPConfig:
 
 
 @dataclass(frozen=True)
+class AMMConfig:
+    """AMM's margin term (Yan et al.); the defaults are the paper's MIN+EXP (Appendix Table 1), u = 6 (Sec. 4.2)."""
+    lam: float = 32.0  # λ, the weight of L_DD
+    c: float = 2.0  # scale of correctly classified samples' norms
+    d: float = 1.0  # scale of misclassified samples' norms
+    aggregation: str = "min"  # avg | min
+    shrinkage: str = "exp"  # lin | exp | inv
+    steps: int = 6  # u, DeepFool's maximal iterations
+    overshoot: float = 0.02
+    high_order: bool = True  # differentiate through ∇f; false is the ablation of Sec. 4.3.1
+    top_fraction: float = 0.2  # MIN's second condition: among the batch's 20% smallest norms
+    clip_value: float = 50.0  # cap of each sample's λ·R term, the truncation of EXP and INV (authors' code)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     method: str = "erm"
     seed: int = 0
@@ -102,6 +119,7 @@ class TrainConfig:
     amp: AMPConfig = field(default_factory=AMPConfig)
     sam: SAMConfig = field(default_factory=SAMConfig)
     rmp: RMPConfig = field(default_factory=RMPConfig)
+    amm: AMMConfig = field(default_factory=AMMConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -12,13 +12,15 @@ import torch
 
 from advreg import transforms
 from advreg.config import TrainConfig, override
-from advreg.losses import LossFn, make_loss
+from advreg.losses import AMMLoss, LossStage, OnLogits, make_loss
 from advreg.perturb import AMP, RMP, SAM
 
 PERTURBATIONS = ("none", "amp", "sam", "rmp")
+LOSSES = ("ce", "amm")
 # the config section that configures each stage member; setting it while the member is off is an error
 SECTION_OF = {"mixup": ("transform", "mixup"), "alps": ("transform", "alps"), "adv": ("transform", "fgsm"),
-              "amp": ("perturbation", "amp"), "sam": ("perturbation", "sam"), "rmp": ("perturbation", "rmp")}
+              "amp": ("perturbation", "amp"), "sam": ("perturbation", "sam"), "rmp": ("perturbation", "rmp"),
+              "amm": ("loss", "amm")}
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("rmp", ("stages.perturbation=rmp",), "1", "AMP paper's random model perturbation, radius 0.1"),
     Method("amp", ("stages.perturbation=amp",), "N+1", "Zheng et al., CVPR 2021, Algorithm 1"),
     Method("sam", ("stages.perturbation=sam",), "2", "Foret et al., ICLR 2021"),
+    Method("amm", ("stages.loss=amm", "optim.clip_grad=10.0"), "1, then up to 2(u+2) with MIN or u+2 with AVG (DeepFool, u = 6, K-fold batch)",
+           "Yan, Guo & Zhang, TPAMI; MIN+EXP, λ = 32, c = 2, d = 1, gradients clipped at 10"),
 )}
 
 
@@ -92,7 +96,7 @@ def check_preset(config: TrainConfig) -> None:
         if section == "stages" and have != value:
             raise ValueError(f"method {config.method} needs {key}={value}, the config has {have}; "
                              "build it with advreg.methods.resolve")
-        if have == getattr(getattr(erm, section), name):
+        if section != "optim" and have == getattr(getattr(erm, section), name):  # optim: a trainer option
             raise ValueError(f"method {config.method} with {key}={have} is ERM; use --method erm, or give "
                              f"{key} a value that turns the regularizer on (the preset's is {value})")
 
@@ -101,6 +105,8 @@ def validate_stages(config: TrainConfig) -> None:
     if config.stages.transform not in transforms.TRANSFORMS:
         raise ValueError(f"unknown stages.transform {config.stages.transform!r}; "
                          f"choose one of: {', '.join(transforms.TRANSFORMS)}")
+    if config.stages.loss not in LOSSES:
+        raise ValueError(f"unknown stages.loss {config.stages.loss!r}; choose one of: {', '.join(LOSSES)}")
     if config.stages.perturbation not in PERTURBATIONS:
         raise ValueError(f"unknown stages.perturbation {config.stages.perturbation!r}; "
                          f"choose one of: {', '.join(PERTURBATIONS)}")
@@ -117,8 +123,14 @@ def build_transform(config: TrainConfig, input_range: tuple[float, float]) -> tr
     return transforms.identity
 
 
-def build_loss(config: TrainConfig) -> LossFn:
-    return make_loss(config.loss.smoothing, config.loss.flooding)
+def build_loss(config: TrainConfig) -> LossStage:
+    criterion = make_loss(config.loss.smoothing, config.loss.flooding)
+    if config.stages.loss == "amm":
+        a = config.amm
+        return AMMLoss(criterion, lam=a.lam, c=a.c, d=a.d, aggregation=a.aggregation, shrinkage=a.shrinkage,
+                       steps=a.steps, overshoot=a.overshoot, high_order=a.high_order, top_fraction=a.top_fraction,
+                       clip_value=a.clip_value)
+    return OnLogits(criterion)
 
 
 def build_optimizer(config: TrainConfig, params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:

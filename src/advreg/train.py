@@ -23,7 +23,7 @@ from advreg.config import TrainConfig
 from advreg.data import DataSplits, TensorLoader, load_dataset
 from advreg.evaluate import evaluate
 from advreg.io import load_checkpoint, read_json, save_checkpoint, write_csv, write_json
-from advreg.losses import LossFn
+from advreg.losses import LossStage
 from advreg.methods import build_loss, build_optimizer, build_transform, check_preset, validate_stages
 from advreg.transforms import Transform
 from advreg.perturb import NonFiniteLossError
@@ -51,7 +51,7 @@ class Run:
     generator: torch.Generator  # the shuffling order
     device: torch.device
     transform: Transform  # stage 1: the batch
-    loss_fn: LossFn  # stage 2: the objective; stage 3, the weight perturbation, is the optimizer
+    loss_fn: LossStage  # stage 2: the objective; stage 3, the weight perturbation, is the optimizer
 
 
 def train(config: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -81,8 +81,8 @@ def validate(config: TrainConfig) -> None:
     build_transform(config, (0.0, 1.0))
     if not (isinstance(config.epochs, int) and config.epochs >= 1):
         raise ValueError(f"epochs must be an integer >= 1, got {config.epochs!r}")
-    if config.optim.batch_size < 1 or config.optim.lr <= 0:
-        raise ValueError("optim.batch_size must be >= 1 and optim.lr > 0")
+    if config.optim.batch_size < 1 or config.optim.lr <= 0 or config.optim.clip_grad < 0:
+        raise ValueError("optim.batch_size must be >= 1, optim.lr > 0 and optim.clip_grad >= 0 (0 is off)")
     if any(not 0 < f <= 1 for f in config.optim.milestones):
         raise ValueError(f"optim.milestones are fractions of the epochs in (0, 1], got {config.optim.milestones}")
     models.build(config.model.name, 2, input_shape=(1,), hidden=config.model.hidden, dropout=config.model.dropout,
@@ -151,9 +151,10 @@ def _train_step(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 
     def closure() -> Tensor:
         run.optimizer.zero_grad(set_to_none=True)
-        logits = run.model(inputs)  # (B, K)
-        loss = run.loss_fn(logits, target)
+        loss, logits = run.loss_fn(run.model, inputs, target)  # logits (B, K) on the inputs
         loss.backward()
+        if run.config.optim.clip_grad > 0:  # every pass's gradient, the one the base step takes included
+            nn.utils.clip_grad_norm_(run.model.parameters(), run.config.optim.clip_grad)
         if not clean_logits:  # the first call is the pass at θ
             clean_logits.append(logits.detach())
         return loss

@@ -1,0 +1,204 @@
+"""AMM, adversarial margin maximization (Yan, Guo & Zhang; Deep Defense, NeurIPS 2018): CE + λ·L_DD.
+
+L_DD (Eq. 6) = (1/n)·[Σ_{k∈T} R(-c‖Δx_k‖) + Σ_{k∈F} R(d‖Δx_k‖)], with Δx_k the DeepFool perturbation of sample k
+(at most u = 6 steps), T the correctly classified samples of the batch and F the others, whose DeepFool goes toward
+their label (Sec. 3.1.2). Δx is differentiated through ∇f (high-order gradients, the default) or with ∇f held
+constant (the ablation of Sec. 4.3.1).
+
+- Aggregation (Sec. 3.3.1): AVG keeps every sample; MIN keeps a correct sample only if its norm is the smallest
+  among the correct samples of its class in the batch and among the batch's 20% smallest, and, by the same rule
+  mirrored, a misclassified sample only if its norm is the largest of its class and among the 20% largest (the
+  authors' code). MIN recomputes DeepFool with a graph for the kept samples only, so memory grows with them.
+- Shrinkage (Sec. 3.3.2): LIN R(t) = t, EXP R(t) = exp(t), INV R(t) = 1/(1-t). For EXP and INV a misclassified
+  sample's norm is truncated at the threshold where λ·R(d‖Δx‖) reaches ``clip_value`` (INV then keeps t < 1), and
+  a correct sample's term is capped there too (the authors use 50).
+- As in the authors' code, samples whose DeepFool did not reach its goal in u steps are left out (their norm is no
+  margin), and the sum is divided by the batch size.
+- Inside the regularizer the model runs in eval mode (BatchNorm on its running statistics) with each dropout mask
+  frozen to the one of the cross-entropy pass, so one sample's margin never depends on the others'.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from advreg.attacks import deepfool_with_source, sample_norms
+
+AGGREGATIONS = ("avg", "min")
+SHRINKAGES = ("lin", "exp", "inv")
+
+
+def shrink(t: Tensor, kind: str) -> Tensor:
+    """The shrinkage R: LIN t, EXP exp(t), INV 1/(1 - t) (defined for t < 1)."""
+    if kind == "lin":
+        return t
+    if kind == "exp":
+        return t.exp()
+    if kind == "inv":
+        return 1.0 / (1.0 - t)
+    raise ValueError(f"unknown shrinkage {kind!r}; choose one of: {', '.join(SHRINKAGES)}")
+
+
+def truncation(lam: float, d: float, kind: str, clip_value: float) -> float:
+    """The norm τ at which a misclassified sample's term λ·R(d·τ) reaches ``clip_value`` (inf for LIN)."""
+    if kind == "lin":
+        return math.inf
+    if kind == "exp":
+        return math.log(clip_value / lam) / d
+    return (1.0 - lam / clip_value) / d  # INV: d·τ < 1
+
+
+def margin_terms(norms: Tensor, correct: Tensor, lam: float, c: float, d: float, kind: str,
+                 clip_value: float) -> Tensor:
+    """Per-sample λ·R(-c‖Δx‖) (correct) or λ·R(d·min(‖Δx‖, τ)) (misclassified), as in Eq. 6."""
+    tau = truncation(lam, d, kind, clip_value)
+    wrong = norms.clamp(max=tau) if math.isfinite(tau) else norms
+    terms = lam * torch.where(correct, shrink(-c * norms, kind), shrink(d * wrong, kind))
+    return terms.clamp(max=clip_value) if kind != "lin" else terms
+
+
+def select_min(norms: Tensor, labels: Tensor, correct: Tensor, usable: Tensor, batch_size: int,
+               fraction: float = 0.2) -> Tensor:
+    """MIN aggregation (Sec. 3.3.1): which samples the regularizer keeps, a boolean mask (B,).
+
+    A usable correct sample is kept iff (a) its norm is the smallest among the usable correct samples of its
+    label and (b) it is among the ⌊fraction·batch_size⌋ (at least 1) smallest norms of the usable correct
+    samples. Misclassified samples mirror it with largest. Ties go to the earlier sample.
+    """
+    top = max(1, int(fraction * batch_size))
+    keep = torch.zeros_like(usable)
+    for group, sign in ((correct & usable, 1.0), (~correct & usable, -1.0)):
+        index = group.nonzero().squeeze(1)
+        if index.numel() == 0:
+            continue
+        key = sign * norms[index]  # smaller key = closer to the aim of the group's selection
+        order = torch.sort(key, stable=True).indices
+        in_top = torch.zeros(len(index), dtype=torch.bool, device=norms.device)
+        in_top[order[:top]] = True
+        group_labels = labels[index]
+        for label in group_labels.unique():
+            members = (group_labels == label).nonzero().squeeze(1)
+            best = members[torch.argmin(key[members])]  # argmin returns the first of equal values
+            keep[index[best]] = bool(in_top[best])
+    return keep
+
+
+class FrozenDropout:
+    """Within the context, each ``nn.Dropout`` draws its mask on the first forward (one per sample) and every
+    later forward reuses it, also for replicated batches (K·B rows, replica-major) and for a chosen subset of
+    the samples (:meth:`select`). Only plain ``nn.Dropout`` (not in-place) is supported."""
+
+    def __init__(self, model: nn.Module):
+        self.dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+        other = sorted({type(m).__name__ for m in self.dropouts if type(m) is not nn.Dropout or m.inplace})
+        if other:
+            raise ValueError(f"the AMM regularizer freezes nn.Dropout masks; the model has {', '.join(other)} "
+                             "(use nn.Dropout(p), not in-place)")
+        self.masks: dict[nn.Module, Tensor | None] = {}
+        self.rows: Tensor | None = None
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> "FrozenDropout":
+        self._handles = [m.register_forward_hook(self._hook) for m in self.dropouts]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def select(self, rows: Tensor | None) -> None:
+        """Later forwards hold the samples ``rows`` of the first one (None: all of them)."""
+        self.rows = rows
+
+    def _hook(self, module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        x = args[0]
+        if module not in self.masks:  # the first pass draws the masks
+            if not module.training or module.p == 0:
+                self.masks[module] = None
+                return output
+            p = module.p
+            mask = torch.zeros_like(x) if p == 1 else torch.empty_like(x).bernoulli_(1 - p) / (1 - p)
+            self.masks[module] = mask
+            return x * mask
+        mask = self.masks[module]
+        if mask is None:
+            return x
+        if self.rows is not None:
+            mask = mask[self.rows]
+        if len(mask) == 0 or x.shape[0] % len(mask) or x.shape[1:] != mask.shape[1:]:
+            raise RuntimeError(f"a frozen dropout mask of shape {tuple(mask.shape)} cannot serve an input of "
+                               f"shape {tuple(x.shape)}")
+        return x * mask.repeat(x.shape[0] // len(mask), *[1] * (mask.dim() - 1))
+
+
+class AMMLoss:
+    """The AMM loss stage: ``criterion(f(x), y) + λ·L_DD`` (Eq. 7 without the weight decay, which SGD applies).
+
+    Called as ``loss_stage(model, inputs, labels)``; returns the loss and the logits of the cross-entropy pass.
+    Defaults are the paper's MIN+EXP setting (Appendix Table 1: λ = 32, c = 2, d = 1; u = 6).
+    """
+
+    def __init__(self, criterion: Any, lam: float = 32.0, c: float = 2.0, d: float = 1.0, aggregation: str = "min",
+                 shrinkage: str = "exp", steps: int = 6, overshoot: float = 0.02, high_order: bool = True,
+                 top_fraction: float = 0.2, clip_value: float = 50.0):
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"unknown amm.aggregation {aggregation!r}; choose one of: {', '.join(AGGREGATIONS)}")
+        if shrinkage not in SHRINKAGES:
+            raise ValueError(f"unknown amm.shrinkage {shrinkage!r}; choose one of: {', '.join(SHRINKAGES)}")
+        if not (lam >= 0 and c > 0 and d > 0):
+            raise ValueError(f"amm.lam must be >= 0 and amm.c, amm.d > 0, got lam={lam!r}, c={c!r}, d={d!r} "
+                             "(the paper's MIN+EXP uses 32, 2, 1)")
+        if not (isinstance(steps, int) and steps >= 1) or overshoot < 0:
+            raise ValueError(f"amm.steps must be an integer >= 1 and amm.overshoot >= 0, got {steps!r}, "
+                             f"{overshoot!r} (the paper uses u = 6 and 0.02)")
+        if not 0 < top_fraction <= 1:
+            raise ValueError(f"amm.top_fraction must be in (0, 1], got {top_fraction!r} (the paper uses 0.2)")
+        if shrinkage != "lin" and not clip_value > lam:
+            raise ValueError(f"amm.clip_value must exceed amm.lam for {shrinkage.upper()} (it caps λ·R), got "
+                             f"clip_value={clip_value!r}, lam={lam!r}")
+        self.criterion = criterion
+        self.lam, self.c, self.d = lam, c, d
+        self.aggregation, self.shrinkage = aggregation, shrinkage
+        self.steps, self.overshoot, self.high_order = steps, overshoot, high_order
+        self.top_fraction, self.clip_value = top_fraction, clip_value
+
+    def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        if labels.dim() != 1:
+            raise ValueError("the AMM loss needs hard labels (B,); a transform that makes soft targets (mixup, "
+                             "alps) cannot go with it")
+        with FrozenDropout(model) as frozen:
+            logits = model(inputs)
+            loss = self.criterion(logits, labels)
+            if self.lam > 0:
+                loss = loss + self.regularizer(model, inputs, labels, frozen)
+        return loss, logits
+
+    def regularizer(self, model: nn.Module, x: Tensor, labels: Tensor, frozen: FrozenDropout | None = None) -> Tensor:
+        """λ·L_DD of the batch (Eq. 6), differentiable in the model's parameters."""
+        frozen = frozen or FrozenDropout(model)
+        rows = None
+        if self.aggregation == "min":  # a graph-free pass picks the samples, the graph is built for those only
+            r, success, source = self._deepfool(model, x, labels, create_graph=False)
+            keep = select_min(sample_norms(r), labels, source == labels, success, len(x), self.top_fraction)
+            rows = keep.nonzero().squeeze(1)
+            if rows.numel() == 0:
+                return x.new_zeros(())
+        frozen.select(rows)
+        try:
+            x_sub, y_sub = (x, labels) if rows is None else (x[rows], labels[rows])
+            r, success, source = self._deepfool(model, x_sub, y_sub, create_graph=True)
+        finally:
+            frozen.select(None)
+        kept = success.nonzero().squeeze(1)
+        terms = margin_terms(sample_norms(r[kept]), (source == y_sub)[kept], self.lam, self.c, self.d, self.shrinkage,
+                             self.clip_value)
+        return terms.sum() / len(x)
+
+    def _deepfool(self, model: nn.Module, x: Tensor, labels: Tensor, create_graph: bool) -> tuple[Tensor, ...]:
+        return deepfool_with_source(model, x, self.steps, self.overshoot, create_graph=create_graph, labels=labels,
+                                    high_order=self.high_order)
+
