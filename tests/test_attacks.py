@@ -129,3 +129,19 @@ def test_bad_attack_arguments_say_what_to_do():
         pgd(model, x, y, 0.1, 0.01, 3, norm="l1")
     with pytest.raises(ValueError, match="steps"):
         deepfool(model, x, steps=0)
+
+
+def test_the_test_margin_is_the_mean_exact_distance_on_an_affine_classifier():
+    from advreg.evaluate import margin
+
+    torch.manual_seed(5)
+    model = nn.Linear(6, 4).double()
+    x = torch.randn(300, 6, dtype=torch.float64)
+    with torch.no_grad():
+        f, w = model(x), model.weight
+    s = f.argmax(1)
+    gaps = (f - f.gather(1, s[:, None])).abs() / (w[None] - w[s][:, None]).norm(dim=2)
+    gaps[torch.arange(300), s] = float("inf")
+    result = margin(model, x, batch_size=128)  # three batches, the last one short
+    assert result["margin_success"] == 100.0
+    assert result["margin"] == pytest.approx(1.02 * gaps.min(1).values.mean().item(), rel=1e-9)

@@ -119,3 +119,21 @@ def test_bench_attack_source_adds_black_box_columns(tmp_path, capsys):
     assert float(row["test_error_pgd_transfer"]) >= 0
     with pytest.raises(SystemExit):
         cli.main(["bench", "--methods", "erm", "--out", str(tmp_path / "x"), "--attack-source", str(source)])
+
+
+def test_variants_are_rows_with_fixed_settings_tuned_by_their_method_grid():
+    avg = bench.parse_variant("avg_lin=amm:amm.aggregation=avg;amm.shrinkage=lin;optim.milestones=0.5,0.8")
+    assert avg == bench.Variant("avg_lin", "amm", ("amm.aggregation=avg", "amm.shrinkage=lin",
+                                                   "optim.milestones=0.5,0.8"))
+    specs = bench.plan(TrainConfig(epochs=1), ["erm", avg], 1, [], {"amm.lam": ["1", "4"]}, Path("/b"))
+    assert [(s.method, s.point) for s in specs] == [("erm", ()), ("avg_lin", ("amm.lam=1",)),
+                                                    ("avg_lin", ("amm.lam=4",))]
+    config = specs[1].config
+    assert config.method == "amm" and config.amm.aggregation == "avg" and config.amm.lam == 1
+    assert config.optim.milestones == (0.5, 0.8)
+    assert specs[1].folder == Path("/b/runs/avg_lin__amm.lam=1/seed0")
+    with pytest.raises(ValueError, match="share a name"):
+        bench.plan(TrainConfig(), ["erm", bench.Variant("erm", "erm")], 1, [], {}, Path("/b"))
+    for bad in ("no_method", "x=nope", "a b=amm"):
+        with pytest.raises(ValueError, match="--variant"):
+            bench.parse_variant(bad)

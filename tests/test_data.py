@@ -277,3 +277,29 @@ def test_loader_rejects_bad_arguments():
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="batch_size"):
             TensorLoader(x, y, bad)
+
+
+# --- fewer samples and noisy labels (AMM paper, Sec. 4.3.2-4.3.3) ----------------------------------
+
+def test_train_fraction_keeps_a_seeded_share_of_the_training_rows(cache):
+    full = load_dataset("mnist1d", seed=2, cache_dir=cache)
+    part, again = (load_dataset("mnist1d", seed=2, train_fraction=0.25, cache_dir=cache) for _ in range(2))
+    assert len(part.train[1]) == round(0.25 * len(full.train[1]))
+    assert rows(*part.train).keys() <= rows(*full.train).keys()  # a subset of the same carve
+    assert torch.equal(part.val[0], full.val[0]) and torch.equal(part.test[0], full.test[0])
+    assert torch.equal(part.train[0], again.train[0])
+
+
+def test_label_noise_replaces_that_share_of_training_labels_only(cache):
+    clean = load_dataset("mnist1d", seed=4, cache_dir=cache)
+    noisy = load_dataset("mnist1d", seed=4, label_noise=0.5, cache_dir=cache)
+    assert torch.equal(noisy.train[0], clean.train[0]) and torch.equal(noisy.val[1], clean.val[1])
+    changed = (noisy.train[1] != clean.train[1]).double().mean().item()
+    assert abs(changed - 0.5 * 0.9) < 0.04  # a random class keeps the label 1 time in 10
+    assert noisy.train[1].min() >= 0 and noisy.train[1].max() < noisy.num_classes
+
+
+@pytest.mark.parametrize("kwargs", [{"train_fraction": 0}, {"train_fraction": 1.5}, {"label_noise": -0.1}])
+def test_bad_train_fraction_or_noise_is_refused(kwargs, cache):
+    with pytest.raises(ValueError, match="train_fraction must be in"):
+        load_dataset("mnist1d", seed=0, cache_dir=cache, **kwargs)

@@ -27,13 +27,34 @@ from advreg.methods import METHODS, SECTION_OF, resolve
 from advreg.train import CONFIG, check_same_run
 from advreg.train import METRICS as METRICS_FILE
 
-METRICS = ("test_error", "test_nll", "test_ece", "val_error", "val_nll", "train_error", "seconds_per_epoch",
+METRICS = ("test_error", "test_nll", "test_ece", "test_margin", "val_error", "val_nll", "train_error", "seconds_per_epoch",
            "test_error_fgsm", "test_error_pgd", "test_error_fgsm_transfer", "test_error_pgd_transfer")
 
 
 @dataclass(frozen=True)
-class RunSpec:
+class Variant:
+    """A row of the table: a method's preset with fixed settings on top (``avg_lin=amm:amm.aggregation=avg``)."""
+    name: str
     method: str
+    settings: tuple[str, ...] = ()
+
+
+def parse_variant(text: str) -> Variant:
+    """``LABEL=METHOD[:KEY=VALUE[;KEY=VALUE...]]`` → :class:`Variant`."""
+    label, sep, rest = text.partition("=")
+    method, _, settings = rest.partition(":")
+    label, method = label.strip(), method.strip()
+    if not sep or not label or not method or any(c in label for c in "/\\ "):
+        raise ValueError(f"--variant expects LABEL=METHOD[:KEY=VALUE;...], got {text!r} (example: --variant "
+                         "'amm_avg_lin=amm:amm.aggregation=avg;amm.shrinkage=lin')")
+    if method not in METHODS:
+        raise ValueError(f"--variant {label}: unknown method {method!r}; choose from: {', '.join(METHODS)}")
+    return Variant(label, method, tuple(s.strip() for s in settings.split(";") if s.strip()))
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    method: str  # the row's label: the method's name, or a variant's
     point: tuple[str, ...]  # the grid assignments key=value of this run
     seed: int
     folder: Path
@@ -52,20 +73,24 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
     return grid
 
 
-def plan(base: TrainConfig, methods: list[str], seeds: int, settings: list[str], grid: dict[str, list[str]],
-         out: Path) -> list[RunSpec]:
-    """Every (method, grid point, seed) run; a grid key of a stage a method does not use skips that method."""
+def plan(base: TrainConfig, methods: list[str | Variant], seeds: int, settings: list[str],
+         grid: dict[str, list[str]], out: Path) -> list[RunSpec]:
+    """Every (method or variant, grid point, seed) run; a grid key of a stage a method does not use skips it."""
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    rows = [m if isinstance(m, Variant) else Variant(m, m) for m in methods]
+    if len({r.name for r in rows}) < len(rows):
+        raise ValueError(f"two rows share a name in {[r.name for r in rows]}; give each variant its own label")
     specs = []
-    for method in methods:
-        keys = [k for k in grid if _applies(base, method, settings, k)]
+    for row in rows:
+        fixed = [*settings, *row.settings]
+        keys = [k for k in grid if _applies(base, row.method, fixed, k)]
         for values in itertools.product(*(grid[k] for k in keys)):
             point = tuple(f"{k}={v}" for k, v in zip(keys, values))
-            name = method + "".join(f"__{p}" for p in point)
+            name = row.name + "".join(f"__{p}" for p in point)
             for seed in range(seeds):
-                config = resolve(_with(base, method, seed), [*settings, *point])
-                specs.append(RunSpec(method, point, seed, out / "runs" / name / f"seed{seed}", config))
+                config = resolve(_with(base, row.method, seed), [*fixed, *point])
+                specs.append(RunSpec(row.name, point, seed, out / "runs" / name / f"seed{seed}", config))
     return specs
 
 
@@ -167,7 +192,10 @@ def summarize(rows: list[dict[str, Any]], chosen: dict[str, str], title: str) ->
     columns += [(f"test_error_{a}{box}", f"{a.upper()} {name} error (%)", 2)
                 for box, name in (("", "white-box"), ("_transfer", "black-box")) for a in ("fgsm", "pgd")
                 if any(r.get(f"test_error_{a}{box}") is not None for r in rows)]
-    best = {key: min((s[key][0] for s in stats.values() if s[key]), default=None) for key, _, _ in columns}
+    if any(r.get("test_margin") is not None for r in rows):
+        columns.append(("test_margin", "Test margin (L2)", 3))
+    best = {key: (max if key == "test_margin" else min)((s[key][0] for s in stats.values() if s[key]), default=None)
+            for key, _, _ in columns}
     erm = stats.get("erm", {}).get("seconds_per_epoch")
     lines = [title, "", "| method | " + " | ".join(t for _, t, _ in columns) + " | time × ERM | runs | setting |",
              "|---" * (len(columns) + 4) + "|"]

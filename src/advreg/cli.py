@@ -75,6 +75,9 @@ def _add_bench(commands: Any) -> None:
     bench.add_argument("--dataset", default="mnist1d", choices=DATASETS)
     bench.add_argument("--model", default="mlp", choices=MODELS)
     bench.add_argument("--methods", default="erm,amp", help=f"comma-separated, from: {', '.join(METHODS)}")
+    bench.add_argument("--variant", dest="variants", action="append", default=[], metavar="LABEL=METHOD:K=V;K=V",
+                       help="one more row: a method with fixed settings, e.g. 'amm_avg_lin=amm:amm.aggregation=avg;"
+                            "amm.shrinkage=lin' (repeatable; give --methods '' for variants only)")
     bench.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 for every method")
     bench.add_argument("--epochs", type=int, default=cfg.TrainConfig.epochs)
     bench.add_argument("--out", required=True, help="the bench folder (reruns skip finished runs)")
@@ -112,10 +115,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods: list[str | bench.Variant] = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
+    if unknown or not (methods or args.variants):
         raise ValueError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from: {', '.join(METHODS)}")
+    methods += [bench.parse_variant(v) for v in args.variants]
     base = cfg.TrainConfig(epochs=args.epochs, data=cfg.DataConfig(name=args.dataset),
                            model=cfg.ModelConfig(name=args.model))
     out = Path(args.out)

@@ -14,6 +14,8 @@ from typing import Any
 class DataConfig:
     name: str = "mnist1d"
     val_fraction: float = 0.1  # carved out of the training set; the papers tune on 10% of it
+    train_fraction: float = 1.0  # train on a random share of the rest (AMM paper, Sec. 4.3.2)
+    label_noise: float = 0.0  # share of training labels replaced by random classes (AMM paper, Sec. 4.3.3)
 
 
 @dataclass(frozen=True)

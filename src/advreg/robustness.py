@@ -17,10 +17,10 @@ from advreg import models
 from advreg.attacks import eval_mode
 from advreg.attacks import fgsm, pgd
 from advreg.config import TrainConfig
-from advreg.data import DataSplits, load_dataset
+from advreg.data import DataSplits
 from advreg.evaluate import predict_logits
 from advreg.io import load_checkpoint, read_json, write_json
-from advreg.train import CHECKPOINT, CONFIG, METRICS
+from advreg.train import CHECKPOINT, CONFIG, METRICS, load_data
 
 ATTACKS = ("fgsm", "pgd", "autoattack")  # autoattack: the optional extra, pip install "advreg[autoattack]"
 
@@ -42,7 +42,7 @@ def load_run(folder: str | Path) -> tuple[TrainConfig, DataSplits, nn.Module]:
     saved = read_json(folder / CONFIG)
     saved.pop("code_version", None)
     config = TrainConfig.from_dict(saved)
-    data = load_dataset(config.data.name, seed=config.seed, val_fraction=config.data.val_fraction)
+    data = load_data(config)
     m = config.model
     model = models.build(m.name, data.num_classes, input_shape=data.input_shape, hidden=m.hidden, dropout=m.dropout,
                          dropout_layers=m.dropout_layers)

@@ -21,7 +21,7 @@ import advreg
 from advreg import models
 from advreg.config import TrainConfig
 from advreg.data import DataSplits, TensorLoader, load_dataset
-from advreg.evaluate import evaluate
+from advreg.evaluate import evaluate, margin
 from advreg.io import load_checkpoint, read_json, save_checkpoint, write_csv, write_json
 from advreg.losses import LossStage
 from advreg.methods import build_loss, build_optimizer, build_transform, check_preset, validate_stages
@@ -81,6 +81,9 @@ def validate(config: TrainConfig) -> None:
     build_transform(config, (0.0, 1.0))
     if not (isinstance(config.epochs, int) and config.epochs >= 1):
         raise ValueError(f"epochs must be an integer >= 1, got {config.epochs!r}")
+    if not (0 < config.data.train_fraction <= 1 and 0 <= config.data.label_noise <= 1):
+        raise ValueError(f"data.train_fraction must be in (0, 1] and data.label_noise in [0, 1], got "
+                         f"{config.data.train_fraction!r} and {config.data.label_noise!r}")
     if config.optim.batch_size < 1 or config.optim.lr <= 0 or config.optim.clip_grad < 0:
         raise ValueError("optim.batch_size must be >= 1, optim.lr > 0 and optim.clip_grad >= 0 (0 is off)")
     if any(not 0 < f <= 1 for f in config.optim.milestones):
@@ -107,8 +110,7 @@ def build_run(config: TrainConfig) -> Run:
     """Data, model, optimizer and schedule of ``config``, seeded: the same config builds the same run."""
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
-    data = load_dataset(config.data.name, seed=config.seed, val_fraction=config.data.val_fraction)
-    data = _to_device(data, device)
+    data = _to_device(load_data(config), device)
     m = config.model
     model = models.build(m.name, data.num_classes, input_shape=data.input_shape, hidden=m.hidden,
                          dropout=m.dropout, dropout_layers=m.dropout_layers).to(device)
@@ -120,6 +122,13 @@ def build_run(config: TrainConfig) -> Run:
     input_range = (data.train[0].min().item(), data.train[0].max().item())
     return Run(config, data, model, optimizer, scheduler, loader, generator, device,
                build_transform(config, input_range), build_loss(config))
+
+
+def load_data(config: TrainConfig) -> DataSplits:
+    """The splits of ``config``'s run (its seed picks the validation rows, the training share and the noise)."""
+    d = config.data
+    return load_dataset(d.name, seed=config.seed, val_fraction=d.val_fraction, train_fraction=d.train_fraction,
+                        label_noise=d.label_noise)
 
 
 def run_epoch(run: Run, epoch: int) -> dict[str, float]:
@@ -168,12 +177,14 @@ def _train_step(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def final_metrics(run: Run, history: list[dict[str, float]]) -> dict[str, Any]:
-    """Flat metrics of the final weights: errors and ECE in percent, NLL in nats."""
+    """Flat metrics of the final weights: errors and ECE in percent, NLL in nats, the test margin (DeepFool L2)."""
     metrics: dict[str, Any] = {"method": run.config.method, "seed": run.config.seed, "epochs": run.config.epochs,
                                "train_seconds": sum(row["seconds"] for row in history)}
     for split in ("train", "val", "test"):
         for key, value in evaluate(run.model, *getattr(run.data, split)).items():
             metrics[f"{split}_{key}"] = None if math.isnan(value) else value
+    for key, value in margin(run.model, run.data.test[0]).items():
+        metrics[f"test_{key}"] = None if math.isnan(value) else value
     return metrics
 
 

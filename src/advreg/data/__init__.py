@@ -19,24 +19,38 @@ DATASETS = tuple(_SOURCES)
 __all__ = ["DATASETS", "DataSplits", "TensorLoader", "load_dataset", "stratified_split"]
 
 
-def load_dataset(name: str, *, seed: int, val_fraction: float = 0.1,
-                 cache_dir: str | Path | None = None) -> DataSplits:
+def load_dataset(name: str, *, seed: int, val_fraction: float = 0.1, train_fraction: float = 1.0,
+                 label_noise: float = 0.0, cache_dir: str | Path | None = None) -> DataSplits:
     """Load ``name`` and carve a class-stratified validation split out of its training set.
 
     The test set is fixed by the dataset and never touched. ``seed`` seeds a private ``torch.Generator``
     that picks the validation rows: the same seed gives the same split, and no global RNG is used or moved.
     The carve takes round(val_fraction·n_train) rows, apportioned over classes by largest remainder, so each
     class gives val_fraction·n_c rows up to 1; ``val_fraction=0`` gives an empty validation split.
+    Then, for the AMM paper's experiments (Sec. 4.3.2-4.3.3), ``train_fraction`` keeps a random share of the
+    remaining training rows, and ``label_noise`` replaces the labels of that share of them by random classes
+    (uniform over all K, so about 1/K keep their label); validation and test labels stay clean. Both draws come
+    from the same seeded generator, after the carve.
     ``cache_dir`` is where generated datasets are cached (default ``$ADVREG_CACHE`` or ``~/.cache/advreg``).
     """
     source = _source(name)
     _check_args(seed, val_fraction)
+    if not (0 < train_fraction <= 1 and 0 <= label_noise <= 1):
+        raise ValueError(f"train_fraction must be in (0, 1] and label_noise in [0, 1], got {train_fraction!r} and "
+                         f"{label_noise!r}")
     train, test = source.load(cache_dir)
-    keep, carved = stratified_split(train[1], val_fraction, torch.Generator().manual_seed(int(seed)))
+    generator = torch.Generator().manual_seed(int(seed))
+    keep, carved = stratified_split(train[1], val_fraction, generator)
+    keep = keep[torch.randperm(len(keep), generator=generator)[:round(train_fraction * len(keep))].sort().values]
     if len(keep) == 0:
-        raise ValueError(f"val_fraction={val_fraction} leaves no training rows out of {len(train[1])}; "
-                         "pass a smaller val_fraction")
-    return DataSplits(name=name, train=take(train, keep), val=take(train, carved), test=test,
+        raise ValueError(f"val_fraction={val_fraction} and train_fraction={train_fraction} leave no training rows "
+                         f"out of {len(train[1])}; pass a smaller val_fraction or a larger train_fraction")
+    x, y = take(train, keep)
+    if label_noise > 0:
+        noisy = torch.randperm(len(y), generator=generator)[:round(label_noise * len(y))]
+        y = y.clone()
+        y[noisy] = torch.randint(source.NUM_CLASSES, (len(noisy),), generator=generator)
+    return DataSplits(name=name, train=(x, y), val=take(train, carved), test=test,
                       num_classes=source.NUM_CLASSES, input_shape=tuple(train[0].shape[1:]))
 
 
