@@ -5,6 +5,7 @@ combination is written with ``--set`` (e.g. ``--method amp --set stages.transfor
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -126,10 +127,7 @@ def build_transform(config: TrainConfig, input_range: tuple[float, float]) -> tr
 def build_loss(config: TrainConfig) -> LossStage:
     criterion = make_loss(config.loss.smoothing, config.loss.flooding)
     if config.stages.loss == "amm":
-        a = config.amm
-        return AMMLoss(criterion, lam=a.lam, c=a.c, d=a.d, aggregation=a.aggregation, shrinkage=a.shrinkage,
-                       steps=a.steps, overshoot=a.overshoot, high_order=a.high_order, top_fraction=a.top_fraction,
-                       clip_value=a.clip_value)
+        return AMMLoss(criterion, **dataclasses.asdict(config.amm))  # the section's keys are AMMLoss's
     return OnLogits(criterion)
 
 
