@@ -137,3 +137,23 @@ def test_variants_are_rows_with_fixed_settings_tuned_by_their_method_grid():
     for bad in ("no_method", "x=nope", "a b=amm"):
         with pytest.raises(ValueError, match="--variant"):
             bench.parse_variant(bad)
+
+
+def test_a_variant_grid_is_chosen_per_row_and_overrides_the_shared_grid_for_its_key():
+    row = bench.parse_variant("min_exp=amm:amm.lam=8|32;amm.c=2")
+    assert row == bench.Variant("min_exp", "amm", ("amm.c=2",), (("amm.lam", ("8", "32")),))
+    specs = bench.plan(TrainConfig(epochs=1), ["erm", row, bench.Variant("plain", "amm")], 2, [],
+                       {"amm.lam": ["1"]}, Path("/b"))
+    points = {(s.method, s.point) for s in specs}
+    assert points == {("erm", ()), ("min_exp", ("amm.lam=8",)), ("min_exp", ("amm.lam=32",)),
+                      ("plain", ("amm.lam=1",))}
+    assert len(specs) == 2 * len(points)
+    lam32 = next(s for s in specs if s.point == ("amm.lam=32",))
+    assert lam32.config.amm.lam == 32 and lam32.config.amm.c == 2
+    assert lam32.folder.parent.name == "min_exp__amm.lam=32"
+    rows = [{"method": s.method, "point": " ".join(s.point), "val_error": 10.0 if "=32" in " ".join(s.point) else 20.0}
+            for s in specs]
+    assert bench.select(rows)["min_exp"] == "amm.lam=32"
+    for bad in ("x=amm:amm.lam=8|", "x=amm:=1|2"):
+        with pytest.raises(ValueError, match="V1\\|V2"):
+            bench.parse_variant(bad)

@@ -33,14 +33,16 @@ METRICS = ("test_error", "test_nll", "test_ece", "test_margin", "val_error", "va
 
 @dataclass(frozen=True)
 class Variant:
-    """A row of the table: a method's preset with fixed settings on top (``avg_lin=amm:amm.aggregation=avg``)."""
+    """A row of the table: a method's preset with fixed settings on top (``avg_lin=amm:amm.aggregation=avg``),
+    and settings of its own to choose on validation (``amm.lam=8|32``, kept in ``grid``)."""
     name: str
     method: str
     settings: tuple[str, ...] = ()
+    grid: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 def parse_variant(text: str) -> Variant:
-    """``LABEL=METHOD[:KEY=VALUE[;KEY=VALUE...]]`` → :class:`Variant`."""
+    """``LABEL=METHOD[:KEY=VALUE[;KEY=V1|V2...]]`` → :class:`Variant`; ``V1|V2`` is the row's own grid."""
     label, sep, rest = text.partition("=")
     method, _, settings = rest.partition(":")
     label, method = label.strip(), method.strip()
@@ -49,7 +51,17 @@ def parse_variant(text: str) -> Variant:
                          "'amm_avg_lin=amm:amm.aggregation=avg;amm.shrinkage=lin')")
     if method not in METHODS:
         raise ValueError(f"--variant {label}: unknown method {method!r}; choose from: {', '.join(METHODS)}")
-    return Variant(label, method, tuple(s.strip() for s in settings.split(";") if s.strip()))
+    fixed, grid = [], []
+    for item in filter(None, (s.strip() for s in settings.split(";"))):
+        key, _, value = item.partition("=")
+        options = tuple(v.strip() for v in value.split("|"))
+        if "|" in value and (not key.strip() or not all(options)):
+            raise ValueError(f"--variant {label}: {item!r} should be KEY=V1|V2|... (example: amm.lam=8|32)")
+        if "|" in value:
+            grid.append((key.strip(), options))
+        else:
+            fixed.append(item)
+    return Variant(label, method, tuple(fixed), tuple(grid))
 
 
 @dataclass(frozen=True)
@@ -75,7 +87,8 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
 
 def plan(base: TrainConfig, methods: list[str | Variant], seeds: int, settings: list[str],
          grid: dict[str, list[str]], out: Path) -> list[RunSpec]:
-    """Every (method or variant, grid point, seed) run; a grid key of a stage a method does not use skips it."""
+    """Every (method or variant, grid point, seed) run; a grid key of a stage a method does not use skips it.
+    A variant's own grid (``amm.lam=8|32``) applies to that row, over the shared ``grid`` for the same key."""
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     rows = [m if isinstance(m, Variant) else Variant(m, m) for m in methods]
@@ -84,8 +97,9 @@ def plan(base: TrainConfig, methods: list[str | Variant], seeds: int, settings: 
     specs = []
     for row in rows:
         fixed = [*settings, *row.settings]
-        keys = [k for k in grid if _applies(base, row.method, fixed, k)]
-        for values in itertools.product(*(grid[k] for k in keys)):
+        row_grid = {k: list(v) for k, v in grid.items() if _applies(base, row.method, fixed, k)} | dict(row.grid)
+        keys = list(row_grid)
+        for values in itertools.product(*(row_grid[k] for k in keys)):
             point = tuple(f"{k}={v}" for k, v in zip(keys, values))
             name = row.name + "".join(f"__{p}" for p in point)
             for seed in range(seeds):
