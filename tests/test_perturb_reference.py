@@ -319,7 +319,9 @@ def test_trivial_amp_is_base_optimizer_bitwise(kwargs, dtype):
     lambda p: advreg.AMP(p, torch.optim.SGD, epsilon=0.5, inner_lr=3.0, inner_steps=1, norm="per_tensor", lr=0.0),
     lambda p: advreg.SAM(p, torch.optim.SGD, rho=0.5, lr=0.0),
     lambda p: advreg.SAM(p, torch.optim.SGD, rho=0.5, adaptive=True, lr=0.0),
-], ids=["amp_global", "amp_per_tensor", "sam", "asam"])
+    lambda p: advreg.perturb.AWP(p, torch.optim.SGD, gamma=0.1, steps=2, lr=0.0),
+    lambda p: advreg.perturb.RWP(p, torch.optim.SGD, gamma=0.1, lr=0.0),
+], ids=["amp_global", "amp_per_tensor", "sam", "asam", "awp", "rwp"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_weights_restored_exactly(make_opt, dtype):
     model = make_model(5, dtype=dtype, hidden=32)
@@ -340,7 +342,8 @@ def _bn_buffers(model):
 @pytest.mark.parametrize("make_opt", [
     lambda p, **kw: advreg.AMP(p, torch.optim.SGD, epsilon=0.5, inner_lr=1.0, inner_steps=2, lr=LR, **kw),
     lambda p, **kw: advreg.SAM(p, torch.optim.SGD, rho=0.5, lr=LR, **kw),
-], ids=["amp", "sam"])
+    lambda p, **kw: advreg.perturb.AWP(p, torch.optim.SGD, gamma=0.1, steps=2, lr=LR, **kw),
+], ids=["amp", "sam", "awp"])
 def test_batchnorm_stats_clean_pass_only(make_opt):
     model = make_model(6, batchnorm=True)
     (x, y), = make_batches(1, batch_size=32, seed=7)
@@ -385,7 +388,9 @@ def _has_key(obj, key):
     lambda p: advreg.AMP(p, torch.optim.SGD, epsilon=0.5, inner_lr=1.0, inner_steps=2,
                          lr=LR, momentum=MOMENTUM, weight_decay=WD),
     lambda p: advreg.SAM(p, torch.optim.SGD, rho=0.1, lr=LR, momentum=MOMENTUM, weight_decay=WD),
-], ids=["amp", "sam"])
+    lambda p: advreg.perturb.AWP(p, torch.optim.SGD, gamma=0.1, steps=2, warmup_steps=3,
+                                 lr=LR, momentum=MOMENTUM, weight_decay=WD),
+], ids=["amp", "sam", "awp_warmup"])
 def test_state_dict_round_trip(make_opt):
     k, m = 2, 3
     batches = make_batches(k + m, seed=8)
@@ -446,7 +451,12 @@ def test_step_lr_scheduler_drives_base_lr():
     (lambda p: advreg.AMP(p, torch.optim.SGD, epsilon=0.5, inner_lr=1.0, inner_steps=0, lr=LR), 1),
     (lambda p: advreg.SAM(p, torch.optim.SGD, rho=0.05, lr=LR), 2),
     (lambda p: advreg.SAM(p, torch.optim.SGD, rho=0.05, adaptive=True, lr=LR), 2),
-], ids=["amp_N1", "amp_N2", "amp_N3", "amp_eps0", "amp_N0", "sam", "asam"])
+    (lambda p: advreg.perturb.AWP(p, torch.optim.SGD, gamma=0.01, lr=LR), 2),
+    (lambda p: advreg.perturb.AWP(p, torch.optim.SGD, gamma=0.01, steps=3, lr=LR), 4),
+    (lambda p: advreg.perturb.AWP(p, torch.optim.SGD, gamma=0.0, steps=3, lr=LR), 1),
+    (lambda p: advreg.perturb.RWP(p, torch.optim.SGD, gamma=0.01, lr=LR), 1),
+], ids=["amp_N1", "amp_N2", "amp_N3", "amp_eps0", "amp_N0", "sam", "asam", "awp_K1", "awp_K3", "awp_gamma0",
+        "rwp"])
 def test_float64_and_closure_call_count(make_opt, expected):
     model = make_model(9)
     opt = make_opt(model.parameters())

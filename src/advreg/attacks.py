@@ -24,19 +24,25 @@ def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, box: Box = None) ->
 
 
 def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps: int, norm: str = "linf",
-        random_start: bool = True, box: Box = None, generator: torch.Generator | None = None) -> Tensor:
-    """``steps`` ascent steps of size α on CE, each projected on the ε-ball around x (L∞ or L2) and on the box."""
+        random_start: bool = True, box: Box = None, generator: torch.Generator | None = None,
+        objective: str = "ce") -> Tensor:
+    """``steps`` ascent steps of size α, each projected on the ε-ball around x (L∞ or L2) and on the box.
+
+    ``objective="ce"`` ascends CE(f(x'), y) from a uniform start in the ball (Madry et al.; AWP's Algorithm 2);
+    ``"kl"`` ascends KL(p(x) ‖ p(x')), TRADES's inner maximization (AWP paper Eq. 16), from TRADES's start
+    x + 0.001·N(0, I) (0.001 of the box's width when a box is given, the code's 0.001 on [0, 1] images).
+    """
     _check_eps(eps)
-    if norm not in ("linf", "l2"):
-        raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    if norm not in ("linf", "l2") or objective not in ("ce", "kl"):
+        raise ValueError(f"norm must be 'linf' or 'l2' and objective 'ce' or 'kl', got {norm!r} and {objective!r}")
     if alpha <= 0 or not (isinstance(steps, int) and steps >= 0):
         raise ValueError(f"alpha must be > 0 and steps an integer >= 0, got alpha={alpha!r}, steps={steps!r}")
     x = x.detach()
-    delta = _random_start(x, eps, norm, generator) if random_start else torch.zeros_like(x)
-    x_adv = _clip(x + delta, box)
     with eval_mode(model):
+        target = y if objective == "ce" else _log_probs(model, x)  # labels (B,), or log p(x) (B, K)
+        x_adv = _clip(x + _start(x, eps, norm, objective, random_start, box, generator), box)
         for _ in range(steps):
-            grad = _input_grad(model, x_adv, y)
+            grad = _input_grad(model, x_adv, target)
             step = grad.sign() if norm == "linf" else grad / _per_sample(sample_norms(grad).clamp_min(1e-12), x)
             x_adv = _clip(x + _project(x_adv + alpha * step - x, eps, norm), box)
     return x_adv
@@ -144,12 +150,32 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _input_grad(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+def _input_grad(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
+    """∇ₓ of CE(f(x), target) for labels (B,), or of KL(p ‖ softmax f(x)) for clean log-probabilities (B, K)."""
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        loss = F.cross_entropy(model(x), y)
+        logits = model(x)
+        if target.dim() == 1:
+            loss = F.cross_entropy(logits, target)
+        else:
+            loss = F.kl_div(F.log_softmax(logits, dim=1), target, reduction="batchmean", log_target=True)
         (grad,) = torch.autograd.grad(loss, x)  # ∇ₓ only: the weights' .grad are untouched
     return grad
+
+
+@torch.no_grad()
+def _log_probs(model: nn.Module, x: Tensor) -> Tensor:
+    return F.log_softmax(model(x), dim=1)  # (B, K), held fixed during the attack
+
+
+def _start(x: Tensor, eps: float, norm: str, objective: str, random_start: bool, box: Box,
+           generator: torch.Generator | None) -> Tensor:
+    if not random_start:
+        return torch.zeros_like(x)
+    if objective == "kl":  # KL's gradient vanishes at x' = x: TRADES starts a hair away
+        width = box[1] - box[0] if box is not None else 1.0
+        return 0.001 * width * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return _random_start(x, eps, norm, generator)
 
 
 def sample_norms(t: Tensor) -> Tensor:

@@ -28,7 +28,12 @@ from advreg.train import CONFIG, check_same_run
 from advreg.train import METRICS as METRICS_FILE
 
 METRICS = ("test_error", "test_nll", "test_ece", "test_margin", "val_error", "val_nll", "train_error", "seconds_per_epoch",
-           "test_error_fgsm", "test_error_pgd", "test_error_fgsm_transfer", "test_error_pgd_transfer")
+           "test_error_fgsm", "test_error_pgd", "test_error_fgsm_transfer", "test_error_pgd_transfer",
+           "best_test_error", "best_test_robust_error", "last_test_robust_error", "robust_gap", "best_robust_gap",
+           "best_val_robust_error", "best_epoch")
+# with robust tracking (adversarial training) the columns of the AWP paper's tables: best and last checkpoints
+ROBUST_COLUMNS = (("best_test_error", "Best: clean error (%)", 2), ("best_test_robust_error", "Best: PGD error (%)", 2),
+                  ("last_test_robust_error", "Last: PGD error (%)", 2), ("robust_gap", "Last: robust gap (%)", 2))
 
 
 @dataclass(frozen=True)
@@ -190,10 +195,13 @@ def _row(spec: RunSpec, metrics: dict[str, Any] | None, error: str = "") -> dict
 
 
 def select(rows: list[dict[str, Any]]) -> dict[str, str]:
-    """Per method, the grid point with the lowest mean validation error over its seeds (failed runs: +inf)."""
+    """Per method, the grid point with the lowest mean validation error over its seeds (failed runs: +inf); the
+    validation robust error of the best checkpoint for runs that track it (adversarial training)."""
     chosen: dict[str, str] = {}
     for method, method_rows in _group(rows, "method").items():
-        scores = {point: statistics.mean(_finite(r["val_error"]) for r in point_rows)
+        key = "best_val_robust_error" if any(r.get("best_val_robust_error") is not None for r in method_rows) \
+            else "val_error"
+        scores = {point: statistics.mean(_finite(r[key]) for r in point_rows)
                   for point, point_rows in _group(method_rows, "point").items()}
         chosen[method] = min(scores, key=scores.__getitem__)  # first point wins a tie
     return chosen
@@ -208,6 +216,7 @@ def summarize(rows: list[dict[str, Any]], chosen: dict[str, str], title: str) ->
                 if any(r.get(f"test_error_{a}{box}") is not None for r in rows)]
     if any(r.get("test_margin") is not None for r in rows):
         columns.append(("test_margin", "Test margin (L2)", 3))
+    columns += [c for c in ROBUST_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
     best = {key: (max if key == "test_margin" else min)((s[key][0] for s in stats.values() if s[key]), default=None)
             for key, _, _ in columns}
     erm = stats.get("erm", {}).get("seconds_per_epoch")

@@ -56,9 +56,9 @@ class SAMConfig:
 @dataclass(frozen=True)
 class StagesConfig:
     """Which member of each stage a step uses (DESIGN §1)."""
-    transform: str = "identity"  # identity | mixup | fgsm | alps
-    perturbation: str = "none"  # none | amp | sam | rmp
-    loss: str = "ce"  # ce (cross-entropy, with loss.smoothing and loss.flooding) | amm (CE + λ·margin term)
+    transform: str = "identity"  # identity | mixup | fgsm | alps | pgd (adversarial training's examples)
+    perturbation: str = "none"  # none | amp | sam | rmp | awp | rwp
+    loss: str = "ce"  # ce (cross-entropy, with loss.smoothing and loss.flooding) | amm (CE + λ·margin term) | trades | mart
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,49 @@ class AMMConfig:
 
 
 @dataclass(frozen=True)
+class ATConfig:
+    """PGD examples of adversarial training (AWP paper, Sec. 4.4: PGD-10, L∞ 8/255 step 2/255; L2: 128 and 15),
+    in pixel levels of the input range (ε = pixels·(hi - lo)/255)."""
+    pixels: float = 8.0
+    step_pixels: float = 2.0
+    steps: int = 10
+    norm: str = "linf"  # linf | l2
+
+
+@dataclass(frozen=True)
+class TRADESConfig:
+    beta: float = 6.0  # weight of KL(p(x) ‖ p(x')) (TRADES paper; AWP paper Eq. 2)
+
+
+@dataclass(frozen=True)
+class MARTConfig:
+    beta: float = 6.0  # λ of the misclassification-weighted KL (AWP paper Eq. 3; the MART code's beta)
+
+
+@dataclass(frozen=True)
+class AWPConfig:
+    gamma: float = 0.01  # ‖v_l‖ ≤ γ‖w_l‖ per layer (AWP paper: 0.01 for AT, 0.005 for TRADES and MART)
+    steps: int = 1  # K2 ascent steps of size γ/K2 (Appendix D)
+    warmup: int = 0  # epochs of plain adversarial training before AWP starts
+
+
+@dataclass(frozen=True)
+class RWPConfig:
+    gamma: float = 0.01  # ‖v_l‖ = γ‖w_l‖, random direction (AWP paper, Sec. 5.3)
+
+
+@dataclass(frozen=True)
+class RobustConfig:
+    """Robust errors each epoch (AWP paper: PGD-20 with the training threat model) and the best checkpoint by
+    validation robust error beside the last; in pixel levels of the input range like ``at``."""
+    track: bool = False  # the adversarial-training presets turn it on
+    pixels: float = 8.0
+    step_pixels: float = 2.0
+    steps: int = 20
+    norm: str = "linf"  # linf | l2
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     method: str = "erm"
     seed: int = 0
@@ -122,6 +165,12 @@ class TrainConfig:
     sam: SAMConfig = field(default_factory=SAMConfig)
     rmp: RMPConfig = field(default_factory=RMPConfig)
     amm: AMMConfig = field(default_factory=AMMConfig)
+    at: ATConfig = field(default_factory=ATConfig)
+    trades: TRADESConfig = field(default_factory=TRADESConfig)
+    mart: MARTConfig = field(default_factory=MARTConfig)
+    awp: AWPConfig = field(default_factory=AWPConfig)
+    rwp: RWPConfig = field(default_factory=RWPConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

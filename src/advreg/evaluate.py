@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from advreg.attacks import deepfool
+from advreg.attacks import deepfool, pgd
 from advreg.metrics import error_rate, expected_calibration_error, nll
 
 
@@ -41,3 +42,28 @@ def margin(model: nn.Module, x: Tensor, steps: int = 50, batch_size: int = 500) 
         total += norms.double().sum().item()
         reached += int(success.sum().item())
     return {"margin": total / len(x), "margin_success": 100.0 * reached / len(x)}
+
+
+@dataclass(frozen=True)
+class AttackSettings:
+    """A PGD threat model in the data's units: the ball's radius, the step, the steps, the norm and the input box."""
+    eps: float
+    alpha: float
+    steps: int
+    box: tuple[float, float]
+    norm: str = "linf"
+
+
+def robust_error(model: nn.Module, x: Tensor, y: Tensor, s: AttackSettings, seed: int = 0,
+                 batch_size: int = 500) -> float:
+    """Error (%) on PGD examples of (x, y); the random starts come from a generator seeded with ``seed``, so every
+    call draws the same ones and the global RNG (the training's) is left alone. NaN for an empty split."""
+    if len(y) == 0:
+        return math.nan
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    wrong = 0
+    for i in range(0, len(y), batch_size):
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        adv = pgd(model, xb, yb, s.eps, s.alpha, s.steps, norm=s.norm, box=s.box, generator=generator)
+        wrong += int((predict_logits(model, adv).argmax(dim=1) != yb).sum().item())
+    return 100.0 * wrong / len(y)

@@ -6,6 +6,7 @@ combination is written with ``--set`` (e.g. ``--method amp --set stages.transfor
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -13,15 +14,21 @@ import torch
 
 from advreg import transforms
 from advreg.config import TrainConfig, override
-from advreg.losses import AMMLoss, LossStage, OnLogits, make_loss
-from advreg.perturb import AMP, RMP, SAM
+from advreg.losses import AMMLoss, LossStage, OnLogits, OnPair, make_loss, mart_loss, trades_loss
+from advreg.perturb import AMP, AWP, RMP, RWP, SAM
 
-PERTURBATIONS = ("none", "amp", "sam", "rmp")
-LOSSES = ("ce", "amm")
+PERTURBATIONS = ("none", "amp", "sam", "rmp", "awp", "rwp")
+LOSSES = ("ce", "amm", "trades", "mart")
+PAIR_LOSSES = {"trades": trades_loss, "mart": mart_loss}  # on clean and adversarial logits: need stages.transform=pgd
 # the config section that configures each stage member; setting it while the member is off is an error
 SECTION_OF = {"mixup": ("transform", "mixup"), "alps": ("transform", "alps"), "adv": ("transform", "fgsm"),
-              "amp": ("perturbation", "amp"), "sam": ("perturbation", "sam"), "rmp": ("perturbation", "rmp"),
-              "amm": ("loss", "amm")}
+              "at": ("transform", "pgd"), "amp": ("perturbation", "amp"), "sam": ("perturbation", "sam"),
+              "rmp": ("perturbation", "rmp"), "awp": ("perturbation", "awp"), "rwp": ("perturbation", "rwp"),
+              "amm": ("loss", "amm"), "trades": ("loss", "trades"), "mart": ("loss", "mart")}
+TRAINER_SECTIONS = ("optim", "robust")  # trainer options: a preset may set them, and a user may set them back
+AT = ("stages.transform=pgd", "robust.track=True")
+AT_PAPER = "Madry et al., ICLR 2018; PGD-10, L∞ 8/255 step 2/255"
+AWP_PAPER = "Wu, Xia & Wang, NeurIPS 2020, Algorithm 2"
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,16 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("sam", ("stages.perturbation=sam",), "2", "Foret et al., ICLR 2021"),
     Method("amm", ("stages.loss=amm", "optim.clip_grad=10.0"), "1, then up to 2(u+2) with MIN or u+2 with AVG (DeepFool, u = 6, K-fold batch)",
            "Yan, Guo & Zhang, TPAMI; MIN+EXP, λ = 32, c = 2, d = 1, gradients clipped at 10"),
+    Method("at", AT, "11 (10 for PGD)", AT_PAPER),
+    Method("trades", (*AT, "stages.loss=trades"), "13 (11 for PGD: p(x) and 10 steps; 2 for the loss)",
+           "Zhang et al., ICML 2019; β = 6"),
+    Method("mart", (*AT, "stages.loss=mart"), "12 (10 for PGD, 2 for the loss)", "Wang et al., ICLR 2020; β = 6"),
+    Method("at_awp", (*AT, "stages.perturbation=awp"), "12", f"{AWP_PAPER}; γ = 0.01 (Sec. 4.4)"),
+    Method("at_rwp", (*AT, "stages.perturbation=rwp"), "11", "AWP paper's random weight perturbation; γ = 0.01"),
+    Method("trades_awp", (*AT, "stages.loss=trades", "stages.perturbation=awp", "awp.gamma=0.005"), "15",
+           f"{AWP_PAPER}, Eq. 16; γ = 0.005 (Sec. 5.1)"),
+    Method("mart_awp", (*AT, "stages.loss=mart", "stages.perturbation=awp", "awp.gamma=0.005"), "14",
+           f"{AWP_PAPER}, Eq. 17; γ = 0.005 (Sec. 5.1)"),
 )}
 
 
@@ -97,7 +114,7 @@ def check_preset(config: TrainConfig) -> None:
         if section == "stages" and have != value:
             raise ValueError(f"method {config.method} needs {key}={value}, the config has {have}; "
                              "build it with advreg.methods.resolve")
-        if section != "optim" and have == getattr(getattr(erm, section), name):  # optim: a trainer option
+        if section not in TRAINER_SECTIONS and have == getattr(getattr(erm, section), name):
             raise ValueError(f"method {config.method} with {key}={have} is ERM; use --method erm, or give "
                              f"{key} a value that turns the regularizer on (the preset's is {value})")
 
@@ -111,6 +128,9 @@ def validate_stages(config: TrainConfig) -> None:
     if config.stages.perturbation not in PERTURBATIONS:
         raise ValueError(f"unknown stages.perturbation {config.stages.perturbation!r}; "
                          f"choose one of: {', '.join(PERTURBATIONS)}")
+    if config.stages.loss in PAIR_LOSSES and config.stages.transform != "pgd":
+        raise ValueError(f"stages.loss={config.stages.loss} needs adversarial examples beside the clean batch; "
+                         f"add --set stages.transform=pgd (or use --method {config.stages.loss})")
 
 
 def build_transform(config: TrainConfig, input_range: tuple[float, float]) -> transforms.Transform:
@@ -121,6 +141,10 @@ def build_transform(config: TrainConfig, input_range: tuple[float, float]) -> tr
         return transforms.FGSMExamples(config.adv.pixels, input_range)
     if kind == "alps":
         return transforms.ALPS(config.alps.alpha, config.alps.beta, config.alps.epsilon)
+    if kind == "pgd":  # the examples maximize the loss's own adversarial term: TRADES's KL, else CE
+        a, loss = config.at, config.stages.loss
+        return transforms.PGDExamples(a.pixels, a.step_pixels, a.steps, a.norm, input_range,
+                                      objective="kl" if loss == "trades" else "ce", keep_clean=loss in PAIR_LOSSES)
     return transforms.identity
 
 
@@ -128,11 +152,19 @@ def build_loss(config: TrainConfig) -> LossStage:
     criterion = make_loss(config.loss.smoothing, config.loss.flooding)
     if config.stages.loss == "amm":
         return AMMLoss(criterion, **dataclasses.asdict(config.amm))  # the section's keys are AMMLoss's
+    if config.stages.loss in PAIR_LOSSES:
+        if config.loss.smoothing or config.loss.flooding:
+            raise ValueError("loss.smoothing and loss.flooding apply to the ce and amm losses, not to "
+                             f"{config.stages.loss}; leave them at 0")
+        beta = getattr(config, config.stages.loss).beta
+        if beta < 0:
+            raise ValueError(f"{config.stages.loss}.beta must be >= 0, got {beta!r} (the papers use 6)")
+        return OnPair(functools.partial(PAIR_LOSSES[config.stages.loss], beta=beta))
     return OnLogits(criterion)
 
 
-def build_optimizer(config: TrainConfig, params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
-    """SGD, or SGD wrapped by the configured weight perturbation."""
+def build_optimizer(config: TrainConfig, params: Iterable[torch.Tensor], steps_per_epoch: int = 1) -> torch.optim.Optimizer:
+    """SGD, or SGD wrapped by the configured weight perturbation (AWP's warm-up counts ``steps_per_epoch``)."""
     o = config.optim
     sgd = dict(lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
     kind = config.stages.perturbation
@@ -144,4 +176,12 @@ def build_optimizer(config: TrainConfig, params: Iterable[torch.Tensor]) -> torc
         return SAM(params, torch.optim.SGD, rho=config.sam.rho, adaptive=config.sam.adaptive, **sgd)
     if kind == "rmp":
         return RMP(params, torch.optim.SGD, epsilon=config.rmp.epsilon, **sgd)
+    if kind == "awp":
+        a = config.awp
+        if not (isinstance(a.warmup, int) and a.warmup >= 0):
+            raise ValueError(f"awp.warmup is a number of epochs >= 0, got {a.warmup!r}")
+        return AWP(params, torch.optim.SGD, gamma=a.gamma, steps=a.steps, warmup_steps=a.warmup * steps_per_epoch,
+                   **sgd)
+    if kind == "rwp":
+        return RWP(params, torch.optim.SGD, gamma=config.rwp.gamma, **sgd)
     return torch.optim.SGD(params, **sgd)

@@ -6,7 +6,6 @@ Defaults follow the AMP paper (Appendix F): ε = 4 pixel levels, PGD with step 1
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +17,11 @@ from advreg.attacks import eval_mode
 from advreg.attacks import fgsm, pgd
 from advreg.config import TrainConfig
 from advreg.data import DataSplits
-from advreg.evaluate import predict_logits
+from advreg.evaluate import AttackSettings, predict_logits
 from advreg.io import load_checkpoint, read_json, write_json
 from advreg.train import CHECKPOINT, CONFIG, METRICS, load_data
 
 ATTACKS = ("fgsm", "pgd", "autoattack")  # autoattack: the optional extra, pip install "advreg[autoattack]"
-
-
-@dataclass(frozen=True)
-class AttackSettings:
-    eps: float  # in the data's units
-    alpha: float
-    steps: int
-    box: tuple[float, float]
 
 
 def load_run(folder: str | Path) -> tuple[TrainConfig, DataSplits, nn.Module]:
@@ -86,7 +77,7 @@ def _craft(attack: str, model: nn.Module, x: Tensor, y: Tensor, s: AttackSetting
         return fgsm(model, x, y, s.eps, box=s.box)
     if attack == "autoattack":
         return autoattack(model, x, y, s.eps, s.box)
-    return pgd(model, x, y, s.eps, s.alpha, s.steps, norm="linf", box=s.box, generator=generator)
+    return pgd(model, x, y, s.eps, s.alpha, s.steps, norm=s.norm, box=s.box, generator=generator)
 
 
 def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, box: tuple[float, float]) -> Tensor:

@@ -5,6 +5,7 @@ states, so ``resume=True`` continues an interrupted run to the numbers of an uni
 """
 from __future__ import annotations
 
+import copy
 import math
 import platform
 import subprocess
@@ -21,7 +22,7 @@ import advreg
 from advreg import models
 from advreg.config import TrainConfig
 from advreg.data import DataSplits, TensorLoader, load_dataset
-from advreg.evaluate import evaluate, margin
+from advreg.evaluate import AttackSettings, evaluate, margin, robust_error
 from advreg.io import load_checkpoint, read_json, save_checkpoint, write_csv, write_json
 from advreg.losses import LossStage
 from advreg.methods import build_loss, build_optimizer, build_transform, check_preset, validate_stages
@@ -29,6 +30,7 @@ from advreg.transforms import Transform
 from advreg.perturb import NonFiniteLossError
 
 CHECKPOINT, CONFIG, HISTORY, METRICS = "checkpoint.pt", "config.json", "history.csv", "metrics.json"
+BEST = "best.pt"  # with robust.track: the weights of the epoch with the lowest validation robust error
 
 
 class RunFolderError(ValueError):
@@ -52,6 +54,7 @@ class Run:
     device: torch.device
     transform: Transform  # stage 1: the batch
     loss_fn: LossStage  # stage 2: the objective; stage 3, the weight perturbation, is the optimizer
+    robust: AttackSettings | None  # the PGD of the robust errors tracked each epoch (robust.track), or None
 
 
 def train(config: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -65,10 +68,12 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, progres
                desc=f"{config.method} seed {config.seed}", disable=not progress, leave=False)
     for epoch in bar:
         history.append(run_epoch(run, epoch))
+        if _is_best(history):  # before the checkpoint: a crash in between redoes this epoch and this save
+            save_checkpoint(out / BEST, {"epoch": epoch + 1, "model": run.model.state_dict()})
         save_checkpoint(out / CHECKPOINT, _snapshot(run, epoch + 1, history))
         write_csv(out / HISTORY, history)
         bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", val_err=f"{history[-1]['val_error']:.1f}")
-    metrics = final_metrics(run, history)
+    metrics = final_metrics(run, history, out / BEST)
     write_json(out / METRICS, metrics)
     return metrics
 
@@ -86,6 +91,10 @@ def validate(config: TrainConfig) -> None:
                          f"{config.data.train_fraction!r} and {config.data.label_noise!r}")
     if config.optim.batch_size < 1 or config.optim.lr <= 0 or config.optim.clip_grad < 0:
         raise ValueError("optim.batch_size must be >= 1, optim.lr > 0 and optim.clip_grad >= 0 (0 is off)")
+    r = config.robust
+    if r.norm not in ("linf", "l2") or r.pixels < 0 or r.step_pixels <= 0 or r.steps < 1:
+        raise ValueError(f"robust.norm must be linf or l2, robust.pixels >= 0, robust.step_pixels > 0 and "
+                         f"robust.steps >= 1, got {r.norm!r}, {r.pixels!r}, {r.step_pixels!r}, {r.steps!r}")
     if any(not 0 < f <= 1 for f in config.optim.milestones):
         raise ValueError(f"optim.milestones are fractions of the epochs in (0, 1], got {config.optim.milestones}")
     models.build(config.model.name, 2, input_shape=(1,), hidden=config.model.hidden, dropout=config.model.dropout,
@@ -114,14 +123,19 @@ def build_run(config: TrainConfig) -> Run:
     m = config.model
     model = models.build(m.name, data.num_classes, input_shape=data.input_shape, hidden=m.hidden,
                          dropout=m.dropout, dropout_layers=m.dropout_layers).to(device)
-    optimizer = build_optimizer(config, model.parameters())
-    milestones = sorted({max(1, round(f * config.epochs)) for f in config.optim.milestones})
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=config.optim.lr_decay)
     generator = torch.Generator().manual_seed(config.seed)
     loader = TensorLoader(*data.train, config.optim.batch_size, shuffle=True, generator=generator)
+    optimizer = build_optimizer(config, model.parameters(), steps_per_epoch=len(loader))
+    milestones = sorted({max(1, round(f * config.epochs)) for f in config.optim.milestones})
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=config.optim.lr_decay)
     input_range = (data.train[0].min().item(), data.train[0].max().item())
     return Run(config, data, model, optimizer, scheduler, loader, generator, device,
-               build_transform(config, input_range), build_loss(config))
+               build_transform(config, input_range), build_loss(config), _robust_settings(config, input_range))
+
+
+def _robust_settings(config: TrainConfig, input_range: tuple[float, float]) -> AttackSettings | None:
+    r, level = config.robust, (input_range[1] - input_range[0]) / 255  # sizes in pixel levels of the range
+    return AttackSettings(r.pixels * level, r.step_pixels * level, r.steps, input_range, r.norm) if r.track else None
 
 
 def load_data(config: TrainConfig) -> DataSplits:
@@ -147,10 +161,21 @@ def run_epoch(run: Run, epoch: int) -> dict[str, float]:
         raise TrainingDiverged(f"the training loss became {train_loss} in epoch {epoch + 1}; "
                                "lower optim.lr or the perturbation radius and start again")
     run.scheduler.step()
+    seconds = time.perf_counter() - start  # training only: the robust evaluation below is not counted
     val, test = evaluate(run.model, *run.data.val), evaluate(run.model, *run.data.test)
-    return {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_error": 100.0 * wrong.item() / n,
-            "val_loss": val["nll"], "val_error": val["error"], "test_loss": test["nll"],
-            "test_error": test["error"], "seconds": time.perf_counter() - start}
+    row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_error": 100.0 * wrong.item() / n,
+           "val_loss": val["nll"], "val_error": val["error"], "test_loss": test["nll"], "test_error": test["error"]}
+    if run.robust is not None:
+        row.update(val_robust_error=robust_error(run.model, *run.data.val, run.robust),
+                   test_robust_error=robust_error(run.model, *run.data.test, run.robust))
+    return {**row, "seconds": seconds}
+
+
+def _is_best(history: list[dict[str, float]]) -> bool:
+    """The last epoch has the lowest validation robust error so far (the first of a tie wins)."""
+    if "val_robust_error" not in history[-1]:
+        return False
+    return all(history[-1]["val_robust_error"] < row["val_robust_error"] for row in history[:-1])
 
 
 def _train_step(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -176,8 +201,9 @@ def _train_step(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return loss, clean_logits[0]
 
 
-def final_metrics(run: Run, history: list[dict[str, float]]) -> dict[str, Any]:
-    """Flat metrics of the final weights: errors and ECE in percent, NLL in nats, the test margin (DeepFool L2)."""
+def final_metrics(run: Run, history: list[dict[str, float]], best: Path | None = None) -> dict[str, Any]:
+    """Flat metrics of the final weights: errors and ECE in percent, NLL in nats, the test margin (DeepFool L2);
+    with robust tracking, also the robust errors of the last and the ``best`` checkpoint (:func:`robust_metrics`)."""
     metrics: dict[str, Any] = {"method": run.config.method, "seed": run.config.seed, "epochs": run.config.epochs,
                                "train_seconds": sum(row["seconds"] for row in history)}
     for split in ("train", "val", "test"):
@@ -185,7 +211,26 @@ def final_metrics(run: Run, history: list[dict[str, float]]) -> dict[str, Any]:
             metrics[f"{split}_{key}"] = None if math.isnan(value) else value
     for key, value in margin(run.model, run.data.test[0]).items():
         metrics[f"test_{key}"] = None if math.isnan(value) else value
+    if run.robust is not None and best is not None:
+        metrics.update(robust_metrics(run, history, best))
     return metrics
+
+
+def robust_metrics(run: Run, history: list[dict[str, float]], best: Path) -> dict[str, Any]:
+    """Robust errors (%) of the last weights and of the best checkpoint (lowest validation robust error, never
+    chosen on test), and the robust generalization gap of each: test robust error - train robust error."""
+    best_state = load_checkpoint(best)
+    best_model = copy.deepcopy(run.model)
+    best_model.load_state_dict(best_state["model"])
+    out: dict[str, Any] = {"best_epoch": best_state["epoch"],
+                           "best_val_robust_error": history[best_state["epoch"] - 1]["val_robust_error"]}
+    for tag, model in (("last", run.model), ("best", best_model)):
+        test = robust_error(model, *run.data.test, run.robust)
+        train = robust_error(model, *run.data.train, run.robust)
+        out.update({f"{tag}_test_error": evaluate(model, *run.data.test)["error"], f"{tag}_test_robust_error": test,
+                    f"{tag}_train_robust_error": train})
+        out["robust_gap" if tag == "last" else "best_robust_gap"] = test - train
+    return out
 
 
 # -- the run folder and the checkpoint -----------------------------------------------------------

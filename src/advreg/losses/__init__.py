@@ -1,8 +1,8 @@
 """The loss stage: the objective on a transformed batch.
 
 A loss stage is called as ``stage(model, inputs, target)`` and returns ``(loss, logits)``, the logits being the
-model's outputs on ``inputs``: most objectives only need those logits (:class:`OnLogits`), while AMM runs the
-model again (DeepFool) inside its regularizer.
+model's outputs on ``inputs``: most objectives only need those logits (:class:`OnLogits`), TRADES and MART need
+the clean and the adversarial logits (:class:`OnPair`), and AMM runs the model again (DeepFool) inside its regularizer.
 """
 from __future__ import annotations
 
@@ -14,8 +14,11 @@ from torch import Tensor, nn
 from advreg.losses.amm import AMMLoss
 from advreg.losses.ce import cross_entropy
 from advreg.losses.flooding import flood
+from advreg.losses.mart import mart_loss
+from advreg.losses.trades import trades_loss
 
 LossFn = Callable[[Tensor, Tensor], Tensor]  # a criterion on (logits, target)
+PairLossFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # a criterion on (logits, adversarial logits, target)
 
 
 class LossStage(Protocol):
@@ -32,6 +35,22 @@ class OnLogits:
         return self.criterion(logits, target), logits
 
 
+@dataclass(frozen=True)
+class OnPair:
+    """The loss stage of a criterion on clean and adversarial logits, for batches that stack x and x' (clean first,
+    as :class:`advreg.transforms.PGDExamples` with ``keep_clean`` makes them). Two forward passes, as the TRADES
+    and MART code does, so BatchNorm normalizes each half on its own statistics; the clean logits are returned."""
+    criterion: PairLossFn
+
+    def __call__(self, model: nn.Module, inputs: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        if len(inputs) != 2 * len(target):
+            raise ValueError(f"TRADES and MART expect the clean and adversarial batches stacked ({2 * len(target)} "
+                             f"rows for {len(target)} labels), got {len(inputs)}; use stages.transform=pgd")
+        x, x_adv = inputs.chunk(2)
+        logits = model(x)  # (B, K)
+        return self.criterion(logits, model(x_adv), target), logits
+
+
 def make_loss(smoothing: float = 0.0, flooding: float = 0.0) -> LossFn:
     """Cross-entropy (hard or soft targets) with optional label smoothing, then optional flooding."""
     if not 0 <= smoothing < 1:
@@ -44,4 +63,5 @@ def make_loss(smoothing: float = 0.0, flooding: float = 0.0) -> LossFn:
     return loss_fn
 
 
-__all__ = ["AMMLoss", "LossFn", "LossStage", "OnLogits", "cross_entropy", "flood", "make_loss"]
+__all__ = ["AMMLoss", "LossFn", "LossStage", "OnLogits", "OnPair", "PairLossFn", "cross_entropy", "flood", "make_loss",
+           "mart_loss", "trades_loss"]

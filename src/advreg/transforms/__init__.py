@@ -8,16 +8,16 @@ from typing import Callable
 
 from torch import Tensor, nn
 
-from advreg.transforms.adversarial import FGSMExamples
+from advreg.transforms.adversarial import FGSMExamples, PGDExamples
 from advreg.transforms.alps import ALPS, alps_label
 from advreg.transforms.mixup import MixUp
 
 Transform = Callable[[nn.Module, Tensor, Tensor, int], tuple[Tensor, Tensor]]
-TRANSFORMS = ("identity", "mixup", "fgsm", "alps")
+TRANSFORMS = ("identity", "mixup", "fgsm", "alps", "pgd")
 
 
 def identity(model: nn.Module, x: Tensor, y: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
     return x, y
 
 
-__all__ = ["ALPS", "FGSMExamples", "MixUp", "alps_label", "TRANSFORMS", "Transform", "identity"]
+__all__ = ["ALPS", "FGSMExamples", "PGDExamples", "MixUp", "alps_label", "TRANSFORMS", "Transform", "identity"]

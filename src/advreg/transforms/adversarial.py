@@ -1,12 +1,20 @@
-"""FGSM adversarial training, the AMP paper's baseline (Sec. 5.1): train on x + ε·sign(∇ₓℓ), one step.
+"""Adversarial batches: FGSM training, the AMP paper's baseline (Sec. 5.1: x + ε·sign(∇ₓℓ), one step), and PGD
+examples for adversarial training (Madry et al.; AWP paper Sec. 4.4: PGD-10, L∞ 8/255 step 2/255 or L2 128/255 step 15/255).
 
-ε is given in 8-bit pixel levels of the dataset's input range (the paper: 1 level), ε = pixels·(hi - lo)/255.
+Sizes are given in 8-bit pixel levels of the dataset's input range: ε = pixels·(hi - lo)/255, which is the papers'
+x/255 on [0, 1] images and the same share of the range for any other data.
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
-from advreg.attacks import fgsm
+from advreg.attacks import fgsm, pgd
+
+
+def level(input_range: tuple[float, float]) -> float:
+    """One pixel level of the input range, (hi - lo)/255."""
+    return (input_range[1] - input_range[0]) / 255
 
 
 class FGSMExamples:
@@ -14,7 +22,32 @@ class FGSMExamples:
         if pixels < 0:
             raise ValueError(f"adv.pixels must be >= 0, got {pixels!r} (the AMP paper uses 1)")
         self.box = input_range
-        self.eps = pixels * (input_range[1] - input_range[0]) / 255
+        self.eps = pixels * level(input_range)
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
         return fgsm(model, x, y, self.eps, box=self.box), y
+
+
+class PGDExamples:
+    """x' by PGD on the unperturbed model in eval mode (AWP's Algorithm 2, line 6-9), once per step.
+
+    ``objective`` is the loss the examples maximize: ``ce`` for AT and MART (AWP paper Eq. 9, 17), ``kl`` for
+    TRADES (Eq. 16). With ``keep_clean`` the batch becomes x and x' stacked, clean first (2B, ...), for the
+    losses that also need f(x) (TRADES, MART; :class:`advreg.losses.OnPair` splits it again).
+    """
+
+    def __init__(self, pixels: float, step_pixels: float, steps: int, norm: str, input_range: tuple[float, float],
+                 objective: str = "ce", keep_clean: bool = False):
+        if pixels < 0 or step_pixels <= 0 or not (isinstance(steps, int) and steps >= 1):
+            raise ValueError(f"at.pixels must be >= 0, at.step_pixels > 0 and at.steps an integer >= 1, got "
+                             f"{pixels!r}, {step_pixels!r}, {steps!r} (the AWP paper: 8, 2, 10 for L∞)")
+        if norm not in ("linf", "l2"):
+            raise ValueError(f"at.norm must be linf or l2, got {norm!r}")
+        self.eps, self.alpha = pixels * level(input_range), step_pixels * level(input_range)
+        self.steps, self.norm, self.box = steps, norm, input_range
+        self.objective, self.keep_clean = objective, keep_clean
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+        x_adv = pgd(model, x, y, self.eps, self.alpha, self.steps, norm=self.norm, box=self.box,
+                    objective=self.objective)  # the global RNG draws the random start: seeded, resumable
+        return (torch.cat([x, x_adv]) if self.keep_clean else x_adv), y

@@ -1,0 +1,148 @@
+"""AWP: adversarial weight perturbation (Wu, Xia & Wang, NeurIPS 2020, Eq. 8, 10, 11, 15, Algorithm 2), and RWP (Sec. 5.3).
+
+Per layer ‖v_l‖ ≤ γ‖w_l‖: K2 normalized ascent steps v_l ← Π_γ(v_l + η2‖w_l‖g_l/‖g_l‖), η2 = γ/K2, then the outer step at w with ∇ρ(w+v).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+
+from advreg.perturb.engine import Closure, PerturbedOptimizer, check_nonnegative, grads_of, set_to_sum
+
+
+class AWP(PerturbedOptimizer):
+    """Algorithm 2 of the AWP paper (lines 11-15, A = 1) as a ``torch.optim`` optimizer wrapping ``base_optimizer``.
+
+    How it differs from :class:`~advreg.perturb.AMP`: AMP bounds one global L2 ball ‖Δ‖ ≤ ε over all
+    parameters and is meant for the clean loss. AWP bounds each layer on its own relative to that layer's
+    weight norm, ‖v_l‖ ≤ γ‖w_l‖ (scale invariant: rescaling a layer rescales its ball), perturbs only the
+    weights with dim > 1 (biases and normalization weights keep v = 0), takes steps normalized per layer,
+    and is meant for the adversarial loss: the closure computes the AT/TRADES/MART loss on the examples
+    the batch transform crafted. ``step_size`` is η2 (relative: a step moves v_l by η2‖w_l‖), by default
+    γ/``steps`` (Appendix D). The first ``warmup_steps`` steps are the base optimizer's; after that the
+    closure is called ``steps``+1 times per step and ``step`` returns the loss at w.
+    """
+
+    def __init__(self, params: Iterable, base_optimizer: type, *, gamma: float = 0.01, steps: int = 1,
+                 step_size: float | None = None, warmup_steps: int = 0, bn_stats: str = "clean",
+                 **base_kwargs: Any):
+        self.gamma, self.steps, self.step_size, self.warmup_steps = gamma, steps, step_size, warmup_steps
+        self.steps_taken = 0  # completed calls of step(), warm-up included; saved in the state_dict
+        self._validate()
+        super().__init__(params, base_optimizer, bn_stats=bn_stats, **base_kwargs)
+        self._delta: dict[Tensor, Tensor] = {}  # scratch: v during a step
+
+    def _validate(self) -> None:
+        check_nonnegative("gamma", self.gamma, "it is the relative radius ‖v_l‖ ≤ γ‖w_l‖ (the paper uses "
+                          "5e-3 to 1e-2; 0 turns AWP off)")
+        if not _is_int(self.steps) or self.steps < 1:
+            raise ValueError(f"steps (K2) must be an integer >= 1 (the paper uses K2 = 1), got {self.steps!r}")
+        if self.step_size is not None and not (_is_number(self.step_size) and self.step_size > 0):
+            raise ValueError(f"step_size (η2) must be None (γ/steps, as in the paper) or a number > 0, "
+                             f"got {self.step_size!r}")
+        if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0 (0 perturbs from the first step), "
+                             f"got {self.warmup_steps!r}")
+        if not _is_int(self.steps_taken) or self.steps_taken < 0:
+            raise ValueError(f"steps_taken must be an integer >= 0, got {self.steps_taken!r}; "
+                             "load a state_dict saved by AWP")
+
+    def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
+        """One training step (the base optimizer's during warm-up); a failed step is not counted."""
+        loss = super().step(closure)
+        self.steps_taken += 1
+        return loss
+
+    def _is_active(self) -> bool:
+        return self.gamma > 0 and self.steps_taken >= self.warmup_steps
+
+    def _hyperparameters(self) -> dict[str, Any]:
+        return {"gamma": self.gamma, "steps": self.steps, "step_size": self.step_size,
+                "warmup_steps": self.warmup_steps, "steps_taken": self.steps_taken}
+
+    def _perturb(self, params: list[Tensor], theta: list[Tensor], closure: Closure) -> None:
+        layers, layers_theta, weight_norms = weight_layers(params, theta)
+        if not layers:
+            return  # nothing with dim > 1: v = 0
+        eta = self.step_size if self.step_size is not None else self.gamma / self.steps
+        step_lengths = torch._foreach_mul(weight_norms, eta)  # η2‖w_l‖
+        radii = torch._foreach_mul(weight_norms, self.gamma)  # γ‖w_l‖
+        delta = [self._delta.setdefault(p, torch.empty_like(p)) for p in layers]
+        torch._foreach_zero_(delta)  # v ← 0
+        for k in range(self.steps):
+            if k > 0:
+                closure()  # ∇ρ(w+v); the first step reuses the gradient at w already in .grad
+            torch._foreach_add_(delta, rescaled(grads_of(layers), step_lengths))  # v_l + η2‖w_l‖g_l/‖g_l‖
+            _project(delta, radii)
+            set_to_sum(layers, layers_theta, delta)  # w+v; the tensors with dim ≤ 1 stay at w
+
+
+class RWP(PerturbedOptimizer):
+    """Random weight perturbation, the AWP paper's baseline (Sec. 5.3): AWP's layer-relative size, random direction.
+
+    v_l = γ‖w_l‖·d_l/‖d_l‖ with d_l ~ N(0, I), for each weight with dim > 1 (v = 0 for the others), drawn
+    anew every step from the global torch RNG (seed it for reproducibility). One pass at w+v, the step
+    applied at w; ``step`` returns the loss at w+v.
+    """
+
+    uses_clean_gradient = False
+
+    def __init__(self, params: Iterable, base_optimizer: type, *, gamma: float = 0.01, bn_stats: str = "clean",
+                 **base_kwargs: Any):
+        self.gamma = gamma
+        self._validate()
+        super().__init__(params, base_optimizer, bn_stats=bn_stats, **base_kwargs)
+
+    def _validate(self) -> None:
+        check_nonnegative("gamma", self.gamma, "it is the relative size ‖v_l‖ = γ‖w_l‖ (0 turns RWP off)")
+
+    def _is_active(self) -> bool:
+        return self.gamma > 0
+
+    def _hyperparameters(self) -> dict[str, Any]:
+        return {"gamma": self.gamma}
+
+    def _perturb(self, params: list[Tensor], theta: list[Tensor], closure: Closure) -> None:
+        layers, _, weight_norms = weight_layers(params, theta)
+        if not layers:
+            return
+        direction = [torch.randn_like(p) for p in layers]  # isotropic per layer
+        torch._foreach_add_(layers, rescaled(direction, torch._foreach_mul(weight_norms, self.gamma)))  # w+v
+
+
+# -- the layers of the AWP paper, shared by AWP and RWP ------------------------------------------
+def weight_layers(params: list[Tensor], theta: list[Tensor]
+                  ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """The paper's "layers": the tensors with dim > 1 (Linear/Conv weights), their θ and ‖w_l‖ (0-d each).
+
+    Biases and normalization weights (dim ≤ 1) are left out, so their v is 0. ‖w_l‖ is taken at θ, the
+    unperturbed weights, so the ball does not move during the ascent.
+    """
+    keep = [i for i, p in enumerate(params) if p.dim() > 1]
+    layers, layers_theta = [params[i] for i in keep], [theta[i] for i in keep]
+    norms = list(torch._foreach_norm(layers_theta)) if keep else []  # (_foreach ops reject empty lists)
+    return layers, layers_theta, norms
+
+
+def rescaled(tensors: list[Tensor], lengths: list[Tensor]) -> list[Tensor]:
+    """t_l·length_l/‖t_l‖ (new tensors), 0 where t_l = 0: a zero gradient gives no move, not NaN."""
+    norms = torch._foreach_norm(tensors)
+    scales = [torch.where(n > 0, r / n, torch.zeros_like(n)) for r, n in zip(lengths, norms)]
+    return torch._foreach_mul(tensors, scales)
+
+
+def _project(delta: list[Tensor], radii: list[Tensor]) -> None:
+    """Eq. 15, per layer: v_l ← γ‖w_l‖·v_l/‖v_l‖ where ‖v_l‖ > γ‖w_l‖ (that branch has ‖v_l‖ > 0)."""
+    norms = torch._foreach_norm(delta)
+    scales = [torch.where(n > r, r / n, torch.ones_like(n)) for r, n in zip(radii, norms)]
+    torch._foreach_mul_(delta, scales)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
