@@ -1,4 +1,4 @@
-"""What does one AMP / SAM step cost compared with plain SGD?  Measured, in this run.
+"""What does one AMP / SAM / AWP / RWP step cost compared with plain SGD?  Measured, in this run.
 
 Usage::
 
@@ -9,7 +9,8 @@ What is measured
 ----------------
 * **Time** of one optimizer step -- forward, backward and update, the closure included -- for
   plain ``torch.optim.SGD`` (momentum 0.9, weight decay 1e-4), ``advreg.AMP`` with N = 1, 2, 3
-  inner steps and ``advreg.SAM``, all wrapping that same SGD.  The model is the MNIST-1D MLP
+  inner steps, ``advreg.SAM``, ``advreg.AWP`` (K2 = 1) and ``advreg.RWP``, all wrapping that
+  same SGD (on the clean loss here: the PGD examples of adversarial training are the transform's cost).  The model is the MNIST-1D MLP
   (40 -> width -> width -> 10, ReLU) on a fixed synthetic batch of MNIST-1D shape (x of shape
   (B, 40), labels in 0..9, fixed seeds).  After warm-up steps the methods run in ``--repeats``
   round-robin rounds of ``--steps`` steps each (the order rotates every round), so that machine
@@ -36,7 +37,7 @@ What is measured
 How to read the output
 ----------------------
 ``ratio`` is a method's median time per step divided by SGD's, from this run.  The expected
-value next to it is the number of forward/backward passes per step (AMP: N+1, SAM: 2, SGD: 1);
+value next to it is the number of forward/backward passes per step (AMP: N+1, SAM and AWP: 2, SGD and RWP: 1);
 a measured ratio below it means the fixed per-step costs (Python overhead, the update) weigh in,
 above it that the perturbation's own arithmetic (norms, copies, a host sync for the finiteness
 check) costs something.  The default MLP has ~15k parameters, so its memory rise is mostly
@@ -89,7 +90,9 @@ def _amp(n: int) -> Method:
 
 METHODS = [Method("SGD", 1, lambda params: torch.optim.SGD(params, **SGD_KWARGS)),
            _amp(1), _amp(2), _amp(3),
-           Method("SAM", 2, lambda params: advreg.SAM(params, torch.optim.SGD, **SAM_KWARGS, **SGD_KWARGS))]
+           Method("SAM", 2, lambda params: advreg.SAM(params, torch.optim.SGD, **SAM_KWARGS, **SGD_KWARGS)),
+           Method("AWP K2=1", 2, lambda params: advreg.AWP(params, torch.optim.SGD, gamma=0.01, **SGD_KWARGS)),
+           Method("RWP", 1, lambda params: advreg.RWP(params, torch.optim.SGD, gamma=0.01, **SGD_KWARGS))]
 BY_NAME = {m.name: m for m in METHODS}
 
 
@@ -321,7 +324,7 @@ def header(args, device: torch.device) -> str:
         f"advreg  : {getattr(advreg, '__version__', '?')} from {os.path.dirname(advreg.__file__)}",
         f"model   : {source}: {n_params(model):,} parameters",
         f"data    : synthetic MNIST-1D batch, B={args.batch_size}; seeds fixed",
-        f"methods : SGD {_kw(SGD_KWARGS)}; AMP {_kw(AMP_KWARGS)} (+SGD); SAM {_kw(SAM_KWARGS)} (+SGD)",
+        f"methods : SGD {_kw(SGD_KWARGS)}; AMP {_kw(AMP_KWARGS)} (+SGD); SAM {_kw(SAM_KWARGS)} (+SGD); AWP and RWP gamma=0.01 (+SGD)",
     ]
     return "\n".join(lines)
 

@@ -157,3 +157,16 @@ def test_a_variant_grid_is_chosen_per_row_and_overrides_the_shared_grid_for_its_
     for bad in ("x=amm:amm.lam=8|", "x=amm:=1|2"):
         with pytest.raises(ValueError, match="V1\\|V2"):
             bench.parse_variant(bad)
+
+
+def test_adversarial_training_rows_are_chosen_by_the_best_checkpoints_validation_robust_error():
+    rows = [{"method": "at_awp", "point": p, "val_error": clean, "best_val_robust_error": robust}
+            for p, clean, robust in (("awp.gamma=0.01", 10.0, 50.0), ("awp.gamma=0.005", 20.0, 40.0))]
+    rows.append({"method": "erm", "point": "", "val_error": 5.0, "best_val_robust_error": None})
+    assert bench.select(rows) == {"at_awp": "awp.gamma=0.005", "erm": ""}
+    at = [{**_row("at", "", s, val=30, test=30), "best_test_error": 31.0, "best_test_robust_error": 50.0 + s,
+           "last_test_robust_error": 60.0, "robust_gap": 12.0, "best_val_robust_error": 49.0} for s in range(2)]
+    summary = bench.summarize(at, {"at": ""}, "title")
+    header, _, line = summary.splitlines()[2:5]
+    assert "Best: PGD error (%)" in header and "Last: PGD error (%)" in header and "robust gap" in header
+    assert "50.50 ± 0.71" in line and "60.00 ± 0.00" in line and "12.00 ± 0.00" in line
