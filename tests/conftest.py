@@ -1,4 +1,4 @@
-"""Suite-wide settings: one intra-op thread per test process.
+"""Suite-wide settings (one intra-op thread per test process) and a shared fixture (an interrupted, resumed run).
 
 Every tensor in the suite is tiny, and two pytest workers on two cores with two threads each
 oversubscribe the CPU (measured: one test went from 4 s to 70 s under load). Subprocesses that the
@@ -6,7 +6,30 @@ CLI tests start inherit OMP_NUM_THREADS. Results are identical with one or two t
 """
 import os
 
+import pytest
 import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+
+
+@pytest.fixture
+def interrupted_then_resumed(tmp_path, monkeypatch):
+    """``run(config)``: train ``config`` into a folder, interrupted as epoch ``at`` begins, then resume it there;
+    returns the resumed run's final metrics."""
+    import advreg.train as training
+
+    def run(config, at: int = 2):
+        real_epoch = training.run_epoch
+
+        def interrupted(state, epoch):
+            if epoch == at:
+                raise KeyboardInterrupt
+            return real_epoch(state, epoch)
+
+        monkeypatch.setattr(training, "run_epoch", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            training.train(config, tmp_path / "cut", progress=False)
+        monkeypatch.setattr(training, "run_epoch", real_epoch)
+        return training.train(config, tmp_path / "cut", resume=True, progress=False)
+    return run

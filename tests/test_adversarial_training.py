@@ -175,23 +175,10 @@ def test_tracking_does_not_change_the_training(tmp_path):
     assert "robust_gap" not in untracked and not (tmp_path / "b" / BEST).exists()
 
 
-def test_an_interrupted_run_resumes_to_the_same_best_and_last(at_awp_run, tmp_path, monkeypatch):
-    import advreg.train as training
+def test_an_interrupted_run_resumes_to_the_same_best_and_last(at_awp_run, interrupted_then_resumed):
     config, _, whole = at_awp_run
-    real_epoch = training.run_epoch
-
-    def interrupted(run, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return real_epoch(run, epoch)
-
-    monkeypatch.setattr(training, "run_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train(config, tmp_path / "cut", progress=False)
-    monkeypatch.setattr(training, "run_epoch", real_epoch)
-    resumed = train(config, tmp_path / "cut", resume=True, progress=False)
     drop = lambda m: {k: v for k, v in m.items() if "seconds" not in k}  # noqa: E731
-    assert drop(resumed) == drop(whole)
+    assert drop(interrupted_then_resumed(config)) == drop(whole)
 
 
 def test_cli_trains_mart_awp_and_writes_the_flat_keys(tmp_path, capsys):

@@ -95,19 +95,24 @@ def test_trades_gradcheck_both_logits():
     assert torch.autograd.gradcheck(lambda a, b: trades_loss(a, b, target, 6.0), args)
 
 
+def central_differences(fn, logits, h=1e-6):
+    """∂fn/∂logits (B, K) by central differences of a scalar function, one entry at a time."""
+    fd = torch.zeros_like(logits)
+    for i in range(logits.shape[0]):
+        for k in range(logits.shape[1]):
+            up, down = logits.clone(), logits.clone()
+            up[i, k] += h
+            down[i, k] -= h
+            fd[i, k] = (fn(up) - fn(down)) / (2 * h)
+    return fd
+
 def test_trades_clean_gradient_includes_the_kl():
     """Autograd on the clean logits against central differences of the loop; and it is not the gradient with
     p(x) detached in the KL (which is the CE gradient alone), so detaching would be caught."""
     logits, logits_adv, target = batch(6)
     x = logits.clone().requires_grad_()
     trades_loss(x, logits_adv, target, 6.0).backward()
-    h, fd = 1e-6, torch.zeros_like(logits)
-    for i in range(logits.shape[0]):
-        for k in range(logits.shape[1]):
-            up, down = logits.clone(), logits.clone()
-            up[i, k] += h
-            down[i, k] -= h
-            fd[i, k] = (trades_loop(up, logits_adv, target, 6.0) - trades_loop(down, logits_adv, target, 6.0)) / (2 * h)
+    fd = central_differences(lambda z: trades_loop(z, logits_adv, target, 6.0), logits)
     torch.testing.assert_close(x.grad, fd, rtol=1e-6, atol=1e-8)
     y = logits.clone().requires_grad_()
     F.cross_entropy(y, target).backward()  # p(x) detached in the KL leaves only the CE's gradient on x
@@ -179,13 +184,7 @@ def test_mart_clean_gradient_goes_through_the_weight():
     logits, logits_adv, target = batch(9, scale=3.0)
     x = logits.clone().requires_grad_()
     mart_loss(x, logits_adv, target, 6.0).backward()
-    h, fd = 1e-6, torch.zeros_like(logits)
-    for i in range(logits.shape[0]):
-        for k in range(logits.shape[1]):
-            up, down = logits.clone(), logits.clone()
-            up[i, k] += h
-            down[i, k] -= h
-            fd[i, k] = (mart_loop(up, logits_adv, target, 6.0) - mart_loop(down, logits_adv, target, 6.0)) / (2 * h)
+    fd = central_differences(lambda z: mart_loop(z, logits_adv, target, 6.0), logits)
     torch.testing.assert_close(x.grad, fd, rtol=1e-6, atol=1e-8)
     # The weight's share of the gradient on x: β·KL_i·∂(−p_y(x_i))/∂x_i / B, with ∂p_y/∂z_k = p_y (1[k=y] − p_k).
     p, q = F.softmax(logits, dim=1), F.softmax(logits_adv, dim=1)

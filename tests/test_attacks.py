@@ -72,7 +72,7 @@ def test_deepfool_on_an_affine_classifier_is_the_exact_distance(k):
     model, (x, _) = affine(k=k), batch(k=k)
     logits = model(x)
     source = logits.argmax(1)
-    w, b = model.weight, model.bias
+    w = model.weight
     # distance to the complement of the polyhedron {f_source ≥ f_j ∀j}: min over j of |f_j - f_s| / ‖w_j - w_s‖
     dist = torch.stack([(logits[:, j] - logits.gather(1, source[:, None])[:, 0]).abs()
                         / (w[j] - w[source]).norm(dim=1) for j in range(k)], 1)

@@ -95,25 +95,11 @@ def test_a_killed_run_resumes_to_the_same_numbers(tmp_path):
     assert strip(history.read_text()) == strip((tmp_path / "whole" / "history.csv").read_text())
 
 
-def test_resume_in_process_after_an_interruption(tmp_path, monkeypatch):
-    import advreg.train as training
-
+def test_resume_in_process_after_an_interruption(tmp_path, interrupted_then_resumed):
     config = resolve(TrainConfig(method="sam", epochs=4), ["model.hidden=16", "optim.batch_size=200",
                                                             "model.dropout=0.1"])
     whole = train(config, tmp_path / "whole", progress=False)
-    real_epoch = training.run_epoch
-
-    def interrupted(run, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return real_epoch(run, epoch)
-
-    monkeypatch.setattr(training, "run_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train(config, tmp_path / "cut", progress=False)
-    monkeypatch.setattr(training, "run_epoch", real_epoch)
-    resumed = train(config, tmp_path / "cut", resume=True, progress=False)
-    assert without_time(resumed) == without_time(whole)
+    assert without_time(interrupted_then_resumed(config)) == without_time(whole)
 
 
 def expect_usage_error(capsys, argv, words):
