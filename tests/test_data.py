@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from advreg.data import DATASETS, DataSplits, TensorLoader, digits, load_dataset, mnist1d
+from advreg.data import DATASETS, DataSplits, TensorLoader, digits, load_dataset, mnist1d, spiral
 from advreg.data.splits import carve_counts
 
-SIZES = {"mnist1d": (4000, 1000, (40,)), "digits": (1438, 359, (64,))}  # n_train (with val), n_test, shape
+SIZES = {"mnist1d": (4000, 1000, (40,)), "digits": (1438, 359, (64,)),  # n_train (with val), n_test, shape
+         "spiral": (300, 300, (2,))}
+CLASSES = {"mnist1d": 10, "digits": 10, "spiral": 3}
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,7 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def raw(cache):
-    return {"mnist1d": mnist1d.load(cache), "digits": digits.load()}
+    return {"mnist1d": mnist1d.load(cache), "digits": digits.load(), "spiral": spiral.load()}
 
 
 def rows(x, y):
@@ -48,12 +50,13 @@ def fake_make_dataset(data, calls):
 def test_shapes_dtypes_sizes(name, cache):
     n_train, n_test, shape = SIZES[name]
     d = load_dataset(name, seed=0, val_fraction=0.1, cache_dir=cache)
-    assert isinstance(d, DataSplits) and d.name == name and d.num_classes == 10 and d.input_shape == shape
+    k = CLASSES[name]
+    assert isinstance(d, DataSplits) and d.name == name and d.num_classes == k and d.input_shape == shape
     n_val = round(0.1 * n_train)
     for (x, y), n in ((d.train, n_train - n_val), (d.val, n_val), (d.test, n_test)):
         assert x.shape == (n, *shape) and y.shape == (n,)
         assert x.dtype == torch.float32 and y.dtype == torch.long
-        assert set(y.tolist()) == set(range(10))
+        assert set(y.tolist()) == set(range(k))
         assert torch.isfinite(x).all()
 
 
