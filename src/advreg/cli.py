@@ -1,4 +1,5 @@
-"""The ``advreg`` command line: ``advreg train`` runs one configuration into a run folder.
+"""The ``advreg`` command line: ``train`` (one run folder), ``bench`` (methods × seeds), ``evaluate`` (robust
+errors of a run) and ``analyze`` (figures of runs).
 
 Bad input ends with one line ``advreg: error: ...`` and exit status 2, never a traceback.
 """
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_bench(commands)
+    _add_analyze(commands)
     evaluate = commands.add_parser(
         "evaluate", help="add robust test errors (FGSM, PGD, transfer) to a run's metrics.json",
         description="White-box FGSM and PGD-10 at eps = 4/255 of the input range (AMP paper, Appendix F) unless "
@@ -93,6 +95,23 @@ def _add_bench(commands: Any) -> None:
                        help="with --attacks: also craft the examples on this run folder's model (black box, e.g. "
                             "a separately trained ERM run) and report test_error_*_transfer")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_analyze(commands: Any) -> None:
+    from advreg.analysis.commands import KINDS
+
+    analyze = commands.add_parser(
+        "analyze", help="figures of trained runs: landscapes, radius sweeps, Hessian, boundaries, calibration, curves",
+        description="Write KIND.png, KIND.npz and KIND.json into --out. Kinds: " + "; ".join(
+            f"{k.name}: {k.help}" for k in KINDS.values()))
+    analyze.add_argument("kind", choices=tuple(KINDS))
+    analyze.add_argument("inputs", nargs="*", help="run folders (a bench folder for calibration; none for "
+                                                   "operational-region)")
+    analyze.add_argument("--out", required=True, help="the folder for the figure and its numbers")
+    analyze.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                         help="a setting of the analysis, e.g. dims=2, steps=21, samples=500, seed=1 (repeatable)")
+    analyze.add_argument("--labels", default="", help="comma-separated names of the runs in the figure")
+    analyze.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def make_config(args: argparse.Namespace) -> cfg.TrainConfig:
@@ -143,6 +162,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(summary, end="")
 
 
+def cmd_analyze(args: argparse.Namespace) -> None:
+    from advreg.analysis.commands import analyze
+
+    labels = [t.strip() for t in args.labels.split(",") if t.strip()] or None
+    paths = analyze(args.kind, args.inputs, args.out, args.settings, labels, progress=not args.quiet)
+    print("\n".join(str(p) for p in paths))
+
+
 def format_metrics(metrics: dict[str, Any], out: str) -> str:
     """The closing table: error and ECE in percent, NLL in nats, one row per split."""
     def cell(value: float | None, digits: int) -> str:
@@ -154,6 +181,9 @@ def format_metrics(metrics: dict[str, Any], out: str) -> str:
                      cell(metrics[f"{split}_ece"], 2)))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["  ".join(text.rjust(width) for text, width in zip(row, widths)) for row in rows]
+    if "robust_gap" in metrics:  # robust.track: the best (by validation) and the last checkpoint
+        lines.append(f"PGD test error %: best {metrics['best_test_robust_error']:.2f} (epoch {metrics['best_epoch']}), "
+                     f"last {metrics['last_test_robust_error']:.2f}; robust gap {metrics['robust_gap']:.2f}")
     return (f"{metrics['method']} seed {metrics['seed']}, {metrics['epochs']} epochs, "
             f"{metrics['train_seconds']:.1f} s -> {out}\n" + "\n".join(lines))
 
@@ -161,7 +191,7 @@ def format_metrics(metrics: dict[str, Any], out: str) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        {"train": cmd_train, "bench": cmd_bench, "evaluate": cmd_evaluate}[args.command](args)
+        {"train": cmd_train, "bench": cmd_bench, "evaluate": cmd_evaluate, "analyze": cmd_analyze}[args.command](args)
     except KeyboardInterrupt:
         _fail("interrupted; the last finished epoch is saved, continue with --resume", 130)
     except ValueError as err:  # bad settings, a foreign --out, a corrupt file: the message says what to do
