@@ -105,8 +105,13 @@ def plot_reliability(result: CalibrationResult):
     from matplotlib.figure import Figure
 
     n = len(result.methods)
-    figure = Figure(figsize=(3.2 * (n + 1), 3.4))
-    axes = figure.subplots(1, n + 1)
+    cols = min(n + 1, 5)  # panels wrap after 5, the ECE chart last
+    rows = -(-(n + 1) // cols)
+    figure = Figure(figsize=(3.2 * cols, 3.4 * rows), layout="constrained")
+    grid = figure.subplots(rows, cols, squeeze=False).ravel()
+    for spare in grid[n + 1:]:
+        spare.set_visible(False)
+    axes = grid[:n + 1]
     edges = np.linspace(0.0, 1.0, result.n_bins + 1)
     for i, (ax, method) in enumerate(zip(axes, result.methods)):
         accuracy = np.nan_to_num(result.accuracy[i])  # an empty bin: no bar
@@ -119,6 +124,6 @@ def plot_reliability(result: CalibrationResult):
     axes[0].legend(fontsize=7, loc="upper left")
     stats = [result.ece_mean_std(m) for m in result.methods]
     axes[-1].bar(range(n), [s[0] for s in stats], yerr=[s[1] for s in stats], color="tab:gray", capsize=3)
-    axes[-1].set_xticks(range(n), result.methods, rotation=30)
+    axes[-1].set_xticks(range(n), result.methods, rotation=45, ha="right")
     axes[-1].set(ylabel="ECE (%)", title="Expected calibration error")
     return figure
