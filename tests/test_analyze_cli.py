@@ -53,7 +53,7 @@ def test_each_kind_writes_its_figure_numbers_and_settings(runs, kind, settings, 
     with np.load(out / f"{kind}.npz", allow_pickle=False) as arrays:
         assert len(arrays.files) > 0
     printed = capsys.readouterr().out
-    if kind in ("landscape", "radius", "hessian"):
+    if kind in ("landscape", "radius", "hessian", "boundary"):
         assert "per run, 2 run(s)" in printed  # the cost, before the work
     assert before == {m: (runs / m / "checkpoint.pt").read_bytes() for m in ("erm", "amp")}
 

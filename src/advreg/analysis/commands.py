@@ -200,6 +200,8 @@ def _compute(spec: Kind, inputs: list[str], config: Any, labels: list[str] | Non
     if spec.inputs == "bench":
         if len(inputs) != 1:
             raise ValueError(f"analyze {spec.name} takes one bench folder, got {len(inputs)}")
+        runs = sum(len(f) for f in calibration.selected_runs(inputs[0]).values())
+        log(f"{spec.name}: the test set of {runs} selected run(s), one forward pass each")
         return [(spec.name, spec.run(inputs[0], config, progress))]
     names = _labels(inputs, labels)
     if spec.inputs == "folders":
@@ -208,6 +210,8 @@ def _compute(spec: Kind, inputs: list[str], config: Any, labels: list[str] | Non
     cost = getattr(_module_of(spec), "cost", None)
     if cost is not None:
         log(f"{spec.name}: {cost(runs[0][2], runs[0][1], config)} per run, {len(runs)} run(s)")
+    elif spec.name == "boundary":
+        log(f"{spec.name}: {config.resolution} × {config.resolution} grid points per run, {len(runs)} run(s)")
     return [(spec.name, spec.run(runs, names, config, progress))]
 
 
