@@ -101,3 +101,20 @@ def test_bad_input_is_one_line_that_says_what_to_do(runs, argv, words, capsys):
 def test_every_kind_is_reachable_from_the_cli():
     assert set(KINDS) == {"landscape", "awp-landscape", "radius", "hessian", "boundary", "curves", "calibration",
                           "operational-region"}
+
+
+def test_report_tables_and_plots_finished_runs(runs, capsys):
+    out = runs / "report"
+    cli.main(["report", str(runs / "erm"), str(runs / "amp"), "--out", str(out)])
+    table = (out / "report.md").read_text()
+    assert table.startswith("| Dataset | Model | Method |") and capsys.readouterr().out.startswith(table)
+    metrics = json.loads((runs / "amp" / "metrics.json").read_text())
+    amp_row = next(line for line in table.splitlines() if "| amp |" in line)
+    assert amp_row == (f"| spiral | mlp | amp | 0 | 3 | {100 - metrics['test_error']:.2f} | "
+                       f"{100 - metrics['train_error']:.2f} |")
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((out / "report.json").read_text())
+    history = (runs / "amp" / "history.csv").read_text().splitlines()
+    assert len(saved[1]["curve"]) == len(history) - 1
+    with pytest.raises(SystemExit):
+        cli.main(["report", str(runs / "missing"), "--out", str(out)])

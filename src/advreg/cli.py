@@ -1,5 +1,5 @@
 """The ``advreg`` command line: ``train`` (one run folder), ``bench`` (methods × seeds), ``evaluate`` (robust
-errors of a run) and ``analyze`` (figures of runs).
+errors of a run), ``analyze`` (figures of runs) and ``report`` (the reproduction report's table and curves).
 
 Bad input ends with one line ``advreg: error: ...`` and exit status 2, never a traceback.
 """
@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_bench(commands)
     _add_analyze(commands)
+    report = commands.add_parser("report", help="the reproduction report's table and test-accuracy curves of runs",
+                                 description="Write report.md (dataset, model, method, seed, test and train accuracy), "
+                                             "report.png (test accuracy per epoch) and report.json into --out.")
+    report.add_argument("runs", nargs="+", help="finished run folders")
+    report.add_argument("--out", required=True, help="the folder for report.md, report.png and report.json")
     evaluate = commands.add_parser(
         "evaluate", help="add robust test errors (FGSM, PGD, transfer) to a run's metrics.json",
         description="White-box FGSM and PGD-10 at eps = 4/255 of the input range (AMP paper, Appendix F) unless "
@@ -170,6 +175,14 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     print("\n".join(str(p) for p in paths))
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from advreg.report import report
+
+    paths = report(args.runs, args.out)
+    print(paths[0].read_text(), end="")
+    print("\n".join(str(p) for p in paths))
+
+
 def format_metrics(metrics: dict[str, Any], out: str) -> str:
     """The closing table: error and ECE in percent, NLL in nats, one row per split."""
     def cell(value: float | None, digits: int) -> str:
@@ -191,7 +204,9 @@ def format_metrics(metrics: dict[str, Any], out: str) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        {"train": cmd_train, "bench": cmd_bench, "evaluate": cmd_evaluate, "analyze": cmd_analyze}[args.command](args)
+        commands = {"train": cmd_train, "bench": cmd_bench, "evaluate": cmd_evaluate, "analyze": cmd_analyze,
+                    "report": cmd_report}
+        commands[args.command](args)
     except KeyboardInterrupt:
         _fail("interrupted; the last finished epoch is saved, continue with --resume", 130)
     except ValueError as err:  # bad settings, a foreign --out, a corrupt file: the message says what to do
