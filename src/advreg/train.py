@@ -97,8 +97,10 @@ def validate(config: TrainConfig) -> None:
                          f"robust.steps >= 1, got {r.norm!r}, {r.pixels!r}, {r.step_pixels!r}, {r.steps!r}")
     if any(not 0 < f <= 1 for f in config.optim.milestones):
         raise ValueError(f"optim.milestones are fractions of the epochs in (0, 1], got {config.optim.milestones}")
-    models.build(config.model.name, 2, input_shape=(1,), hidden=config.model.hidden, dropout=config.model.dropout,
-                 dropout_layers=config.model.dropout_layers)
+    if config.model.name not in models.MODELS:
+        raise ValueError(f"unknown model {config.model.name!r}; choose one of: {', '.join(models.MODELS)}")
+    models.build("mlp", 2, input_shape=(1,), hidden=config.model.hidden, dropout=config.model.dropout,
+                 dropout_layers=config.model.dropout_layers)  # the shared options' checks on a tiny stand-in
     build_optimizer(config, [nn.Parameter(torch.zeros(1))])  # the optimizer's own checks
     resolve_device(config.device)
 
