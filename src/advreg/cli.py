@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                        help="override a setting, e.g. amp.epsilon=0.2 or optim.lr=0.05 (repeatable); "
                             "an unknown key lists the valid ones")
+    train.add_argument("--data-dir", default=None, help="the folder with the image sets' files (CIFAR, SVHN, GTSRB, "
+                                                        "Tiny-ImageNet); default $ADVREG_DATA")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_bench(commands)
@@ -85,6 +87,7 @@ def _add_bench(commands: Any) -> None:
     bench.add_argument("--variant", dest="variants", action="append", default=[], metavar="LABEL=METHOD:K=V;K=V",
                        help="one more row: a method with fixed settings, e.g. 'amm_avg_lin=amm:amm.aggregation=avg;"
                             "amm.shrinkage=lin' (repeatable; give --methods '' for variants only)")
+    bench.add_argument("--data-dir", default=None, help="the folder with the image sets' files; default $ADVREG_DATA")
     bench.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 for every method")
     bench.add_argument("--epochs", type=int, default=cfg.TrainConfig.epochs)
     bench.add_argument("--out", required=True, help="the bench folder (reruns skip finished runs)")
@@ -121,7 +124,8 @@ def _add_analyze(commands: Any) -> None:
 
 def make_config(args: argparse.Namespace) -> cfg.TrainConfig:
     config = cfg.TrainConfig(method=args.method, seed=args.seed, epochs=args.epochs,
-                             data=cfg.DataConfig(name=args.dataset), model=cfg.ModelConfig(name=args.model))
+                             data=cfg.DataConfig(name=args.dataset, dir=args.data_dir or ""),
+                             model=cfg.ModelConfig(name=args.model))
     return resolve(config, args.settings)
 
 
@@ -144,7 +148,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if unknown or not (methods or args.variants):
         raise ValueError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from: {', '.join(METHODS)}")
     methods += [bench.parse_variant(v) for v in args.variants]
-    base = cfg.TrainConfig(epochs=args.epochs, data=cfg.DataConfig(name=args.dataset),
+    base = cfg.TrainConfig(epochs=args.epochs, data=cfg.DataConfig(name=args.dataset, dir=args.data_dir or ""),
                            model=cfg.ModelConfig(name=args.model))
     out = Path(args.out)
     specs = bench.plan(base, methods, args.seeds, args.settings, bench.parse_grid(args.grid), out)

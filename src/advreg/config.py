@@ -16,6 +16,8 @@ class DataConfig:
     val_fraction: float = 0.1  # carved out of the training set; the papers tune on 10% of it
     train_fraction: float = 1.0  # train on a random share of the rest (AMM paper, Sec. 4.3.2)
     label_noise: float = 0.0  # share of training labels replaced by random classes (AMM paper, Sec. 4.3.3)
+    dir: str = ""  # the folder holding the image sets' files (cifar10, svhn, ...); "" is $ADVREG_DATA
+    augment: str = "none"  # none | standard (crop 4 + flip) | digits (crop 2) | cutout | cifar_aa (AutoAugment)
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,8 @@ class ModelConfig:
     hidden: tuple[int, ...] = (100, 100)
     dropout: float = 0.0  # the Dropout baseline uses 0.1 after each ReLU
     dropout_layers: str = "all"  # all (AMP paper) | last: the penultimate layer only (ALPS paper, rate 0.5)
+    norm: str = "batch"  # the image networks' normalization: batch | group (32 channels a group, AMM paper)
+    normalize: bool = True  # image inputs (C, H, W): (x - mean)/std of the training set inside the model
 
 
 @dataclass(frozen=True)

@@ -12,14 +12,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from advreg import models
 from advreg.attacks import eval_mode
 from advreg.attacks import fgsm, pgd
 from advreg.config import TrainConfig
 from advreg.data import DataSplits
 from advreg.evaluate import AttackSettings, predict_logits
 from advreg.io import load_checkpoint, read_json, write_json
-from advreg.train import CHECKPOINT, CONFIG, METRICS, load_data
+from advreg.train import CHECKPOINT, CONFIG, METRICS, build_model, load_data
 
 ATTACKS = ("fgsm", "pgd", "autoattack")  # autoattack: the optional extra, pip install "advreg[autoattack]"
 
@@ -34,9 +33,7 @@ def load_run(folder: str | Path) -> tuple[TrainConfig, DataSplits, nn.Module]:
     saved.pop("code_version", None)
     config = TrainConfig.from_dict(saved)
     data = load_data(config)
-    m = config.model
-    model = models.build(m.name, data.num_classes, input_shape=data.input_shape, hidden=m.hidden, dropout=m.dropout,
-                         dropout_layers=m.dropout_layers)
+    model = build_model(config, data)
     model.load_state_dict(load_checkpoint(folder / CHECKPOINT)["model"])
     return config, data, model.eval()
 

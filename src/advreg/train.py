@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 import advreg
 from advreg import models
 from advreg.config import TrainConfig
-from advreg.data import DataSplits, TensorLoader, load_dataset
+from advreg.data import DataSplits, TensorLoader, augment, load_dataset
 from advreg.evaluate import AttackSettings, evaluate, margin, robust_error
 from advreg.io import load_checkpoint, read_json, save_checkpoint, write_csv, write_json
 from advreg.losses import LossStage
@@ -55,6 +55,7 @@ class Run:
     transform: Transform  # stage 1: the batch
     loss_fn: LossStage  # stage 2: the objective; stage 3, the weight perturbation, is the optimizer
     robust: AttackSettings | None  # the PGD of the robust errors tracked each epoch (robust.track), or None
+    augment: augment.Augment | None = None  # crop/flip/Cutout/AutoAugment of image batches, before stage 1
 
 
 def train(config: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -99,6 +100,9 @@ def validate(config: TrainConfig) -> None:
         raise ValueError(f"optim.milestones are fractions of the epochs in (0, 1], got {config.optim.milestones}")
     if config.model.name not in models.MODELS:
         raise ValueError(f"unknown model {config.model.name!r}; choose one of: {', '.join(models.MODELS)}")
+    if config.model.norm not in models.NORMS or config.data.augment not in augment.PRESETS:
+        raise ValueError(f"model.norm must be one of {models.NORMS} and data.augment one of {tuple(augment.PRESETS)}, "
+                         f"got {config.model.norm!r} and {config.data.augment!r}")
     models.build("mlp", 2, input_shape=(1,), hidden=config.model.hidden, dropout=config.model.dropout,
                  dropout_layers=config.model.dropout_layers)  # the shared options' checks on a tiny stand-in
     build_optimizer(config, [nn.Parameter(torch.zeros(1))])  # the optimizer's own checks
@@ -122,9 +126,7 @@ def build_run(config: TrainConfig) -> Run:
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
     data = _to_device(load_data(config), device)
-    m = config.model
-    model = models.build(m.name, data.num_classes, input_shape=data.input_shape, hidden=m.hidden,
-                         dropout=m.dropout, dropout_layers=m.dropout_layers).to(device)
+    model = build_model(config, data).to(device)
     generator = torch.Generator().manual_seed(config.seed)
     loader = TensorLoader(*data.train, config.optim.batch_size, shuffle=True, generator=generator)
     optimizer = build_optimizer(config, model.parameters(), steps_per_epoch=len(loader))
@@ -132,7 +134,29 @@ def build_run(config: TrainConfig) -> Run:
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=config.optim.lr_decay)
     input_range = (data.train[0].min().item(), data.train[0].max().item())
     return Run(config, data, model, optimizer, scheduler, loader, generator, device,
-               build_transform(config, input_range), build_loss(config), _robust_settings(config, input_range))
+               build_transform(config, input_range), build_loss(config), _robust_settings(config, input_range),
+               _augmentation(config, data))
+
+
+def build_model(config: TrainConfig, data: DataSplits) -> nn.Module:
+    """The configured network for ``data``; image inputs are normalized by the training set's channel statistics
+    inside it (``model.normalize``), so that attacks and augmentation work on pixels in [0, 1]."""
+    m = config.model
+    mean = std = None
+    if m.normalize and len(data.input_shape) == 3:
+        mean, std = (t.tolist() for t in augment.channel_stats(data.train[0].cpu()))
+    return models.build(m.name, data.num_classes, input_shape=data.input_shape, hidden=m.hidden, dropout=m.dropout,
+                        dropout_layers=m.dropout_layers, norm=m.norm, mean=mean, std=std)
+
+
+def _augmentation(config: TrainConfig, data: DataSplits) -> augment.Augment | None:
+    name = config.data.augment
+    if name not in augment.PRESETS:
+        raise ValueError(f"unknown data.augment {name!r}; choose one of: {', '.join(augment.PRESETS)}")
+    if name != "none" and len(data.input_shape) != 3:
+        raise ValueError(f"data.augment={name} crops and flips images; {data.name} has inputs of shape "
+                         f"{data.input_shape}: leave data.augment=none")
+    return None if name == "none" else augment.PRESETS[name]
 
 
 def _robust_settings(config: TrainConfig, input_range: tuple[float, float]) -> AttackSettings | None:
@@ -144,7 +168,7 @@ def load_data(config: TrainConfig) -> DataSplits:
     """The splits of ``config``'s run (its seed picks the validation rows, the training share and the noise)."""
     d = config.data
     return load_dataset(d.name, seed=config.seed, val_fraction=d.val_fraction, train_fraction=d.train_fraction,
-                        label_noise=d.label_noise)
+                        label_noise=d.label_noise, data_dir=d.dir or None)
 
 
 def run_epoch(run: Run, epoch: int) -> dict[str, float]:
@@ -183,6 +207,8 @@ def _is_best(history: list[dict[str, float]]) -> bool:
 def _train_step(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """One optimizer step on the transformed batch; returns the loss and the logits of the first pass."""
     clean_logits: list[Tensor] = []
+    if run.augment is not None:  # the loader's generator draws it: checkpointed, so a resumed run is the same
+        x = run.augment(x, run.generator)
     inputs, target = run.transform(run.model, x, y, run.data.num_classes)  # once: every pass sees it
 
     def closure() -> Tensor:
