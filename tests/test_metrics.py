@@ -72,3 +72,15 @@ def test_nll_and_error():
     assert nll(logits, targets) == pytest.approx(expected, rel=1e-6)
     assert nll(logits, targets) == pytest.approx(F.cross_entropy(logits, targets).item(), rel=1e-6)
     assert error_rate(logits, targets) == pytest.approx(1 / 3)
+
+
+def test_top5_error_with_many_classes_only():
+    from advreg.evaluate import evaluate
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 20)
+    x, y = torch.randn(50, 4), torch.randint(0, 20, (50,))
+    logits = model(x).detach()
+    ranks = (logits > logits.gather(1, y[:, None])).sum(dim=1)  # how many classes score above the label
+    assert evaluate(model, x, y)["top5_error"] == pytest.approx(100.0 * (ranks >= 5).double().mean().item())
+    assert "top5_error" not in evaluate(torch.nn.Linear(4, 10), x, y % 10)

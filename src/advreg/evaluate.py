@@ -23,12 +23,17 @@ def predict_logits(model: nn.Module, x: Tensor, batch_size: int = 1000) -> Tenso
 
 
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> dict[str, float]:
-    """``{"error", "nll", "ece"}`` on (x, y); NaN for an empty split."""
+    """``{"error", "nll", "ece"}`` on (x, y), and ``"top5_error"`` with more than 10 classes (ALPS Table 4); NaN for
+    an empty split."""
     if len(y) == 0:
         return {"error": math.nan, "nll": math.nan, "ece": math.nan}
     logits = predict_logits(model, x, batch_size)
-    return {"error": 100.0 * error_rate(logits, y), "nll": nll(logits, y),
-            "ece": 100.0 * expected_calibration_error(logits, y)}
+    out = {"error": 100.0 * error_rate(logits, y), "nll": nll(logits, y),
+           "ece": 100.0 * expected_calibration_error(logits, y)}
+    if logits.shape[1] > 10:
+        top5 = logits.topk(5, dim=1).indices  # (N, 5)
+        out["top5_error"] = 100.0 * (top5 != y.unsqueeze(1)).all(dim=1).double().mean().item()
+    return out
 
 
 def margin(model: nn.Module, x: Tensor, steps: int = 50, batch_size: int = 500) -> dict[str, float]:
