@@ -165,3 +165,15 @@ def test_digits_is_the_second_dataset(tmp_path):
     metrics = train(config, tmp_path / "digits", progress=False)
     assert metrics["test_error"] < 25  # 10 classes, chance is 90%; measured 12.0
     assert json.loads((tmp_path / "digits" / "config.json").read_text())["data"]["name"] == "digits"
+
+
+def test_the_test_margin_is_over_the_first_samples_or_off(tmp_path):
+    from advreg.evaluate import margin
+    from advreg.robustness import load_run
+
+    base = resolve(TrainConfig(epochs=1), ["data.name=digits", "model.hidden=8"])
+    few = train(resolve(base, ["robust.margin_samples=50"]), tmp_path / "few", progress=False)
+    _, data, model = load_run(tmp_path / "few")
+    assert few["test_margin"] == pytest.approx(margin(model, data.test[0][:50])["margin"])
+    off = train(resolve(base, ["robust.margin_samples=0"]), tmp_path / "off", progress=False)
+    assert "test_margin" not in off and "test_error" in off

@@ -149,6 +149,7 @@ class RobustConfig:
     step_pixels: float = 2.0
     steps: int = 20
     norm: str = "linf"  # linf | l2
+    margin_samples: int = 1000  # metrics.json's test_margin (DeepFool L2) over the first N test samples; 0 is off
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,8 @@ def validate(config: TrainConfig) -> None:
     if config.optim.batch_size < 1 or config.optim.lr <= 0 or config.optim.clip_grad < 0:
         raise ValueError("optim.batch_size must be >= 1, optim.lr > 0 and optim.clip_grad >= 0 (0 is off)")
     r = config.robust
+    if r.margin_samples < 0:
+        raise ValueError(f"robust.margin_samples must be >= 0 (0 leaves test_margin out), got {r.margin_samples!r}")
     if r.norm not in ("linf", "l2") or r.pixels < 0 or r.step_pixels <= 0 or r.steps < 1:
         raise ValueError(f"robust.norm must be linf or l2, robust.pixels >= 0, robust.step_pixels > 0 and "
                          f"robust.steps >= 1, got {r.norm!r}, {r.pixels!r}, {r.step_pixels!r}, {r.steps!r}")
@@ -237,8 +239,9 @@ def final_metrics(run: Run, history: list[dict[str, float]], best: Path | None =
     for split in ("train", "val", "test"):
         for key, value in evaluate(run.model, *getattr(run.data, split)).items():
             metrics[f"{split}_{key}"] = None if math.isnan(value) else value
-    for key, value in margin(run.model, run.data.test[0]).items():
-        metrics[f"test_{key}"] = None if math.isnan(value) else value
+    if run.config.robust.margin_samples > 0:  # DeepFool: K-fold batches for up to 50 steps, costly on big networks
+        for key, value in margin(run.model, run.data.test[0][:run.config.robust.margin_samples]).items():
+            metrics[f"test_{key}"] = None if math.isnan(value) else value
     if run.robust is not None and best is not None:
         metrics.update(robust_metrics(run, history, best))
     return metrics
