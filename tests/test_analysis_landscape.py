@@ -349,3 +349,10 @@ def test_adversarial_landscape_is_awp_algorithm1_with_examples_crafted_per_point
         assert result.loss[k] == pytest.approx(expected, rel=1e-9)
         assert result.loss[k] >= F.cross_entropy(moved(x), y).item()  # PGD raises the loss
     assert result.attack == attack
+
+
+def test_contour_levels_are_geometric_when_the_loss_spans_decades():
+    levels = L._levels(0.01, 100.0)
+    np.testing.assert_allclose(levels[1:] / levels[:-1], levels[1] / levels[0])  # a constant ratio
+    np.testing.assert_allclose(L._levels(1.0, 5.0), np.linspace(1.0, 5.0, 21))
+    assert L._levels(2.0, 2.0) is None

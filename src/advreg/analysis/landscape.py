@@ -213,7 +213,7 @@ def _plot_surfaces(results: list[LandscapeResult], labels: list[str]):
     n = len(results)
     figure = Figure(figsize=(4.5 * n, 8.5), layout="constrained")
     low, high = min(r.loss.min() for r in results), max(r.loss.max() for r in results)
-    levels = np.linspace(low, high, 21) if high > low else None  # shared: the panels compare by eye
+    levels = _levels(low, high)  # shared: the panels compare by eye
     for i, (result, label) in enumerate(zip(results, labels)):
         a, b = np.meshgrid(result.alphas, result.betas, indexing="ij")  # (S, S), like loss
         flat = figure.add_subplot(2, n, i + 1)
@@ -224,6 +224,15 @@ def _plot_surfaces(results: list[LandscapeResult], labels: list[str]):
         surface.plot_surface(a, b, result.loss, cmap="viridis", linewidth=0)
         surface.set(xlabel="α", ylabel="β", zlabel="loss", zlim=(low, high) if high > low else None)
     return figure
+
+
+def _levels(low: float, high: float) -> np.ndarray | None:
+    """21 contour levels: geometric when the loss spans decades (a minimum near 0 would get one line), else linear."""
+    if not high > low:
+        return None
+    if low > 0 and high / low > 100:
+        return np.geomspace(low, high, 21)
+    return np.linspace(low, high, 21)
 
 
 def to_arrays(result: LandscapeResult) -> dict[str, np.ndarray]:
