@@ -18,6 +18,7 @@ from advreg.config import TrainConfig
 from advreg.data import DataSplits
 from advreg.evaluate import AttackSettings, predict_logits
 from advreg.io import load_checkpoint, read_json, write_json
+from advreg.transforms.adversarial import level as pixel_level
 from advreg.train import CHECKPOINT, CONFIG, METRICS, build_model, load_data
 
 ATTACKS = ("fgsm", "pgd", "autoattack")  # autoattack: the optional extra, pip install "advreg[autoattack]"
@@ -40,7 +41,7 @@ def load_run(folder: str | Path) -> tuple[TrainConfig, DataSplits, nn.Module]:
 
 def default_settings(data: DataSplits, eps: float | None = None) -> AttackSettings:
     lo, hi = data.train[0].min().item(), data.train[0].max().item()
-    level = (hi - lo) / 255  # one 8-bit pixel level of the input range
+    level = pixel_level((lo, hi))  # one 8-bit pixel level of the input range
     eps = 4 * level if eps is None else eps
     if not eps >= 0:
         raise ValueError(f"--eps must be >= 0 (in the data's units), got {eps}")

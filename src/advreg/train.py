@@ -27,6 +27,7 @@ from advreg.io import load_checkpoint, read_json, save_checkpoint, write_csv, wr
 from advreg.losses import LossStage
 from advreg.methods import build_loss, build_optimizer, build_transform, check_preset, validate_stages
 from advreg.transforms import Transform
+from advreg.transforms.adversarial import level as pixel_level
 from advreg.perturb import NonFiniteLossError
 
 CHECKPOINT, CONFIG, HISTORY, METRICS = "checkpoint.pt", "config.json", "history.csv", "metrics.json"
@@ -162,7 +163,7 @@ def _augmentation(config: TrainConfig, data: DataSplits) -> augment.Augment | No
 
 
 def _robust_settings(config: TrainConfig, input_range: tuple[float, float]) -> AttackSettings | None:
-    r, level = config.robust, (input_range[1] - input_range[0]) / 255  # sizes in pixel levels of the range
+    r, level = config.robust, pixel_level(input_range)  # sizes in pixel levels of the range
     return AttackSettings(r.pixels * level, r.step_pixels * level, r.steps, input_range, r.norm) if r.track else None
 
 

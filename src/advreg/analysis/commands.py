@@ -19,6 +19,7 @@ from advreg.data import DataSplits
 from advreg.evaluate import AttackSettings, evaluate
 from advreg.robustness import load_run
 from advreg.train import code_version
+from advreg.transforms.adversarial import level as pixel_level
 
 Loaded = tuple[Any, DataSplits, nn.Module]  # a run folder's (config, data, model)
 
@@ -53,7 +54,7 @@ def _labels(folders: list[str], labels: list[str] | None) -> list[str]:
 def training_attack(config: Any, data: DataSplits) -> AttackSettings:
     """The run's training threat model (``at.*``, PGD-10 by default), in the data's units."""
     lo, hi = data.train[0].min().item(), data.train[0].max().item()
-    level, a = (hi - lo) / 255, config.at
+    level, a = pixel_level((lo, hi)), config.at
     return AttackSettings(a.pixels * level, a.step_pixels * level, a.steps, (lo, hi), a.norm)
 
 
