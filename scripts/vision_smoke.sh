@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A short CIFAR-shaped run (issue 10): synthetic CIFAR-10 binary files of the real format and shapes (random pixels,
-# so the accuracies mean nothing) in OUT/data, then PreActResNet18 with ERM and with AMP (the paper's ε 0.5, ζ 1) for
-# EPOCHS epochs each, their seconds per epoch, and advreg report on the two runs. The DeepFool test margin is left
+# so the accuracies mean nothing) in OUT/data, then PreActResNet18 with ERM and with AMP under the paper's recipe
+# (amp_preactresnet18: ε 0.5, ζ 1 per tensor, batch 50, Nesterov, crop + flip) for EPOCHS epochs each, their seconds per epoch, and advreg report on the two runs. The DeepFool test margin is left
 # out (robust.margin_samples=0): on a CPU it costs more than the training itself.
 # Usage: scripts/vision_smoke.sh OUT [PER_BATCH_FILE=200] [EPOCHS=2] [extra advreg train arguments, e.g. --set device=cuda]
 set -euo pipefail
@@ -21,8 +21,8 @@ for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
 PY
 for method in erm amp; do
   [[ -f $out/$method/metrics.json ]] || $py -m advreg train --dataset cifar10 --data-dir "$out/data" \
-    --model preact_resnet18 --method $method --epochs "$epochs" --out "$out/$method" --quiet \
-    --set data.augment=standard --set optim.nesterov=true --set robust.margin_samples=0 "$@"
+    --recipe amp_preactresnet18 --method $method --epochs "$epochs" --out "$out/$method" --quiet \
+    --set robust.margin_samples=0 "$@"
 done
 $py -m advreg report "$out/erm" "$out/amp" --out "$out/report"
 $py -c "import json, sys

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from advreg.config import TrainConfig
 from advreg.io import atomic_write_bytes, read_json
 from advreg.methods import METHODS, SECTION_OF, resolve
+from advreg.recipes import with_recipe
 from advreg.train import CONFIG, check_same_run
 from advreg.train import METRICS as METRICS_FILE
 
@@ -91,9 +92,10 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
 
 
 def plan(base: TrainConfig, methods: list[str | Variant], seeds: int, settings: list[str],
-         grid: dict[str, list[str]], out: Path) -> list[RunSpec]:
+         grid: dict[str, list[str]], out: Path, recipe: str | None = None) -> list[RunSpec]:
     """Every (method or variant, grid point, seed) run; a grid key of a stage a method does not use skips it.
-    A variant's own grid (``amm.lam=8|32``) applies to that row, over the shared ``grid`` for the same key."""
+    A variant's own grid (``amm.lam=8|32``) applies to that row, over the shared ``grid`` for the same key.
+    A ``recipe`` (advreg.recipes) goes under every run's settings."""
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     rows = [m if isinstance(m, Variant) else Variant(m, m) for m in methods]
@@ -108,7 +110,7 @@ def plan(base: TrainConfig, methods: list[str | Variant], seeds: int, settings: 
             point = tuple(f"{k}={v}" for k, v in zip(keys, values))
             name = row.name + "".join(f"__{p}" for p in point)
             for seed in range(seeds):
-                config = resolve(_with(base, row.method, seed), [*fixed, *point])
+                config = with_recipe(_with(base, row.method, seed), recipe, [*fixed, *point])
                 specs.append(RunSpec(row.name, point, seed, out / "runs" / name / f"seed{seed}", config))
     return specs
 

@@ -14,7 +14,8 @@ from typing import Any, Sequence
 from advreg import __version__, bench
 from advreg import config as cfg
 from advreg.data import DATASETS
-from advreg.methods import METHODS, resolve
+from advreg.methods import METHODS
+from advreg.recipes import RECIPES, recipe_defaults, with_recipe
 from advreg.models import MODELS
 from advreg.io import atomic_write_bytes
 from advreg.robustness import ATTACKS, evaluate_run
@@ -41,10 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Train one method with one seed; writes config.json, history.csv, "
                                             "metrics.json and a checkpoint into --out.")
     train.add_argument("--dataset", default="mnist1d", choices=DATASETS)
-    train.add_argument("--model", default="mlp", choices=MODELS)
+    train.add_argument("--model", default=None, choices=MODELS, help="default: the recipe's, else mlp")
     train.add_argument("--method", default="erm", choices=tuple(METHODS))
+    _add_recipe(train)
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--epochs", type=int, default=cfg.TrainConfig.epochs)
+    train.add_argument("--epochs", type=int, default=None,
+                       help=f"default: the recipe's, else {cfg.TrainConfig.epochs}")
     train.add_argument("--out", required=True, help="the run folder (created; must be new unless --resume)")
     train.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                        help="override a setting, e.g. amp.epsilon=0.2 or optim.lr=0.05 (repeatable); "
@@ -82,14 +85,15 @@ def _add_bench(commands: Any) -> None:
                     "choose each method's grid point by mean validation error, and write results.csv and "
                     "summary.md (mean ± std of test error, NLL and ECE).")
     bench.add_argument("--dataset", default="mnist1d", choices=DATASETS)
-    bench.add_argument("--model", default="mlp", choices=MODELS)
+    bench.add_argument("--model", default=None, choices=MODELS, help="default: the recipe's, else mlp")
     bench.add_argument("--methods", default="erm,amp", help=f"comma-separated, from: {', '.join(METHODS)}")
     bench.add_argument("--variant", dest="variants", action="append", default=[], metavar="LABEL=METHOD:K=V;K=V",
                        help="one more row: a method with fixed settings, e.g. 'amm_avg_lin=amm:amm.aggregation=avg;"
                             "amm.shrinkage=lin' (repeatable; give --methods '' for variants only)")
     bench.add_argument("--data-dir", default=None, help="the folder with the image sets' files; default $ADVREG_DATA")
     bench.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 for every method")
-    bench.add_argument("--epochs", type=int, default=cfg.TrainConfig.epochs)
+    _add_recipe(bench)
+    bench.add_argument("--epochs", type=int, default=None, help=f"default: the recipe's, else {cfg.TrainConfig.epochs}")
     bench.add_argument("--out", required=True, help="the bench folder (reruns skip finished runs)")
     bench.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                        help="a setting for every run, e.g. optim.lr=0.05 (repeatable)")
@@ -103,6 +107,13 @@ def _add_bench(commands: Any) -> None:
                        help="with --attacks: also craft the examples on this run folder's model (black box, e.g. "
                             "a separately trained ERM run) and report test_error_*_transfer")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_recipe(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", default=None, choices=tuple(RECIPES),
+                        help="a paper's training protocol (optimizer, schedule, augmentation, network, epochs, AMP's "
+                             "radius) under the method preset and --set: " + "; ".join(
+                                 f"{r.name}: {r.source}" for r in RECIPES.values()))
 
 
 def _add_analyze(commands: Any) -> None:
@@ -123,10 +134,14 @@ def _add_analyze(commands: Any) -> None:
 
 
 def make_config(args: argparse.Namespace) -> cfg.TrainConfig:
-    config = cfg.TrainConfig(method=args.method, seed=args.seed, epochs=args.epochs,
-                             data=cfg.DataConfig(name=args.dataset, dir=args.data_dir or ""),
-                             model=cfg.ModelConfig(name=args.model))
-    return resolve(config, args.settings)
+    return with_recipe(base_config(args, method=args.method, seed=args.seed), args.recipe, args.settings)
+
+
+def base_config(args: argparse.Namespace, **fields: Any) -> cfg.TrainConfig:
+    """The command's dataset, model and epochs; the model and epochs default to the recipe's."""
+    model, epochs = recipe_defaults(args.recipe, args.model, args.epochs)
+    return cfg.TrainConfig(epochs=epochs, data=cfg.DataConfig(name=args.dataset, dir=args.data_dir or ""),
+                           model=cfg.ModelConfig(name=model), **fields)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -148,10 +163,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if unknown or not (methods or args.variants):
         raise ValueError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from: {', '.join(METHODS)}")
     methods += [bench.parse_variant(v) for v in args.variants]
-    base = cfg.TrainConfig(epochs=args.epochs, data=cfg.DataConfig(name=args.dataset, dir=args.data_dir or ""),
-                           model=cfg.ModelConfig(name=args.model))
+    base = base_config(args)
     out = Path(args.out)
-    specs = bench.plan(base, methods, args.seeds, args.settings, bench.parse_grid(args.grid), out)
+    specs = bench.plan(base, methods, args.seeds, args.settings, bench.parse_grid(args.grid), out, args.recipe)
     for spec in specs:
         validate(spec.config)
     out.mkdir(parents=True, exist_ok=True)
@@ -164,7 +178,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
                          source=args.attack_source)
     chosen = bench.select(rows)
     bench.write_results(out, rows, chosen)
-    title = (f"{args.dataset}, {args.model}, {args.epochs} epochs, mean ± std over {args.seeds} seeds; grid points "
+    recipe = f", recipe {args.recipe}" if args.recipe else ""
+    title = (f"{args.dataset}, {base.model.name}, {base.epochs} epochs{recipe}, mean ± std over {args.seeds} seeds; grid points "
              "chosen by mean validation error; best mean in bold")
     summary = bench.summarize(rows, chosen, title)
     atomic_write_bytes(out / "summary.md", summary.encode())

@@ -155,6 +155,7 @@ class RobustConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     method: str = "erm"
+    recipe: str = ""  # the training recipe the run was built with (advreg.recipes), for the record
     seed: int = 0
     epochs: int = 100
     device: str = "cpu"

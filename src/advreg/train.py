@@ -26,6 +26,7 @@ from advreg.evaluate import AttackSettings, evaluate, margin, robust_error
 from advreg.io import load_checkpoint, read_json, save_checkpoint, write_csv, write_json
 from advreg.losses import LossStage
 from advreg.methods import build_loss, build_optimizer, build_transform, check_preset, validate_stages
+from advreg.recipes import get_recipe
 from advreg.transforms import Transform
 from advreg.transforms.adversarial import level as pixel_level
 from advreg.perturb import NonFiniteLossError
@@ -84,6 +85,8 @@ def validate(config: TrainConfig) -> None:
     """Raise ValueError, before any work, on a setting that cannot run."""
     check_preset(config)
     validate_stages(config)
+    if config.recipe:
+        get_recipe(config.recipe)
     build_loss(config)
     build_transform(config, (0.0, 1.0))
     if not (isinstance(config.epochs, int) and config.epochs >= 1):
@@ -133,12 +136,16 @@ def build_run(config: TrainConfig) -> Run:
     generator = torch.Generator().manual_seed(config.seed)
     loader = TensorLoader(*data.train, config.optim.batch_size, shuffle=True, generator=generator)
     optimizer = build_optimizer(config, model.parameters(), steps_per_epoch=len(loader))
-    milestones = sorted({max(1, round(f * config.epochs)) for f in config.optim.milestones})
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=config.optim.lr_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestone_epochs(config), gamma=config.optim.lr_decay)
     input_range = (data.train[0].min().item(), data.train[0].max().item())
     return Run(config, data, model, optimizer, scheduler, loader, generator, device,
                build_transform(config, input_range), build_loss(config), _robust_settings(config, input_range),
                _augmentation(config, data))
+
+
+def milestone_epochs(config: TrainConfig) -> list[int]:
+    """The epochs after which the learning rate is multiplied by ``optim.lr_decay``."""
+    return sorted({max(1, round(f * config.epochs)) for f in config.optim.milestones})
 
 
 def build_model(config: TrainConfig, data: DataSplits) -> nn.Module:
