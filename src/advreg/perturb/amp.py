@@ -9,7 +9,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from advreg.perturb.engine import (Closure, PerturbedOptimizer, check_nonnegative, global_norm, grads_of,
+from advreg.perturb.engine import (Closure, PerturbedOptimizer, check_nonnegative, global_norm, grads_of, scratch,
                                    set_to_sum)
 
 NORMS = ("global", "per_tensor")
@@ -48,19 +48,22 @@ class AMP(PerturbedOptimizer):
                 "norm": self.norm}
 
     def _perturb(self, params: list[Tensor], theta: list[Tensor], closure: Closure) -> None:
-        delta = [self._delta.setdefault(p, torch.empty_like(p)) for p in params]
+        if self.inner_steps == 1:  # Δ = Π(ζ∇J(θ)) = min(ζ, ε/‖∇J(θ)‖)·∇J(θ): scale .grad in place, no Δ buffer
+            grads = grads_of(params)
+            torch._foreach_mul_(grads, self._scales(grads, self.inner_lr))
+            torch._foreach_add_(params, grads)  # θ+Δ
+            return
+        delta = scratch(self._delta, params)
         torch._foreach_zero_(delta)  # Δ ← 0
         for n in range(self.inner_steps):
             if n > 0:
                 closure()  # ∇J(θ+Δ); the first ascent step reuses the clean gradient ∇J(θ)
             torch._foreach_add_(delta, grads_of(params), alpha=self.inner_lr)  # Δ ← Δ + ζ∇J(θ+Δ)
-            self._project(delta)
+            torch._foreach_mul_(delta, self._scales(delta, 1.0))  # Π_ε: Δ ← εΔ/‖Δ‖ where ‖Δ‖ > ε
             set_to_sum(params, theta, delta)  # θ+Δ
 
-    def _project(self, delta: list[Tensor]) -> None:
-        """Δ ← εΔ/‖Δ‖ where ‖Δ‖ > ε (min(1, ε/‖Δ‖) is 1 for Δ = 0, since ε/0 = inf)."""
+    def _scales(self, tensors: list[Tensor], cap: float) -> Tensor | list[Tensor]:
+        """min(cap, ε/‖t‖) for the whole list (global ball) or per tensor; ε/0 = inf gives cap."""
         if self.norm == "global":
-            torch._foreach_mul_(delta, (self.epsilon / global_norm(delta)).clamp(max=1.0))
-        else:
-            scales = (self.epsilon / torch.stack(torch._foreach_norm(delta))).clamp(max=1.0)  # (k,)
-            torch._foreach_mul_(delta, list(scales.unbind()))
+            return (self.epsilon / global_norm(tensors)).clamp(max=cap)
+        return list((self.epsilon / torch.stack(torch._foreach_norm(tensors))).clamp(max=cap).unbind())

@@ -9,7 +9,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from advreg.perturb.engine import Closure, PerturbedOptimizer, check_nonnegative, grads_of, set_to_sum
+from advreg.perturb.engine import Closure, PerturbedOptimizer, check_nonnegative, grads_of, scratch, set_to_sum
 
 
 class AWP(PerturbedOptimizer):
@@ -69,7 +69,7 @@ class AWP(PerturbedOptimizer):
         eta = self.step_size if self.step_size is not None else self.gamma / self.steps
         step_lengths = torch._foreach_mul(weight_norms, eta)  # η2‖w_l‖
         radii = torch._foreach_mul(weight_norms, self.gamma)  # γ‖w_l‖
-        delta = [self._delta.setdefault(p, torch.empty_like(p)) for p in layers]
+        delta = scratch(self._delta, layers)
         torch._foreach_zero_(delta)  # v ← 0
         for k in range(self.steps):
             if k > 0:

@@ -16,6 +16,7 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 
 Closure = Callable[[], Tensor]
 BN_STATS = ("clean", "all")
+PERTURB_ON = ("local", "global")  # under DDP: Δ from each replica's batch, or from the all-reduced gradient
 
 
 class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
@@ -25,22 +26,43 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
     ``zero_grad`` and ``state_dict`` (momentum included) see one optimizer.
     A perturbation that needs no gradient at θ (``uses_clean_gradient = False``, e.g. random
     perturbation) skips the clean pass: one pass per step, and ``step`` returns the loss at θ+Δ.
+
+    Mixed precision: with ``grad_scaler`` (a ``torch.amp.GradScaler`` whose ``scale(loss).backward()`` the closure
+    calls), the gradients of the passes that build Δ are unscaled as they come; if any pass overflowed, θ is
+    restored and the base step is skipped (the scaler sees the overflow, so its ``update()`` lowers the scale). Call
+    ``grad_scaler.update()`` after each ``step``.
+
+    Distributed data parallel: with ``no_sync`` (the ``DistributedDataParallel`` model's ``no_sync`` method), the
+    passes that build Δ run inside it (forward included), so only the final gradient at θ+Δ is all-reduced; each
+    replica perturbs by its own batch's gradient (the paper's per-batch Δ). ``perturb_on="global"`` all-reduces
+    those passes too, so that Δ comes from the global batch's gradient, the same on every replica.
     """
 
     uses_clean_gradient = True
 
-    def __init__(self, params: Iterable, base_optimizer: type, *, bn_stats: str = "clean", **base_kwargs: Any):
+    def __init__(self, params: Iterable, base_optimizer: type, *, bn_stats: str = "clean",
+                 grad_scaler: torch.amp.GradScaler | None = None, no_sync: Callable[[], Any] | None = None,
+                 perturb_on: str = "local", **base_kwargs: Any):
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
             raise ValueError(
                 f"base_optimizer must be an optimizer class such as torch.optim.SGD, got {base_optimizer!r}; "
                 "pass the class itself and its arguments as keywords (lr=0.1, momentum=0.9)")
         if bn_stats not in BN_STATS:
             raise ValueError(f"bn_stats must be one of {BN_STATS}, got {bn_stats!r}")
+        if perturb_on not in PERTURB_ON:
+            raise ValueError(f"perturb_on must be one of {PERTURB_ON}, got {perturb_on!r}")
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise ValueError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
+        if no_sync is not None and not callable(no_sync):
+            raise ValueError("no_sync must be the DistributedDataParallel model's no_sync method (model.no_sync)")
         super().__init__(params, dict(base_kwargs))
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self._share_base()
         self.bn_stats = bn_stats
+        self.grad_scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
+        self.no_sync, self.perturb_on = no_sync, perturb_on
         self._theta: dict[Tensor, Tensor] = {}  # scratch: θ during a step, never part of the state
+        self._norm_stats: dict[torch.nn.Module, list[Tensor]] = {}  # scratch: running statistics during a step
 
     def _share_base(self) -> None:
         self.param_groups = self.base_optimizer.param_groups
@@ -54,49 +76,82 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
 
     @abc.abstractmethod
     def _perturb(self, params: list[Tensor], theta: list[Tensor], closure: Closure) -> None:
-        """Move ``params`` from θ to θ+Δ. On entry they hold θ (also in ``theta``) and ``.grad`` = ∇J(θ)."""
+        """Move ``params`` from θ to θ+Δ. On entry they hold θ (also in ``theta``) and ``.grad`` = ∇J(θ)
+        (unscaled); ``closure`` is a pass whose gradient only builds Δ (unscaled, not all-reduced under ``no_sync``).
+        ``.grad`` may be overwritten: the final pass replaces it."""
 
     def _hyperparameters(self) -> dict[str, Any]:
         """The perturbation's own settings, saved in ``state_dict`` beside the base optimizer's."""
         return {}
 
+    def _needs_clean_pass(self) -> bool:
+        """Whether this step's Δ needs ∇J(θ) (one more pass, taken first)."""
+        return self.uses_clean_gradient
+
     # -- the step -----------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
-        """One training step; returns the loss at the unperturbed weights θ."""
+        """One training step; returns the loss at the unperturbed weights θ (at θ+Δ without a clean pass)."""
         losses: list[Tensor] = []  # every pass of this step, checked once at the end
-        closure = _checked(closure, type(self).__name__, losses)
+        run = _checked(closure, type(self).__name__, losses)
         if not self._is_active():
-            loss = closure()
+            loss = run()
             _require_finite(losses, "at the weights θ")
-            self.base_optimizer.step()
+            self._base_step()
             return loss
-        if self.uses_clean_gradient:
-            loss = closure()
+        overflow = _Overflow(self.grad_scaler)
+        ascent = self._ascent_pass(run, overflow)
+        clean = self._needs_clean_pass()
+        if clean:
+            loss = ascent()
             params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         else:
             params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
-        with self._frozen_running_stats(params), self._restoring(params) as theta:
-            self._perturb(params, theta, closure)
-            perturbed_loss = closure()  # ∇J(θ+Δ) now in .grad
-            _require_finite(losses, "at θ or at perturbed weights θ+Δ")
-        self.base_optimizer.step()  # at θ, with the gradient taken at θ+Δ
-        return loss if self.uses_clean_gradient else perturbed_loss
+        with self._frozen_running_stats(params, clean), self._restoring(params) as theta:
+            self._perturb(params, theta, ascent)
+            perturbed_loss = run()  # ∇J(θ+Δ) now in .grad (scaled, and all-reduced under DDP)
+            if self.grad_scaler is None:
+                _require_finite(losses, "at θ or at perturbed weights θ+Δ")
+            else:  # an overflow at θ+Δ is the scaler's to handle; a non-finite loss at θ is not
+                _require_finite(losses[:1] if clean else [], "at the weights θ")
+                overflow.check_loss(perturbed_loss)
+                overflow.poison(params)
+        self._base_step()  # at θ, with the gradient taken at θ+Δ
+        return loss if clean else perturbed_loss
+
+    def _base_step(self) -> None:
+        if self.grad_scaler is None:
+            self.base_optimizer.step()
+        else:  # unscales the final gradient; skips the step if it (or a poisoned pass) is not finite
+            self.grad_scaler.step(self.base_optimizer)
+
+    def _ascent_pass(self, run: Closure, overflow: "_Overflow") -> Closure:
+        """A pass whose gradient builds Δ: local to the replica under ``no_sync``, unscaled under a grad scaler."""
+        local = self.no_sync if self.perturb_on == "local" else None
+        if local is None and self.grad_scaler is None:
+            return run
+
+        def ascent() -> Tensor:
+            with local() if local is not None else nullcontext():
+                loss = run()
+            overflow.unscale([p.grad for g in self.param_groups for p in g["params"] if p.grad is not None])
+            return loss
+        return ascent
 
     @contextmanager
     def _restoring(self, params: list[Tensor]) -> Iterator[list[Tensor]]:
         """Snapshot θ; put it back bit for bit on exit, also when the step fails."""
-        theta = [self._theta.setdefault(p, torch.empty_like(p)) for p in params]
+        theta = scratch(self._theta, params)
         torch._foreach_copy_(theta, params)
         try:
             yield theta
         finally:
             torch._foreach_copy_(params, theta)  # back to θ
 
-    def _frozen_running_stats(self, params: list[Tensor]):
-        if self.bn_stats == "all" or not self.uses_clean_gradient:  # no clean pass: this one counts
+    def _frozen_running_stats(self, params: list[Tensor], clean: bool):
+        if self.bn_stats == "all" or not clean:  # no clean pass: this one counts
             return nullcontext()
-        return frozen_running_stats({id(p) for p in params})
+        return frozen_running_stats({id(p) for p in params}, self._norm_stats)
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -135,11 +190,13 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
 def global_norm(tensors: list[Tensor]) -> Tensor:
     """‖(t_1, …, t_k)‖₂ as a 0-d tensor, with no host synchronisation."""
     norms = torch._foreach_norm(tensors)
-    dtype = norms[0].dtype
-    for n in norms[1:]:
-        dtype = torch.promote_types(dtype, n.dtype)
-    device = norms[0].device
-    return torch.linalg.vector_norm(torch.stack([n.to(device, dtype) for n in norms]))
+    first = norms[0]
+    if any(n.dtype != first.dtype or n.device != first.device for n in norms):
+        dtype = first.dtype
+        for n in norms[1:]:
+            dtype = torch.promote_types(dtype, n.dtype)
+        norms = [n.to(first.device, dtype) for n in norms]
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 def set_to_sum(params: list[Tensor], theta: list[Tensor], delta: list[Tensor]) -> None:
@@ -180,28 +237,91 @@ class NonFiniteLossError(ValueError):
 
 
 def _require_finite(losses: list[Tensor], where: str) -> None:
-    finite = torch.stack([torch.isfinite(loss).all() for loss in losses]).all()
-    if not bool(finite):  # one host synchronisation per step
+    if not losses:
+        return
+    total = losses[0] if losses[0].ndim == 0 else losses[0].sum()
+    for loss in losses[1:]:
+        total = total + (loss if loss.ndim == 0 else loss.sum())  # NaN or inf anywhere makes the sum non-finite
+    if not bool(torch.isfinite(total)):  # one host synchronisation per step
         raise NonFiniteLossError(f"the loss is not finite (NaN or inf) {where}; the weights were left at θ. "
-                         "Lower the learning rate or the perturbation radius, or check the inputs")
+                                 "Lower the learning rate or the perturbation radius, or check the inputs")
+
+
+class _Overflow:
+    """Under a grad scaler: unscale the gradients of the passes that build Δ and remember any inf or NaN, so that
+    the base step is skipped (GradScaler's own check sees it through a poisoned final gradient)."""
+
+    def __init__(self, scaler: torch.amp.GradScaler | None):
+        self.scaler = scaler
+        self.found: dict[torch.device, Tensor] = {}
+        self.inv_scale: float | None = None
+
+    def unscale(self, grads: list[Tensor]) -> None:
+        if self.scaler is None:
+            return
+        if self.inv_scale is None:
+            self.inv_scale = 1.0 / self.scaler.get_scale()  # one host synchronisation per step
+        groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        for g in grads:
+            groups.setdefault((g.device, g.dtype), []).append(g)
+        for (device, _), group in groups.items():
+            found = self._found(device)
+            inv = torch.full((), self.inv_scale, dtype=torch.float32, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(group, found, inv)
+
+    def check_loss(self, loss: Tensor) -> None:
+        found = self._found(loss.device)
+        found.add_((~torch.isfinite(loss.detach().float())).any().float())
+
+    def poison(self, params: list[Tensor]) -> None:
+        """Make the final gradient non-finite on each device where a pass overflowed."""
+        for device, found in self.found.items():
+            grad = next((p.grad for p in params if p.grad is not None and p.grad.device == device), None)
+            if grad is not None:
+                grad.view(-1)[:1].add_(torch.where(found > 0, float("inf"), 0.0).to(grad.dtype))
+
+    def _found(self, device: torch.device) -> Tensor:
+        if device not in self.found:
+            self.found[device] = torch.zeros((), dtype=torch.float32, device=device)
+        return self.found[device]
+
+
+def scratch(store: dict[Tensor, Tensor], like: list[Tensor]) -> list[Tensor]:
+    """One persistent buffer per tensor of ``like`` (made on first use): no allocation per step."""
+    out = []
+    for t in like:
+        buffer = store.get(t)
+        if buffer is None or buffer.shape != t.shape or buffer.dtype != t.dtype or buffer.device != t.device:
+            buffer = store[t] = torch.empty_like(t)
+        out.append(buffer)
+    return out
 
 
 @contextmanager
-def frozen_running_stats(owned: set[int]) -> Iterator[None]:
+def frozen_running_stats(owned: set[int], store: dict | None = None) -> Iterator[None]:
     """Forward passes inside leave the running statistics of normalization layers as they were.
 
     Covers every BatchNorm/InstanceNorm that tracks running stats, is in training mode, and owns one
     of the parameters in ``owned`` (or has none, affine=False). The optimizer sees only parameters, so
-    it finds the layers through a scoped global forward pre-hook instead of needing the model.
+    it finds the layers through a scoped global forward pre-hook instead of needing the model. The copies
+    live in ``store`` (module -> buffers) when given, so that a step allocates nothing.
     """
-    saved: dict[_NormBase, list[tuple[Tensor, Tensor]]] = {}
+    store = {} if store is None else store
+    saved: list[tuple[list[Tensor], list[Tensor]]] = []
+    seen: set[int] = set()
 
     def snapshot(module: torch.nn.Module, _args: Any) -> None:
-        if module in saved or not _tracks_stats(module, owned):
+        if id(module) in seen or not _tracks_stats(module, owned):
             return
+        seen.add(id(module))
         buffers = [b for b in (module.running_mean, module.running_var, module.num_batches_tracked)
                    if b is not None]
-        saved[module] = [(b, b.clone()) for b in buffers]
+        copies = store.get(module)
+        if copies is None or any(c.shape != b.shape or c.device != b.device for c, b in zip(copies, buffers)):
+            copies = store[module] = [torch.empty_like(b) for b in buffers]
+        for copy, buffer in zip(copies, buffers):
+            copy.copy_(buffer)
+        saved.append((buffers, copies))
 
     handle = register_module_forward_pre_hook(snapshot)
     try:
@@ -209,8 +329,8 @@ def frozen_running_stats(owned: set[int]) -> Iterator[None]:
     finally:
         handle.remove()
         with torch.no_grad():
-            for pairs in saved.values():
-                for buffer, copy in pairs:
+            for buffers, copies in saved:
+                for buffer, copy in zip(buffers, copies):
                     buffer.copy_(copy)
 
 
