@@ -49,6 +49,7 @@ class AMPConfig:
     inner_lr: float = 1.0
     inner_steps: int = 1
     norm: str = "global"
+    every: int = 1  # the efficient mode: a fresh Δ every k steps, the last one reused in between (1 is AMP)
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,14 @@ class RobustConfig:
 
 
 @dataclass(frozen=True)
+class SpeedConfig:
+    """How the passes run; none of these changes what a step computes beyond floating-point rounding."""
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast with a GradScaler: an overflowing step is skipped)
+    channels_last: bool = False  # image networks and batches in channels-last memory format
+    compile: bool = False  # torch.compile the model
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     method: str = "erm"
     recipe: str = ""  # the training recipe the run was built with (advreg.recipes), for the record
@@ -177,6 +186,7 @@ class TrainConfig:
     awp: AWPConfig = field(default_factory=AWPConfig)
     rwp: RWPConfig = field(default_factory=RWPConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 
@@ -163,11 +163,16 @@ def build_loss(config: TrainConfig) -> LossStage:
     return OnLogits(criterion)
 
 
-def build_optimizer(config: TrainConfig, params: Iterable[torch.Tensor], steps_per_epoch: int = 1) -> torch.optim.Optimizer:
-    """SGD, or SGD wrapped by the configured weight perturbation (AWP's warm-up counts ``steps_per_epoch``)."""
+def build_optimizer(config: TrainConfig, params: Iterable[torch.Tensor], steps_per_epoch: int = 1,
+                    **engine: Any) -> torch.optim.Optimizer:
+    """SGD, or SGD wrapped by the configured weight perturbation (AWP's warm-up counts ``steps_per_epoch``);
+    ``engine`` holds the perturbation engine's options (``model``, ``grad_scaler``, ``no_sync``), unused by SGD."""
     o = config.optim
     sgd = dict(lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
     kind = config.stages.perturbation
+    if kind == "none":
+        return torch.optim.SGD(params, **sgd)
+    sgd.update(engine)
     if kind == "amp":
         a = config.amp
         return AMP(params, torch.optim.SGD, epsilon=a.epsilon, inner_lr=a.inner_lr, inner_steps=a.inner_steps,
@@ -184,4 +189,4 @@ def build_optimizer(config: TrainConfig, params: Iterable[torch.Tensor], steps_p
                    **sgd)
     if kind == "rwp":
         return RWP(params, torch.optim.SGD, gamma=config.rwp.gamma, **sgd)
-    return torch.optim.SGD(params, **sgd)
+    raise ValueError(f"unknown stages.perturbation {kind!r}; choose one of: {', '.join(PERTURBATIONS)}")

@@ -5,6 +5,7 @@ states, so ``resume=True`` continues an interrupted run to the numbers of an uni
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import platform
@@ -29,9 +30,10 @@ from advreg.methods import build_loss, build_optimizer, build_transform, check_p
 from advreg.recipes import get_recipe
 from advreg.transforms import Transform
 from advreg.transforms.adversarial import level as pixel_level
-from advreg.perturb import NonFiniteLossError
+from advreg.perturb import NonFiniteLossError, PerturbedOptimizer
 
 CHECKPOINT, CONFIG, HISTORY, METRICS = "checkpoint.pt", "config.json", "history.csv", "metrics.json"
+PRECISIONS = ("fp32", "bf16", "fp16")
 BEST = "best.pt"  # with robust.track: the weights of the epoch with the lowest validation robust error
 
 
@@ -58,6 +60,12 @@ class Run:
     loss_fn: LossStage  # stage 2: the objective; stage 3, the weight perturbation, is the optimizer
     robust: AttackSettings | None  # the PGD of the robust errors tracked each epoch (robust.track), or None
     augment: augment.Augment | None = None  # crop/flip/Cutout/AutoAugment of image batches, before stage 1
+    scaler: torch.amp.GradScaler | None = None  # speed.precision=fp16: the loss scale (checkpointed)
+    train_model: nn.Module | None = None  # the module the training passes call: the model, or its torch.compile
+
+    @property
+    def forward_model(self) -> nn.Module:
+        return self.model if self.train_model is None else self.train_model
 
 
 def train(config: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -87,6 +95,7 @@ def validate(config: TrainConfig) -> None:
     validate_stages(config)
     if config.recipe:
         get_recipe(config.recipe)
+    validate_speed(config)
     build_loss(config)
     build_transform(config, (0.0, 1.0))
     if not (isinstance(config.epochs, int) and config.epochs >= 1):
@@ -115,6 +124,18 @@ def validate(config: TrainConfig) -> None:
     resolve_device(config.device)
 
 
+def validate_speed(config: TrainConfig) -> None:
+    sp = config.speed
+    if sp.precision not in PRECISIONS:
+        raise ValueError(f"speed.precision must be one of {PRECISIONS}, got {sp.precision!r}")
+    if sp.precision == "fp16" and config.optim.clip_grad > 0:
+        raise ValueError("optim.clip_grad clips each pass's gradient, which float16 training keeps scaled; "
+                         "use speed.precision=bf16 (no loss scale) or optim.clip_grad=0")
+    for name in ("channels_last", "compile"):
+        if not isinstance(getattr(sp, name), bool):
+            raise ValueError(f"speed.{name} must be true or false, got {getattr(sp, name)!r}")
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -133,14 +154,20 @@ def build_run(config: TrainConfig) -> Run:
     device = resolve_device(config.device)
     data = _to_device(load_data(config), device)
     model = build_model(config, data).to(device)
+    if config.speed.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     generator = torch.Generator().manual_seed(config.seed)
     loader = TensorLoader(*data.train, config.optim.batch_size, shuffle=True, generator=generator)
-    optimizer = build_optimizer(config, model.parameters(), steps_per_epoch=len(loader))
+    scaler = torch.amp.GradScaler(device.type) if config.speed.precision == "fp16" else None
+    # the scaler: unscale each pass that builds Δ, skip an overflowing step; the model: BatchNorm bookkeeping
+    # without hooks, which torch.compile needs
+    optimizer = build_optimizer(config, model.parameters(), steps_per_epoch=len(loader), model=model,
+                                grad_scaler=scaler)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestone_epochs(config), gamma=config.optim.lr_decay)
     input_range = (data.train[0].min().item(), data.train[0].max().item())
     return Run(config, data, model, optimizer, scheduler, loader, generator, device,
                build_transform(config, input_range), build_loss(config), _robust_settings(config, input_range),
-               _augmentation(config, data))
+               _augmentation(config, data), scaler, torch.compile(model) if config.speed.compile else None)
 
 
 def milestone_epochs(config: TrainConfig) -> list[int]:
@@ -219,12 +246,16 @@ def _train_step(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     clean_logits: list[Tensor] = []
     if run.augment is not None:  # the loader's generator draws it: checkpointed, so a resumed run is the same
         x = run.augment(x, run.generator)
-    inputs, target = run.transform(run.model, x, y, run.data.num_classes)  # once: every pass sees it
+    if run.config.speed.channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    model, scaler = run.forward_model, run.scaler
+    inputs, target = run.transform(model, x, y, run.data.num_classes)  # once: every pass sees it
 
     def closure() -> Tensor:
         run.optimizer.zero_grad(set_to_none=True)
-        loss, logits = run.loss_fn(run.model, inputs, target)  # logits (B, K) on the inputs
-        loss.backward()
+        with _autocast(run):
+            loss, logits = run.loss_fn(model, inputs, target)  # logits (B, K) on the inputs
+        (loss if scaler is None else scaler.scale(loss)).backward()
         if run.config.optim.clip_grad > 0:  # every pass's gradient, the one the base step takes included
             nn.utils.clip_grad_norm_(run.model.parameters(), run.config.optim.clip_grad)
         if not clean_logits:  # the first call is the pass at θ
@@ -232,11 +263,25 @@ def _train_step(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         return loss
 
     try:
-        loss = run.optimizer.step(closure)
+        if scaler is None or isinstance(run.optimizer, PerturbedOptimizer):
+            loss = run.optimizer.step(closure)
+        else:  # torch's GradScaler takes no closure
+            loss = closure()
+            scaler.step(run.optimizer)
     except NonFiniteLossError as err:
         raise TrainingDiverged(f"training {run.config.method} diverged: {err} "
                                "(settings optim.lr, amp.epsilon, sam.rho)") from None
+    if scaler is not None:
+        scaler.update()
     return loss, clean_logits[0]
+
+
+def _autocast(run: Run):
+    """Mixed precision for the loss passes (speed.precision); the batch transform and evaluation stay in float32."""
+    precision = run.config.speed.precision
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(run.device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def final_metrics(run: Run, history: list[dict[str, float]], best: Path | None = None) -> dict[str, Any]:
@@ -321,7 +366,7 @@ def _snapshot(run: Run, epochs_done: int, history: list[dict[str, float]]) -> di
         rng["cuda"] = torch.cuda.get_rng_state(run.device)
     return {"epoch": epochs_done, "config": run.config.to_dict(), "model": run.model.state_dict(),
             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-            "rng": rng, "history": history}
+            "rng": rng, "history": history, "scaler": run.scaler.state_dict() if run.scaler is not None else None}
 
 
 def _restore(run: Run, checkpoint: dict[str, Any]) -> tuple[int, list[dict[str, float]]]:
@@ -331,6 +376,8 @@ def _restore(run: Run, checkpoint: dict[str, Any]) -> tuple[int, list[dict[str, 
     run.model.load_state_dict(checkpoint["model"])
     run.optimizer.load_state_dict(checkpoint["optimizer"])
     run.scheduler.load_state_dict(checkpoint["scheduler"])
+    if run.scaler is not None and checkpoint.get("scaler"):
+        run.scaler.load_state_dict(checkpoint["scaler"])
     torch.set_rng_state(checkpoint["rng"]["torch"])
     run.generator.set_state(checkpoint["rng"]["loader"])
     if "cuda" in checkpoint["rng"] and run.device.type == "cuda":

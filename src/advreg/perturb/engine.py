@@ -32,6 +32,10 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
     restored and the base step is skipped (the scaler sees the overflow, so its ``update()`` lowers the scale). Call
     ``grad_scaler.update()`` after each ``step``.
 
+    BatchNorm: with ``bn_stats="clean"`` only the clean pass updates the running statistics. Give ``model`` (the
+    module being trained) to have its normalization layers' statistics copied and restored directly, as
+    ``torch.compile`` requires; without it they are found by a forward pre-hook while the passes run (eager only).
+
     Distributed data parallel: with ``no_sync`` (the ``DistributedDataParallel`` model's ``no_sync`` method), the
     passes that build Δ run inside it (forward included), so only the final gradient at θ+Δ is all-reduced; each
     replica perturbs by its own batch's gradient (the paper's per-batch Δ). ``perturb_on="global"`` all-reduces
@@ -42,7 +46,7 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
 
     def __init__(self, params: Iterable, base_optimizer: type, *, bn_stats: str = "clean",
                  grad_scaler: torch.amp.GradScaler | None = None, no_sync: Callable[[], Any] | None = None,
-                 perturb_on: str = "local", **base_kwargs: Any):
+                 perturb_on: str = "local", model: torch.nn.Module | None = None, **base_kwargs: Any):
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
             raise ValueError(
                 f"base_optimizer must be an optimizer class such as torch.optim.SGD, got {base_optimizer!r}; "
@@ -53,6 +57,8 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
             raise ValueError(f"perturb_on must be one of {PERTURB_ON}, got {perturb_on!r}")
         if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
             raise ValueError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise ValueError(f"model must be the torch.nn.Module being trained, got {type(model).__name__}")
         if no_sync is not None and not callable(no_sync):
             raise ValueError("no_sync must be the DistributedDataParallel model's no_sync method (model.no_sync)")
         super().__init__(params, dict(base_kwargs))
@@ -63,6 +69,7 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
         self.no_sync, self.perturb_on = no_sync, perturb_on
         self._theta: dict[Tensor, Tensor] = {}  # scratch: θ during a step, never part of the state
         self._norm_stats: dict[torch.nn.Module, list[Tensor]] = {}  # scratch: running statistics during a step
+        self._norm_layers = None if model is None else [m for m in model.modules() if isinstance(m, _NormBase)]
 
     def _share_base(self) -> None:
         self.param_groups = self.base_optimizer.param_groups
@@ -151,7 +158,7 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
     def _frozen_running_stats(self, params: list[Tensor], clean: bool):
         if self.bn_stats == "all" or not clean:  # no clean pass: this one counts
             return nullcontext()
-        return frozen_running_stats({id(p) for p in params}, self._norm_stats)
+        return frozen_running_stats({id(p) for p in params}, self._norm_stats, self._norm_layers)
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -298,19 +305,21 @@ def scratch(store: dict[Tensor, Tensor], like: list[Tensor]) -> list[Tensor]:
 
 
 @contextmanager
-def frozen_running_stats(owned: set[int], store: dict | None = None) -> Iterator[None]:
+def frozen_running_stats(owned: set[int], store: dict | None = None,
+                         layers: list[torch.nn.Module] | None = None) -> Iterator[None]:
     """Forward passes inside leave the running statistics of normalization layers as they were.
 
     Covers every BatchNorm/InstanceNorm that tracks running stats, is in training mode, and owns one
-    of the parameters in ``owned`` (or has none, affine=False). The optimizer sees only parameters, so
-    it finds the layers through a scoped global forward pre-hook instead of needing the model. The copies
-    live in ``store`` (module -> buffers) when given, so that a step allocates nothing.
+    of the parameters in ``owned`` (or has none, affine=False). Given the model's normalization ``layers``, it
+    copies their statistics directly (works under ``torch.compile``); otherwise it finds the layers as they run,
+    through a scoped global forward pre-hook, since the optimizer sees only parameters (eager mode only). The
+    copies live in ``store`` (module -> buffers) when given, so that a step allocates nothing.
     """
     store = {} if store is None else store
     saved: list[tuple[list[Tensor], list[Tensor]]] = []
     seen: set[int] = set()
 
-    def snapshot(module: torch.nn.Module, _args: Any) -> None:
+    def snapshot(module: torch.nn.Module, _args: Any = None) -> None:
         if id(module) in seen or not _tracks_stats(module, owned):
             return
         seen.add(id(module))
@@ -319,19 +328,23 @@ def frozen_running_stats(owned: set[int], store: dict | None = None) -> Iterator
         copies = store.get(module)
         if copies is None or any(c.shape != b.shape or c.device != b.device for c, b in zip(copies, buffers)):
             copies = store[module] = [torch.empty_like(b) for b in buffers]
-        for copy, buffer in zip(copies, buffers):
-            copy.copy_(buffer)
+        torch._foreach_copy_(copies, buffers)
         saved.append((buffers, copies))
 
-    handle = register_module_forward_pre_hook(snapshot)
+    handle = None
+    if layers is None:
+        handle = register_module_forward_pre_hook(snapshot)
+    else:
+        for layer in layers:
+            snapshot(layer)
     try:
         yield
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
         with torch.no_grad():
             for buffers, copies in saved:
-                for buffer, copy in zip(buffers, copies):
-                    buffer.copy_(copy)
+                torch._foreach_copy_(buffers, copies)
 
 
 def _tracks_stats(module: torch.nn.Module, owned: set[int]) -> bool:
