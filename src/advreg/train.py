@@ -211,27 +211,35 @@ def load_data(config: TrainConfig) -> DataSplits:
 def run_epoch(run: Run, epoch: int) -> dict[str, float]:
     """One pass over the training set, then the schedule's step and an evaluation; a history row."""
     start, lr = time.perf_counter(), run.optimizer.param_groups[0]["lr"]
-    run.model.train()
-    loss_sum = torch.zeros((), device=run.device, dtype=torch.float64)
-    wrong = torch.zeros((), device=run.device, dtype=torch.long)
-    for x, y in run.loader:
-        loss, logits = _train_step(run, x, y)
-        loss_sum += loss.detach().double() * len(y)
-        wrong += (logits.argmax(dim=1) != y).sum()
-    n = len(run.loader.y)
-    train_loss = (loss_sum / n).item()  # one host synchronisation per epoch
-    if not math.isfinite(train_loss):
-        raise TrainingDiverged(f"the training loss became {train_loss} in epoch {epoch + 1}; "
-                               "lower optim.lr or the perturbation radius and start again")
+    train_loss, train_error = train_epoch(run, epoch)
     run.scheduler.step()
-    seconds = time.perf_counter() - start  # training only: the robust evaluation below is not counted
+    seconds = time.perf_counter() - start  # training only: the evaluation below is not counted
     val, test = evaluate(run.model, *run.data.val), evaluate(run.model, *run.data.test)
-    row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_error": 100.0 * wrong.item() / n,
+    row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_error": train_error,
            "val_loss": val["nll"], "val_error": val["error"], "test_loss": test["nll"], "test_error": test["error"]}
     if run.robust is not None:
         row.update(val_robust_error=robust_error(run.model, *run.data.val, run.robust),
                    test_robust_error=robust_error(run.model, *run.data.test, run.robust))
     return {**row, "seconds": seconds}
+
+
+def train_epoch(run: Run, epoch: int) -> tuple[float, float]:
+    """One pass over the training set: the running loss and error (%) of its clean passes."""
+    run.model.train()
+    losses, sizes, predictions, labels = [], [], [], []  # reduced once at the end: no work per step
+    for x, y in run.loader:
+        loss, logits = _train_step(run, x, y)
+        losses.append(loss.detach())
+        sizes.append(len(y))
+        predictions.append(logits)
+        labels.append(y)
+    weights = torch.tensor(sizes, device=run.device, dtype=torch.float64)
+    train_loss = float((torch.stack(losses).double() * weights).sum() / weights.sum())  # one host sync per epoch
+    if not math.isfinite(train_loss):
+        raise TrainingDiverged(f"the training loss became {train_loss} in epoch {epoch + 1}; "
+                               "lower optim.lr or the perturbation radius and start again")
+    wrong = (torch.cat(predictions).argmax(dim=1) != torch.cat(labels)).sum()
+    return train_loss, 100.0 * wrong.item() / weights.sum().item()
 
 
 def _is_best(history: list[dict[str, float]]) -> bool:
