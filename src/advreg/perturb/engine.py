@@ -103,7 +103,7 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
         run = _checked(closure, type(self).__name__, losses)
         if not self._is_active():
             loss = run()
-            _require_finite(losses, "at the weights θ")
+            _require_finite(losses, "at the weights θ", self._agree)
             self._base_step()
             return loss
         overflow = _Overflow(self.grad_scaler)
@@ -118,10 +118,12 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
             self._perturb(params, theta, ascent)
             perturbed_loss = run()  # ∇J(θ+Δ) now in .grad (scaled, and all-reduced under DDP)
             if self.grad_scaler is None:
-                _require_finite(losses, "at θ or at perturbed weights θ+Δ")
+                _require_finite(losses, "at θ or at perturbed weights θ+Δ", self._agree)
             else:  # an overflow at θ+Δ is the scaler's to handle; a non-finite loss at θ is not
-                _require_finite(losses[:1] if clean else [], "at the weights θ")
+                _require_finite(losses[:1] if clean else [], "at the weights θ", self._agree)
                 overflow.check_loss(perturbed_loss)
+                for found in overflow.found.values():
+                    self._agree(found)
                 overflow.poison(params)
         self._base_step()  # at θ, with the gradient taken at θ+Δ
         return loss if clean else perturbed_loss
@@ -131,6 +133,14 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
             self.base_optimizer.step()
         else:  # unscales the final gradient; skips the step if it (or a poisoned pass) is not finite
             self.grad_scaler.step(self.base_optimizer)
+
+    def _agree(self, flag: Tensor) -> Tensor:
+        """Under DDP (``no_sync`` given): the maximum of ``flag`` over the replicas, in place, so that a failure or an
+        overflow on one replica (its local loss, its local Δ) skips the step on every replica alike."""
+        if self.no_sync is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            group = getattr(getattr(self.no_sync, "__self__", None), "process_group", None)  # ddp.no_sync's DDP
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
+        return flag
 
     def _ascent_pass(self, run: Closure, overflow: "_Overflow") -> Closure:
         """A pass whose gradient builds Δ: local to the replica under ``no_sync``, unscaled under a grad scaler."""
@@ -243,13 +253,18 @@ class NonFiniteLossError(ValueError):
     """The loss of a step was NaN or inf; the weights were left at θ and no step was taken."""
 
 
-def _require_finite(losses: list[Tensor], where: str) -> None:
+def _require_finite(losses: list[Tensor], where: str,
+                    agree: Callable[[Tensor], Tensor] | None = None) -> None:
+    """Raise NonFiniteLossError if a loss is NaN or inf (on any replica, given ``agree``)."""
     if not losses:
         return
     total = losses[0] if losses[0].ndim == 0 else losses[0].sum()
     for loss in losses[1:]:
         total = total + (loss if loss.ndim == 0 else loss.sum())  # NaN or inf anywhere makes the sum non-finite
-    if not bool(torch.isfinite(total)):  # one host synchronisation per step
+    bad = (~torch.isfinite(total)).to(torch.int32)
+    if agree is not None:
+        bad = agree(bad)
+    if bool(bad):  # one host synchronisation per step
         raise NonFiniteLossError(f"the loss is not finite (NaN or inf) {where}; the weights were left at θ. "
                                  "Lower the learning rate or the perturbation radius, or check the inputs")
 
