@@ -1,0 +1,335 @@
+"""AMP's efficient mode ``every=k``: a fresh Δ (Algorithm 1) on steps 0, k, 2k, …, the kept Δ at the current θ
+in between.
+
+The reference is written here from the equations on a flat float64 parameter vector (``torch.func.functional_call``)
+with PyTorch's SGD (momentum, weight decay) by hand. ``every=1`` is compared bit for bit with a frozen copy of AMP's
+step as it was before the mode existed (on the same engine).
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+import advreg
+from advreg.config import TrainConfig
+from advreg.methods import build_optimizer, resolve
+from advreg.perturb.engine import PerturbedOptimizer, global_norm, grads_of, scratch, set_to_sum
+from advreg.train import train
+
+DT = torch.float64
+LR, MOMENTUM, WD = 0.1, 0.9, 1e-3
+
+
+def make_model(seed=0, *, batchnorm=False, dtype=DT):
+    torch.manual_seed(seed)
+    layers = [nn.Linear(5, 7)] + ([nn.BatchNorm1d(7)] if batchnorm else []) + [nn.Tanh(), nn.Linear(7, 3)]
+    return nn.Sequential(*layers).to(dtype)
+
+
+def make_batches(n_steps, batch_size=16, seed=1, dtype=DT):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch_size, 5, generator=gen, dtype=dtype),
+             torch.randint(0, 3, (batch_size,), generator=gen)) for _ in range(n_steps)]
+
+
+def run_opt(opt, model, batches):
+    """One step per batch: (returned losses, closure calls per step, flat parameters after each step)."""
+    losses, calls, traj = [], [], []
+    for x, y in batches:
+        count = []
+
+        def closure(x=x, y=y, count=count):
+            count.append(1)
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+        losses.append(float(opt.step(closure).detach()))
+        calls.append(len(count))
+        traj.append(flat(model))
+    return losses, calls, traj
+
+
+def flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+
+
+def amp(model, every, **kw):
+    settings = {"epsilon": 0.5, "inner_lr": 1.0, "inner_steps": 1, "norm": "global", "lr": LR, "momentum": MOMENTUM,
+                    "weight_decay": WD}
+    settings.update(kw)
+    return advreg.AMP(model.parameters(), torch.optim.SGD, every=every, **settings)
+
+
+# --------------------------------------------------------------------------------------------- reference
+def reference(model, batches, *, every, epsilon, inner_lr, inner_steps, norm):
+    """Refresh steps (t % k == 0): Algorithm 1, lines 4-13, and Δ kept. Other steps: g = ∇J(θ_t + Δ_kept) at the
+    current θ_t, θ_{t+1} from SGD at θ_t. Returns (returned losses, trajectory)."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+
+    def loss_grad(theta, x, y):
+        theta = theta.detach().requires_grad_(True)
+        params = {n: c.view(s) for n, c, s in zip(names, theta.split(sizes), shapes)}
+        loss = F.cross_entropy(functional_call(model, params, (x,)), y)
+        return loss.detach(), torch.autograd.grad(loss, theta)[0]
+
+    def project(delta):  # lines 8-10, on the whole vector or on each tensor
+        chunks = [delta] if norm == "global" else list(delta.split(sizes))
+        return torch.cat([c * (epsilon / c.norm()) if c.norm() > epsilon else c for c in chunks])
+
+    theta, buf, kept = flat(model), None, None
+    losses, traj = [], []
+    for t, (x, y) in enumerate(batches):
+        if t % every == 0:
+            delta, returned = torch.zeros_like(theta), None
+            for _ in range(inner_steps):
+                loss, g = loss_grad(theta + delta, x, y)
+                returned = loss if returned is None else returned
+                delta = project(delta + inner_lr * g)
+            kept = delta
+            _, g = loss_grad(theta + delta, x, y)
+        else:
+            returned, g = loss_grad(theta + kept, x, y)  # the kept Δ on the current θ
+        d = g + WD * theta
+        buf = d.clone() if buf is None else MOMENTUM * buf + d
+        theta = theta - LR * buf
+        losses.append(float(returned))
+        traj.append(theta)
+    return losses, traj
+
+
+class FrozenAMP(PerturbedOptimizer):
+    """AMP's Δ before ``every`` existed (commit ce8c71b), frozen here: k = 1 must stay that AMP, bit for bit."""
+
+    def __init__(self, params, base_optimizer, *, epsilon, inner_lr, inner_steps=1, norm="global", **base_kwargs):
+        self.epsilon, self.inner_lr, self.inner_steps, self.norm = epsilon, inner_lr, inner_steps, norm
+        super().__init__(params, base_optimizer, **base_kwargs)
+        self._delta = {}
+
+    def _is_active(self):
+        return self.epsilon > 0 and self.inner_steps > 0
+
+    def _perturb(self, params, theta, closure):
+        if self.inner_steps == 1:
+            grads = grads_of(params)
+            torch._foreach_mul_(grads, self._scales(grads, self.inner_lr))
+            torch._foreach_add_(params, grads)
+            return
+        delta = scratch(self._delta, params)
+        torch._foreach_zero_(delta)
+        for n in range(self.inner_steps):
+            if n > 0:
+                closure()
+            torch._foreach_add_(delta, grads_of(params), alpha=self.inner_lr)
+            torch._foreach_mul_(delta, self._scales(delta, 1.0))
+            set_to_sum(params, theta, delta)
+
+    def _scales(self, tensors, cap):
+        if self.norm == "global":
+            return (self.epsilon / global_norm(tensors)).clamp(max=cap)
+        return list((self.epsilon / torch.stack(torch._foreach_norm(tensors))).clamp(max=cap).unbind())
+
+
+# ------------------------------------------------------------------------------------------------ tests
+@pytest.mark.parametrize("norm", ["global", "per_tensor"])
+@pytest.mark.parametrize("inner_steps", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_1_is_amp_bit_for_bit(inner_steps, norm, dtype):
+    batches = make_batches(6, seed=2, dtype=dtype)
+    model_a = make_model(1, dtype=dtype)
+    model_b = copy.deepcopy(model_a)
+    kw = {"inner_steps": inner_steps, "norm": norm, "inner_lr": 3.0}
+    plain = FrozenAMP(model_a.parameters(), torch.optim.SGD, epsilon=0.5, lr=LR, momentum=MOMENTUM,
+                      weight_decay=WD, **kw)
+    losses_a, calls_a, traj_a = run_opt(plain, model_a, batches)
+    losses_b, calls_b, traj_b = run_opt(amp(model_b, 1, **kw), model_b, batches)
+    assert losses_a == losses_b and calls_a == calls_b == [inner_steps + 1] * 6
+    assert all(torch.equal(a, b) for a, b in zip(traj_a, traj_b))
+
+
+@pytest.mark.parametrize("norm", ["global", "per_tensor"])
+@pytest.mark.parametrize("inner_steps", [1, 2])
+def test_every_3_matches_the_reference(inner_steps, norm):
+    batches = make_batches(8, seed=3)
+    model = make_model(2)
+    ref_model = copy.deepcopy(model)
+    kw = {"epsilon": 0.5, "inner_lr": 1.0, "inner_steps": inner_steps, "norm": norm}
+    losses, calls, traj = run_opt(amp(model, 3, **kw), model, batches)
+    ref_losses, ref = reference(ref_model, batches, every=3, **kw)
+    for t, (a, b) in enumerate(zip(traj, ref)):
+        assert (a - b).abs().max().item() <= 1e-10, f"step {t}"
+    assert losses == pytest.approx(ref_losses, abs=1e-12)
+    fresh = [t % 3 == 0 for t in range(8)]
+    assert calls == [inner_steps + 1 if f else 1 for f in fresh]
+    # the mode matters here: neither AMP (k = 1) nor Δ restored to the θ of the refresh step (a stale restore)
+    _, amp_ref = reference(ref_model, batches, every=1, **kw)
+    assert (ref[-1] - amp_ref[-1]).abs().max() > 1e-6
+
+
+def test_weights_are_restored_to_the_current_theta_every_step():
+    model = make_model(3)
+    opt = amp(model, 3, lr=0.0, momentum=0.0, weight_decay=0.0, inner_steps=2)
+    before = flat(model)
+    for x, y in make_batches(7, seed=4):
+        run_opt(opt, model, [(x, y)])
+        assert torch.equal(flat(model), before)
+
+
+def test_the_closure_sees_the_kept_delta_on_the_moving_theta():
+    """Between refreshes the closure runs at θ_t + Δ_kept, θ_t the current weights (not the refresh step's)."""
+    model = make_model(4)
+    opt = amp(model, 4, inner_lr=100.0)
+    batches = make_batches(4, seed=5)
+    seen, thetas = [], []
+    for x, y in batches:
+        thetas.append(flat(model))
+
+        def closure(x=x, y=y):
+            seen.append(flat(model))
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+        opt.step(closure)
+    delta = seen[1] - thetas[0]  # step 0: clean pass (seen[0]), then the pass at θ_0 + Δ
+    assert delta.norm().item() == pytest.approx(0.5, rel=1e-9)  # on the sphere: ζ‖g‖ > ε
+    for t in (1, 2, 3):
+        assert torch.allclose(seen[t + 1], thetas[t] + delta, rtol=0, atol=1e-12)
+        assert not torch.equal(thetas[t], thetas[0])
+
+
+def test_a_parameter_without_gradient_at_the_refresh_has_zero_delta():
+    torch.manual_seed(0)
+    trunk, head_a, head_b = nn.Linear(5, 4).double(), nn.Linear(4, 3).double(), nn.Linear(4, 3).double()
+    modules = nn.ModuleList([trunk, head_a, head_b])
+    opt = advreg.AMP(modules.parameters(), torch.optim.SGD, epsilon=0.5, inner_lr=1.0, every=2, lr=0.0)
+    (x, y), = make_batches(1, seed=6)
+    head_b_theta = [p.detach().clone() for p in head_b.parameters()]
+    seen = {}
+
+    def closure(use_b):
+        def run():
+            opt.zero_grad()
+            out = head_a(trunk(x)) + (head_b(trunk(x)) if use_b else 0)
+            seen["b"] = [p.detach().clone() for p in head_b.parameters()]
+            seen["a"] = [p.detach().clone() for p in head_a.parameters()]
+            loss = F.cross_entropy(out, y)
+            loss.backward()
+            return loss
+        return run
+    a_theta = [p.detach().clone() for p in head_a.parameters()]
+    opt.step(closure(use_b=False))  # refresh: head_b has no gradient
+    opt.step(closure(use_b=True))  # in between: head_b takes part, at Δ = 0
+    assert all(torch.equal(s, t) for s, t in zip(seen["b"], head_b_theta))
+    assert not all(torch.equal(s, t) for s, t in zip(seen["a"], a_theta))  # head_a is perturbed
+    kept = opt.state_dict()["perturbation"]["delta"]
+    assert [d.abs().max().item() for d in kept[-2:]] == [0.0, 0.0]
+
+
+def test_batchnorm_statistics_count_each_step_once():
+    model = make_model(5, batchnorm=True)
+    opt = amp(model, 3, inner_steps=2)
+    run_opt(opt, model, make_batches(5, seed=7))
+    assert int(model[1].num_batches_tracked) == 5  # the clean pass on a refresh, the single pass in between
+
+
+@pytest.mark.parametrize("cut", [1, 2, 4])
+def test_state_dict_round_trip_mid_cycle(cut):
+    batches = make_batches(9, seed=8)
+    model = make_model(6)
+    opt = amp(model, 3, inner_steps=2)
+    run_opt(opt, model, batches[:cut])
+    saved_opt = copy.deepcopy(opt.state_dict())
+    saved_model = copy.deepcopy(model.state_dict())
+    losses, calls, _ = run_opt(opt, model, batches[cut:])
+
+    def resumed(state):
+        fresh = make_model(99)
+        fresh.load_state_dict(saved_model)
+        opt2 = amp(fresh, 3, inner_steps=2)
+        opt2.load_state_dict(state)
+        return run_opt(opt2, fresh, batches[cut:]), flat(fresh)
+
+    (losses2, calls2, _), theta2 = resumed(saved_opt)
+    assert losses2 == losses and calls2 == calls and torch.equal(theta2, flat(model))
+    assert saved_opt["perturbation"]["steps_taken"] == cut
+    # control: without the kept Δ the resumed run builds a fresh one and differs (the Δ in the state matters)
+    no_delta = copy.deepcopy(saved_opt)
+    del no_delta["perturbation"]["delta"]
+    (_, calls3, _), theta3 = resumed(no_delta)
+    assert calls3[0] == 3 and not torch.equal(theta3, flat(model))
+
+
+def test_the_state_loads_with_weights_only(tmp_path):
+    model = make_model(7)
+    opt = amp(model, 4)
+    run_opt(opt, model, make_batches(2, seed=9))
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    state = torch.load(tmp_path / "opt.pt", weights_only=True)
+    assert state["perturbation"]["every"] == 4 and len(state["perturbation"]["delta"]) == 4
+    opt2 = amp(make_model(7), 4)
+    opt2.load_state_dict(state)
+    bad = copy.deepcopy(state)
+    bad["perturbation"]["delta"] = bad["perturbation"]["delta"][:2]
+    with pytest.raises(ValueError, match="kept Δ"):
+        amp(make_model(7), 4).load_state_dict(bad)
+
+
+def scaled_closure(opt, model, x, y, scaler, calls, inf_at=None):
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        if len(calls) == inf_at:
+            model[0].weight.grad.view(-1)[0] = float("inf")
+        calls.append(1)
+        return loss
+    return closure
+
+
+def test_under_a_grad_scaler_the_steps_are_unchanged_and_an_overflowed_refresh_is_redone():
+    model = make_model(8, dtype=torch.float32)
+    twin = copy.deepcopy(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaled, plain = amp(model, 3, grad_scaler=scaler), amp(twin, 3)
+    for x, y in make_batches(5, seed=10, dtype=torch.float32):  # a power-of-two scale changes nothing
+        scaled.step(scaled_closure(scaled, model, x, y, scaler, []))
+        scaler.update()
+        run_opt(plain, twin, [(x, y)])
+    assert torch.equal(flat(model), flat(twin))
+    (x, y), = make_batches(1, seed=11, dtype=torch.float32)
+    calls = [[] for _ in range(3)]
+    scaled.step(scaled_closure(scaled, model, x, y, scaler, calls[0]))  # step 5: in between
+    scaler.update()
+    theta = flat(model)
+    scaled.step(scaled_closure(scaled, model, x, y, scaler, calls[1], inf_at=0))  # step 6: refresh, overflows
+    scaler.update()
+    assert torch.equal(flat(model), theta) and scaler.get_scale() == 2.0 ** 9  # skipped
+    scaled.step(scaled_closure(scaled, model, x, y, scaler, calls[2]))  # step 7: a fresh Δ, not the broken one
+    assert [len(c) for c in calls] == [1, 2, 2] and torch.isfinite(flat(model)).all()
+
+
+@pytest.mark.parametrize("every", [0, -1, 1.5, 2.0, "2", True, None])
+def test_bad_every_raises(every):
+    with pytest.raises(ValueError, match="every must be an integer >= 1"):
+        amp(make_model(0), every)
+
+
+def test_config_key_reaches_the_optimizer():
+    config = resolve(TrainConfig(method="amp"), ["amp.every=4"])
+    opt = build_optimizer(config, make_model(0).parameters())
+    assert opt.every == 4 and opt.state_dict()["perturbation"]["every"] == 4
+
+
+def test_an_interrupted_run_resumes_mid_cycle_to_the_same_numbers(tmp_path, interrupted_then_resumed):
+    """18 steps an epoch with k = 5: the run is cut at step 36, one step after a refresh."""
+    config = resolve(TrainConfig(method="amp", epochs=4), ["model.hidden=16", "optim.batch_size=200",
+                                                            "amp.every=5"])
+    whole = train(config, tmp_path / "whole", progress=False)
+    drop = lambda m: {k: v for k, v in m.items() if "seconds" not in k}
+    assert drop(interrupted_then_resumed(config)) == drop(whole)
