@@ -195,3 +195,20 @@ def test_fp16_with_gradient_clipping_is_refused():
     config = advreg.methods.resolve(TrainConfig(method="amm"), ["speed.precision=fp16"])
     with pytest.raises(ValueError, match="clip_grad"):
         validate(config)
+
+
+def test_a_channels_last_network_under_a_scaler_steps_and_skips():
+    """A channels-last gradient has no flat view: the overflow mark must still land."""
+    model = bn_net().to(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 3, (8,))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    opt = advreg.AMP(model.parameters(), torch.optim.SGD, epsilon=0.5, inner_lr=1.0, grad_scaler=scaler, model=model,
+                     **SGD)
+    assert not model[0].weight.is_contiguous()
+    theta = [p.detach().clone() for p in model.parameters()]
+    opt.step(make_closure(opt, model, x, y, scaler, inject_at=1, where="bias")[0])  # the final pass overflows
+    scaler.update()
+    assert all(torch.equal(p, t) for p, t in zip(model.parameters(), theta)) and scaler.get_scale() == 2.0 ** 7
+    opt.step(make_closure(opt, model, x, y, scaler)[0])
+    assert not all(torch.equal(p, t) for p, t in zip(model.parameters(), theta))

@@ -103,7 +103,7 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
         run = _checked(closure, type(self).__name__, losses)
         if not self._is_active():
             loss = run()
-            _require_finite(losses, "at the weights θ", self._agree)
+            _require_finite(losses, "at the weights θ", self._agreement())
             self._base_step()
             return loss
         overflow = _Overflow(self.grad_scaler)
@@ -118,9 +118,9 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
             self._perturb(params, theta, ascent)
             perturbed_loss = run()  # ∇J(θ+Δ) now in .grad (scaled, and all-reduced under DDP)
             if self.grad_scaler is None:
-                _require_finite(losses, "at θ or at perturbed weights θ+Δ", self._agree)
+                _require_finite(losses, "at θ or at perturbed weights θ+Δ", self._agreement())
             else:  # an overflow at θ+Δ is the scaler's to handle; a non-finite loss at θ is not
-                _require_finite(losses[:1] if clean else [], "at the weights θ", self._agree)
+                _require_finite(losses[:1] if clean else [], "at the weights θ", self._agreement())
                 overflow.check_loss(perturbed_loss)
                 for found in overflow.found.values():
                     self._agree(found)
@@ -133,6 +133,12 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
             self.base_optimizer.step()
         else:  # unscales the final gradient; skips the step if it (or a poisoned pass) is not finite
             self.grad_scaler.step(self.base_optimizer)
+
+    def _agreement(self) -> Callable[[Tensor], Tensor] | None:
+        """``_agree`` under DDP, None otherwise (a single process has nothing to agree on)."""
+        replicated = self.no_sync is not None and torch.distributed.is_available() \
+            and torch.distributed.is_initialized()
+        return self._agree if replicated else None
 
     def _agree(self, flag: Tensor) -> Tensor:
         """Under DDP (``no_sync`` given): the maximum of ``flag`` over the replicas, in place, so that a failure or an
@@ -166,8 +172,8 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
             torch._foreach_copy_(params, theta)  # back to θ
 
     def _frozen_running_stats(self, params: list[Tensor], clean: bool):
-        if self.bn_stats == "all" or not clean:  # no clean pass: this one counts
-            return nullcontext()
+        if self.bn_stats == "all" or not clean or self._norm_layers == []:  # no clean pass: this one counts;
+            return nullcontext()  # model= has no normalization layer: nothing to freeze
         return frozen_running_stats({id(p) for p in params}, self._norm_stats, self._norm_layers)
 
     # -- state ----------------------------------------------------------------------------------
@@ -261,10 +267,11 @@ def _require_finite(losses: list[Tensor], where: str,
     total = losses[0] if losses[0].ndim == 0 else losses[0].sum()
     for loss in losses[1:]:
         total = total + (loss if loss.ndim == 0 else loss.sum())  # NaN or inf anywhere makes the sum non-finite
-    bad = (~torch.isfinite(total)).to(torch.int32)
-    if agree is not None:
-        bad = agree(bad)
-    if bool(bad):  # one host synchronisation per step
+    if agree is None:  # one host synchronisation per step (torch.isfinite alone is 4 kernels on CPU)
+        finite = math.isfinite(total.item())
+    else:
+        finite = not bool(agree((~torch.isfinite(total)).to(torch.int32)))
+    if not finite:
         raise NonFiniteLossError(f"the loss is not finite (NaN or inf) {where}; the weights were left at θ. "
                                  "Lower the learning rate or the perturbation radius, or check the inputs")
 
@@ -298,9 +305,10 @@ class _Overflow:
     def poison(self, params: list[Tensor]) -> None:
         """Make the final gradient non-finite on each device where a pass overflowed."""
         for device, found in self.found.items():
-            grad = next((p.grad for p in params if p.grad is not None and p.grad.device == device), None)
-            if grad is not None:
-                grad.view(-1)[:1].add_(torch.where(found > 0, float("inf"), 0.0).to(grad.dtype))
+            grad = next((p.grad for p in params
+                         if p.grad is not None and p.grad.device == device and p.grad.numel() > 0), None)
+            if grad is not None:  # one element, whatever the layout (a channels_last gradient has no view(-1))
+                grad[(0,) * grad.dim()].add_(torch.where(found > 0, float("inf"), 0.0).to(grad.dtype))
 
     def _found(self, device: torch.device) -> Tensor:
         if device not in self.found:
