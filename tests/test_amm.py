@@ -567,7 +567,7 @@ def test_the_regularizer_leaves_batchnorm_statistics_to_the_cross_entropy_pass()
     with torch.no_grad():
         reference(x)
     model.train()
-    loss, logits = _train_step(run, x, y)
+    loss, logits, _ = _train_step(run, x, y)
     assert math.isfinite(loss.item()) and logits.shape == (64, 10)
     for name in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
         torch.testing.assert_close(model.state_dict()[name], reference.state_dict()[name])

@@ -49,7 +49,7 @@ def train_on(run, data):
 def test_finite_loss_and_the_weights_move(name):
     run = build_run(small_config(name))
     before = params(run)
-    for loss, logits in train_on(run, batches(run, STEPS)):
+    for loss, logits, _ in train_on(run, batches(run, STEPS)):
         assert loss.dim() == 0 and math.isfinite(loss.item())
         assert logits.shape == (64, run.data.num_classes) and torch.isfinite(logits).all()
     assert not same(params(run), before)
@@ -61,7 +61,7 @@ def test_weights_restored_exactly_when_the_base_step_is_zero(name):
     for group in run.optimizer.param_groups:
         group.update(lr=0.0, momentum=0.0, weight_decay=0.0)
     before = params(run)
-    for loss, _ in train_on(run, batches(run, STEPS)):
+    for loss, _, _ in train_on(run, batches(run, STEPS)):
         assert math.isfinite(loss.item())
     assert same(params(run), before)  # every perturbation went back to θ, bit for bit
     assert all(p.grad is not None for p in run.model.parameters())  # the steps did run
@@ -179,7 +179,7 @@ def test_amp_on_mixup_batches_transforms_once_and_passes_n_plus_one_times(inner_
     run.transform, run.loss_fn = Counting(run.transform), Counting(run.loss_fn)
     before = params(run)
     for step, (x, y) in enumerate(batches(run, 2), start=1):
-        loss, _ = _train_step(run, x, y)
+        loss, _, _ = _train_step(run, x, y)
         assert math.isfinite(loss.item())
         assert run.transform.calls == step
         assert run.loss_fn.calls == step * (inner_steps + 1)
@@ -200,7 +200,7 @@ def test_flooding_composes_with_amp_through_the_command_line_setting():
     y = torch.arange(4)
     J = cross_entropy(logits, y)
     torch.testing.assert_close(run.loss_fn.criterion(logits, y), 2 * 0.02 - J)
-    loss, _ = train_on(run, batches(run, 1))[0]
+    loss, _, _ = train_on(run, batches(run, 1))[0]
     assert math.isfinite(loss.item())
 
 

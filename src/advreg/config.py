@@ -159,6 +159,7 @@ class SpeedConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast with a GradScaler: an overflowing step is skipped)
     channels_last: bool = False  # image networks and batches in channels-last memory format
     compile: bool = False  # torch.compile the model
+    perturb_on: str = "local"  # under torchrun: Δ from each replica's slice of the batch (local) or the whole (global)
 
 
 @dataclass(frozen=True)

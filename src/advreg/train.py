@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import advreg
-from advreg import models
+from advreg import distributed, models
 from advreg.config import TrainConfig
 from advreg.data import DataSplits, TensorLoader, augment, load_dataset
 from advreg.evaluate import AttackSettings, evaluate, margin, robust_error
@@ -61,7 +61,8 @@ class Run:
     robust: AttackSettings | None  # the PGD of the robust errors tracked each epoch (robust.track), or None
     augment: augment.Augment | None = None  # crop/flip/Cutout/AutoAugment of image batches, before stage 1
     scaler: torch.amp.GradScaler | None = None  # speed.precision=fp16: the loss scale (checkpointed)
-    train_model: nn.Module | None = None  # the module the training passes call: the model, or its torch.compile
+    train_model: nn.Module | None = None  # what the training passes call: the model's DDP wrapper or torch.compile
+    replicas: distributed.Replicas | None = None  # under torchrun: this process's rank among the replicas
 
     @property
     def forward_model(self) -> nn.Module:
@@ -69,23 +70,48 @@ class Run:
 
 
 def train(config: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train ``config`` into folder ``out`` and return the final metrics (also in metrics.json)."""
+    """Train ``config`` into folder ``out`` and return the final metrics (also in metrics.json).
+
+    Under ``torchrun`` (WORLD_SIZE > 1) the replicas train it together (:mod:`advreg.distributed`); replica 0
+    writes the folder."""
     out = Path(out)
     validate(config)
-    checkpoint = _prepare_folder(out, config, resume)
-    run = build_run(config)
+    replicas = distributed.from_environment(config.device)
+    try:
+        return _train(config, out, resume, progress, replicas)
+    finally:
+        if replicas is not None:
+            replicas.close()
+
+
+def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
+           replicas: distributed.Replicas | None) -> dict[str, Any]:
+    main = replicas is None or replicas.main
+    checkpoint = _prepare_folder(out, config, resume) if main else None
+    if not main:
+        replicas.barrier()  # replica 0 has checked the folder (or failed, and the launcher stops everyone)
+        checkpoint = load_checkpoint(out / CHECKPOINT) if resume and (out / CHECKPOINT).exists() else None
+    elif replicas is not None:
+        replicas.barrier()
+    run = build_run(config, replicas)
     start, history = _restore(run, checkpoint) if checkpoint else (0, [])
     bar = tqdm(range(start, config.epochs), initial=start, total=config.epochs, unit="epoch",
-               desc=f"{config.method} seed {config.seed}", disable=not progress, leave=False)
+               desc=f"{config.method} seed {config.seed}", disable=not (progress and main), leave=False)
     for epoch in bar:
         history.append(run_epoch(run, epoch))
-        if _is_best(history):  # before the checkpoint: a crash in between redoes this epoch and this save
-            save_checkpoint(out / BEST, {"epoch": epoch + 1, "model": run.model.state_dict()})
-        save_checkpoint(out / CHECKPOINT, _snapshot(run, epoch + 1, history))
-        write_csv(out / HISTORY, history)
+        if main:
+            if _is_best(history):  # before the checkpoint: a crash in between redoes this epoch and this save
+                save_checkpoint(out / BEST, {"epoch": epoch + 1, "model": run.model.state_dict()})
+            save_checkpoint(out / CHECKPOINT, _snapshot(run, epoch + 1, history))
+            write_csv(out / HISTORY, history)
         bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", val_err=f"{history[-1]['val_error']:.1f}")
+    if replicas is not None:
+        replicas.barrier()  # best.pt is written
     metrics = final_metrics(run, history, out / BEST)
-    write_json(out / METRICS, metrics)
+    if replicas is not None:
+        metrics["world_size"] = replicas.world
+    if main:
+        write_json(out / METRICS, metrics)
     return metrics
 
 
@@ -131,6 +157,8 @@ def validate_speed(config: TrainConfig) -> None:
     if sp.precision == "fp16" and config.optim.clip_grad > 0:
         raise ValueError("optim.clip_grad clips each pass's gradient, which float16 training keeps scaled; "
                          "use speed.precision=bf16 (no loss scale) or optim.clip_grad=0")
+    if sp.perturb_on not in ("local", "global"):
+        raise ValueError(f"speed.perturb_on must be local or global, got {sp.perturb_on!r}")
     for name in ("channels_last", "compile"):
         if not isinstance(getattr(sp, name), bool):
             raise ValueError(f"speed.{name} must be true or false, got {getattr(sp, name)!r}")
@@ -148,10 +176,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def build_run(config: TrainConfig) -> Run:
-    """Data, model, optimizer and schedule of ``config``, seeded: the same config builds the same run."""
+def build_run(config: TrainConfig, replicas: distributed.Replicas | None = None) -> Run:
+    """Data, model, optimizer and schedule of ``config``, seeded: the same config builds the same run
+    (under ``replicas``, the model is wrapped in DistributedDataParallel for the training passes)."""
     torch.manual_seed(config.seed)
-    device = resolve_device(config.device)
+    device = distributed.replica_device(resolve_device(config.device), replicas)
     data = _to_device(load_data(config), device)
     model = build_model(config, data).to(device)
     if config.speed.channels_last:
@@ -161,13 +190,19 @@ def build_run(config: TrainConfig) -> Run:
     scaler = torch.amp.GradScaler(device.type) if config.speed.precision == "fp16" else None
     # the scaler: unscale each pass that builds Δ, skip an overflowing step; the model: BatchNorm bookkeeping
     # without hooks, which torch.compile needs
-    optimizer = build_optimizer(config, model.parameters(), steps_per_epoch=len(loader), model=model,
-                                grad_scaler=scaler)
+    engine: dict[str, Any] = dict(model=model, grad_scaler=scaler)
+    train_model = None
+    if replicas is not None:  # the passes that build Δ stay local to each replica (speed.perturb_on=local)
+        train_model = replicas.wrap(model, device)
+        engine.update(no_sync=train_model.no_sync, perturb_on=config.speed.perturb_on)
+    if config.speed.compile:
+        train_model = torch.compile(train_model if train_model is not None else model)
+    optimizer = build_optimizer(config, model.parameters(), steps_per_epoch=len(loader), **engine)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestone_epochs(config), gamma=config.optim.lr_decay)
     input_range = (data.train[0].min().item(), data.train[0].max().item())
     return Run(config, data, model, optimizer, scheduler, loader, generator, device,
                build_transform(config, input_range), build_loss(config), _robust_settings(config, input_range),
-               _augmentation(config, data), scaler, torch.compile(model) if config.speed.compile else None)
+               _augmentation(config, data), scaler, train_model, replicas)
 
 
 def milestone_epochs(config: TrainConfig) -> list[int]:
@@ -228,18 +263,22 @@ def train_epoch(run: Run, epoch: int) -> tuple[float, float]:
     run.model.train()
     losses, sizes, predictions, labels = [], [], [], []  # reduced once at the end: no work per step
     for x, y in run.loader:
-        loss, logits = _train_step(run, x, y)
+        loss, logits, y = _train_step(run, x, y)
         losses.append(loss.detach())
         sizes.append(len(y))
         predictions.append(logits)
         labels.append(y)
     weights = torch.tensor(sizes, device=run.device, dtype=torch.float64)
-    train_loss = float((torch.stack(losses).double() * weights).sum() / weights.sum())  # one host sync per epoch
+    wrong = (torch.cat(predictions).argmax(dim=1) != torch.cat(labels)).sum()
+    totals = torch.stack([(torch.stack(losses).double() * weights).sum(), wrong.double(), weights.sum()])
+    if run.replicas is not None:
+        run.replicas.sum(totals)
+    loss_sum, wrong_count, n = totals.tolist()  # one host synchronisation per epoch
+    train_loss = loss_sum / n
     if not math.isfinite(train_loss):
         raise TrainingDiverged(f"the training loss became {train_loss} in epoch {epoch + 1}; "
                                "lower optim.lr or the perturbation radius and start again")
-    wrong = (torch.cat(predictions).argmax(dim=1) != torch.cat(labels)).sum()
-    return train_loss, 100.0 * wrong.item() / weights.sum().item()
+    return train_loss, 100.0 * wrong_count / n
 
 
 def _is_best(history: list[dict[str, float]]) -> bool:
@@ -249,11 +288,15 @@ def _is_best(history: list[dict[str, float]]) -> bool:
     return all(history[-1]["val_robust_error"] < row["val_robust_error"] for row in history[:-1])
 
 
-def _train_step(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """One optimizer step on the transformed batch; returns the loss and the logits of the first pass."""
+def _train_step(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One optimizer step on the transformed batch; returns the loss and the logits of the first pass, and the
+    labels of the rows this replica trained on (its shard of the batch under DDP)."""
     clean_logits: list[Tensor] = []
     if run.augment is not None:  # the loader's generator draws it: checkpointed, so a resumed run is the same
         x = run.augment(x, run.generator)
+    weight = 1.0  # of this replica's mean loss, so that the replicas' average gradient is the batch's
+    if run.replicas is not None:  # augmented as a whole, as in one process; then this replica's slice
+        x, y, weight = run.replicas.shard(x, y)
     if run.config.speed.channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     model, scaler = run.forward_model, run.scaler
@@ -263,7 +306,8 @@ def _train_step(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         run.optimizer.zero_grad(set_to_none=True)
         with _autocast(run):
             loss, logits = run.loss_fn(model, inputs, target)  # logits (B, K) on the inputs
-        (loss if scaler is None else scaler.scale(loss)).backward()
+        scaled = loss if weight == 1.0 else loss * weight
+        (scaled if scaler is None else scaler.scale(scaled)).backward()
         if run.config.optim.clip_grad > 0:  # every pass's gradient, the one the base step takes included
             nn.utils.clip_grad_norm_(run.model.parameters(), run.config.optim.clip_grad)
         if not clean_logits:  # the first call is the pass at θ
@@ -281,7 +325,7 @@ def _train_step(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
                                "(settings optim.lr, amp.epsilon, sam.rho)") from None
     if scaler is not None:
         scaler.update()
-    return loss, clean_logits[0]
+    return loss, clean_logits[0], y
 
 
 def _autocast(run: Run):

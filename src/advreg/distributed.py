@@ -1,0 +1,74 @@
+"""``advreg train`` under ``torchrun``: distributed data parallel with ``torch.distributed``.
+
+Every replica reads the same data and draws the same shuffled global batches (``optim.batch_size``) and
+augmentation; replica r trains on the r-th of ``world`` slices of each batch. The model is wrapped in
+``DistributedDataParallel``, and the weight perturbation's own passes run under its ``no_sync`` (one gradient
+all-reduce per step; ``speed.perturb_on``). Replica 0 writes the run folder; every replica evaluates the same
+weights, so all of them hold the same numbers.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+@dataclass
+class Replicas:
+    rank: int
+    world: int
+    local_rank: int
+    owns_group: bool  # this module initialized the process group, so it tears it down
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, float]:
+        """This replica's slice of a global batch and the weight of its mean loss, n_r·world/n, so that the
+        all-reduced average of the replicas' gradients is the gradient of the whole batch's mean loss (the slices
+        differ by one row at most; the weight is 1 when they are equal)."""
+        n = len(y)
+        if n < self.world:
+            raise ValueError(f"a batch of {n} rows cannot feed {self.world} replicas; choose an optim.batch_size "
+                             f"whose remainder in the training set is 0 or at least {self.world}")
+        xs, ys = x.tensor_split(self.world), y.tensor_split(self.world)
+        return xs[self.rank], ys[self.rank], len(ys[self.rank]) * self.world / n
+
+    def sum(self, t: Tensor) -> Tensor:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def close(self) -> None:
+        if self.owns_group:
+            dist.destroy_process_group()
+
+
+def from_environment(device: str) -> Replicas | None:
+    """The replicas ``torchrun`` launched (WORLD_SIZE > 1 in the environment), or None for one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    if not dist.is_available():
+        raise ValueError("WORLD_SIZE > 1 but this torch has no torch.distributed; run a single process")
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return Replicas(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns)
+
+
+def replica_device(device: torch.device, replicas: Replicas | None) -> torch.device:
+    """Each replica's own GPU (its LOCAL_RANK) when the run asks for CUDA."""
+    if replicas is None or device.type != "cuda" or device.index is not None:
+        return device
+    return torch.device("cuda", replicas.local_rank)
