@@ -9,8 +9,8 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from advreg.perturb.engine import (Closure, PerturbedOptimizer, check_nonnegative, global_norm, grads_of, scratch,
-                                   set_to_sum)
+from advreg.perturb.engine import (Closure, PerturbedOptimizer, check_nonnegative, global_norm, grads_of, is_int,
+                                   scratch, set_to_sum)
 
 NORMS = ("global", "per_tensor")
 
@@ -42,17 +42,17 @@ class AMP(PerturbedOptimizer):
 
     def _validate(self) -> None:
         check_nonnegative("epsilon", self.epsilon, "it is the radius of the L2 ball (0 turns AMP off)")
-        if not _is_int(self.inner_steps) or self.inner_steps < 0:
+        if not is_int(self.inner_steps) or self.inner_steps < 0:
             raise ValueError(f"inner_steps must be an integer >= 0 (the paper uses N = 1), got {self.inner_steps!r}")
         if self.inner_steps > 0 and not (isinstance(self.inner_lr, (int, float)) and self.inner_lr > 0):
             raise ValueError(f"inner_lr (ζ) must be > 0 when inner_steps > 0, got {self.inner_lr!r}; "
                              "the paper uses ζ = 1 with ε = 0.5 for PreActResNet18")
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
-        if not _is_int(self.every) or self.every < 1:
+        if not is_int(self.every) or self.every < 1:
             raise ValueError(f"every must be an integer >= 1, got {self.every!r}: a fresh Δ every k steps and the "
                              "last one reused in between (1 is the paper's AMP, a fresh Δ every step)")
-        if not _is_int(self.steps_taken) or self.steps_taken < 0:
+        if not is_int(self.steps_taken) or self.steps_taken < 0:
             raise ValueError(f"steps_taken must be an integer >= 0, got {self.steps_taken!r}; "
                              "load a state_dict saved by AMP")
 
@@ -146,7 +146,3 @@ class AMP(PerturbedOptimizer):
         if self._has_kept:
             for buffer, saved_delta in zip(scratch(self._kept, everything), delta):
                 buffer.copy_(saved_delta)  # to the parameter's device and dtype
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

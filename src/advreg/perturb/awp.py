@@ -9,7 +9,8 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from advreg.perturb.engine import Closure, PerturbedOptimizer, check_nonnegative, grads_of, scratch, set_to_sum
+from advreg.perturb.engine import (Closure, PerturbedOptimizer, check_nonnegative, grads_of, is_int, scratch,
+                                   set_to_sum)
 
 
 class AWP(PerturbedOptimizer):
@@ -37,15 +38,15 @@ class AWP(PerturbedOptimizer):
     def _validate(self) -> None:
         check_nonnegative("gamma", self.gamma, "it is the relative radius ‖v_l‖ ≤ γ‖w_l‖ (the paper uses "
                           "5e-3 to 1e-2; 0 turns AWP off)")
-        if not _is_int(self.steps) or self.steps < 1:
+        if not is_int(self.steps) or self.steps < 1:
             raise ValueError(f"steps (K2) must be an integer >= 1 (the paper uses K2 = 1), got {self.steps!r}")
         if self.step_size is not None and not (_is_number(self.step_size) and self.step_size > 0):
             raise ValueError(f"step_size (η2) must be None (γ/steps, as in the paper) or a number > 0, "
                              f"got {self.step_size!r}")
-        if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
+        if not is_int(self.warmup_steps) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0 (0 perturbs from the first step), "
                              f"got {self.warmup_steps!r}")
-        if not _is_int(self.steps_taken) or self.steps_taken < 0:
+        if not is_int(self.steps_taken) or self.steps_taken < 0:
             raise ValueError(f"steps_taken must be an integer >= 0, got {self.steps_taken!r}; "
                              "load a state_dict saved by AWP")
 
@@ -138,10 +139,6 @@ def _project(delta: list[Tensor], radii: list[Tensor]) -> None:
     norms = torch._foreach_norm(delta)
     scales = [torch.where(n > r, r / n, torch.ones_like(n)) for r, n in zip(radii, norms)]
     torch._foreach_mul_(delta, scales)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:

@@ -233,6 +233,11 @@ def grads_of(params: list[Tensor]) -> list[Tensor]:
     return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
 
 
+def is_int(value: Any) -> bool:
+    """An int that is not a bool (True would pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_nonnegative(name: str, value: float, hint: str) -> None:
     if not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
         raise ValueError(f"{name} must be a number >= 0, got {value!r}; {hint}")
