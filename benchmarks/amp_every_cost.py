@@ -45,6 +45,14 @@ def measure(rounds: int, ks: list[int]) -> dict[str, list[float]]:
     return seconds
 
 
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=40)
@@ -54,10 +62,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.machine()) if os.path.exists("/proc/cpuinfo") else platform.machine()
     print(f"advreg AMP every-k cost -- measured in this run\ncommand : {shlex.join([sys.executable] + sys.argv)}\n"
-          f"date    : {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\nmachine : {cpu}, "
+          f"date    : {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\nmachine : {_cpu()}, "
           f"torch {torch.__version__}, {args.threads} thread(s), load {load}\n")
     seconds = measure(args.rounds, [int(k) for k in args.ks.split(",") if k.strip()])
     erm = statistics.median(seconds["erm"])

@@ -59,6 +59,13 @@ def test_without_a_recipe_the_library_defaults_hold():
     assert with_recipe(TrainConfig(), None, []) == TrainConfig()
 
 
+def test_a_recipe_needs_an_image_set_and_is_not_a_setting():
+    with pytest.raises(ValueError, match="image network"):
+        config_of(["--dataset", "mnist1d", "--recipe", "amp_vgg16"])
+    with pytest.raises(ValueError, match="--recipe NAME"):
+        config_of(["--dataset", "cifar10", "--set", "recipe=amp_vgg16"])
+
+
 def test_unknown_recipe_is_refused(capsys):
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["train", "--out", "x", "--recipe", "resnet_magic"])

@@ -146,7 +146,8 @@ def base_config(args: argparse.Namespace, **fields: Any) -> cfg.TrainConfig:
 
 def cmd_train(args: argparse.Namespace) -> None:
     metrics = train(make_config(args), args.out, resume=args.resume, progress=not args.quiet)
-    print(format_metrics(metrics, args.out))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, replica 0 speaks
+        print(format_metrics(metrics, args.out))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:

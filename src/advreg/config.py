@@ -155,7 +155,8 @@ class RobustConfig:
 
 @dataclass(frozen=True)
 class SpeedConfig:
-    """How the passes run; none of these changes what a step computes beyond floating-point rounding."""
+    """How the passes run: beyond floating-point rounding, only ``perturb_on`` (which gradient builds Δ under DDP)
+    and float16's skipped overflowing steps change what training computes."""
     precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast with a GradScaler: an overflowing step is skipped)
     channels_last: bool = False  # image networks and batches in channels-last memory format
     compile: bool = False  # torch.compile the model

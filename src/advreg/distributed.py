@@ -61,10 +61,17 @@ def from_environment(device: str) -> Replicas | None:
         return None
     if not dist.is_available():
         raise ValueError("WORLD_SIZE > 1 but this torch has no torch.distributed; run a single process")
+    if device.startswith("cuda:"):
+        raise ValueError(f"device={device} would put every replica on one GPU; use --set device=cuda, and each "
+                         "process takes the GPU of its LOCAL_RANK")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(local_rank)  # before NCCL starts: its collectives use the current device
     owns = not dist.is_initialized()
     if owns:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return Replicas(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Replicas(dist.get_rank(), dist.get_world_size(), local_rank, owns)
 
 
 def replica_device(device: torch.device, replicas: Replicas | None) -> torch.device:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from advreg.config import TrainConfig
+from advreg.data import vision
 from advreg.methods import SECTION_OF, resolve
 
 AMP_PAPER_SGD = (  # AMP paper, Sec. 5.1; Nesterov momentum as the authors' code
@@ -56,6 +57,9 @@ def recipe_settings(name: str, config: TrainConfig, user_settings: list[str]) ->
     """The settings recipe ``name`` gives the run ``config`` (its method and dataset set), to go before
     ``user_settings``: the augmentation for the dataset, and a stage member's keys only where the run uses it."""
     recipe = get_recipe(name)
+    if config.data.name not in vision.READERS:
+        raise ValueError(f"recipe {name} is the protocol of an image network; use it with one of "
+                         f"{', '.join(vision.READERS)}, not {config.data.name}")
     used = resolve(config, user_settings)
     augment = "digits" if config.data.name in NO_FLIP else "standard"  # crop, and flip where it keeps the label
     settings = [f"recipe={name}", f"data.augment={augment}", *recipe.settings]
@@ -72,6 +76,9 @@ def _in_use(config: TrainConfig, key: str) -> bool:
 
 def with_recipe(config: TrainConfig, name: str | None, user_settings: list[str]) -> TrainConfig:
     """``config`` (method, dataset, model, epochs set) under recipe ``name`` (None: none), then ``user_settings``."""
+    if any(s.partition("=")[0].strip() == "recipe" for s in user_settings):
+        raise ValueError("recipe records the --recipe a run was built with; pass --recipe NAME instead of "
+                         "--set recipe=NAME")
     if not name:
         return resolve(config, user_settings)
     return resolve(config, [*recipe_settings(name, config, user_settings), *user_settings])

@@ -31,9 +31,11 @@ from advreg.recipes import get_recipe
 from advreg.transforms import Transform
 from advreg.transforms.adversarial import level as pixel_level
 from advreg.perturb import NonFiniteLossError, PerturbedOptimizer
+from advreg.perturb.engine import PERTURB_ON
 
 CHECKPOINT, CONFIG, HISTORY, METRICS = "checkpoint.pt", "config.json", "history.csv", "metrics.json"
 PRECISIONS = ("fp32", "bf16", "fp16")
+MIN_LOSS_SCALE = 1.0  # below it, float16 training has been skipping every step (GradScaler starts at 2^16)
 BEST = "best.pt"  # with robust.track: the weights of the epoch with the lowest validation robust error
 
 
@@ -157,7 +159,7 @@ def validate_speed(config: TrainConfig) -> None:
     if sp.precision == "fp16" and config.optim.clip_grad > 0:
         raise ValueError("optim.clip_grad clips each pass's gradient, which float16 training keeps scaled; "
                          "use speed.precision=bf16 (no loss scale) or optim.clip_grad=0")
-    if sp.perturb_on not in ("local", "global"):
+    if sp.perturb_on not in PERTURB_ON:
         raise ValueError(f"speed.perturb_on must be local or global, got {sp.perturb_on!r}")
     for name in ("channels_last", "compile"):
         if not isinstance(getattr(sp, name), bool):
@@ -187,6 +189,11 @@ def build_run(config: TrainConfig, replicas: distributed.Replicas | None = None)
         model = model.to(memory_format=torch.channels_last)
     generator = torch.Generator().manual_seed(config.seed)
     loader = TensorLoader(*data.train, config.optim.batch_size, shuffle=True, generator=generator)
+    last = len(data.train[1]) % config.optim.batch_size
+    if replicas is not None and 0 < last < replicas.world:
+        raise ValueError(f"the last batch of each epoch has {last} rows, fewer than the {replicas.world} replicas; "
+                         f"choose an optim.batch_size whose remainder in the {len(data.train[1])} training rows is 0 "
+                         f"or at least {replicas.world}")
     scaler = torch.amp.GradScaler(device.type) if config.speed.precision == "fp16" else None
     # the scaler: unscale each pass that builds Δ, skip an overflowing step; the model: BatchNorm bookkeeping
     # without hooks, which torch.compile needs
@@ -259,7 +266,8 @@ def run_epoch(run: Run, epoch: int) -> dict[str, float]:
 
 
 def train_epoch(run: Run, epoch: int) -> tuple[float, float]:
-    """One pass over the training set: the running loss and error (%) of its clean passes."""
+    """One pass over the training set: the running loss and error (%) of each step's first pass (at θ, or at θ+Δ
+    for a perturbation without a clean pass: RMP, RWP, and AMP's steps between refreshes with ``amp.every``)."""
     run.model.train()
     losses, sizes, predictions, labels = [], [], [], []  # reduced once at the end: no work per step
     for x, y in run.loader:
@@ -278,6 +286,10 @@ def train_epoch(run: Run, epoch: int) -> tuple[float, float]:
     if not math.isfinite(train_loss):
         raise TrainingDiverged(f"the training loss became {train_loss} in epoch {epoch + 1}; "
                                "lower optim.lr or the perturbation radius and start again")
+    if run.scaler is not None and run.scaler.get_scale() < MIN_LOSS_SCALE:  # every step overflows: none is taken
+        raise TrainingDiverged(f"float16 training skipped its steps until the loss scale fell to "
+                               f"{run.scaler.get_scale():.3g} in epoch {epoch + 1}: the passes overflow float16 "
+                               "whatever the scale. Use speed.precision=bf16 or fp32, or lower the perturbation radius")
     return train_loss, 100.0 * wrong_count / n
 
 
@@ -300,7 +312,8 @@ def _train_step(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]
     if run.config.speed.channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     model, scaler = run.forward_model, run.scaler
-    inputs, target = run.transform(model, x, y, run.data.num_classes)  # once: every pass sees it
+    # once: every pass sees it; under DDP on the bare module, whose input gradients need no all-reduce
+    inputs, target = run.transform(model if run.replicas is None else run.model, x, y, run.data.num_classes)
 
     def closure() -> Tensor:
         run.optimizer.zero_grad(set_to_none=True)

@@ -122,8 +122,9 @@ class AMP(PerturbedOptimizer):
         torch._foreach_zero_(kept)
         torch._foreach_copy_([self._kept[p] for p in params], delta)
         self._has_kept = True
-        if self.grad_scaler is not None and not bool(torch.isfinite(global_norm(kept))):
-            self._has_kept = False  # an overflowed pass (the step is skipped): the next step builds Δ afresh
+        if self.grad_scaler is not None:  # an overflowed pass (the step is skipped): the next step builds Δ afresh
+            overflowed = self._agree((~torch.isfinite(global_norm(kept))).to(torch.int32))  # on every replica alike
+            self._has_kept = not bool(overflowed)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

@@ -134,16 +134,17 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
         else:  # unscales the final gradient; skips the step if it (or a poisoned pass) is not finite
             self.grad_scaler.step(self.base_optimizer)
 
+    def _replicated(self) -> bool:
+        return self.no_sync is not None and torch.distributed.is_available() and torch.distributed.is_initialized()
+
     def _agreement(self) -> Callable[[Tensor], Tensor] | None:
         """``_agree`` under DDP, None otherwise (a single process has nothing to agree on)."""
-        replicated = self.no_sync is not None and torch.distributed.is_available() \
-            and torch.distributed.is_initialized()
-        return self._agree if replicated else None
+        return self._agree if self._replicated() else None
 
     def _agree(self, flag: Tensor) -> Tensor:
         """Under DDP (``no_sync`` given): the maximum of ``flag`` over the replicas, in place, so that a failure or an
         overflow on one replica (its local loss, its local Δ) skips the step on every replica alike."""
-        if self.no_sync is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if self._replicated():
             group = getattr(getattr(self.no_sync, "__self__", None), "process_group", None)  # ddp.no_sync's DDP
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
         return flag
