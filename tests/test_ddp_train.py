@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from advreg.train import train
+from advreg.io import load_checkpoint
+from advreg.train import RunFolderError, _restore, build_run, train
 
 WORKER = Path(__file__).with_name("ddp_train_worker.py")
 spec = importlib.util.spec_from_file_location("ddp_train_worker", WORKER)
@@ -38,7 +39,8 @@ def test_two_replicas_train_what_one_process_trains(tmp_path):
            f"--master_port={free_port()}", str(WORKER), str(tmp_path / "ddp")]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    single = {name: train(W.config(name), tmp_path / "single" / name, progress=False) for name in ("erm", "amp_global")}
+    single = {name: train(W.config(name), tmp_path / "single" / name, progress=False)
+              for name in ("erm", "amp_global", "adv")}
     for name, one in single.items():
         two = metrics(tmp_path / "ddp" / name)
         assert two["world_size"] == 2
@@ -47,5 +49,15 @@ def test_two_replicas_train_what_one_process_trains(tmp_path):
     local, glob = metrics(tmp_path / "ddp" / "amp_local"), metrics(tmp_path / "ddp" / "amp_global")
     assert local["train_nll"] != pytest.approx(glob["train_nll"], rel=1e-6)  # Δ from each replica's half batch
     assert local["train_nll"] == pytest.approx(glob["train_nll"], rel=0.2)
+    assert metrics(tmp_path / "ddp" / "amp_every_fp16")["world_size"] == 2  # finished: no collective mismatch
     history = (tmp_path / "ddp" / "erm" / "history.csv").read_text().splitlines()
     assert len(history) == 3 and (tmp_path / "ddp" / "erm" / "checkpoint.pt").exists()
+
+
+def test_a_checkpoint_resumes_only_with_the_same_number_of_processes(tmp_path):
+    train(W.config("erm"), tmp_path / "run", progress=False)
+    checkpoint = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert checkpoint["world_size"] == 1
+    checkpoint["world_size"] = 2
+    with pytest.raises(RunFolderError, match="--nproc_per_node"):
+        _restore(build_run(W.config("erm")), checkpoint)

@@ -431,13 +431,17 @@ def _snapshot(run: Run, epochs_done: int, history: list[dict[str, float]]) -> di
         rng["cuda"] = torch.cuda.get_rng_state(run.device)
     return {"epoch": epochs_done, "config": run.config.to_dict(), "model": run.model.state_dict(),
             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-            "rng": rng, "history": history, "scaler": run.scaler.state_dict() if run.scaler is not None else None}
+            "rng": rng, "history": history, "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+            "world_size": _world(run)}
 
 
 def _restore(run: Run, checkpoint: dict[str, Any]) -> tuple[int, list[dict[str, float]]]:
     if _normalized(checkpoint.get("config", {})) != run.config.to_dict():
         raise RunFolderError("the checkpoint belongs to a different configuration than config.json; "
                              "delete the folder to start over")
+    if checkpoint.get("world_size", 1) != _world(run):  # local Δ, the slices and the random draws depend on it
+        raise RunFolderError(f"the checkpoint was written by {checkpoint.get('world_size', 1)} process(es) and this "
+                             f"run has {_world(run)}; resume with the same torchrun --nproc_per_node")
     run.model.load_state_dict(checkpoint["model"])
     run.optimizer.load_state_dict(checkpoint["optimizer"])
     run.scheduler.load_state_dict(checkpoint["scheduler"])
@@ -448,6 +452,10 @@ def _restore(run: Run, checkpoint: dict[str, Any]) -> tuple[int, list[dict[str, 
     if "cuda" in checkpoint["rng"] and run.device.type == "cuda":
         torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], run.device)
     return checkpoint["epoch"], list(checkpoint["history"])
+
+
+def _world(run: Run) -> int:
+    return 1 if run.replicas is None else run.replicas.world
 
 
 def _to_device(data: DataSplits, device: torch.device) -> DataSplits:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from advreg.perturb.engine import (Closure, PerturbedOptimizer, check_nonnegative, global_norm, grads_of, is_int,
-                                   scratch, set_to_sum)
+                                   is_number, scratch, set_to_sum)
 
 NORMS = ("global", "per_tensor")
 
@@ -44,7 +44,7 @@ class AMP(PerturbedOptimizer):
         check_nonnegative("epsilon", self.epsilon, "it is the radius of the L2 ball (0 turns AMP off)")
         if not is_int(self.inner_steps) or self.inner_steps < 0:
             raise ValueError(f"inner_steps must be an integer >= 0 (the paper uses N = 1), got {self.inner_steps!r}")
-        if self.inner_steps > 0 and not (isinstance(self.inner_lr, (int, float)) and self.inner_lr > 0):
+        if self.inner_steps > 0 and not (is_number(self.inner_lr) and self.inner_lr > 0):
             raise ValueError(f"inner_lr (ζ) must be > 0 when inner_steps > 0, got {self.inner_lr!r}; "
                              "the paper uses ζ = 1 with ε = 0.5 for PreActResNet18")
         if self.norm not in NORMS:

@@ -9,8 +9,8 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from advreg.perturb.engine import (Closure, PerturbedOptimizer, check_nonnegative, grads_of, is_int, scratch,
-                                   set_to_sum)
+from advreg.perturb.engine import (Closure, PerturbedOptimizer, check_nonnegative, grads_of, is_int, is_number,
+                                   scratch, set_to_sum)
 
 
 class AWP(PerturbedOptimizer):
@@ -40,7 +40,7 @@ class AWP(PerturbedOptimizer):
                           "5e-3 to 1e-2; 0 turns AWP off)")
         if not is_int(self.steps) or self.steps < 1:
             raise ValueError(f"steps (K2) must be an integer >= 1 (the paper uses K2 = 1), got {self.steps!r}")
-        if self.step_size is not None and not (_is_number(self.step_size) and self.step_size > 0):
+        if self.step_size is not None and not (is_number(self.step_size) and self.step_size > 0):
             raise ValueError(f"step_size (η2) must be None (γ/steps, as in the paper) or a number > 0, "
                              f"got {self.step_size!r}")
         if not is_int(self.warmup_steps) or self.warmup_steps < 0:
@@ -139,7 +139,3 @@ def _project(delta: list[Tensor], radii: list[Tensor]) -> None:
     norms = torch._foreach_norm(delta)
     scales = [torch.where(n > r, r / n, torch.ones_like(n)) for r, n in zip(radii, norms)]
     torch._foreach_mul_(delta, scales)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

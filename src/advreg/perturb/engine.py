@@ -117,16 +117,21 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
         with self._frozen_running_stats(params, clean), self._restoring(params) as theta:
             self._perturb(params, theta, ascent)
             perturbed_loss = run()  # ∇J(θ+Δ) now in .grad (scaled, and all-reduced under DDP)
-            if self.grad_scaler is None:
-                _require_finite(losses, "at θ or at perturbed weights θ+Δ", self._agreement())
-            else:  # an overflow at θ+Δ is the scaler's to handle; a non-finite loss at θ is not
-                _require_finite(losses[:1] if clean else [], "at the weights θ", self._agreement())
-                overflow.check_loss(perturbed_loss)
-                for found in overflow.found.values():
-                    self._agree(found)
-                overflow.poison(params)
+            self._check_passes(losses, clean, overflow, params)
         self._base_step()  # at θ, with the gradient taken at θ+Δ
         return loss if clean else perturbed_loss
+
+    def _check_passes(self, losses: list[Tensor], clean: bool, overflow: "_Overflow", params: list[Tensor]) -> None:
+        """Raise on a non-finite loss (every replica alike); under a grad scaler, an overflow at θ+Δ (or in any
+        pass that built Δ) marks the final gradient instead, so that the scaler skips the step."""
+        if self.grad_scaler is None:
+            _require_finite(losses, "at θ or at perturbed weights θ+Δ", self._agreement())
+            return
+        _require_finite(losses[:1] if clean else [], "at the weights θ", self._agreement())
+        overflow.check_loss(losses[-1])
+        for found in overflow.found.values():
+            self._agree(found)
+        overflow.poison(params)
 
     def _base_step(self) -> None:
         if self.grad_scaler is None:
@@ -237,6 +242,11 @@ def grads_of(params: list[Tensor]) -> list[Tensor]:
 def is_int(value: Any) -> bool:
     """An int that is not a bool (True would pass as 1)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """An int or a float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def check_nonnegative(name: str, value: float, hint: str) -> None:
