@@ -15,6 +15,7 @@ CASES = {
     "amp_local": ("amp", []),
     "adv": ("adv", []),  # FGSM examples, crafted per sample: the same on a slice as in the whole batch
     "amp_every_fp16": ("amp", ["amp.every=2", "speed.precision=fp16"]),  # replicas must agree on a kept Δ
+    "mixup": ("mixup", []),  # random partners: each replica its own stream
 }
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from advreg.io import load_checkpoint
@@ -50,6 +51,8 @@ def test_two_replicas_train_what_one_process_trains(tmp_path):
     assert local["train_nll"] != pytest.approx(glob["train_nll"], rel=1e-6)  # Δ from each replica's half batch
     assert local["train_nll"] == pytest.approx(glob["train_nll"], rel=0.2)
     assert metrics(tmp_path / "ddp" / "amp_every_fp16")["world_size"] == 2  # finished: no collective mismatch
+    rng = load_checkpoint(tmp_path / "ddp" / "mixup" / "checkpoint.pt")["rng"]
+    assert len(rng["torch"]) == 2 and not torch.equal(*rng["torch"])  # each replica's own stream, both saved
     history = (tmp_path / "ddp" / "erm" / "history.csv").read_text().splitlines()
     assert len(history) == 3 and (tmp_path / "ddp" / "erm" / "checkpoint.pt").exists()
 

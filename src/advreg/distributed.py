@@ -3,13 +3,15 @@
 Every replica reads the same data and draws the same shuffled global batches (``optim.batch_size``) and
 augmentation; replica r trains on the r-th of ``world`` slices of each batch. The model is wrapped in
 ``DistributedDataParallel``, and the weight perturbation's own passes run under its ``no_sync`` (one gradient
-all-reduce per step; ``speed.perturb_on``). Replica 0 writes the run folder; every replica evaluates the same
-weights, so all of them hold the same numbers.
+all-reduce per step; ``speed.perturb_on``). Replicas r > 0 reseed their own random stream (dropout, MixUp and ALPS
+partners, PGD starts), saved per replica in the checkpoint. Replica 0 writes the run folder; every replica evaluates
+the same weights, so all of them hold the same numbers.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -41,6 +43,12 @@ class Replicas:
     def sum(self, t: Tensor) -> Tensor:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
+
+    def gather(self, t: Tensor) -> list[Tensor]:
+        """Every replica's ``t`` (a small CPU or GPU tensor, such as a random state), in rank order."""
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, t.cpu())
+        return out
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
         ids = [device.index] if device.type == "cuda" else None

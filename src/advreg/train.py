@@ -35,6 +35,7 @@ from advreg.perturb.engine import PERTURB_ON
 
 CHECKPOINT, CONFIG, HISTORY, METRICS = "checkpoint.pt", "config.json", "history.csv", "metrics.json"
 PRECISIONS = ("fp32", "bf16", "fp16")
+REPLICA_SEED_STRIDE = 7919  # replica r > 0 draws from seed + stride·r; replica 0 from the one-process stream
 MIN_LOSS_SCALE = 1.0  # below it, float16 training has been skipping every step (GradScaler starts at 2^16)
 BEST = "best.pt"  # with robust.track: the weights of the epoch with the lowest validation robust error
 
@@ -101,10 +102,11 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
                desc=f"{config.method} seed {config.seed}", disable=not (progress and main), leave=False)
     for epoch in bar:
         history.append(run_epoch(run, epoch))
+        snapshot = _snapshot(run, epoch + 1, history)
         if main:
             if _is_best(history):  # before the checkpoint: a crash in between redoes this epoch and this save
                 save_checkpoint(out / BEST, {"epoch": epoch + 1, "model": run.model.state_dict()})
-            save_checkpoint(out / CHECKPOINT, _snapshot(run, epoch + 1, history))
+            save_checkpoint(out / CHECKPOINT, snapshot)
             write_csv(out / HISTORY, history)
         bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", val_err=f"{history[-1]['val_error']:.1f}")
     if replicas is not None:
@@ -207,6 +209,8 @@ def build_run(config: TrainConfig, replicas: distributed.Replicas | None = None)
     optimizer = build_optimizer(config, model.parameters(), steps_per_epoch=len(loader), **engine)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestone_epochs(config), gamma=config.optim.lr_decay)
     input_range = (data.train[0].min().item(), data.train[0].max().item())
+    if replicas is not None and replicas.rank > 0:  # its own dropout masks, MixUp partners, PGD starts (not rank 0's)
+        torch.manual_seed(config.seed + REPLICA_SEED_STRIDE * replicas.rank)
     return Run(config, data, model, optimizer, scheduler, loader, generator, device,
                build_transform(config, input_range), build_loss(config), _robust_settings(config, input_range),
                _augmentation(config, data), scaler, train_model, replicas)
@@ -426,9 +430,12 @@ def _difference(saved: dict[str, Any], wanted: dict[str, Any], prefix: str = "")
 
 
 def _snapshot(run: Run, epochs_done: int, history: list[dict[str, float]]) -> dict[str, Any]:
+    """The checkpoint; under DDP every replica calls it (their random streams are gathered), replica 0 saves it."""
     rng = {"torch": torch.get_rng_state(), "loader": run.generator.get_state()}
     if run.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(run.device)
+    if run.replicas is not None:  # one stream per replica, in rank order; the loader's is shared
+        rng.update({key: run.replicas.gather(rng[key]) for key in ("torch", "cuda") if key in rng})
     return {"epoch": epochs_done, "config": run.config.to_dict(), "model": run.model.state_dict(),
             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
             "rng": rng, "history": history, "scaler": run.scaler.state_dict() if run.scaler is not None else None,
@@ -447,10 +454,12 @@ def _restore(run: Run, checkpoint: dict[str, Any]) -> tuple[int, list[dict[str, 
     run.scheduler.load_state_dict(checkpoint["scheduler"])
     if run.scaler is not None and checkpoint.get("scaler"):
         run.scaler.load_state_dict(checkpoint["scaler"])
-    torch.set_rng_state(checkpoint["rng"]["torch"])
-    run.generator.set_state(checkpoint["rng"]["loader"])
-    if "cuda" in checkpoint["rng"] and run.device.type == "cuda":
-        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], run.device)
+    rng = checkpoint["rng"]
+    mine = (lambda state: state) if run.replicas is None else (lambda states: states[run.replicas.rank])  # noqa: E731
+    torch.set_rng_state(mine(rng["torch"]))
+    run.generator.set_state(rng["loader"])
+    if "cuda" in rng and run.device.type == "cuda":
+        torch.cuda.set_rng_state(mine(rng["cuda"]), run.device)
     return checkpoint["epoch"], list(checkpoint["history"])
 
 
