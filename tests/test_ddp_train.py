@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from advreg.distributed import Replicas, from_environment
 from advreg.io import load_checkpoint
 from advreg.train import RunFolderError, _restore, build_run, train
 
@@ -64,3 +65,23 @@ def test_a_checkpoint_resumes_only_with_the_same_number_of_processes(tmp_path):
     checkpoint["world_size"] = 2
     with pytest.raises(RunFolderError, match="--nproc_per_node"):
         _restore(build_run(W.config("erm")), checkpoint)
+
+
+def test_uneven_slices_weigh_their_mean_loss_so_the_average_gradient_is_the_batch_mean():
+    """Replica r's mean loss × n_r·W/n, averaged over the W replicas, is the mean loss of the whole batch."""
+    x, y = torch.arange(7.0).view(7, 1), torch.arange(7)
+    slices = [Replicas(rank, 3, rank, False).shard(x, y) for rank in range(3)]
+    assert [len(s[1]) for s in slices] == [3, 2, 2]
+    assert torch.equal(torch.cat([s[0] for s in slices]), x)
+    weighted = sum(s[2] * s[0].mean() for s in slices) / 3
+    assert weighted.item() == pytest.approx(x.mean().item())
+    with pytest.raises(ValueError, match="cannot feed"):
+        Replicas(0, 3, 0, False).shard(x[:2], y[:2])
+
+
+def test_one_gpu_index_for_every_replica_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="LOCAL_RANK"):
+        from_environment("cuda:0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert from_environment("cpu") is None
