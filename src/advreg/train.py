@@ -13,7 +13,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -307,17 +307,11 @@ def _is_best(history: list[dict[str, float]]) -> bool:
 def _train_step(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """One optimizer step on the transformed batch; returns the loss and the logits of the first pass, and the
     labels of the rows this replica trained on (its shard of the batch under DDP)."""
-    clean_logits: list[Tensor] = []
-    if run.augment is not None:  # the loader's generator draws it: checkpointed, so a resumed run is the same
-        x = run.augment(x, run.generator)
-    weight = 1.0  # of this replica's mean loss, so that the replicas' average gradient is the batch's
-    if run.replicas is not None:  # augmented as a whole, as in one process; then this replica's slice
-        x, y, weight = run.replicas.shard(x, y)
-    if run.config.speed.channels_last and x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x, y, weight = _batch(run, x, y)
     model, scaler = run.forward_model, run.scaler
     # once: every pass sees it; under DDP on the bare module, whose input gradients need no all-reduce
     inputs, target = run.transform(model if run.replicas is None else run.model, x, y, run.data.num_classes)
+    clean_logits: list[Tensor] = []
 
     def closure() -> Tensor:
         run.optimizer.zero_grad(set_to_none=True)
@@ -331,6 +325,25 @@ def _train_step(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]
             clean_logits.append(logits.detach())
         return loss
 
+    return _optimizer_step(run, closure), clean_logits[0], y
+
+
+def _batch(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, float]:
+    """The augmented batch (this replica's slice under DDP) and the weight of its mean loss, so that the replicas'
+    average gradient is the whole batch's."""
+    if run.augment is not None:  # the loader's generator draws it: checkpointed, so a resumed run is the same
+        x = run.augment(x, run.generator)
+    weight = 1.0
+    if run.replicas is not None:  # augmented as a whole, as in one process; then this replica's slice
+        x, y, weight = run.replicas.shard(x, y)
+    if run.config.speed.channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y, weight
+
+
+def _optimizer_step(run: Run, closure: Callable[[], Tensor]) -> Tensor:
+    """``run.optimizer.step(closure)``, through the grad scaler under float16; the loss it returns."""
+    scaler = run.scaler
     try:
         if scaler is None or isinstance(run.optimizer, PerturbedOptimizer):
             loss = run.optimizer.step(closure)
@@ -342,7 +355,7 @@ def _train_step(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]
                                "(settings optim.lr, amp.epsilon, sam.rho)") from None
     if scaler is not None:
         scaler.update()
-    return loss, clean_logits[0], y
+    return loss
 
 
 def _autocast(run: Run):
