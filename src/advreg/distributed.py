@@ -9,6 +9,7 @@ the same weights, so all of them hold the same numbers.
 """
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +59,7 @@ class Replicas:
         dist.barrier()
 
     def close(self) -> None:
+        gc.collect()  # the run's DDP wrapper, if reference cycles keep it, goes now and not at interpreter exit
         if self.owns_group:
             dist.destroy_process_group()
 
