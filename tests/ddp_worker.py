@@ -26,6 +26,9 @@ CASES = {  # name -> (perturbed optimizer or None for plain SGD, its keywords)
     "amp2_global": (advreg.AMP, {**AMP, "inner_steps": 2, "perturb_on": "global"}),
     "amp1_local": (advreg.AMP, {**AMP, "inner_steps": 1}),
     "amp2_local": (advreg.AMP, {**AMP, "inner_steps": 2}),
+    "amp1_global_gradient": (advreg.AMP, {**AMP, "inner_steps": 1, "perturb_on": "global", "every": 2,
+                                          "reuse": "gradient", "alpha": 0.7}),
+    "amp1_local_gradient": (advreg.AMP, {**AMP, "inner_steps": 1, "every": 2, "reuse": "gradient", "alpha": 0.7}),
     "sam_local": (advreg.SAM, {"rho": 0.05}),
     "awp_local": (advreg.AWP, {"gamma": 0.05, "steps": 2}),
 }

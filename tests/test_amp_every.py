@@ -1,5 +1,5 @@
-"""AMP's efficient mode ``every=k``: a fresh Δ (Algorithm 1) on steps 0, k, 2k, …, the kept Δ at the current θ
-in between.
+"""AMP's efficient mode ``every=k``: a fresh Δ (Algorithm 1) on steps 0, k, 2k, …; in between, the kept Δ at the
+current θ (``reuse="delta"``) or LookSAM's reused orthogonal gradient (``reuse="gradient"``).
 
 The reference is written here from the equations on a flat float64 parameter vector (``torch.func.functional_call``)
 with PyTorch's SGD (momentum, weight decay) by hand. ``every=1`` is compared bit for bit with a frozen copy of AMP's
@@ -103,6 +103,50 @@ def reference(model, batches, *, every, epsilon, inner_lr, inner_steps, norm):
     return losses, traj
 
 
+def gradient_reuse_reference(model, batches, *, every, epsilon, inner_lr, inner_steps, norm, alpha):
+    """LookSAM (Liu et al. 2022, Alg. 1) with AMP's Δ. Refresh steps: Algorithm 1 of AMP; with g = ∇J(θ) and
+    g_s = ∇J(θ+Δ), keep v̂ = g_v/‖g_v‖, g_v = g_s − (⟨g_s, g⟩/‖g‖²)·g. Other steps: g = ∇J(θ_t), step with
+    g + α‖g‖·v̂. Per tensor under norm="per_tensor". Returns (returned losses, trajectory)."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+
+    def loss_grad(theta, x, y):
+        theta = theta.detach().requires_grad_(True)
+        params = {n: c.view(s) for n, c, s in zip(names, theta.split(sizes), shapes)}
+        loss = F.cross_entropy(functional_call(model, params, (x,)), y)
+        return loss.detach(), torch.autograd.grad(loss, theta)[0]
+
+    def chunks(v):
+        return [v] if norm == "global" else list(v.split(sizes))
+
+    def project(delta):
+        return torch.cat([c * (epsilon / c.norm()) if c.norm() > epsilon else c for c in chunks(delta)])
+
+    theta, buf, unit = flat(model), None, None
+    losses, traj = [], []
+    for t, (x, y) in enumerate(batches):
+        if t % every == 0:
+            delta, returned, clean = torch.zeros_like(theta), None, None
+            for _ in range(inner_steps):
+                loss, g = loss_grad(theta + delta, x, y)
+                if returned is None:
+                    returned, clean = loss, g
+                delta = project(delta + inner_lr * g)
+            _, g = loss_grad(theta + delta, x, y)
+            parts = [gs - (gs @ d) / (d @ d) * d for gs, d in zip(chunks(g), chunks(clean))]
+            unit = torch.cat([v / v.norm() for v in parts])
+        else:
+            returned, g0 = loss_grad(theta, x, y)
+            g = torch.cat([gc + alpha * gc.norm() * uc for gc, uc in zip(chunks(g0), chunks(unit))])
+        d = g + WD * theta
+        buf = d.clone() if buf is None else MOMENTUM * buf + d
+        theta = theta - LR * buf
+        losses.append(float(returned))
+        traj.append(theta)
+    return losses, traj
+
+
 class FrozenAMP(PerturbedOptimizer):
     """AMP's Δ before ``every`` existed (commit ce8c71b), frozen here: k = 1 must stay that AMP, bit for bit."""
 
@@ -139,7 +183,8 @@ class FrozenAMP(PerturbedOptimizer):
 @pytest.mark.parametrize("norm", ["global", "per_tensor"])
 @pytest.mark.parametrize("inner_steps", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_every_1_is_amp_bit_for_bit(inner_steps, norm, dtype):
+@pytest.mark.parametrize("reuse", ["delta", "gradient"])
+def test_every_1_is_amp_bit_for_bit(inner_steps, norm, dtype, reuse):
     batches = make_batches(6, seed=2, dtype=dtype)
     model_a = make_model(1, dtype=dtype)
     model_b = copy.deepcopy(model_a)
@@ -147,7 +192,7 @@ def test_every_1_is_amp_bit_for_bit(inner_steps, norm, dtype):
     plain = FrozenAMP(model_a.parameters(), torch.optim.SGD, epsilon=0.5, lr=LR, momentum=MOMENTUM,
                       weight_decay=WD, **kw)
     losses_a, calls_a, traj_a = run_opt(plain, model_a, batches)
-    losses_b, calls_b, traj_b = run_opt(amp(model_b, 1, **kw), model_b, batches)
+    losses_b, calls_b, traj_b = run_opt(amp(model_b, 1, reuse=reuse, **kw), model_b, batches)
     assert losses_a == losses_b and calls_a == calls_b == [inner_steps + 1] * 6
     assert all(torch.equal(a, b) for a, b in zip(traj_a, traj_b))
 
@@ -227,22 +272,24 @@ def test_a_parameter_without_gradient_at_the_refresh_has_zero_delta():
     opt.step(closure(use_b=True))  # in between: head_b takes part, at Δ = 0
     assert all(torch.equal(s, t) for s, t in zip(seen["b"], head_b_theta))
     assert not all(torch.equal(s, t) for s, t in zip(seen["a"], a_theta))  # head_a is perturbed
-    kept = opt.state_dict()["perturbation"]["delta"]
+    kept = opt.state_dict()["perturbation"]["kept"]
     assert [d.abs().max().item() for d in kept[-2:]] == [0.0, 0.0]
 
 
-def test_batchnorm_statistics_count_each_step_once():
+@pytest.mark.parametrize("reuse", ["delta", "gradient"])
+def test_batchnorm_statistics_count_each_step_once(reuse):
     model = make_model(5, batchnorm=True)
-    opt = amp(model, 3, inner_steps=2)
+    opt = amp(model, 3, inner_steps=2, reuse=reuse)
     run_opt(opt, model, make_batches(5, seed=7))
     assert int(model[1].num_batches_tracked) == 5  # the clean pass on a refresh, the single pass in between
 
 
+@pytest.mark.parametrize("reuse", ["delta", "gradient"])
 @pytest.mark.parametrize("cut", [1, 2, 4])
-def test_state_dict_round_trip_mid_cycle(cut):
+def test_state_dict_round_trip_mid_cycle(cut, reuse):
     batches = make_batches(9, seed=8)
     model = make_model(6)
-    opt = amp(model, 3, inner_steps=2)
+    opt = amp(model, 3, inner_steps=2, reuse=reuse)
     run_opt(opt, model, batches[:cut])
     saved_opt = copy.deepcopy(opt.state_dict())
     saved_model = copy.deepcopy(model.state_dict())
@@ -251,16 +298,16 @@ def test_state_dict_round_trip_mid_cycle(cut):
     def resumed(state):
         fresh = make_model(99)
         fresh.load_state_dict(saved_model)
-        opt2 = amp(fresh, 3, inner_steps=2)
+        opt2 = amp(fresh, 3, inner_steps=2)  # reuse comes from the state, as the other settings
         opt2.load_state_dict(state)
         return run_opt(opt2, fresh, batches[cut:]), flat(fresh)
 
     (losses2, calls2, _), theta2 = resumed(saved_opt)
     assert losses2 == losses and calls2 == calls and torch.equal(theta2, flat(model))
     assert saved_opt["perturbation"]["steps_taken"] == cut
-    # control: without the kept Δ the resumed run builds a fresh one and differs (the Δ in the state matters)
+    # control: without the kept tensor the resumed run builds a fresh Δ and differs (the kept one matters)
     no_delta = copy.deepcopy(saved_opt)
-    del no_delta["perturbation"]["delta"]
+    del no_delta["perturbation"]["kept"]
     (_, calls3, _), theta3 = resumed(no_delta)
     assert calls3[0] == 3 and not torch.equal(theta3, flat(model))
 
@@ -271,12 +318,12 @@ def test_the_state_loads_with_weights_only(tmp_path):
     run_opt(opt, model, make_batches(2, seed=9))
     torch.save(opt.state_dict(), tmp_path / "opt.pt")
     state = torch.load(tmp_path / "opt.pt", weights_only=True)
-    assert state["perturbation"]["every"] == 4 and len(state["perturbation"]["delta"]) == 4
+    assert state["perturbation"]["every"] == 4 and len(state["perturbation"]["kept"]) == 4
     opt2 = amp(make_model(7), 4)
     opt2.load_state_dict(state)
     bad = copy.deepcopy(state)
-    bad["perturbation"]["delta"] = bad["perturbation"]["delta"][:2]
-    with pytest.raises(ValueError, match="kept Δ"):
+    bad["perturbation"]["kept"] = bad["perturbation"]["kept"][:2]
+    with pytest.raises(ValueError, match="kept tensors"):
         amp(make_model(7), 4).load_state_dict(bad)
 
 
@@ -292,11 +339,12 @@ def scaled_closure(opt, model, x, y, scaler, calls, inf_at=None):
     return closure
 
 
-def test_under_a_grad_scaler_the_steps_are_unchanged_and_an_overflowed_refresh_is_redone():
+@pytest.mark.parametrize("reuse", ["delta", "gradient"])
+def test_under_a_grad_scaler_the_steps_are_unchanged_and_an_overflowed_refresh_is_redone(reuse):
     model = make_model(8, dtype=torch.float32)
     twin = copy.deepcopy(model)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
-    scaled, plain = amp(model, 3, grad_scaler=scaler), amp(twin, 3)
+    scaled, plain = amp(model, 3, grad_scaler=scaler, reuse=reuse), amp(twin, 3, reuse=reuse)
     for x, y in make_batches(5, seed=10, dtype=torch.float32):  # a power-of-two scale changes nothing
         scaled.step(scaled_closure(scaled, model, x, y, scaler, []))
         scaler.update()
@@ -321,15 +369,55 @@ def test_bad_every_raises(every):
 
 
 def test_config_key_reaches_the_optimizer():
-    config = resolve(TrainConfig(method="amp"), ["amp.every=4"])
+    config = resolve(TrainConfig(method="amp"), ["amp.every=4", "amp.reuse=gradient", "amp.alpha=0.5"])
     opt = build_optimizer(config, make_model(0).parameters())
-    assert opt.every == 4 and opt.state_dict()["perturbation"]["every"] == 4
+    assert (opt.every, opt.reuse, opt.alpha) == (4, "gradient", 0.5)
+    assert opt.state_dict()["perturbation"]["every"] == 4
 
 
-def test_an_interrupted_run_resumes_mid_cycle_to_the_same_numbers(tmp_path, interrupted_then_resumed):
+@pytest.mark.parametrize("norm", ["global", "per_tensor"])
+@pytest.mark.parametrize("inner_steps", [1, 2])
+def test_gradient_reuse_matches_the_reference(inner_steps, norm):
+    batches = make_batches(8, seed=12)
+    model = make_model(9)
+    ref_model = copy.deepcopy(model)
+    kw = {"epsilon": 0.5, "inner_lr": 1.0, "inner_steps": inner_steps, "norm": norm}
+    losses, calls, traj = run_opt(amp(model, 3, reuse="gradient", alpha=0.7, **kw), model, batches)
+    ref_losses, ref = gradient_reuse_reference(ref_model, batches, every=3, alpha=0.7, **kw)
+    for t, (a, b) in enumerate(zip(traj, ref)):
+        assert (a - b).abs().max().item() <= 1e-10, f"step {t}"
+    assert losses == pytest.approx(ref_losses, abs=1e-12)  # the loss at θ on every step
+    assert calls == [inner_steps + 1 if t % 3 == 0 else 1 for t in range(8)]
+    # the reused gradient matters: with α = 0 the steps in between are SGD's, another trajectory
+    _, plain_between = gradient_reuse_reference(ref_model, batches, every=3, alpha=0.0, **kw)
+    assert (ref[-1] - plain_between[-1]).abs().max() > 1e-6
+
+
+def test_gradient_reuse_keeps_a_unit_vector_orthogonal_to_the_clean_gradient():
+    model = make_model(10)
+    opt = amp(model, 4, reuse="gradient", lr=0.0, momentum=0.0, weight_decay=0.0)
+    (x, y), = make_batches(1, seed=13)
+    loss = F.cross_entropy(model(x), y)
+    clean = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
+    run_opt(opt, model, [(x, y)])
+    unit = torch.cat([k.reshape(-1) for k in opt.state_dict()["perturbation"]["kept"]])
+    assert unit.norm().item() == pytest.approx(1.0, abs=1e-12)
+    assert abs((unit @ clean).item()) <= 1e-12 * clean.norm().item()
+
+
+@pytest.mark.parametrize("setting,message", [({"reuse": "theta"}, "reuse must be one of"),
+                                             ({"reuse": "gradient", "alpha": -0.1}, "alpha must be a number >= 0"),
+                                             ({"alpha": float("nan")}, "alpha must be a number >= 0")])
+def test_bad_reuse_settings_raise(setting, message):
+    with pytest.raises(ValueError, match=message):
+        amp(make_model(0), 4, **setting)
+
+
+@pytest.mark.parametrize("reuse", ["delta", "gradient"])
+def test_an_interrupted_run_resumes_mid_cycle_to_the_same_numbers(tmp_path, interrupted_then_resumed, reuse):
     """18 steps an epoch with k = 5: the run is cut at step 36, one step after a refresh."""
     config = resolve(TrainConfig(method="amp", epochs=4), ["model.hidden=16", "optim.batch_size=200",
-                                                            "amp.every=5"])
+                                                            "amp.every=5", f"amp.reuse={reuse}"])
     whole = train(config, tmp_path / "whole", progress=False)
     drop = lambda m: {k: v for k, v in m.items() if "seconds" not in k}
     assert drop(interrupted_then_resumed(config)) == drop(whole)

@@ -127,8 +127,47 @@ def awp_delta(gamma, steps):
     return delta_of
 
 
+def gradient_reuse_local_reference(epsilon, inner_lr, every, alpha) -> list[torch.Tensor]:
+    """AMP (N = 1) every ``every`` steps with LookSAM's gradient reuse, Δ_r per replica: a refresh steps with
+    g_s = mean_r ∇J_r(θ+Δ_r) and keeps v̂ = g_v/‖g_v‖, g_v = mean_r (g_s − (⟨g_s, g_r⟩/‖g_r‖²)·g_r) with
+    g_r = ∇J_r(θ); a step in between takes g = mean_r ∇J_r(θ) and steps with g + α‖g‖·v̂."""
+    model, probe = W.make_model(), W.make_model()
+    params = list(model.parameters())
+    sgd = torch.optim.SGD(params, **W.BASE)
+
+    def grad_at(weights, x, y):
+        with torch.no_grad():
+            for p, w in zip(probe.parameters(), weights):
+                p.copy_(w)
+        return torch.autograd.grad(F.cross_entropy(probe(x), y), list(probe.parameters()))
+
+    def mean(vectors):
+        return [sum(parts) / W.WORLD for parts in zip(*vectors)]
+
+    unit = None
+    for t, (x, y) in enumerate(W.make_data()):
+        theta = [p.detach().clone() for p in params]
+        shards = [(W.shard(x, r), W.shard(y, r)) for r in range(W.WORLD)]
+        clean = [grad_at(theta, *s) for s in shards]
+        if t % every == 0:
+            deltas = [amp_delta(epsilon, inner_lr, 1)(lambda w, s=s: grad_at(w, *s), theta) for s in shards]
+            g = mean([grad_at([a + d for a, d in zip(theta, delta)], *s) for delta, s in zip(deltas, shards)])
+            dot = lambda a, b: sum((u * v).sum() for u, v in zip(a, b))
+            g_v = mean([[gs - dot(g, c) / dot(c, c) * ci for gs, ci in zip(g, c)] for c in clean])
+            unit = [v / norm(g_v) for v in g_v]
+        else:
+            g = mean(clean)
+            g = [gi + alpha * norm(g) * u for gi, u in zip(g, unit)]
+        for p, gi in zip(params, g):
+            p.grad = gi
+        sgd.step()
+    return [p.detach() for p in params]
+
+
 def local_reference(case: str) -> list[torch.Tensor]:
     cls, kwargs = W.CASES[case]
+    if kwargs.get("reuse") == "gradient":
+        return gradient_reuse_local_reference(kwargs["epsilon"], kwargs["inner_lr"], kwargs["every"], kwargs["alpha"])
     if cls.__name__ == "AMP":
         delta = amp_delta(kwargs["epsilon"], kwargs["inner_lr"], kwargs["inner_steps"])
     elif cls.__name__ == "SAM":
@@ -139,7 +178,9 @@ def local_reference(case: str) -> list[torch.Tensor]:
 
 
 # -- the test: one launch, every check (pytest-xdist would launch once per worker for several tests) ---------
-ALLREDUCES = {"amp1_global": 2, "amp2_global": 3}  # N+1: the clean pass, N-1 inner passes, the final pass; else 1
+# gradient all-reduces of each step: N+1 under perturb_on="global" (the clean pass, N-1 inner passes, the final
+# pass), 1 otherwise; with every=2 the steps in between make one pass
+ALLREDUCES = {"amp1_global": [2] * W.STEPS, "amp2_global": [3] * W.STEPS, "amp1_global_gradient": [2, 1] * (W.STEPS // 2)}
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -151,7 +192,7 @@ def test_ddp_matches_single_process_references(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(rank0["params"], rank1["params"], strict=True)), \
             f"{case}: the replicas diverged"
         for rank, r in enumerate((rank0, rank1)):
-            assert r["allreduces"] == [ALLREDUCES.get(case, 1)] * W.STEPS, f"{case}: all-reduces per step, rank {rank}"
+            assert r["allreduces"] == ALLREDUCES.get(case, [1] * W.STEPS), f"{case}: all-reduces per step, rank {rank}"
         local = cls is not None and kwargs.get("perturb_on", "local") == "local"
         expected = local_reference(case) if local else global_batch_reference(case)
         for a, e in zip(rank0["params"], expected, strict=True):

@@ -34,7 +34,7 @@ def test_state_dict_keeps_the_settings_and_refuses_a_foreign_one():
     amp = advreg.AMP(model.parameters(), torch.optim.SGD, epsilon=0.3, inner_lr=2.0, inner_steps=2, lr=0.1)
     state = amp.state_dict()
     assert state["perturbation"] == {"epsilon": 0.3, "inner_lr": 2.0, "inner_steps": 2, "norm": "global",
-                                     "every": 1, "steps_taken": 0}
+                                     "every": 1, "reuse": "delta", "alpha": 0.7, "steps_taken": 0}
     other = advreg.AMP(model.parameters(), torch.optim.SGD, epsilon=0.1, inner_lr=1.0, lr=0.1)
     other.load_state_dict(state)
     assert (other.epsilon, other.inner_lr, other.inner_steps) == (0.3, 2.0, 2)

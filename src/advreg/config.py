@@ -50,6 +50,8 @@ class AMPConfig:
     inner_steps: int = 1
     norm: str = "global"
     every: int = 1  # the efficient mode: a fresh Δ every k steps, the last one reused in between (1 is AMP)
+    reuse: str = "delta"  # what the steps in between reuse: delta (θ + the kept Δ) | gradient (LookSAM's)
+    alpha: float = 0.7  # reuse=gradient: the weight of the reused orthogonal gradient (LookSAM's α)
 
 
 @dataclass(frozen=True)

@@ -176,7 +176,7 @@ def build_optimizer(config: TrainConfig, params: Iterable[torch.Tensor], steps_p
     if kind == "amp":
         a = config.amp
         return AMP(params, torch.optim.SGD, epsilon=a.epsilon, inner_lr=a.inner_lr, inner_steps=a.inner_steps,
-                   norm=a.norm, every=a.every, **sgd)
+                   norm=a.norm, every=a.every, reuse=a.reuse, alpha=a.alpha, **sgd)
     if kind == "sam":
         return SAM(params, torch.optim.SGD, rho=config.sam.rho, adaptive=config.sam.adaptive, **sgd)
     if kind == "rmp":

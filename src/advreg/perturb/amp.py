@@ -10,9 +10,10 @@ import torch
 from torch import Tensor
 
 from advreg.perturb.engine import (Closure, PerturbedOptimizer, check_nonnegative, global_norm, grads_of, is_int,
-                                   is_number, scratch, set_to_sum)
+                                   is_number, scratch, set_to_sum, stack_scalars)
 
 NORMS = ("global", "per_tensor")
+REUSE = ("delta", "gradient")  # what the steps between two fresh Δ reuse (every > 1)
 
 
 class AMP(PerturbedOptimizer):
@@ -22,22 +23,30 @@ class AMP(PerturbedOptimizer):
     projects each tensor on its own, as the authors' released code does (its ε means that).
     The closure is called N+1 times per step; ``step`` returns the loss at θ.
 
-    ``every=k`` (beyond the paper, an efficient mode): steps 0, k, 2k, … are Algorithm 1's and keep their Δ; the
-    k-1 steps in between make one pass at θ+Δ_kept (the kept Δ added to the current θ, restored to that θ),
-    call the closure once and return the loss at θ+Δ_kept. ``every=1`` is Algorithm 1, bit for bit. A parameter
-    without a gradient at the last fresh Δ has Δ = 0. The kept Δ is in ``state_dict`` (exact resume mid-cycle).
+    ``every=k`` (beyond the paper, an efficient mode): steps 0, k, 2k, … are Algorithm 1's; the k-1 steps in
+    between call the closure once and reuse what the last of them found, as ``reuse`` says:
+
+    - ``"delta"``: the pass is at θ+Δ_kept (the kept Δ added to the current θ, restored to that θ); the step
+      returns the loss at θ+Δ_kept. A parameter without a gradient at the last fresh Δ has Δ = 0.
+    - ``"gradient"``: LookSAM's gradient reuse (Liu et al., CVPR 2022), with AMP's Δ in place of SAM's. A fresh
+      step keeps v̂, the unit vector along the part of its gradient ∇J(θ+Δ) orthogonal to its clean gradient
+      ∇J(θ); a step in between makes one pass at θ, adds α‖g‖·v̂ to its gradient g and returns the loss at θ.
+      Norms and the decomposition are over the whole model or per tensor, as ``norm`` says.
+
+    ``every=1`` is Algorithm 1, bit for bit. The kept tensor (Δ or v̂) is in ``state_dict`` (exact resume
+    mid-cycle).
     """
 
     def __init__(self, params: Iterable, base_optimizer: type, *, epsilon: float, inner_lr: float,
-                 inner_steps: int = 1, norm: str = "global", every: int = 1, bn_stats: str = "clean",
-                 **base_kwargs: Any):
+                 inner_steps: int = 1, norm: str = "global", every: int = 1, reuse: str = "delta",
+                 alpha: float = 0.7, bn_stats: str = "clean", **base_kwargs: Any):
         self.epsilon, self.inner_lr, self.inner_steps, self.norm = epsilon, inner_lr, inner_steps, norm
-        self.every = every
+        self.every, self.reuse, self.alpha = every, reuse, alpha
         self.steps_taken = 0  # completed calls of step(); saved in the state_dict (the refresh schedule)
         self._validate()
         super().__init__(params, base_optimizer, bn_stats=bn_stats, **base_kwargs)
         self._delta: dict[Tensor, Tensor] = {}  # scratch: Δ during a step
-        self._kept: dict[Tensor, Tensor] = {}  # every > 1: the last fresh Δ, one tensor per parameter (state)
+        self._kept: dict[Tensor, Tensor] = {}  # every > 1: Δ or v̂ of the last fresh step, one per parameter (state)
         self._has_kept = False
 
     def _validate(self) -> None:
@@ -52,27 +61,39 @@ class AMP(PerturbedOptimizer):
         if not is_int(self.every) or self.every < 1:
             raise ValueError(f"every must be an integer >= 1, got {self.every!r}: a fresh Δ every k steps and the "
                              "last one reused in between (1 is the paper's AMP, a fresh Δ every step)")
+        if self.reuse not in REUSE:
+            raise ValueError(f"reuse must be one of {REUSE}, got {self.reuse!r}: between two fresh Δ, 'delta' takes "
+                             "the pass at θ + the last Δ, 'gradient' the pass at θ plus LookSAM's reused gradient")
+        check_nonnegative("alpha", self.alpha, "it weighs the reused orthogonal gradient of reuse='gradient' "
+                          "(LookSAM uses 0.7)")
         if not is_int(self.steps_taken) or self.steps_taken < 0:
             raise ValueError(f"steps_taken must be an integer >= 0, got {self.steps_taken!r}; "
                              "load a state_dict saved by AMP")
 
     def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
-        """One training step; a failed step is not counted, and a failed fresh-Δ step leaves no kept Δ."""
+        """One training step; a failed step is not counted, and a failed fresh-Δ step leaves nothing kept."""
         fresh = self._fresh()
         try:
             loss = super().step(closure)
+            if fresh and self._has_kept and self.reuse == "gradient" and self._perturbs():
+                self._keep_orthogonal_gradient()
         except BaseException:
             self._has_kept = self._has_kept and not fresh  # its Δ is half-built: the next step builds one afresh
             raise
         self.steps_taken += 1
         return loss
 
-    def _is_active(self) -> bool:
+    def _perturbs(self) -> bool:
+        """Whether AMP is on at all (ε = 0 or N = 0 is the base optimizer)."""
         return self.epsilon > 0 and self.inner_steps > 0
+
+    def _is_active(self) -> bool:
+        return self._perturbs() and (self.reuse == "delta" or self._fresh())
 
     def _hyperparameters(self) -> dict[str, Any]:
         return {"epsilon": self.epsilon, "inner_lr": self.inner_lr, "inner_steps": self.inner_steps,
-                "norm": self.norm, "every": self.every, "steps_taken": self.steps_taken}
+                "norm": self.norm, "every": self.every, "reuse": self.reuse, "alpha": self.alpha,
+                "steps_taken": self.steps_taken}
 
     def _needs_clean_pass(self) -> bool:
         return self._fresh()
@@ -95,55 +116,110 @@ class AMP(PerturbedOptimizer):
             return
         delta = scratch(self._delta, params)
         torch._foreach_zero_(delta)  # Δ ← 0
+        if self.reuse == "gradient":
+            self._keep(params, grads_of(params))  # LookSAM decomposes against the clean gradient ∇J(θ)
         for n in range(self.inner_steps):
             if n > 0:
                 closure()  # ∇J(θ+Δ); the first ascent step reuses the clean gradient ∇J(θ)
             torch._foreach_add_(delta, grads_of(params), alpha=self.inner_lr)  # Δ ← Δ + ζ∇J(θ+Δ)
             torch._foreach_mul_(delta, self._scales(delta, 1.0))  # Π_ε: Δ ← εΔ/‖Δ‖ where ‖Δ‖ > ε
             set_to_sum(params, theta, delta)  # θ+Δ
-        self._keep(params, delta)
+        if self.reuse == "delta":
+            self._keep(params, delta)
 
     def _scales(self, tensors: list[Tensor], cap: float) -> Tensor | list[Tensor]:
         """min(cap, ε/‖t‖) for the whole list (global ball) or per tensor; ε/0 = inf gives cap."""
         if self.norm == "global":
             return (self.epsilon / global_norm(tensors)).clamp(max=cap)
-        return list((self.epsilon / torch.stack(torch._foreach_norm(tensors))).clamp(max=cap).unbind())
+        return list((self.epsilon / stack_scalars(torch._foreach_norm(tensors))).clamp(max=cap).unbind())
+
+    def _norms(self, tensors: list[Tensor]) -> Tensor | list[Tensor]:
+        """‖t‖ over the whole list (a 0-d tensor) or per tensor (a list of them), as ``norm`` says."""
+        if self.norm == "global":
+            return global_norm(tensors)
+        return torch._foreach_norm(tensors)
 
     # -- the kept Δ (every > 1) -------------------------------------------------------------------
     def _all_params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
-    def _keep(self, params: list[Tensor], delta: list[Tensor]) -> None:
-        """Δ_kept ← Δ for ``params`` (those with a gradient), 0 for the other parameters."""
+    def _keep(self, params: list[Tensor], values: list[Tensor]) -> None:
+        """kept ← ``values`` (Δ, or ∇J(θ) for reuse="gradient") for ``params`` (those with a gradient), 0 for the
+        other parameters."""
         if self.every == 1:
             return
-        everything = self._all_params()
-        kept = scratch(self._kept, everything)
+        kept = scratch(self._kept, self._all_params())
         torch._foreach_zero_(kept)
-        torch._foreach_copy_([self._kept[p] for p in params], delta)
+        torch._foreach_copy_([self._kept[p] for p in params], values)
         self._has_kept = True
-        if self.grad_scaler is not None:  # an overflowed pass (the step is skipped): the next step builds Δ afresh
-            overflowed = self._agree((~torch.isfinite(global_norm(kept))).to(torch.int32))  # on every replica alike
+        self._drop_kept_on_overflow(kept)
+
+    def _drop_kept_on_overflow(self, kept: list[Tensor]) -> None:
+        """Under a grad scaler, a kept tensor from an overflowed pass (the step is skipped) is dropped, on every
+        replica alike: the next step starts afresh."""
+        if self.grad_scaler is not None:
+            overflowed = self._agree((~torch.isfinite(global_norm(kept))).to(torch.int32))
             self._has_kept = not bool(overflowed)
+
+    def _keep_orthogonal_gradient(self) -> None:
+        """After a fresh step with reuse="gradient": kept d (∇J(θ), or Δ ∝ it when N = 1) becomes
+        v̂ = g_v/‖g_v‖ with g_v = g_s − (⟨g_s, d⟩/‖d‖²)·d and g_s = ∇J(θ+Δ), the gradient the base step took (now
+        unscaled in ``.grad``). Under DDP with local Δ the replicas' g_v are averaged first, so that every replica
+        adds the same v̂."""
+        everything = self._all_params()
+        kept = [self._kept[p] for p in everything]
+        perturbed = grads_of(everything)
+        dots = stack_scalars([t.sum() for t in torch._foreach_mul(perturbed, kept)])
+        squares = stack_scalars(torch._foreach_norm(kept)).square()
+        if self.norm == "global":
+            dots, squares = dots.sum(), squares.sum()
+        along = torch.where(squares > 0, dots / squares, 0.0)  # d = 0 (no gradient): nothing to take off
+        torch._foreach_mul_(kept, along.neg() if self.norm == "global" else list(along.neg().unbind()))
+        torch._foreach_add_(kept, perturbed)  # g_v = g_s − (⟨g_s, d⟩/‖d‖²)·d
+        if self._replicated() and self.perturb_on == "local":
+            self._average_over_replicas(kept)
+        norms = self._norms(kept)
+        inverse = [torch.where(n > 0, 1.0 / n, 0.0) for n in ([norms] if self.norm == "global" else norms)]
+        torch._foreach_mul_(kept, inverse[0] if self.norm == "global" else inverse)  # v̂; g_v = 0 gives 0
+        self._drop_kept_on_overflow(kept)
+
+    def _average_over_replicas(self, tensors: list[Tensor]) -> None:
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        group = getattr(getattr(self.no_sync, "__self__", None), "process_group", None)
+        torch.distributed.all_reduce(flat, group=group)
+        flat /= torch.distributed.get_world_size(group)
+        torch._foreach_copy_(tensors, [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]),
+                                                                             tensors)])
+
+    def _correct_gradient(self) -> None:
+        """A step between refreshes with reuse="gradient": g ← g + α‖g‖·v̂ (scale-free, so a grad scaler's
+        scaled g is corrected alike)."""
+        if self.reuse != "gradient" or self._fresh() or not self._perturbs():
+            return
+        pairs = [(p.grad, self._kept[p]) for p in self._all_params() if p.grad is not None]
+        if not pairs:
+            return
+        grads, units = [g for g, _ in pairs], [u for _, u in pairs]
+        torch._foreach_add_(grads, torch._foreach_mul(units, self._norms(grads)), alpha=self.alpha)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         if self.every > 1 and self._has_kept:  # in parameter order, like the base state
-            state["perturbation"]["delta"] = [self._kept[p].detach().clone() for p in self._all_params()]
+            state["perturbation"]["kept"] = [self._kept[p].detach().clone() for p in self._all_params()]
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         saved = dict(state_dict.get("perturbation", {}))
-        delta = saved.pop("delta", None)
+        kept = saved.pop("kept", None)
         state_dict["perturbation"] = saved
         everything = self._all_params()
-        if delta is not None and (not isinstance(delta, (list, tuple)) or len(delta) != len(everything) or any(
-                not isinstance(d, Tensor) or d.shape != p.shape for d, p in zip(delta, everything))):
-            raise ValueError("the state_dict's kept Δ does not match this optimizer's parameters; load it into an "
-                             "AMP over the same parameters, in the same order")
+        if kept is not None and (not isinstance(kept, (list, tuple)) or len(kept) != len(everything) or any(
+                not isinstance(k, Tensor) or k.shape != p.shape for k, p in zip(kept, everything))):
+            raise ValueError("the state_dict's kept tensors do not match this optimizer's parameters; load it into "
+                             "an AMP over the same parameters, in the same order")
         super().load_state_dict(state_dict)
-        self._has_kept = delta is not None and self.every > 1
+        self._has_kept = kept is not None and self.every > 1
         if self._has_kept:
-            for buffer, saved_delta in zip(scratch(self._kept, everything), delta):
-                buffer.copy_(saved_delta)  # to the parameter's device and dtype
+            for buffer, saved in zip(scratch(self._kept, everything), kept):
+                buffer.copy_(saved)  # to the parameter's device and dtype

@@ -79,7 +79,12 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
     # -- what a subclass provides -------------------------------------------------------------
     @abc.abstractmethod
     def _is_active(self) -> bool:
-        """False when Δ ≡ 0: the step is the base optimizer's, bit for bit (one closure call)."""
+        """False when this step takes no pass at perturbed weights: one pass at θ, ``_correct_gradient``, then the
+        base step (the base optimizer's step, bit for bit, when Δ ≡ 0)."""
+
+    def _correct_gradient(self) -> None:
+        """Change the gradient of a step without a perturbed pass (``.grad`` = ∇J(θ), scaled under a grad scaler,
+        all-reduced under DDP) before the base step; by default it is left as it is."""
 
     @abc.abstractmethod
     def _perturb(self, params: list[Tensor], theta: list[Tensor], closure: Closure) -> None:
@@ -104,6 +109,7 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
         if not self._is_active():
             loss = run()
             _require_finite(losses, "at the weights θ", self._agreement())
+            self._correct_gradient()
             self._base_step()
             return loss
         overflow = _Overflow(self.grad_scaler)
@@ -218,14 +224,18 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
 # -- helpers shared by the perturbations ------------------------------------------------------
 def global_norm(tensors: list[Tensor]) -> Tensor:
     """‖(t_1, …, t_k)‖₂ as a 0-d tensor, with no host synchronisation."""
-    norms = torch._foreach_norm(tensors)
-    first = norms[0]
-    if any(n.dtype != first.dtype or n.device != first.device for n in norms):
+    return torch.linalg.vector_norm(stack_scalars(torch._foreach_norm(tensors)))
+
+
+def stack_scalars(values: list[Tensor]) -> Tensor:
+    """0-d tensors (one per parameter) stacked into one vector, on the first one's device, in their promoted dtype."""
+    first = values[0]
+    if any(v.dtype != first.dtype or v.device != first.device for v in values):
         dtype = first.dtype
-        for n in norms[1:]:
-            dtype = torch.promote_types(dtype, n.dtype)
-        norms = [n.to(first.device, dtype) for n in norms]
-    return torch.linalg.vector_norm(torch.stack(norms))
+        for v in values[1:]:
+            dtype = torch.promote_types(dtype, v.dtype)
+        values = [v.to(first.device, dtype) for v in values]
+    return torch.stack(values)
 
 
 def set_to_sum(params: list[Tensor], theta: list[Tensor], delta: list[Tensor]) -> None:
