@@ -34,13 +34,17 @@ def metrics(folder: Path) -> dict:
     return json.loads((folder / "metrics.json").read_text())
 
 
-def test_two_replicas_train_what_one_process_trains(tmp_path):
+def launch(*args: str) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           f"--master_port={free_port()}", str(WORKER), str(tmp_path / "ddp")]
+           f"--master_port={free_port()}", str(WORKER), *args]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_two_replicas_train_what_one_process_trains(tmp_path):
+    launch(str(tmp_path / "ddp"))
     single = {name: train(W.config(name), tmp_path / "single" / name, progress=False)
               for name in ("erm", "amp_global", "adv")}
     for name, one in single.items():
@@ -85,3 +89,11 @@ def test_one_gpu_index_for_every_replica_is_refused(monkeypatch):
         from_environment("cuda:0")
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert from_environment("cpu") is None
+
+
+def test_a_folder_replica_0_refuses_stops_every_replica_with_an_error(tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("not a run")
+    launch(str(tmp_path), "taken")  # each replica raises and returns: before, replica 1 sat in a barrier until killed
+    assert "is not empty and holds no advreg run" in (tmp_path / "rank0.error").read_text()
+    assert "replica 0 could not prepare the run folder" in (tmp_path / "rank1.error").read_text()

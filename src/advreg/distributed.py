@@ -55,6 +55,13 @@ class Replicas:
         ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
+    def all_true(self, ok: bool) -> bool:
+        """Whether ``ok`` holds on every replica (a collective: each replica calls it)."""
+        nccl = dist.get_backend() == "nccl"
+        flag = torch.tensor(int(ok), device=torch.device("cuda", torch.cuda.current_device()) if nccl else None)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
     def barrier(self) -> None:
         dist.barrier()
 

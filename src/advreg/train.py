@@ -90,12 +90,10 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, progres
 def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
            replicas: distributed.Replicas | None) -> dict[str, Any]:
     main = replicas is None or replicas.main
-    checkpoint = _prepare_folder(out, config, resume) if main else None
-    if not main:
-        replicas.barrier()  # replica 0 has checked the folder (or failed, and the launcher stops everyone)
-        checkpoint = load_checkpoint(out / CHECKPOINT) if resume and (out / CHECKPOINT).exists() else None
-    elif replicas is not None:
-        replicas.barrier()
+    if replicas is None:
+        checkpoint = _prepare_folder(out, config, resume)
+    else:
+        checkpoint = _prepare_folder_together(out, config, resume, replicas)
     run = build_run(config, replicas)
     start, history = _restore(run, checkpoint) if checkpoint else (0, [])
     bar = tqdm(range(start, config.epochs), initial=start, total=config.epochs, unit="epoch",
@@ -413,6 +411,25 @@ def _prepare_folder(out: Path, config: TrainConfig, resume: bool) -> dict[str, A
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / CONFIG, {**config.to_dict(), "code_version": code_version()})
     return None
+
+
+def _prepare_folder_together(out: Path, config: TrainConfig, resume: bool,
+                             replicas: distributed.Replicas) -> dict[str, Any] | None:
+    """Replica 0 checks and prepares the folder; every replica learns whether it could (so that none waits for a
+    replica that failed) and then reads the checkpoint to resume from."""
+    failure, checkpoint = None, None
+    if replicas.main:
+        try:
+            checkpoint = _prepare_folder(out, config, resume)
+        except (OSError, ValueError) as err:  # RunFolderError, a corrupt config.json or checkpoint, permissions
+            failure = err
+    if not replicas.all_true(failure is None):  # a collective: every replica takes part
+        if failure is not None:
+            raise failure
+        raise RunFolderError(f"replica 0 could not prepare the run folder {out}: its error says why")
+    if not replicas.main and resume and (out / CHECKPOINT).exists():
+        checkpoint = load_checkpoint(out / CHECKPOINT)
+    return checkpoint
 
 
 def check_same_run(out: Path, config: TrainConfig) -> None:
