@@ -103,7 +103,6 @@ def main() -> None:
     if rank == 0:
         print(f"test error {100 * error:.2f}% (AMP under DDP, {world} processes, perturb_on={args.perturb_on}, "
               f"global batch {args.global_batch})", flush=True)
-    del opt, ddp  # the wrapper holds the process group: free it before the group goes
     dist.destroy_process_group()
 
 
