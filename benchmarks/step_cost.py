@@ -6,6 +6,7 @@ Usage::
                                    [--precision fp32|bf16|fp16] [--channels-last]
                                    [--batch-size B] [--steps S] [--warmup W] [--repeats 5]
                                    [--width 100] [--mem-width 2048] [--no-memory]
+                                   [--every 4] [--only "AMP N=1,AMP k=4 delta"]
 
 What is measured
 ----------------
@@ -23,6 +24,11 @@ What is measured
   (the order rotates every round), so that machine noise hits all methods alike; the time per step
   of a method is the median over its rounds.  The clock is ``time.perf_counter``, read after
   ``torch.cuda.synchronize()`` on CUDA (where ``cudnn.benchmark`` is on).
+* **AMP every k steps** (``--every K``, default 4; 1 leaves them out): two more timed rows, AMP N = 1 with
+  ``every=K`` and ``reuse="delta"`` or ``reuse="gradient"`` (the efficient mode: one refresh of 2 passes and
+  K - 1 steps of one pass, so 1 + 1/K passes a step on average). The steps of a round are rounded up to a
+  multiple of K, so that every round holds the same number of refreshes. ``--only`` times a subset of the rows
+  (SGD and the passes always run), e.g. to keep a CPU ResNet run short.
 * **Precision**: ``--precision bf16|fp16`` runs forward and loss under ``torch.autocast``; fp16 adds
   a ``torch.amp.GradScaler`` per method (the closure calls ``scaler.scale(loss).backward()``, the
   perturbed optimizers get ``grad_scaler=``, plain SGD steps through ``scaler.step``, and
@@ -103,6 +109,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 MODEL_DEFAULTS = {"mlp": dict(batch_size=50, steps=200, warmup=20),
                   "preact_resnet18": dict(batch_size=128, steps=10, warmup=3)}
 TARGET_RATIO, TARGET_OUTSIDE_PCT, TARGET_EXTRA_BUFFERS = 2.0, 3.0, 2.0  # issue 11, AMP with N = 1
+TARGET_EVERY_RATIO = 1.25  # issue 11, the efficient mode: at most 1.25x ERM's time
 
 
 # -- the methods ----------------------------------------------------------------------------------
@@ -125,6 +132,18 @@ def _perturbed(cls, **kwargs) -> Callable[..., torch.optim.Optimizer]:
 
 def _amp(n: int) -> Method:
     return Method(f"AMP N={n}", n + 1, _perturbed(advreg.AMP, inner_steps=n, **AMP_KWARGS))
+
+
+def _amp_every(k: int, reuse: str) -> Method:
+    return Method(f"AMP k={k} {reuse}", 1 + 1 / k,
+                  _perturbed(advreg.AMP, inner_steps=1, every=k, reuse=reuse, alpha=0.4, **AMP_KWARGS))
+
+
+def timed_methods(args) -> list[Method]:
+    """The rows of the time table: METHODS (those --only names, and always SGD and the passes), then AMP every k."""
+    keep = None if args.only is None else {name.strip() for name in args.only.split(",")} | {"SGD", "passes"}
+    every = [_amp_every(args.every, reuse) for reuse in ("delta", "gradient")] if args.every > 1 else []
+    return [m for m in METHODS + every if keep is None or m.name in keep]
 
 
 METHODS = [Method("SGD", 1, _sgd),
@@ -236,7 +255,7 @@ def sync(device: torch.device) -> None:
 # -- time -----------------------------------------------------------------------------------------
 def time_methods(args, device: torch.device) -> dict[str, list[float]]:
     """ms per step of every method in every round: warm-up, then rotating round-robin blocks."""
-    setups = {m.name: make_setup(m, args, args.width, device) for m in METHODS}
+    setups = {m.name: make_setup(m, args, args.width, device) for m in timed_methods(args)}
     for name, setup in setups.items():
         run_steps(setup, args.warmup)
     sync(device)
@@ -478,14 +497,15 @@ def _outside(samples: dict[str, list[float]], m: Method) -> tuple[float, float, 
 def time_table(samples: dict[str, list[float]], args) -> str:
     med = {name: statistics.median(s) for name, s in samples.items()}
     base = med["SGD"]
+    width = max(10, *(len(m.name) for m in timed_methods(args)))
     rows = [f"Time per step: median of {args.repeats} round-robin rounds x {args.steps} steps "
             f"(after {args.warmup} warm-up steps per method)",
-            f"{'method':<10} {'ms/step':>9} {'min-max over rounds':>21} {'ratio to SGD':>13} "
+            f"{'method':<{width}} {'ms/step':>9} {'min-max over rounds':>21} {'ratio to SGD':>13} "
             f"{'expected (passes)':>18} {'outside, % of SGD':>18} {'min..max over rounds':>21}"]
-    for m in METHODS:
+    for m in timed_methods(args):
         s = samples[m.name]
-        row = (f"{m.name:<10} {med[m.name]:>9.3f} {f'{min(s):.3f}-{max(s):.3f}':>21} "
-               f"{med[m.name] / base:>12.2f}x {f'{m.passes}x' if m.update else '-':>18}")
+        row = (f"{m.name:<{width}} {med[m.name]:>9.3f} {f'{min(s):.3f}-{max(s):.3f}':>21} "
+               f"{med[m.name] / base:>12.2f}x {f'{m.passes:.3g}x' if m.update else '-':>18}")
         if m.update and m.name != "SGD":
             value, lo, hi = _outside(samples, m)
             row += f" {value:>17.1f}% {f'{lo:.1f}..{hi:.1f}%':>21}"
@@ -499,8 +519,12 @@ def time_table(samples: dict[str, list[float]], args) -> str:
 
 
 def time_verdict(samples: dict[str, list[float]], args, device: torch.device) -> str:
-    """Issue 11's time targets for AMP N=1, from the medians, with each round's own value as the error bar."""
+    """Issue 11's time targets for AMP N=1 and for AMP every k, from the medians, with each round's own value as
+    the error bar."""
     med = {name: statistics.median(s) for name, s in samples.items()}
+    every = [_every_verdict(samples, m.name) for m in timed_methods(args) if m.name.startswith("AMP k=")]
+    if "AMP N=1" not in samples:
+        return "\n".join(["Issue 11, AMP N=1: not timed (--only)", *every])
     ratios = [amp / sgd for amp, sgd in zip(samples["AMP N=1"], samples["SGD"])]
     ratio = med["AMP N=1"] / med["SGD"]
     outside, lo, hi = _outside(samples, BY_NAME["AMP N=1"])
@@ -508,7 +532,14 @@ def time_verdict(samples: dict[str, list[float]], args, device: torch.device) ->
             f"ratio {ratio:.2f}x (rounds {min(ratios):.2f}..{max(ratios):.2f}x) <= {TARGET_RATIO:.1f}x: "
             f"{_verdict(ratio, min(ratios), max(ratios), TARGET_RATIO)}; outside the passes {outside:.1f}% of an "
             f"SGD step (rounds {lo:.1f}..{hi:.1f}%) <= {TARGET_OUTSIDE_PCT:.0f}%: "
-            f"{_verdict(outside, lo, hi, TARGET_OUTSIDE_PCT)}")
+            f"{_verdict(outside, lo, hi, TARGET_OUTSIDE_PCT)}" + "".join("\n" + line for line in every))
+
+
+def _every_verdict(samples: dict[str, list[float]], name: str) -> str:
+    ratios = [t / sgd for t, sgd in zip(samples[name], samples["SGD"])]
+    ratio = statistics.median(samples[name]) / statistics.median(samples["SGD"])
+    return (f"Issue 11, {name}: {ratio:.2f}x an SGD step (rounds {min(ratios):.2f}..{max(ratios):.2f}x) <= "
+            f"{TARGET_EVERY_RATIO:.2f}x: {_verdict(ratio, min(ratios), max(ratios), TARGET_EVERY_RATIO)}")
 
 
 def _verdict(value: float, lo: float, hi: float, target: float) -> str:
@@ -590,6 +621,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mem-steps", type=int, default=3, help="steps per memory measurement (default: %(default)s)")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory measurements")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own choice)")
+    p.add_argument("--every", type=int, default=4,
+                   help="k of the rows AMP every k (reuse delta and gradient); 1 leaves them out (default: %(default)s)")
+    p.add_argument("--only", default=None,
+                   help="comma-separated rows to time (SGD and passes always run), e.g. 'AMP N=1,AMP k=4 delta'")
     p.add_argument("--_mem-worker", dest="mem_worker", choices=[m.name for m in OPTIMIZERS], help=argparse.SUPPRESS)
     p.add_argument("--_mem-worker-width", dest="mem_worker_width", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -597,11 +632,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, value)
     _check(p, args)
+    if args.every > 1:  # the same number of refreshes in every round
+        args.steps = -(-args.steps // args.every) * args.every
     return args
 
 
 def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    for name in ("batch_size", "steps", "width", "repeats", "mem_steps"):
+    for name in ("batch_size", "steps", "width", "repeats", "mem_steps", "every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0 or args.mem_width < 0:
