@@ -29,6 +29,7 @@ CASES = {  # name -> (perturbed optimizer or None for plain SGD, its keywords)
     "amp1_global_gradient": (advreg.AMP, {**AMP, "inner_steps": 1, "perturb_on": "global", "every": 2,
                                           "reuse": "gradient", "alpha": 0.7}),
     "amp1_local_gradient": (advreg.AMP, {**AMP, "inner_steps": 1, "every": 2, "reuse": "gradient", "alpha": 0.7}),
+    "amp2_local_gradient": (advreg.AMP, {**AMP, "inner_steps": 2, "every": 2, "reuse": "gradient", "alpha": 0.7}),
     "sam_local": (advreg.SAM, {"rho": 0.05}),
     "awp_local": (advreg.AWP, {"gamma": 0.05, "steps": 2}),
 }

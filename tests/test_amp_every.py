@@ -339,8 +339,9 @@ def scaled_closure(opt, model, x, y, scaler, calls, inf_at=None):
     return closure
 
 
+@pytest.mark.parametrize("inf_at", [0, 1])  # the refresh's clean pass, or its final pass at θ+Δ
 @pytest.mark.parametrize("reuse", ["delta", "gradient"])
-def test_under_a_grad_scaler_the_steps_are_unchanged_and_an_overflowed_refresh_is_redone(reuse):
+def test_under_a_grad_scaler_the_steps_are_unchanged_and_an_overflowed_refresh_is_redone(reuse, inf_at):
     model = make_model(8, dtype=torch.float32)
     twin = copy.deepcopy(model)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
@@ -351,15 +352,21 @@ def test_under_a_grad_scaler_the_steps_are_unchanged_and_an_overflowed_refresh_i
         run_opt(plain, twin, [(x, y)])
     assert torch.equal(flat(model), flat(twin))
     (x, y), = make_batches(1, seed=11, dtype=torch.float32)
-    calls = [[] for _ in range(3)]
+    calls = [[] for _ in range(4)]
     scaled.step(scaled_closure(scaled, model, x, y, scaler, calls[0]))  # step 5: in between
     scaler.update()
     theta = flat(model)
-    scaled.step(scaled_closure(scaled, model, x, y, scaler, calls[1], inf_at=0))  # step 6: refresh, overflows
+    scaled.step(scaled_closure(scaled, model, x, y, scaler, calls[1], inf_at=inf_at))  # step 6: refresh, overflows
     scaler.update()
     assert torch.equal(flat(model), theta) and scaler.get_scale() == 2.0 ** 9  # skipped
-    scaled.step(scaled_closure(scaled, model, x, y, scaler, calls[2]))  # step 7: a fresh Δ, not the broken one
-    assert [len(c) for c in calls] == [1, 2, 2] and torch.isfinite(flat(model)).all()
+    for c in calls[2:]:
+        scaled.step(scaled_closure(scaled, model, x, y, scaler, c))
+        scaler.update()
+    # a Δ built from an overflowed clean pass, and a v̂ from any overflowed pass, are dropped: a fresh Δ follows;
+    # a Δ from a finite clean pass is good (only the final gradient overflowed), so the step after reuses it
+    redone = reuse == "gradient" or inf_at == 0
+    assert [len(c) for c in calls] == [1, 2, 2 if redone else 1, 1]
+    assert scaler.get_scale() == 2.0 ** 9 and torch.isfinite(flat(model)).all()  # no further skip
 
 
 @pytest.mark.parametrize("every", [0, -1, 1.5, 2.0, "2", True, None])
@@ -393,21 +400,79 @@ def test_gradient_reuse_matches_the_reference(inner_steps, norm):
     assert (ref[-1] - plain_between[-1]).abs().max() > 1e-6
 
 
-def test_gradient_reuse_keeps_a_unit_vector_orthogonal_to_the_clean_gradient():
+@pytest.mark.parametrize("norm", ["global", "per_tensor"])
+@pytest.mark.parametrize("inner_steps", [1, 2])
+def test_gradient_reuse_keeps_a_unit_vector_orthogonal_to_the_clean_gradient(inner_steps, norm):
     model = make_model(10)
-    opt = amp(model, 4, reuse="gradient", lr=0.0, momentum=0.0, weight_decay=0.0)
+    opt = amp(model, 4, reuse="gradient", inner_steps=inner_steps, norm=norm, lr=0.0, momentum=0.0,
+              weight_decay=0.0)
     (x, y), = make_batches(1, seed=13)
     loss = F.cross_entropy(model(x), y)
-    clean = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
+    clean = torch.autograd.grad(loss, list(model.parameters()))
     run_opt(opt, model, [(x, y)])
-    unit = torch.cat([k.reshape(-1) for k in opt.state_dict()["perturbation"]["kept"]])
-    assert unit.norm().item() == pytest.approx(1.0, abs=1e-12)
-    assert abs((unit @ clean).item()) <= 1e-12 * clean.norm().item()
+    units = opt.state_dict()["perturbation"]["kept"]
+    pieces = [(torch.cat([u.reshape(-1) for u in units]), torch.cat([g.reshape(-1) for g in clean]))]
+    if norm == "per_tensor":
+        pieces = [(u.reshape(-1), g.reshape(-1)) for u, g in zip(units, clean)]
+    for unit, g in pieces:
+        assert unit.norm().item() == pytest.approx(1.0, abs=1e-12)
+        assert abs((unit @ g).item()) <= 1e-12 * g.norm().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gradient_reuse_in_half_precision_is_finite_and_orthogonal(dtype):
+    """Tiny half-precision gradients: products and squares accumulate in float32, so v̂ neither vanishes into the
+    clean gradient's direction nor overflows."""
+    model = make_model(11, dtype=dtype)
+    opt = amp(model, 4, reuse="gradient", inner_lr=1e6, lr=0.0, momentum=0.0, weight_decay=0.0)  # ‖Δ‖ = ε
+    (x, y), = make_batches(1, seed=14, dtype=dtype)
+    clean = None
+    for scale in (1e-3, 1e-5):
+        def closure():
+            nonlocal clean
+            opt.zero_grad()
+            loss = scale * F.cross_entropy(model(x).float(), y)
+            loss.backward()
+            if clean is None:
+                clean = torch.cat([p.grad.float().reshape(-1) for p in model.parameters()])
+            return loss
+        clean, opt.steps_taken = None, 0
+        opt.step(closure)
+        unit = torch.cat([k.float().reshape(-1) for k in opt.state_dict()["perturbation"]["kept"]])
+        assert torch.isfinite(unit).all() and unit.norm().item() == pytest.approx(1.0, abs=0.02)
+        assert abs((unit @ clean).item()) <= 0.05 * clean.norm().item(), scale
+
+
+def test_a_state_saved_before_reuse_existed_loads_as_the_kept_delta():
+    model = make_model(12)
+    opt = amp(model, 3)
+    run_opt(opt, model, make_batches(1, seed=15))
+    old = copy.deepcopy(opt.state_dict())
+    old["perturbation"]["delta"] = old["perturbation"].pop("kept")
+    del old["perturbation"]["reuse"], old["perturbation"]["alpha"]
+    fresh = amp(copy.deepcopy(model), 3, reuse="gradient")
+    fresh.load_state_dict(old)
+    assert fresh.reuse == "delta" and torch.equal(fresh.state_dict()["perturbation"]["kept"][0],
+                                                 opt.state_dict()["perturbation"]["kept"][0])
+
+
+@pytest.mark.parametrize("reuse", ["delta", "gradient"])
+def test_a_parameter_group_added_mid_cycle_starts_a_fresh_delta(reuse):
+    model = make_model(13)
+    extra = nn.Linear(3, 3).double()
+    opt = amp(model, 3, reuse=reuse)
+    batches = make_batches(2, seed=16)
+    run_opt(opt, model, batches[:1])
+    opt.add_param_group({"params": list(extra.parameters())})
+    assert "kept" not in opt.state_dict()["perturbation"]
+    _, calls, _ = run_opt(opt, model, batches[1:])
+    assert calls == [2]
 
 
 @pytest.mark.parametrize("setting,message", [({"reuse": "theta"}, "reuse must be one of"),
                                              ({"reuse": "gradient", "alpha": -0.1}, "alpha must be a number >= 0"),
-                                             ({"alpha": float("nan")}, "alpha must be a number >= 0")])
+                                             ({"alpha": float("nan")}, "alpha must be a number >= 0"),
+                                             ({"alpha": float("inf")}, "alpha must be finite")])
 def test_bad_reuse_settings_raise(setting, message):
     with pytest.raises(ValueError, match=message):
         amp(make_model(0), 4, **setting)

@@ -127,10 +127,10 @@ def awp_delta(gamma, steps):
     return delta_of
 
 
-def gradient_reuse_local_reference(epsilon, inner_lr, every, alpha) -> list[torch.Tensor]:
-    """AMP (N = 1) every ``every`` steps with LookSAM's gradient reuse, Δ_r per replica: a refresh steps with
-    g_s = mean_r ∇J_r(θ+Δ_r) and keeps v̂ = g_v/‖g_v‖, g_v = mean_r (g_s − (⟨g_s, g_r⟩/‖g_r‖²)·g_r) with
-    g_r = ∇J_r(θ); a step in between takes g = mean_r ∇J_r(θ) and steps with g + α‖g‖·v̂."""
+def gradient_reuse_local_reference(epsilon, inner_lr, inner_steps, every, alpha) -> list[torch.Tensor]:
+    """AMP every ``every`` steps with LookSAM's gradient reuse, Δ_r per replica: a refresh steps with
+    g_s = mean_r ∇J_r(θ+Δ_r) and keeps v̂ = g_v/‖g_v‖, g_v = g_s − (⟨g_s, ḡ⟩/‖ḡ‖²)·ḡ with ḡ = mean_r ∇J_r(θ), the
+    global batch's clean gradient; a step in between takes g = ḡ and steps with g + α‖g‖·v̂."""
     model, probe = W.make_model(), W.make_model()
     params = list(model.parameters())
     sgd = torch.optim.SGD(params, **W.BASE)
@@ -144,20 +144,21 @@ def gradient_reuse_local_reference(epsilon, inner_lr, every, alpha) -> list[torc
     def mean(vectors):
         return [sum(parts) / W.WORLD for parts in zip(*vectors)]
 
+    def dot(a, b):
+        return sum((u * v).sum() for u, v in zip(a, b))
+
     unit = None
     for t, (x, y) in enumerate(W.make_data()):
         theta = [p.detach().clone() for p in params]
         shards = [(W.shard(x, r), W.shard(y, r)) for r in range(W.WORLD)]
-        clean = [grad_at(theta, *s) for s in shards]
+        clean = mean([grad_at(theta, *s) for s in shards])
         if t % every == 0:
-            deltas = [amp_delta(epsilon, inner_lr, 1)(lambda w, s=s: grad_at(w, *s), theta) for s in shards]
+            deltas = [amp_delta(epsilon, inner_lr, inner_steps)(lambda w, s=s: grad_at(w, *s), theta) for s in shards]
             g = mean([grad_at([a + d for a, d in zip(theta, delta)], *s) for delta, s in zip(deltas, shards)])
-            dot = lambda a, b: sum((u * v).sum() for u, v in zip(a, b))
-            g_v = mean([[gs - dot(g, c) / dot(c, c) * ci for gs, ci in zip(g, c)] for c in clean])
+            g_v = [gs - dot(g, clean) / dot(clean, clean) * c for gs, c in zip(g, clean)]
             unit = [v / norm(g_v) for v in g_v]
         else:
-            g = mean(clean)
-            g = [gi + alpha * norm(g) * u for gi, u in zip(g, unit)]
+            g = [c + alpha * norm(clean) * u for c, u in zip(clean, unit)]
         for p, gi in zip(params, g):
             p.grad = gi
         sgd.step()
@@ -167,7 +168,8 @@ def gradient_reuse_local_reference(epsilon, inner_lr, every, alpha) -> list[torc
 def local_reference(case: str) -> list[torch.Tensor]:
     cls, kwargs = W.CASES[case]
     if kwargs.get("reuse") == "gradient":
-        return gradient_reuse_local_reference(kwargs["epsilon"], kwargs["inner_lr"], kwargs["every"], kwargs["alpha"])
+        return gradient_reuse_local_reference(kwargs["epsilon"], kwargs["inner_lr"], kwargs["inner_steps"],
+                                              kwargs["every"], kwargs["alpha"])
     if cls.__name__ == "AMP":
         delta = amp_delta(kwargs["epsilon"], kwargs["inner_lr"], kwargs["inner_steps"])
     elif cls.__name__ == "SAM":

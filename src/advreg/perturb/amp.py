@@ -4,13 +4,14 @@ Minimize the worst batch loss in the L2 ball ‖Δ‖ ≤ ε around θ: N projec
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 import torch
 from torch import Tensor
 
 from advreg.perturb.engine import (Closure, PerturbedOptimizer, check_nonnegative, global_norm, grads_of, is_int,
-                                   is_number, scratch, set_to_sum, stack_scalars)
+                                   is_number, scratch, set_to_sum, stack_scalars, tensor_norms)
 
 NORMS = ("global", "per_tensor")
 REUSE = ("delta", "gradient")  # what the steps between two fresh Δ reuse (every > 1)
@@ -43,6 +44,7 @@ class AMP(PerturbedOptimizer):
         self.epsilon, self.inner_lr, self.inner_steps, self.norm = epsilon, inner_lr, inner_steps, norm
         self.every, self.reuse, self.alpha = every, reuse, alpha
         self.steps_taken = 0  # completed calls of step(); saved in the state_dict (the refresh schedule)
+        self._step_fresh = True  # whether the step under way builds a fresh Δ
         self._validate()
         super().__init__(params, base_optimizer, bn_stats=bn_stats, **base_kwargs)
         self._delta: dict[Tensor, Tensor] = {}  # scratch: Δ during a step
@@ -66,17 +68,17 @@ class AMP(PerturbedOptimizer):
                              "the pass at θ + the last Δ, 'gradient' the pass at θ plus LookSAM's reused gradient")
         check_nonnegative("alpha", self.alpha, "it weighs the reused orthogonal gradient of reuse='gradient' "
                           "(LookSAM uses 0.7)")
+        if math.isinf(self.alpha):
+            raise ValueError("alpha must be finite: it weighs the reused orthogonal gradient (LookSAM uses 0.7)")
         if not is_int(self.steps_taken) or self.steps_taken < 0:
             raise ValueError(f"steps_taken must be an integer >= 0, got {self.steps_taken!r}; "
                              "load a state_dict saved by AMP")
 
     def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
         """One training step; a failed step is not counted, and a failed fresh-Δ step leaves nothing kept."""
-        fresh = self._fresh()
+        fresh = self._step_fresh = self._fresh()
         try:
             loss = super().step(closure)
-            if fresh and self._has_kept and self.reuse == "gradient" and self._perturbs():
-                self._keep_orthogonal_gradient()
         except BaseException:
             self._has_kept = self._has_kept and not fresh  # its Δ is half-built: the next step builds one afresh
             raise
@@ -108,16 +110,17 @@ class AMP(PerturbedOptimizer):
             if pairs:
                 torch._foreach_add_([p for p, _ in pairs], [d for _, d in pairs])  # θ + Δ_kept
             return
+        if self.reuse == "gradient":
+            self._keep(params, grads_of(params))  # LookSAM decomposes against the clean gradient ∇J(θ)
         if self.inner_steps == 1:  # Δ = Π(ζ∇J(θ)) = min(ζ, ε/‖∇J(θ)‖)·∇J(θ): scale .grad in place, no Δ buffer
             grads = grads_of(params)
             torch._foreach_mul_(grads, self._scales(grads, self.inner_lr))
-            self._keep(params, grads)
+            if self.reuse == "delta":
+                self._keep(params, grads)
             torch._foreach_add_(params, grads)  # θ+Δ
             return
         delta = scratch(self._delta, params)
         torch._foreach_zero_(delta)  # Δ ← 0
-        if self.reuse == "gradient":
-            self._keep(params, grads_of(params))  # LookSAM decomposes against the clean gradient ∇J(θ)
         for n in range(self.inner_steps):
             if n > 0:
                 closure()  # ∇J(θ+Δ); the first ascent step reuses the clean gradient ∇J(θ)
@@ -131,13 +134,7 @@ class AMP(PerturbedOptimizer):
         """min(cap, ε/‖t‖) for the whole list (global ball) or per tensor; ε/0 = inf gives cap."""
         if self.norm == "global":
             return (self.epsilon / global_norm(tensors)).clamp(max=cap)
-        return list((self.epsilon / stack_scalars(torch._foreach_norm(tensors))).clamp(max=cap).unbind())
-
-    def _norms(self, tensors: list[Tensor]) -> Tensor | list[Tensor]:
-        """‖t‖ over the whole list (a 0-d tensor) or per tensor (a list of them), as ``norm`` says."""
-        if self.norm == "global":
-            return global_norm(tensors)
-        return torch._foreach_norm(tensors)
+        return list((self.epsilon / stack_scalars(tensor_norms(tensors))).clamp(max=cap).unbind())
 
     # -- the kept Δ (every > 1) -------------------------------------------------------------------
     def _all_params(self) -> list[Tensor]:
@@ -145,62 +142,67 @@ class AMP(PerturbedOptimizer):
 
     def _keep(self, params: list[Tensor], values: list[Tensor]) -> None:
         """kept ← ``values`` (Δ, or ∇J(θ) for reuse="gradient") for ``params`` (those with a gradient), 0 for the
-        other parameters."""
+        other parameters. Under a grad scaler, a Δ from an overflowed pass (the step is skipped) is dropped on every
+        replica alike, so that the next step starts afresh (reuse="gradient" checks v̂ at the end instead)."""
         if self.every == 1:
             return
         kept = scratch(self._kept, self._all_params())
         torch._foreach_zero_(kept)
         torch._foreach_copy_([self._kept[p] for p in params], values)
         self._has_kept = True
-        self._drop_kept_on_overflow(kept)
+        if self.grad_scaler is not None and self.reuse == "delta":
+            self._has_kept = not bool(self._agree((~torch.isfinite(global_norm(kept))).to(torch.int32)))
 
-    def _drop_kept_on_overflow(self, kept: list[Tensor]) -> None:
-        """Under a grad scaler, a kept tensor from an overflowed pass (the step is skipped) is dropped, on every
-        replica alike: the next step starts afresh."""
-        if self.grad_scaler is not None:
-            overflowed = self._agree((~torch.isfinite(global_norm(kept))).to(torch.int32))
-            self._has_kept = not bool(overflowed)
+    def _before_base_step(self) -> None:
+        if self._step_fresh and self._has_kept and self.reuse == "gradient":
+            self._keep_orthogonal_gradient()
 
     def _keep_orthogonal_gradient(self) -> None:
-        """After a fresh step with reuse="gradient": kept d (∇J(θ), or Δ ∝ it when N = 1) becomes
-        v̂ = g_v/‖g_v‖ with g_v = g_s − (⟨g_s, d⟩/‖d‖²)·d and g_s = ∇J(θ+Δ), the gradient the base step took (now
-        unscaled in ``.grad``). Under DDP with local Δ the replicas' g_v are averaged first, so that every replica
-        adds the same v̂."""
-        everything = self._all_params()
-        kept = [self._kept[p] for p in everything]
-        perturbed = grads_of(everything)
-        dots = stack_scalars([t.sum() for t in torch._foreach_mul(perturbed, kept)])
-        squares = stack_scalars(torch._foreach_norm(kept)).square()
-        if self.norm == "global":
-            dots, squares = dots.sum(), squares.sum()
-        along = torch.where(squares > 0, dots / squares, 0.0)  # d = 0 (no gradient): nothing to take off
-        torch._foreach_mul_(kept, along.neg() if self.norm == "global" else list(along.neg().unbind()))
-        torch._foreach_add_(kept, perturbed)  # g_v = g_s − (⟨g_s, d⟩/‖d‖²)·d
+        """At a fresh step with reuse="gradient": the kept clean gradient g = ∇J(θ) becomes v̂ = g_v/‖g_v‖ with
+        g_v = g_s − (⟨g_s, g⟩/‖g‖²)·g and g_s = ∇J(θ+Δ), the gradient the base step takes (its scale under a grad
+        scaler drops out). Under DDP with local Δ, g is first summed over the replicas: the global batch's clean
+        gradient, to which v̂ is orthogonal and which the steps in between correct. Half precision computes in
+        float32. A v̂ that is not finite (an overflowed pass) is dropped: the next step builds a fresh Δ."""
+        kept = [self._kept[p] for p in self._all_params()]
         if self._replicated() and self.perturb_on == "local":
-            self._average_over_replicas(kept)
-        norms = self._norms(kept)
-        inverse = [torch.where(n > 0, 1.0 / n, 0.0) for n in ([norms] if self.norm == "global" else norms)]
-        torch._foreach_mul_(kept, inverse[0] if self.norm == "global" else inverse)  # v̂; g_v = 0 gives 0
-        self._drop_kept_on_overflow(kept)
+            self._sum_over_replicas(kept)  # the direction of the replicas' mean
+        clean, perturbed = _widened(kept), _widened(grads_of(self._all_params()))  # half precision: a float32 copy
+        dots = self._spread(stack_scalars([(a * b).sum() for a, b in zip(perturbed, clean)]))
+        squares = self._spread(_squared_norms(clean))
+        along = torch.where(squares > 0, dots / squares, 0.0)  # g = 0 (no gradient): nothing to take off
+        torch._foreach_mul_(clean, list(along.neg().unbind()))
+        torch._foreach_add_(clean, perturbed)  # g_v = g_s − (⟨g_s, g⟩/‖g‖²)·g
+        norms = self._spread(_squared_norms(clean)).sqrt()
+        torch._foreach_div_(clean, list(torch.where(norms > 0, norms, 1.0).unbind()))  # v̂; g_v = 0 stays 0
+        if any(c is not k for c, k in zip(clean, kept)):
+            torch._foreach_copy_(kept, clean)
+        self._has_kept = not bool(self._agree((~torch.isfinite(norms).all()).to(torch.int32)))
 
-    def _average_over_replicas(self, tensors: list[Tensor]) -> None:
+    def _spread(self, per_tensor: Tensor) -> Tensor:
+        """Per-tensor sums, or (norm="global") their total for every tensor."""
+        return per_tensor if self.norm == "per_tensor" else per_tensor.sum().expand_as(per_tensor)
+
+    def _sum_over_replicas(self, tensors: list[Tensor]) -> None:
         flat = torch.cat([t.reshape(-1) for t in tensors])
-        group = getattr(getattr(self.no_sync, "__self__", None), "process_group", None)
-        torch.distributed.all_reduce(flat, group=group)
-        flat /= torch.distributed.get_world_size(group)
+        torch.distributed.all_reduce(flat, group=self._process_group())
         torch._foreach_copy_(tensors, [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]),
                                                                              tensors)])
 
     def _correct_gradient(self) -> None:
         """A step between refreshes with reuse="gradient": g ← g + α‖g‖·v̂ (scale-free, so a grad scaler's
         scaled g is corrected alike)."""
-        if self.reuse != "gradient" or self._fresh() or not self._perturbs():
+        if self.reuse != "gradient" or self._step_fresh or not self._perturbs():
             return
         pairs = [(p.grad, self._kept[p]) for p in self._all_params() if p.grad is not None]
         if not pairs:
             return
         grads, units = [g for g, _ in pairs], [u for _, u in pairs]
-        torch._foreach_add_(grads, torch._foreach_mul(units, self._norms(grads)), alpha=self.alpha)
+        norms = self._spread(_squared_norms(grads)).sqrt()
+        torch._foreach_add_(grads, torch._foreach_mul(units, list(norms.unbind())), alpha=self.alpha)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._has_kept = False  # the kept tensors cover the old parameters: the next step builds a fresh Δ
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -211,7 +213,10 @@ class AMP(PerturbedOptimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         saved = dict(state_dict.get("perturbation", {}))
-        kept = saved.pop("kept", None)
+        kept, legacy = saved.pop("kept", None), saved.pop("delta", None)  # "delta": saved before reuse existed
+        if kept is None and legacy is not None:
+            kept = legacy
+            saved.setdefault("reuse", "delta")
         state_dict["perturbation"] = saved
         everything = self._all_params()
         if kept is not None and (not isinstance(kept, (list, tuple)) or len(kept) != len(everything) or any(
@@ -223,3 +228,14 @@ class AMP(PerturbedOptimizer):
         if self._has_kept:
             for buffer, saved in zip(scratch(self._kept, everything), kept):
                 buffer.copy_(saved)  # to the parameter's device and dtype
+
+
+def _squared_norms(tensors: list[Tensor]) -> Tensor:
+    """‖t‖² of each tensor, one vector (half precision in float32)."""
+    return stack_scalars(tensor_norms(tensors)).square()
+
+
+def _widened(tensors: list[Tensor]) -> list[Tensor]:
+    """The tensors themselves in float32 or float64; float32 copies of half-precision ones (whose products and
+    differences of nearby gradients underflow)."""
+    return [t.to(torch.promote_types(t.dtype, torch.float32)) for t in tensors]

@@ -86,6 +86,10 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
         """Change the gradient of a step without a perturbed pass (``.grad`` = ∇J(θ), scaled under a grad scaler,
         all-reduced under DDP) before the base step; by default it is left as it is."""
 
+    def _before_base_step(self) -> None:
+        """Called after a perturbed step's passes, with θ restored and ``.grad`` = ∇J(θ+Δ) as the base step will
+        take it (scaled under a grad scaler, all-reduced under DDP); by default nothing."""
+
     @abc.abstractmethod
     def _perturb(self, params: list[Tensor], theta: list[Tensor], closure: Closure) -> None:
         """Move ``params`` from θ to θ+Δ. On entry they hold θ (also in ``theta``) and ``.grad`` = ∇J(θ)
@@ -124,6 +128,7 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
             self._perturb(params, theta, ascent)
             perturbed_loss = run()  # ∇J(θ+Δ) now in .grad (scaled, and all-reduced under DDP)
             self._check_passes(losses, clean, overflow, params)
+        self._before_base_step()
         self._base_step()  # at θ, with the gradient taken at θ+Δ
         return loss if clean else perturbed_loss
 
@@ -156,9 +161,12 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
         """Under DDP (``no_sync`` given): the maximum of ``flag`` over the replicas, in place, so that a failure or an
         overflow on one replica (its local loss, its local Δ) skips the step on every replica alike."""
         if self._replicated():
-            group = getattr(getattr(self.no_sync, "__self__", None), "process_group", None)  # ddp.no_sync's DDP
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._process_group())
         return flag
+
+    def _process_group(self) -> Any:
+        """The process group of the DDP model whose ``no_sync`` was given (None: the default group)."""
+        return getattr(getattr(self.no_sync, "__self__", None), "process_group", None)
 
     def _ascent_pass(self, run: Closure, overflow: "_Overflow") -> Closure:
         """A pass whose gradient builds Δ: local to the replica under ``no_sync``, unscaled under a grad scaler."""
@@ -224,7 +232,16 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
 # -- helpers shared by the perturbations ------------------------------------------------------
 def global_norm(tensors: list[Tensor]) -> Tensor:
     """‖(t_1, …, t_k)‖₂ as a 0-d tensor, with no host synchronisation."""
-    return torch.linalg.vector_norm(stack_scalars(torch._foreach_norm(tensors)))
+    return torch.linalg.vector_norm(stack_scalars(tensor_norms(tensors)))
+
+
+def tensor_norms(tensors: list[Tensor]) -> list[Tensor]:
+    """‖t‖₂ of each tensor (0-d tensors); those of half-precision tensors in float32, which neither overflows nor
+    underflows (nor does ε/‖t‖)."""
+    if not any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors):
+        return torch._foreach_norm(tensors)
+    wide = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return torch._foreach_norm(tensors, 2, dtype=wide)
 
 
 def stack_scalars(values: list[Tensor]) -> Tensor:
