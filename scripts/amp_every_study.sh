@@ -14,7 +14,7 @@ shift
 variants=()
 for k in 2 4 6 8; do
   variants+=(--variant "amp_k$k=amp:amp.every=$k")
-  variants+=(--variant "amp_g$k=amp:amp.every=$k;amp.reuse=gradient;amp.alpha=0.1|0.2|0.4")
+  variants+=(--variant "amp_g$k=amp:amp.every=$k;amp.reuse=gradient;amp.alpha=0.1|0.2|0.4|0.6")
 done
 exec "${PYTHON:-python}" -m advreg bench --dataset mnist1d --model mlp --methods erm,amp "${variants[@]}" \
   --seeds 3 --epochs 100 --jobs 2 --out "$out" "$@"
