@@ -6,6 +6,7 @@ with PyTorch's SGD (momentum, weight decay) by hand. ``every=1`` is compared bit
 step as it was before the mode existed (on the same engine).
 """
 import copy
+import functools
 
 import pytest
 import torch
@@ -65,48 +66,9 @@ def amp(model, every, **kw):
 
 
 # --------------------------------------------------------------------------------------------- reference
-def reference(model, batches, *, every, epsilon, inner_lr, inner_steps, norm):
-    """Refresh steps (t % k == 0): Algorithm 1, lines 4-13, and Δ kept. Other steps: g = ∇J(θ_t + Δ_kept) at the
-    current θ_t, θ_{t+1} from SGD at θ_t. Returns (returned losses, trajectory)."""
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    sizes = [p.numel() for p in model.parameters()]
-
-    def loss_grad(theta, x, y):
-        theta = theta.detach().requires_grad_(True)
-        params = {n: c.view(s) for n, c, s in zip(names, theta.split(sizes), shapes)}
-        loss = F.cross_entropy(functional_call(model, params, (x,)), y)
-        return loss.detach(), torch.autograd.grad(loss, theta)[0]
-
-    def project(delta):  # lines 8-10, on the whole vector or on each tensor
-        chunks = [delta] if norm == "global" else list(delta.split(sizes))
-        return torch.cat([c * (epsilon / c.norm()) if c.norm() > epsilon else c for c in chunks])
-
-    theta, buf, kept = flat(model), None, None
-    losses, traj = [], []
-    for t, (x, y) in enumerate(batches):
-        if t % every == 0:
-            delta, returned = torch.zeros_like(theta), None
-            for _ in range(inner_steps):
-                loss, g = loss_grad(theta + delta, x, y)
-                returned = loss if returned is None else returned
-                delta = project(delta + inner_lr * g)
-            kept = delta
-            _, g = loss_grad(theta + delta, x, y)
-        else:
-            returned, g = loss_grad(theta + kept, x, y)  # the kept Δ on the current θ
-        d = g + WD * theta
-        buf = d.clone() if buf is None else MOMENTUM * buf + d
-        theta = theta - LR * buf
-        losses.append(float(returned))
-        traj.append(theta)
-    return losses, traj
-
-
-def gradient_reuse_reference(model, batches, *, every, epsilon, inner_lr, inner_steps, norm, alpha):
-    """LookSAM (Liu et al. 2022, Alg. 1) with AMP's Δ. Refresh steps: Algorithm 1 of AMP; with g = ∇J(θ) and
-    g_s = ∇J(θ+Δ), keep v̂ = g_v/‖g_v‖, g_v = g_s − (⟨g_s, g⟩/‖g‖²)·g. Other steps: g = ∇J(θ_t), step with
-    g + α‖g‖·v̂. Per tensor under norm="per_tensor". Returns (returned losses, trajectory)."""
+def flat_problem(model, norm, epsilon):
+    """On a flat parameter vector: loss_grad(θ, x, y) = (J, ∇J); chunks(v), the whole vector or its per-tensor
+    pieces; project(Δ), Algorithm 1's lines 8-10 on each chunk."""
     names = [n for n, _ in model.named_parameters()]
     shapes = [p.shape for p in model.parameters()]
     sizes = [p.numel() for p in model.parameters()]
@@ -122,26 +84,65 @@ def gradient_reuse_reference(model, batches, *, every, epsilon, inner_lr, inner_
 
     def project(delta):
         return torch.cat([c * (epsilon / c.norm()) if c.norm() > epsilon else c for c in chunks(delta)])
+    return loss_grad, chunks, project
+
+
+def algorithm_1(loss_grad, project, theta, x, y, inner_lr, inner_steps):
+    """Lines 4-10: (the loss at θ, the clean gradient ∇J(θ), Δ after N projected ascent steps)."""
+    delta, returned, clean = torch.zeros_like(theta), None, None
+    for _ in range(inner_steps):
+        loss, g = loss_grad(theta + delta, x, y)
+        if returned is None:
+            returned, clean = loss, g
+        delta = project(delta + inner_lr * g)
+    return returned, clean, delta
+
+
+def sgd_step(theta, buf, g):
+    """PyTorch's SGD (momentum, weight decay) on the flat vector: (θ, momentum buffer) after the step."""
+    d = g + WD * theta
+    buf = d.clone() if buf is None else MOMENTUM * buf + d
+    return theta - LR * buf, buf
+
+
+def reference(model, batches, *, every, epsilon, inner_lr, inner_steps, norm):
+    """Refresh steps (t % k == 0): Algorithm 1, lines 4-13, and Δ kept. Other steps: g = ∇J(θ_t + Δ_kept) at the
+    current θ_t, θ_{t+1} from SGD at θ_t. Returns (returned losses, trajectory)."""
+    loss_grad, chunks, project = flat_problem(model, norm, epsilon)
+
+    theta, buf, kept = flat(model), None, None
+    losses, traj = [], []
+    for t, (x, y) in enumerate(batches):
+        if t % every == 0:
+            returned, _, delta = algorithm_1(loss_grad, project, theta, x, y, inner_lr, inner_steps)
+            kept = delta
+            _, g = loss_grad(theta + delta, x, y)
+        else:
+            returned, g = loss_grad(theta + kept, x, y)  # the kept Δ on the current θ
+        theta, buf = sgd_step(theta, buf, g)
+        losses.append(float(returned))
+        traj.append(theta)
+    return losses, traj
+
+
+def gradient_reuse_reference(model, batches, *, every, epsilon, inner_lr, inner_steps, norm, alpha):
+    """LookSAM (Liu et al. 2022, Alg. 1) with AMP's Δ. Refresh steps: Algorithm 1 of AMP; with g = ∇J(θ) and
+    g_s = ∇J(θ+Δ), keep v̂ = g_v/‖g_v‖, g_v = g_s − (⟨g_s, g⟩/‖g‖²)·g. Other steps: g = ∇J(θ_t), step with
+    g + α‖g‖·v̂. Per tensor under norm="per_tensor". Returns (returned losses, trajectory)."""
+    loss_grad, chunks, project = flat_problem(model, norm, epsilon)
 
     theta, buf, unit = flat(model), None, None
     losses, traj = [], []
     for t, (x, y) in enumerate(batches):
         if t % every == 0:
-            delta, returned, clean = torch.zeros_like(theta), None, None
-            for _ in range(inner_steps):
-                loss, g = loss_grad(theta + delta, x, y)
-                if returned is None:
-                    returned, clean = loss, g
-                delta = project(delta + inner_lr * g)
+            returned, clean, delta = algorithm_1(loss_grad, project, theta, x, y, inner_lr, inner_steps)
             _, g = loss_grad(theta + delta, x, y)
             parts = [gs - (gs @ d) / (d @ d) * d for gs, d in zip(chunks(g), chunks(clean))]
             unit = torch.cat([v / v.norm() for v in parts])
         else:
             returned, g0 = loss_grad(theta, x, y)
             g = torch.cat([gc + alpha * gc.norm() * uc for gc, uc in zip(chunks(g0), chunks(unit))])
-        d = g + WD * theta
-        buf = d.clone() if buf is None else MOMENTUM * buf + d
-        theta = theta - LR * buf
+        theta, buf = sgd_step(theta, buf, g)
         losses.append(float(returned))
         traj.append(theta)
     return losses, traj
@@ -197,23 +198,31 @@ def test_every_1_is_amp_bit_for_bit(inner_steps, norm, dtype, reuse):
     assert all(torch.equal(a, b) for a, b in zip(traj_a, traj_b))
 
 
+@pytest.mark.parametrize("reuse", ["delta", "gradient"])
 @pytest.mark.parametrize("norm", ["global", "per_tensor"])
 @pytest.mark.parametrize("inner_steps", [1, 2])
-def test_every_3_matches_the_reference(inner_steps, norm):
-    batches = make_batches(8, seed=3)
-    model = make_model(2)
+def test_every_3_matches_the_reference(inner_steps, norm, reuse):
+    batches = make_batches(8, seed=3 if reuse == "delta" else 12)
+    model = make_model(2 if reuse == "delta" else 9)
     ref_model = copy.deepcopy(model)
     kw = {"epsilon": 0.5, "inner_lr": 1.0, "inner_steps": inner_steps, "norm": norm}
-    losses, calls, traj = run_opt(amp(model, 3, **kw), model, batches)
-    ref_losses, ref = reference(ref_model, batches, every=3, **kw)
+    if reuse == "delta":
+        run_reference = functools.partial(reference, ref_model, batches, **kw)
+    else:
+        run_reference = functools.partial(gradient_reuse_reference, ref_model, batches, alpha=0.7, **kw)
+    losses, calls, traj = run_opt(amp(model, 3, reuse=reuse, alpha=0.7, **kw), model, batches)
+    ref_losses, ref = run_reference(every=3)
     for t, (a, b) in enumerate(zip(traj, ref)):
         assert (a - b).abs().max().item() <= 1e-10, f"step {t}"
-    assert losses == pytest.approx(ref_losses, abs=1e-12)
-    fresh = [t % 3 == 0 for t in range(8)]
-    assert calls == [inner_steps + 1 if f else 1 for f in fresh]
-    # the mode matters here: neither AMP (k = 1) nor Δ restored to the θ of the refresh step (a stale restore)
-    _, amp_ref = reference(ref_model, batches, every=1, **kw)
-    assert (ref[-1] - amp_ref[-1]).abs().max() > 1e-6
+    assert losses == pytest.approx(ref_losses, abs=1e-12)  # θ+Δ_kept's loss (delta) or θ's (gradient) in between
+    assert calls == [inner_steps + 1 if t % 3 == 0 else 1 for t in range(8)]
+    # the mode matters here: AMP itself (k = 1), or for the gradient the steps in between without v̂ (α = 0),
+    # end elsewhere
+    if reuse == "delta":
+        _, other = run_reference(every=1)
+    else:
+        _, other = gradient_reuse_reference(ref_model, batches, every=3, alpha=0.0, **kw)
+    assert (ref[-1] - other[-1]).abs().max() > 1e-6
 
 
 def test_weights_are_restored_to_the_current_theta_every_step():
@@ -380,24 +389,6 @@ def test_config_key_reaches_the_optimizer():
     opt = build_optimizer(config, make_model(0).parameters())
     assert (opt.every, opt.reuse, opt.alpha) == (4, "gradient", 0.5)
     assert opt.state_dict()["perturbation"]["every"] == 4
-
-
-@pytest.mark.parametrize("norm", ["global", "per_tensor"])
-@pytest.mark.parametrize("inner_steps", [1, 2])
-def test_gradient_reuse_matches_the_reference(inner_steps, norm):
-    batches = make_batches(8, seed=12)
-    model = make_model(9)
-    ref_model = copy.deepcopy(model)
-    kw = {"epsilon": 0.5, "inner_lr": 1.0, "inner_steps": inner_steps, "norm": norm}
-    losses, calls, traj = run_opt(amp(model, 3, reuse="gradient", alpha=0.7, **kw), model, batches)
-    ref_losses, ref = gradient_reuse_reference(ref_model, batches, every=3, alpha=0.7, **kw)
-    for t, (a, b) in enumerate(zip(traj, ref)):
-        assert (a - b).abs().max().item() <= 1e-10, f"step {t}"
-    assert losses == pytest.approx(ref_losses, abs=1e-12)  # the loss at θ on every step
-    assert calls == [inner_steps + 1 if t % 3 == 0 else 1 for t in range(8)]
-    # the reused gradient matters: with α = 0 the steps in between are SGD's, another trajectory
-    _, plain_between = gradient_reuse_reference(ref_model, batches, every=3, alpha=0.0, **kw)
-    assert (ref[-1] - plain_between[-1]).abs().max() > 1e-6
 
 
 @pytest.mark.parametrize("norm", ["global", "per_tensor"])
