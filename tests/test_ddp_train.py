@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from advreg.distributed import Replicas, from_environment
 from advreg.io import load_checkpoint
-from advreg.train import RunFolderError, _restore, build_run, train
+from advreg.train import RunFolderError, _restore, build_run, pass_weight, train
 
 WORKER = Path(__file__).with_name("ddp_train_worker.py")
 spec = importlib.util.spec_from_file_location("ddp_train_worker", WORKER)
@@ -97,3 +97,15 @@ def test_a_folder_replica_0_refuses_stops_every_replica_with_an_error(tmp_path):
     launch(str(tmp_path), "taken")  # each replica raises and returns: before, replica 1 sat in a barrier until killed
     assert "is not empty and holds no advreg run" in (tmp_path / "rank0.error").read_text()
     assert "replica 0 could not prepare the run folder" in (tmp_path / "rank1.error").read_text()
+
+
+def test_a_local_pass_under_no_sync_is_not_weighted_by_the_slice():
+    """An uneven slice's weight n_r·W/n makes the all-reduced gradient the batch mean's; a pass under no_sync (a
+    local Δ) is the replica's own batch mean, unweighted, as the paper's per-batch Δ."""
+    class FakeDDP(torch.nn.Module):
+        require_backward_grad_sync = True
+    model = FakeDDP()
+    assert pass_weight(model, 1.5) == 1.5
+    model.require_backward_grad_sync = False  # what DistributedDataParallel.no_sync sets
+    assert pass_weight(model, 1.5) == 1.0
+    assert pass_weight(torch.nn.Linear(2, 2), 1.5) == 1.5  # no DDP

@@ -315,7 +315,8 @@ def _train_step(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]
         run.optimizer.zero_grad(set_to_none=True)
         with _autocast(run):
             loss, logits = run.loss_fn(model, inputs, target)  # logits (B, K) on the inputs
-        scaled = loss if weight == 1.0 else loss * weight
+        w = pass_weight(model, weight)
+        scaled = loss if w == 1.0 else loss * w
         (scaled if scaler is None else scaler.scale(scaled)).backward()
         if run.config.optim.clip_grad > 0:  # every pass's gradient, the one the base step takes included
             nn.utils.clip_grad_norm_(run.model.parameters(), run.config.optim.clip_grad)
@@ -324,6 +325,12 @@ def _train_step(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]
         return loss
 
     return _optimizer_step(run, closure), clean_logits[0], y
+
+
+def pass_weight(model: nn.Module, weight: float) -> float:
+    """The weight of a pass's mean loss: the replica's slice weight for a pass whose gradient is all-reduced, 1 for
+    a pass under DDP's ``no_sync`` (a local pass that builds this replica's own Δ from its own batch mean)."""
+    return weight if getattr(model, "require_backward_grad_sync", True) else 1.0
 
 
 def _batch(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, float]:
