@@ -60,17 +60,23 @@ def global_batch_reference(case: str) -> list[torch.Tensor]:
     return [p.detach() for p in model.parameters()]
 
 
-def per_replica_reference(delta_of) -> list[torch.Tensor]:
-    """Each replica r perturbs by Δ_r = delta_of(∇J_r, θ) from its own shard; SGD steps at θ with mean_r ∇J_r(θ+Δ_r)."""
-    model, probe = W.make_model(), W.make_model()
-    params = list(model.parameters())
-    sgd = torch.optim.SGD(params, **W.BASE)
+def gradient_function():
+    """grad_at(weights, x, y) = ∇J(weights) on (x, y), on a probe copy of the model."""
+    probe = W.make_model()
 
-    def grad_at(weights, x, y):  # ∇J(weights) on (x, y)
+    def grad_at(weights, x, y):
         with torch.no_grad():
             for p, w in zip(probe.parameters(), weights):
                 p.copy_(w)
         return torch.autograd.grad(F.cross_entropy(probe(x), y), list(probe.parameters()))
+    return grad_at
+
+
+def per_replica_reference(delta_of) -> list[torch.Tensor]:
+    """Each replica r perturbs by Δ_r = delta_of(∇J_r, θ) from its own shard; SGD steps at θ with mean_r ∇J_r(θ+Δ_r)."""
+    model, grad_at = W.make_model(), gradient_function()
+    params = list(model.parameters())
+    sgd = torch.optim.SGD(params, **W.BASE)
 
     for x, y in W.make_data():
         theta = [p.detach().clone() for p in params]
@@ -131,15 +137,9 @@ def gradient_reuse_local_reference(epsilon, inner_lr, inner_steps, every, alpha)
     """AMP every ``every`` steps with LookSAM's gradient reuse, Δ_r per replica: a refresh steps with
     g_s = mean_r ∇J_r(θ+Δ_r) and keeps v̂ = g_v/‖g_v‖, g_v = g_s − (⟨g_s, ḡ⟩/‖ḡ‖²)·ḡ with ḡ = mean_r ∇J_r(θ), the
     global batch's clean gradient; a step in between takes g = ḡ and steps with g + α‖g‖·v̂."""
-    model, probe = W.make_model(), W.make_model()
+    model, grad_at = W.make_model(), gradient_function()
     params = list(model.parameters())
     sgd = torch.optim.SGD(params, **W.BASE)
-
-    def grad_at(weights, x, y):
-        with torch.no_grad():
-            for p, w in zip(probe.parameters(), weights):
-                p.copy_(w)
-        return torch.autograd.grad(F.cross_entropy(probe(x), y), list(probe.parameters()))
 
     def mean(vectors):
         return [sum(parts) / W.WORLD for parts in zip(*vectors)]
