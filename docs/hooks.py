@@ -1,6 +1,6 @@
 """MkDocs hook (mkdocs.yml ``hooks:``): the pages that are generated from the code, and the docstring check.
 
-- A line ``<!-- cli: NAME -->`` on a page becomes the usage and the argument table of ``advreg NAME``, rendered
+- A line ``<!-- cli: NAME -->`` (``overview``: the table of sub-commands) on a page becomes the usage and the argument table of ``advreg NAME``, rendered
   from :func:`advreg.cli.build_parser` at build time, so the CLI reference cannot drift from the parser.
 - ``<!-- readme -->`` (the home page) becomes README.md, its ``docs/`` links made relative to the site and its
   links to other files of the repository (outside the site) left as plain text, so the two never differ.
@@ -24,7 +24,7 @@ README_MARKER = "<!-- readme -->"
 LINK = re.compile(r"(!?)\[([^\]]*)\]\(([^)\s]+)\)")
 CLI_MARKER = re.compile(r"^<!-- cli: ([\w-]+) -->$", re.MULTILINE)
 API_OBJECT = re.compile(r"^::: ([\w.]+)", re.MULTILINE)
-SPHINX_ROLE = re.compile(r":(?:class|func|mod|meth|attr|data|exc|obj):(?=<code>)")
+SPHINX_ROLE = re.compile(r":(?:class|func|mod|meth|attr|data|exc|obj):<code>(~?)([^<]*)</code>")
 USAGE_WIDTH = 100
 LOG = logging.getLogger("mkdocs.hooks.advreg")
 # Public objects on the API pages that had no docstring when the check was written. Each is reported at every
@@ -64,7 +64,8 @@ def _argument_row(action: argparse.Action) -> str:
     if action.option_strings and action.nargs != 0:
         name += f" {action.metavar or action.dest.upper()}"
     required = action.required or not action.option_strings
-    default = "required" if required else ("" if action.default in (None, False, []) else f"`{action.default}`")
+    unset = action.default is None or action.default is False or action.default == []
+    default = "required" if required else ("" if unset else f"`{action.default}`")
     text = action.help or ""
     if action.choices is not None:
         text += (": " if text else "one of ") + ", ".join(f"`{c}`" for c in action.choices)
@@ -76,14 +77,25 @@ def _cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
 
+def cli_overview(parser: argparse.ArgumentParser) -> str:
+    """A table of the sub-commands with their one-line help, each linked to its section."""
+    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    rows = [f"| [`advreg {a.dest}`](#advreg-{a.dest}) | {_cell(a.help or '')} |" for a in action._choices_actions]
+    return "\n".join(["| sub-command | what it does |", "|---|---|", *rows, ""])
+
+
 def expand_cli_markers(markdown: str) -> str:
-    """Replace each ``<!-- cli: NAME -->`` line by the reference of ``advreg NAME``; an unknown NAME is an error."""
+    """Replace each ``<!-- cli: NAME -->`` line by the reference of ``advreg NAME`` (``overview``: the table of
+    sub-commands); an unknown NAME is an error."""
     from advreg.cli import build_parser
 
-    commands = subcommands(build_parser())
+    parser = build_parser()
+    commands = subcommands(parser)
 
     def render(match: re.Match) -> str:
         name = match.group(1)
+        if name == "overview":
+            return cli_overview(parser)
         if name not in commands:
             raise ValueError(f"docs: <!-- cli: {name} --> names no sub-command of advreg; use one of: "
                              f"{', '.join(commands)}")
@@ -183,5 +195,6 @@ def on_page_markdown(markdown: str, page: Any, config: Any, **_: Any) -> str:
 
 
 def on_page_content(html: str, **_: Any) -> str:
-    """The docstrings use Sphinx roles (``:class:`AMP```); show their code span without the role's prefix."""
-    return SPHINX_ROLE.sub("", html)
+    """The docstrings use Sphinx roles (``:class:`~advreg.perturb.AMP```); show their code span without the role,
+    and with ``~`` only the last name, as Sphinx does."""
+    return SPHINX_ROLE.sub(lambda m: f"<code>{m.group(2).split('.')[-1] if m.group(1) else m.group(2)}</code>", html)

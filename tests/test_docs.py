@@ -39,7 +39,7 @@ def _pages() -> list[Path]:
 def test_cli_reference_renders_every_subcommand_and_option():
     commands = hooks.subcommands(build_parser())
     page = (DOCS / "cli.md").read_text(encoding="utf-8")
-    assert sorted(hooks.CLI_MARKER.findall(page)) == sorted(commands)  # a new sub-command needs its section
+    assert sorted(hooks.CLI_MARKER.findall(page)) == sorted([*commands, "overview"])  # a new one needs its section
     for name, parser in commands.items():
         text = hooks.cli_markdown(parser)
         assert parser.format_usage().split()[1:3] == ["advreg", name]
@@ -48,13 +48,16 @@ def test_cli_reference_renders_every_subcommand_and_option():
                 assert f"`{option}" in text or f", {option}" in text, (name, option)
     expanded = hooks.expand_cli_markers(page)
     assert "<!-- cli:" not in expanded and "usage: advreg bench" in expanded
+    assert all(f"| [`advreg {name}`](#advreg-{name}) |" in expanded for name in commands)
 
 
 def test_cli_table_cells_escape_pipes_and_list_choices():
     parser = build_parser().__class__(prog="advreg demo")
     parser.add_argument("--norm", choices=("linf", "l2"), default="linf", help="a | b")
-    row = hooks.cli_markdown(parser).splitlines()[-1]
-    assert row == "| `--norm NORM` | `linf` | a \\| b: `linf`, `l2` |"
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true")
+    assert hooks.cli_markdown(parser).splitlines()[-3:] == [
+        "| `--norm NORM` | `linf` | a \\| b: `linf`, `l2` |", "| `--seed SEED` | `0` |  |", "| `--quiet` |  |  |"]
 
 
 def test_unknown_cli_marker_is_an_error():
