@@ -1,7 +1,8 @@
 """MkDocs hook (mkdocs.yml ``hooks:``): the pages that are generated from the code, and the docstring check.
 
-- A line ``<!-- cli: NAME -->`` (``overview``: the table of sub-commands) on a page becomes the usage and the argument table of ``advreg NAME``, rendered
-  from :func:`advreg.cli.build_parser` at build time, so the CLI reference cannot drift from the parser.
+- A line ``<!-- cli: NAME -->`` on a page becomes the usage and the argument table of ``advreg NAME``
+  (``overview``: the table of sub-commands), rendered from :func:`advreg.cli.build_parser` at build time, so the
+  CLI reference cannot drift from the parser.
 - ``<!-- readme -->`` (the home page) becomes README.md, its ``docs/`` links made relative to the site and its
   links to other files of the repository (outside the site) left as plain text, so the two never differ.
 - Every object that an API page renders (a ``::: advreg.x`` line), and each public member that mkdocstrings shows
@@ -42,10 +43,14 @@ PENDING_DOCSTRINGS = frozenset({
 
 # --- the CLI reference --------------------------------------------------------------------------------------------
 
+def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
+    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return action
+
+
 def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     """The sub-command parsers of ``parser`` by name, in the order they were added."""
-    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    return dict(action.choices)
+    return dict(_subparsers(parser).choices)
 
 
 def cli_markdown(parser: argparse.ArgumentParser) -> str:
@@ -79,14 +84,16 @@ def _cell(text: str) -> str:
 
 def cli_overview(parser: argparse.ArgumentParser) -> str:
     """A table of the sub-commands with their one-line help, each linked to its section."""
-    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    rows = [f"| [`advreg {a.dest}`](#advreg-{a.dest}) | {_cell(a.help or '')} |" for a in action._choices_actions]
+    rows = [f"| [`advreg {a.dest}`](#advreg-{a.dest}) | {_cell(a.help or '')} |"
+            for a in _subparsers(parser)._choices_actions]
     return "\n".join(["| sub-command | what it does |", "|---|---|", *rows, ""])
 
 
 def expand_cli_markers(markdown: str) -> str:
     """Replace each ``<!-- cli: NAME -->`` line by the reference of ``advreg NAME`` (``overview``: the table of
     sub-commands); an unknown NAME is an error."""
+    if not CLI_MARKER.search(markdown):
+        return markdown
     from advreg.cli import build_parser
 
     parser = build_parser()
