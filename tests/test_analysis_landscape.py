@@ -275,12 +275,15 @@ def test_power_iteration_stops_on_the_residual_when_the_top_eigenvalues_are_clos
 
 def test_a_capped_power_iteration_reports_the_residual_of_its_last_iterate():
     model, data, exact = close_top_eigenvalues()
-    result = H.top_eigenvalue(model, data, H.HessianConfig(iterations=10, tol=1e-4, samples=len(data.train[1])))
+    config = H.HessianConfig(iterations=10, tol=1e-4, probes=2, samples=len(data.train[1]))
+    result = H.top_eigenvalue(model, data, config)
     assert not result.converged and result.iterations == 10
-    v = torch.cat([t.flatten() for t in result.eigenvector])
+    v = torch.cat([t.flatten() for t in result.eigenvector])  # the iterate λ and the residual belong to
     assert math.isclose(result.eigenvalue, result.history[-1]) and math.isclose(result.eigenvalue, (v @ exact @ v).item())
     assert math.isclose(result.residual, (exact @ v - result.eigenvalue * v).norm().item(), rel_tol=1e-9)
     assert result.residual > 1e-4 * abs(result.eigenvalue)
+    both = H.hessian(model, data, config)
+    assert both.eigen_residual == result.residual == H.to_arrays(both)["eigen_residual"]
 
 
 def test_hutchinson_matches_the_exact_trace():
