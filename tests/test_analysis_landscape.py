@@ -231,6 +231,61 @@ def test_power_iteration_finds_the_largest_magnitude_eigenvalue():
     assert not capped.converged and capped.iterations == 2
 
 
+SIGMA = (1.0, 0.97, 0.5, 0.2)  # eigenvalues of Σ = XᵀX/N; H's top two, Σ/2, are 3% apart
+
+
+def close_top_eigenvalues():
+    """Softmax regression on 2 classes at W = 0 (float64, no bias), where H = A ⊗ Σ exactly: p = (½, ½) for every
+    sample, so each sample's Hessian is (diag p − ppᵀ) ⊗ xxᵀ with A = diag p − ppᵀ = ¼[[1, −1], [−1, 1]], whose
+    eigenvalues are ½ and 0. H's eigenvalues are then σ/2 and 0: 0.5 and 0.485 on top."""
+    d = len(SIGMA)
+    eye = torch.eye(d, dtype=torch.float64)
+    x = torch.cat([eye, -eye]) * (torch.tensor(SIGMA, dtype=torch.float64) * d).sqrt()  # (2d, d): XᵀX/2d = diag Σ
+    y = torch.arange(2 * d) % 2
+    data = DataSplits("close", (x, y), (x[:0], y[:0]), (x, y), 2, (d,))
+    model = nn.Linear(d, 2, bias=False).double()
+    nn.init.zeros_(model.weight)
+    a = torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=torch.float64) / 4
+    exact = torch.kron(a, torch.diag(torch.tensor(SIGMA, dtype=torch.float64)))  # vec(W) row by row: (2d, 2d)
+    brute = torch.autograd.functional.hessian(
+        lambda w: F.cross_entropy(functional_call(model, {"weight": w.view(2, d)}, (x,)), y), model.weight.flatten())
+    torch.testing.assert_close(brute, exact)
+    return model, data, exact
+
+
+def test_power_iteration_stops_on_the_residual_when_the_top_eigenvalues_are_close():
+    model, data, exact = close_top_eigenvalues()
+    top, second = SIGMA[0] / 2, SIGMA[1] / 2
+    tol = 1e-4
+    result = H.top_eigenvalue(model, data, H.HessianConfig(iterations=2000, tol=tol, samples=len(data.train[1])))
+    assert result.converged and result.iterations < 2000
+    v = torch.cat([t.flatten() for t in result.eigenvector])
+    assert math.isclose(v.norm().item(), 1.0, rel_tol=1e-12)
+    assert math.isclose(result.eigenvalue, (v @ exact @ v).item(), rel_tol=1e-12)
+    assert math.isclose(result.residual, (exact @ v - result.eigenvalue * v).norm().item(), rel_tol=1e-9)
+    assert result.residual <= tol * abs(result.eigenvalue)
+    error = top - result.eigenvalue  # ≥ 0: a Rayleigh quotient never exceeds the top eigenvalue
+    assert 0 <= error <= result.residual  # the eigenvalue within the residual is the top one
+    assert error <= result.residual ** 2 / (result.eigenvalue - second)  # Kato-Temple: the error is O(r²)
+    # the rule it replaces, λ's relative change below tol, was met long before, with an error above tol·λ
+    h = result.history
+    first = next(k for k in range(1, len(h)) if abs(h[k] - h[k - 1]) < tol * abs(h[k - 1]))
+    assert first < result.iterations - 50 and top - h[first] > 5 * tol * top
+
+
+def test_a_capped_power_iteration_reports_the_residual_of_its_last_iterate():
+    model, data, exact = close_top_eigenvalues()
+    config = H.HessianConfig(iterations=10, tol=1e-4, probes=2, samples=len(data.train[1]))
+    result = H.top_eigenvalue(model, data, config)
+    assert not result.converged and result.iterations == 10
+    v = torch.cat([t.flatten() for t in result.eigenvector])  # the iterate λ and the residual belong to
+    assert math.isclose(result.eigenvalue, result.history[-1]) and math.isclose(result.eigenvalue, (v @ exact @ v).item())
+    assert math.isclose(result.residual, (exact @ v - result.eigenvalue * v).norm().item(), rel_tol=1e-9)
+    assert result.residual > 1e-4 * abs(result.eigenvalue)
+    both = H.hessian(model, data, config)
+    assert both.eigen_residual == result.residual == H.to_arrays(both)["eigen_residual"]
+
+
 def test_hutchinson_matches_the_exact_trace():
     model, data, hess = tiny_problem()
     exact = torch.trace(hess).item()

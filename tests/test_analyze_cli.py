@@ -55,6 +55,8 @@ def test_each_kind_writes_its_figure_numbers_and_settings(runs, kind, settings, 
     printed = capsys.readouterr().out
     if kind in ("landscape", "radius", "hessian", "boundary"):
         assert "per run, 2 run(s)" in printed  # the cost, before the work
+    if kind == "hessian":  # power iteration's residual ‖Hv − λv‖, beside the eigenvalue it bounds
+        assert all(run["eigen_residual"] >= 0 for run in info["summary"].values())
     assert before == {m: (runs / m / "checkpoint.pt").read_bytes() for m in ("erm", "amp")}
 
 

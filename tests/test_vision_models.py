@@ -60,6 +60,22 @@ def test_forward_gives_logits(name):
     assert out.shape == (2, 10) and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("name", [n for n in models.MODELS if n in VISION_MODELS])
+def test_image_networks_default_to_32x32_rgb(name):
+    torch.manual_seed(0)
+    model = models.build(name, 10).eval()  # no input_shape
+    explicit = built(name, CIFAR)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in explicit.state_dict().items()}
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 32, 32))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+
+
+def test_the_mlp_still_needs_its_input_shape():
+    with pytest.raises(ValueError, match="model 'mlp' takes flat feature vectors.*pass input_shape"):
+        models.build("mlp", 10)
+
+
 def test_classes_change_only_the_classifier():
     a = count_parameters(models.build("wrn28_2", 10, input_shape=CIFAR))
     b = count_parameters(models.build("wrn28_2", 100, input_shape=CIFAR))

@@ -6,6 +6,7 @@ Defaults follow the AMP paper (Appendix F): ε = 4 pixel levels, PGD with step 1
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from advreg.transforms.adversarial import level as pixel_level
 from advreg.train import CHECKPOINT, CONFIG, METRICS, build_model, load_data
 
 ATTACKS = ("fgsm", "pgd", "autoattack")  # autoattack: the optional extra, pip install "advreg[autoattack]"
+STANDARD_AUTOATTACK = ("apgd-ce", "apgd-t", "fab-t", "square")  # AutoAttack's standard L∞ version, in its order
+TARGET_CLASSES = 9  # the standard version's target classes of APGD-T and FAB-T
 
 
 def load_run(folder: str | Path) -> tuple[TrainConfig, DataSplits, nn.Module]:
@@ -78,12 +81,43 @@ def _craft(attack: str, model: nn.Module, x: Tensor, y: Tensor, s: AttackSetting
     return pgd(model, x, y, s.eps, s.alpha, s.steps, norm=s.norm, box=s.box, generator=generator)
 
 
+@dataclass(frozen=True)
+class AutoAttackPlan:
+    """The standard version's attacks that apply to K classes and D features, and why the others do not."""
+
+    attacks: tuple[str, ...]
+    target_classes: int  # of APGD-T and FAB-T: min(9, K - 1), the classes ranked 2nd, 3rd, ... by the logits
+    left_out: dict[str, str]  # attack -> why it does not run
+    height: int  # AutoAttack sees a sample as a (1, height, D / height) image
+
+
+def autoattack_plan(num_classes: int, features: int) -> AutoAttackPlan:
+    """The standard ensemble with min(9, K - 1) target classes; APGD-T out for K < 4 (its targeted DLR loss
+    divides by z_π1 - (z_π3 + z_π4)/2, four logits), Square out when no image of height > 1 has D pixels."""
+    height = max(k for k in range(1, math.isqrt(features) + 1) if features % k == 0)
+    left_out: dict[str, str] = {}
+    if num_classes < 4:
+        left_out["apgd-t"] = f"its targeted DLR loss needs at least 4 classes, the model has {num_classes}"
+    if height == 1:
+        left_out["square"] = f"it searches image patches, and {features} features make no image of height > 1"
+    attacks = tuple(a for a in STANDARD_AUTOATTACK if a not in left_out)
+    return AutoAttackPlan(attacks, min(TARGET_CLASSES, num_classes - 1), left_out, height)
+
+
+def plan_for(model: nn.Module, x: Tensor) -> AutoAttackPlan:
+    """:func:`autoattack_plan` for ``model``'s number of logits and ``x``'s sample size."""
+    with torch.no_grad():
+        num_classes = predict_logits(model, x[:1]).shape[1]
+    return autoattack_plan(num_classes, x[0].numel())
+
+
 def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, box: tuple[float, float]) -> Tensor:
-    """AutoAttack (Croce & Hein, ICML 2020), standard L∞ ensemble, from the optional ``pyautoattack`` package.
+    """AutoAttack (Croce & Hein, ICML 2020), standard L∞ version, from the optional ``pyautoattack`` package.
 
     AutoAttack assumes images in [0, 1]: it attacks u ↦ f(lo + (hi - lo)·u) with ε/(hi - lo), the same problem in
     the data's own box, and sees a sample as a (1, h, D/h) image (its Square attack searches image patches; any
-    reshaping bounds the same L∞ ball). With D prime there is no such image and Square is left out.
+    reshaping bounds the same L∞ ball). The standard settings run, less the attacks that do not apply to the
+    model's K classes and D features, with min(9, K - 1) target classes (:func:`autoattack_plan`).
     """
     try:
         from pyautoattack import AutoAttack
@@ -91,14 +125,14 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, box: tuple[fl
         raise ValueError('the autoattack attack needs the optional package pyautoattack: '
                          'pip install "advreg[autoattack]"') from None
     lo, hi = box
-    d = x[0].numel()
-    h = max(k for k in range(1, math.isqrt(d) + 1) if d % k == 0)
+    plan = plan_for(model, x)
     scaled = _UnitBox(model, lo, hi, x.shape[1:]).eval()
-    options = {"version": "standard"} if h > 1 else {"version": "custom", "attacks": ["apgd-ce", "apgd-t", "fab-t"]}
-    attack = AutoAttack(scaled, eps=eps / (hi - lo), norm="Linf", seed=0, device=x.device, **options)
+    attack = AutoAttack(scaled, eps=eps / (hi - lo), norm="Linf", seed=0, device=x.device, version="standard")
     attack.verbose = False
+    attack.attacks_to_run = list(plan.attacks)  # the package's way to choose attacks; its settings stay standard
+    attack.apgd_targeted.n_target_classes = attack.fab.n_target_classes = plan.target_classes
     with eval_mode(model):
-        u = ((x - lo) / (hi - lo)).reshape(len(x), 1, h, d // h)
+        u = ((x - lo) / (hi - lo)).reshape(len(x), 1, plan.height, -1)
         u_adv, _ = attack.run_standard_evaluation(u, y, batch_size=len(y))  # (examples, their predictions)
     return lo + (hi - lo) * u_adv.detach().reshape(x.shape)
 
@@ -125,6 +159,20 @@ def sanity_accuracy(model: nn.Module, x: Tensor, y: Tensor, steps: int = 200, al
     return 100.0 * right / len(y)
 
 
+def attack_record(attacks: list[str], settings: AttackSettings, model: nn.Module, x: Tensor) -> dict[str, Any]:
+    """The settings of the attacks that ran: ε and the norm; PGD's step and steps if PGD ran; AutoAttack's attacks,
+    target classes and the attacks it left out, if it ran."""
+    record: dict[str, Any] = {"attack_eps": settings.eps}
+    if "pgd" in attacks:
+        record.update(attack_alpha=settings.alpha, attack_steps=settings.steps)
+    record["attack_norm"] = "linf"
+    if "autoattack" in attacks:
+        plan = plan_for(model, x)
+        record.update(autoattack_attacks=list(plan.attacks), autoattack_target_classes=plan.target_classes,
+                      autoattack_left_out=plan.left_out)
+    return record
+
+
 def evaluate_run(folder: str | Path, attacks: list[str], eps: float | None = None, source: str | Path | None = None,
                  sanity: bool = False) -> dict[str, Any]:
     """Add robust test errors (and the attack settings) to the run's metrics.json; return the new keys."""
@@ -145,8 +193,7 @@ def evaluate_run(folder: str | Path, attacks: list[str], eps: float | None = Non
     if sanity:
         span = settings.box[1] - settings.box[0]  # 0.01 on [0, 1] images, as in ALPS; the same fraction elsewhere
         results["test_accuracy_pgd_unbounded"] = sanity_accuracy(model, x, y, alpha=0.01 * span)
-    results.update(attack_eps=settings.eps, attack_alpha=settings.alpha, attack_steps=settings.steps,
-                   attack_norm="linf")
+    results.update(attack_record(attacks, settings, model, x))
     metrics_path = Path(folder) / METRICS
     write_json(metrics_path, {**read_json(metrics_path), **results})
     return results

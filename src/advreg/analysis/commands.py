@@ -83,7 +83,8 @@ def _radius(runs: list[Loaded], labels: list[str], config: radius.RadiusConfig, 
 def _hessian(runs: list[Loaded], labels: list[str], config: hessian.HessianConfig, progress: bool) -> Outcome:
     results = [hessian.hessian(model, data, config, progress=progress) for _, data, model in runs]
     summary = {label: {"top_eigenvalue": r.eigenvalue, "power_iterations": r.eigen_iterations,
-                       "converged": r.converged, "trace": r.trace_mean, "trace_stderr": r.trace_stderr}
+                       "converged": r.converged, "eigen_residual": r.eigen_residual, "trace": r.trace_mean,
+                       "trace_stderr": r.trace_stderr}
                for label, r in zip(labels, results)}
     arrays = {f"{label}/{k}": v for label, r in zip(labels, results) for k, v in hessian.to_arrays(r).items()}
     return Outcome(hessian.plot(results, labels), arrays, summary)

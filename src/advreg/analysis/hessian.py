@@ -1,5 +1,9 @@
 """Curvature at θ*: the top Hessian eigenvalue by power iteration and the trace by Hutchinson's estimator.
 
+Power iteration stops on the residual r = ‖Hv − λv‖ of the unit iterate v and λ = vᵀHv: H is symmetric, so some
+eigenvalue lies within r of λ, and r ≤ tol·|λ| bounds the error by tol·|λ| even when the top two eigenvalues are
+close (where λ's change between iterations is far smaller than its error).
+
 Both use only Hessian-vector products Hv = ∇(∇L·v) (Pearlmutter 1994) of the mean cross-entropy on a seeded
 evaluation subset, the model in eval mode (no dropout, BatchNorm on running statistics), as PyHessian does
 (Yao et al. 2020); Hutchinson: tr H = E[zᵀHz] for Rademacher z (Hutchinson 1989).
@@ -23,7 +27,7 @@ from advreg.data.splits import DataSplits
 @dataclass(frozen=True)
 class HessianConfig:
     iterations: int = 100  # power iteration's cap
-    tol: float = 1e-4  # stop when the eigenvalue's relative change is below this
+    tol: float = 1e-4  # stop when the residual ‖Hv − λv‖ is at most tol·|λ|
     probes: int = 100  # Hutchinson's Rademacher vectors
     samples: int = 1000  # evaluation subset of the split
     split: str = "train"
@@ -33,7 +37,7 @@ class HessianConfig:
     def __post_init__(self) -> None:
         check_positive_int("iterations", self.iterations, "it caps the power iteration")
         if not (isinstance(self.tol, (int, float)) and self.tol > 0):
-            raise ValueError(f"tol must be a number > 0 (a relative change, e.g. 1e-4), got {self.tol!r}")
+            raise ValueError(f"tol must be a number > 0 (the residual relative to |λ|, e.g. 1e-4), got {self.tol!r}")
         if isinstance(self.probes, bool) or not isinstance(self.probes, int) or self.probes < 2:
             raise ValueError(f"probes must be an integer >= 2 so that a standard error exists, got {self.probes!r}")
         check_positive_int("samples", self.samples, "it is the size of the evaluation subset")
@@ -45,8 +49,10 @@ class HessianConfig:
 class EigenResult:
     eigenvalue: float  # the Rayleigh quotient vᵀHv at the last iterate: the largest-magnitude eigenvalue, signed
     iterations: int
-    converged: bool  # relative change below tol before the cap
-    history: np.ndarray  # (iterations,)
+    converged: bool  # residual <= tol·|λ| before the cap
+    residual: float  # ‖Hv − λv‖ at the last iterate: an eigenvalue of H lies within it of λ
+    history: np.ndarray  # (iterations,) λ per iteration
+    eigenvector: list[Tensor]  # the last iterate v (unit norm), shaped like the trainable parameters
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,6 +68,7 @@ class HessianResult:
     eigenvalue: float
     eigen_iterations: int
     converged: bool
+    eigen_residual: float  # ‖Hv − λv‖ of the last iterate
     eigen_history: np.ndarray  # (iterations,)
     trace_mean: float
     trace_stderr: float
@@ -97,8 +104,8 @@ def _dot(a: list[Tensor], b: list[Tensor]) -> float:
 
 def top_eigenvalue(model: nn.Module, data: DataSplits, config: HessianConfig = HessianConfig(), *,
                    progress: bool = False) -> EigenResult:
-    """Power iteration v ← Hv/‖Hv‖ from a seeded Gaussian v; λ = vᵀHv. It finds the largest-magnitude eigenvalue
-    (with its sign); the model is left unchanged."""
+    """Power iteration v ← Hv/‖Hv‖ from a seeded Gaussian v; λ = vᵀHv, stopped when ‖Hv − λv‖ ≤ tol·|λ|. It finds
+    the largest-magnitude eigenvalue (with its sign); the model is left unchanged."""
     x, y = eval_subset(data, config.split, config.samples, config.seed)
     with unchanged(model):
         model.eval()
@@ -106,26 +113,26 @@ def top_eigenvalue(model: nn.Module, data: DataSplits, config: HessianConfig = H
         generator = torch.Generator().manual_seed(config.seed)
         v = _normalised([torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params])
         history: list[float] = []
-        converged = False
-        for _ in _steps(config.iterations, "power iteration", progress):
+        for step in _steps(config.iterations, "power iteration", progress):
             hv = hvp(model, params, x, y, v, config.batch_size)
             history.append(_dot(v, hv))
-            norm = math.sqrt(_dot(hv, hv))
-            converged = norm == 0 or _settled(history, config.tol)  # Hv = 0: v is an eigenvector of eigenvalue 0
-            if converged:
-                break
-            v = [t / norm for t in hv]
-    return EigenResult(history[-1], len(history), converged, np.asarray(history))
+            residual = _residual(hv, v, history[-1])
+            converged = residual <= config.tol * abs(history[-1])  # also Hv = 0: v is an eigenvector of 0
+            if converged or step == config.iterations - 1:
+                break  # v, λ and the residual belong together
+            v = _normalised(hv)
+    return EigenResult(history[-1], len(history), converged, residual, np.asarray(history), v)
+
+
+def _residual(hv: list[Tensor], v: list[Tensor], eigenvalue: float) -> float:
+    """‖Hv − λv‖, summed in float64 tensor by tensor (not √(‖Hv‖² − λ²), which cancels to noise near convergence)."""
+    return math.sqrt(sum(((h.double() - eigenvalue * u.double()) ** 2).sum() for h, u in zip(hv, v)).item())
 
 
 def _steps(n: int, desc: str, progress: bool):
     from tqdm.auto import tqdm
 
     return tqdm(range(n), desc=desc, disable=not progress, leave=False)
-
-
-def _settled(history: list[float], tol: float) -> bool:
-    return len(history) > 1 and abs(history[-1] - history[-2]) < tol * abs(history[-2])
 
 
 def _normalised(v: list[Tensor]) -> list[Tensor]:
@@ -154,8 +161,8 @@ def hessian(model: nn.Module, data: DataSplits, config: HessianConfig = HessianC
     """:func:`top_eigenvalue` and :func:`trace` with one config; the model is left unchanged."""
     eigen = top_eigenvalue(model, data, config, progress=progress)
     tr = trace(model, data, config, progress=progress)
-    return HessianResult(eigen.eigenvalue, eigen.iterations, eigen.converged, eigen.history, tr.mean, tr.stderr,
-                         tr.history, tr.samples, config)
+    return HessianResult(eigen.eigenvalue, eigen.iterations, eigen.converged, eigen.residual, eigen.history, tr.mean,
+                         tr.stderr, tr.history, tr.samples, config)
 
 
 def cost(model: nn.Module, data: DataSplits, config: HessianConfig = HessianConfig()) -> str:
@@ -200,6 +207,7 @@ def _running_stderr(samples: np.ndarray) -> np.ndarray:
 
 def to_arrays(result: HessianResult) -> dict[str, np.ndarray]:
     return {"eigenvalue": np.asarray(result.eigenvalue), "eigen_iterations": np.asarray(result.eigen_iterations),
-            "converged": np.asarray(result.converged), "eigen_history": result.eigen_history,
+            "converged": np.asarray(result.converged), "eigen_residual": np.asarray(result.eigen_residual),
+            "eigen_history": result.eigen_history,
             "trace_mean": np.asarray(result.trace_mean), "trace_stderr": np.asarray(result.trace_stderr),
             "trace_history": result.trace_history, "trace_samples": result.trace_samples}

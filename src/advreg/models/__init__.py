@@ -1,4 +1,5 @@
-"""Every network of the papers, by name: ``advreg.models.build("mlp", 10, input_shape=(40,))``."""
+"""Every network of the papers, by name: ``advreg.models.build("mlp", 10, input_shape=(40,))``,
+``advreg.models.build("preact_resnet18", 10)`` (image networks default to 32x32 RGB)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -11,13 +12,16 @@ from advreg.models.vision import VISION_MODELS, build_vision, normalized
 
 MODELS = ("mlp", *VISION_MODELS)
 NORMS = ("batch", "group")
+IMAGE_SHAPE = (3, 32, 32)  # the image networks' input when none is given: CIFAR's 32x32 RGB
 
 
-def build(name: str, num_classes: int, *, input_shape: tuple[int, ...], hidden: tuple[int, ...] = (100, 100),
-          dropout: float = 0.0, dropout_layers: str = "all", norm: str = "batch",
+def build(name: str, num_classes: int, *, input_shape: tuple[int, ...] | None = None,
+          hidden: tuple[int, ...] = (100, 100), dropout: float = 0.0, dropout_layers: str = "all", norm: str = "batch",
           mean: Sequence[float] | float | None = None, std: Sequence[float] | float | None = None,
           **options: Any) -> nn.Module:
     """Build network ``name`` for ``num_classes`` classes and samples of shape ``input_shape``.
+
+    ``input_shape`` is (C, H, W) for the image networks, (3, 32, 32) if None; the MLP needs its feature shape.
 
     The MLP uses ``hidden`` and ``dropout_layers`` and ignores ``norm``; the image networks ignore those two,
     take ``dropout`` as their dropout rate and ``norm`` ("batch" or "group") as their normalization layer.
@@ -37,12 +41,22 @@ def build(name: str, num_classes: int, *, input_shape: tuple[int, ...], hidden: 
     if norm not in NORMS:
         raise ValueError(f"norm must be 'batch' (BatchNorm) or 'group' (GroupNorm, 32 channels per group, "
                          f"AMM paper), got {norm!r}")
+    input_shape = _input_shape(name, input_shape)
     if name == "mlp":
-        model = build_mlp(num_classes, tuple(input_shape), hidden=tuple(hidden), dropout=dropout,
+        model = build_mlp(num_classes, input_shape, hidden=tuple(hidden), dropout=dropout,
                           dropout_layers=dropout_layers, **options)
     else:
-        model = build_vision(name, num_classes, tuple(input_shape), dropout=dropout, norm=norm, **options)
-    return normalized(model, mean, std, tuple(input_shape))
+        model = build_vision(name, num_classes, input_shape, dropout=dropout, norm=norm, **options)
+    return normalized(model, mean, std, input_shape)
 
 
-__all__ = ["MLP", "MODELS", "NORMS", "build"]
+def _input_shape(name: str, input_shape: tuple[int, ...] | None) -> tuple[int, ...]:
+    if input_shape is not None:
+        return tuple(input_shape)
+    if name == "mlp":
+        raise ValueError("model 'mlp' takes flat feature vectors of no default size: pass input_shape, "
+                         "e.g. input_shape=(40,) for MNIST-1D")
+    return IMAGE_SHAPE
+
+
+__all__ = ["IMAGE_SHAPE", "MLP", "MODELS", "NORMS", "build"]
