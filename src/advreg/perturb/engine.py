@@ -327,7 +327,8 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
         try:
             yield theta
         finally:
-            torch._foreach_copy_(params, theta)  # back to θ
+            with torch.no_grad():  # also when an abandoned two-call step is closed outside the optimizer
+                torch._foreach_copy_(params, theta)  # back to θ
 
     def _frozen_running_stats(self, clean: bool):
         if self.bn_stats == "all" or not clean or self._norm_layers == []:  # no clean pass: this one counts;
