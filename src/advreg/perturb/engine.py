@@ -33,9 +33,11 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
     restored and the base step is skipped (the scaler sees the overflow, so its ``update()`` lowers the scale). Call
     ``grad_scaler.update()`` after each ``step``.
 
-    BatchNorm: with ``bn_stats="clean"`` only the clean pass updates the running statistics. Give ``model`` (the
-    module being trained) to have its normalization layers' statistics copied and restored directly, as
-    ``torch.compile`` requires; without it they are found by a forward pre-hook while the passes run (eager only).
+    BatchNorm: with ``bn_stats="clean"`` only the clean pass updates the running statistics, in every normalization
+    layer in training mode, its weights trained or frozen. Give ``model`` (the module being trained) to have all of
+    its normalization layers' statistics copied and restored directly, as ``torch.compile`` requires (another
+    module's keep moving); without it, every such layer that runs in a perturbed pass, of any module, is found by a
+    forward pre-hook (eager only).
 
     Distributed data parallel: with ``no_sync`` (the ``DistributedDataParallel`` model's ``no_sync`` method), the
     passes that build Δ run inside it (forward included), so only the final gradient at θ+Δ is all-reduced; each
@@ -45,8 +47,8 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
     Hyperparameters: those named in ``group_keys`` (ε, ζ, N, ρ, γ, ...) live in each param group, as ``lr`` does:
     a group may set its own, a scheduler may change them, ``state_dict`` carries them; the attribute of the same name
     reads (and sets) the value all groups share. Where a perturbation has a ball over several tensors, the groups
-    that agree on all of its ``group_keys`` share one ball (so a model in one group, or in groups that differ only
-    in ``lr`` or ``weight_decay``, has the paper's single ball).
+    that agree on its settings share one ball (AMP: ε, ζ, N; SAM: ρ; RMP: ε), so that a model in one group, or in
+    groups that differ only in ``lr`` or ``weight_decay``, has the paper's single ball.
 
     The two-call form (``first_step`` after the first backward, ``ascent_step`` after each further one of a
     multi-pass Δ, ``second_step`` after the last) takes the same step as ``step(closure)`` bit for bit, with the
