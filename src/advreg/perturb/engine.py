@@ -345,6 +345,8 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
     def _balls(self, params: list[Tensor], keys: tuple[str, ...]) -> list[tuple[tuple, list[int]]]:
         """The positions in ``params`` grouped by their param group's values of ``keys``, in order of first
         appearance: the groups that agree on them share one ball (all of them when no group sets its own)."""
+        if len(self.param_groups) == 1:  # the usual case, without a lookup per tensor
+            return [(tuple(self.param_groups[0][k] for k in keys), list(range(len(params))))]
         balls: dict[tuple, list[int]] = {}
         for i, values in enumerate(self._settings(params, keys)):
             balls.setdefault(values, []).append(i)
