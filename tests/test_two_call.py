@@ -41,7 +41,7 @@ def davda54_loop(model, optimizer, batches, loss_function=F.cross_entropy):
         optimizer.second_step(zero_grad=True)
 
 
-def closure_loop(model, optimizer, batches, passes=None):
+def closure_loop(model, optimizer, batches):
     for inputs, targets in batches:
         def closure():
             optimizer.zero_grad()
