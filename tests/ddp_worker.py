@@ -32,7 +32,10 @@ CASES = {  # name -> (perturbed optimizer or None for plain SGD, its keywords)
     "amp2_local_gradient": (advreg.AMP, {**AMP, "inner_steps": 2, "every": 2, "reuse": "gradient", "alpha": 0.7}),
     "sam_local": (advreg.SAM, {"rho": 0.05}),
     "awp_local": (advreg.AWP, {"gamma": 0.05, "steps": 2}),
+    "amp2_global_two_call": (advreg.AMP, {**AMP, "inner_steps": 2, "perturb_on": "global"}),
+    "sam_global_two_call": (advreg.SAM, {"rho": 0.05, "perturb_on": "global"}),
 }
+TWO_CALL = {"amp2_global_two_call", "sam_global_two_call"}  # trained with first_step / ascent_step / second_step
 
 
 def make_model() -> torch.nn.Module:
@@ -86,9 +89,23 @@ def train(case: str, rank: int) -> dict:
             return loss
 
         calls[0] = 0
-        opt.step(closure)
+        if case in TWO_CALL:
+            two_call_step(opt, lambda: F.cross_entropy(ddp(x), y).backward())
+        else:
+            opt.step(closure)
         allreduces.append(calls[0])
     return {"params": [p.detach().clone() for p in ddp.module.parameters()], "allreduces": allreduces}
+
+
+def two_call_step(opt: torch.optim.Optimizer, backward) -> None:
+    """The two-call form of one step: N backwards for the Δ of N inner steps, then the final one."""
+    backward()
+    opt.first_step(zero_grad=True)
+    for _ in range(getattr(opt, "inner_steps", 1) - 1):
+        backward()
+        opt.ascent_step(zero_grad=True)
+    backward()
+    opt.second_step(zero_grad=True)
 
 
 def main(out: Path) -> None:

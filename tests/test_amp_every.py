@@ -159,7 +159,7 @@ class FrozenAMP(PerturbedOptimizer):
     def _is_active(self):
         return self.epsilon > 0 and self.inner_steps > 0
 
-    def _perturb(self, params, theta, closure):
+    def _perturb(self, params, theta):
         if self.inner_steps == 1:
             grads = grads_of(params)
             torch._foreach_mul_(grads, self._scales(grads, self.inner_lr))
@@ -169,7 +169,7 @@ class FrozenAMP(PerturbedOptimizer):
         torch._foreach_zero_(delta)
         for n in range(self.inner_steps):
             if n > 0:
-                closure()
+                yield
             torch._foreach_add_(delta, grads_of(params), alpha=self.inner_lr)
             torch._foreach_mul_(delta, self._scales(delta, 1.0))
             set_to_sum(params, theta, delta)

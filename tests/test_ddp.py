@@ -5,7 +5,9 @@ gradient all-reduces per step; this file checks them against single-process refe
 - plain SGD and ``perturb_on="global"`` AMP equal the single-process optimizer on the global batch;
 - the default (local) AMP, SAM and AWP equal the paper's per-batch Δ written out here: each replica r perturbs
   by its own half batch, Δ_r, and the step at θ uses the mean of ∇J_r(θ+Δ_r);
-- both replicas end equal, after one all-reduce per step (N+1 for global AMP).
+- both replicas end equal, after one all-reduce per step (N+1 for global AMP);
+- the two-call form (first_step / ascent_step / second_step) with ``perturb_on="global"`` equals ``step(closure)``
+  on the global batch.
 """
 from __future__ import annotations
 
@@ -182,7 +184,8 @@ def local_reference(case: str) -> list[torch.Tensor]:
 # -- the test: one launch, every check (pytest-xdist would launch once per worker for several tests) ---------
 # gradient all-reduces of each step: N+1 under perturb_on="global" (the clean pass, N-1 inner passes, the final
 # pass), 1 otherwise; with every=2 the steps in between make one pass
-ALLREDUCES = {"amp1_global": [2] * W.STEPS, "amp2_global": [3] * W.STEPS, "amp1_global_gradient": [2, 1] * (W.STEPS // 2)}
+ALLREDUCES = {"amp1_global": [2] * W.STEPS, "amp2_global": [3] * W.STEPS, "amp1_global_gradient": [2, 1] * (W.STEPS // 2),
+              "amp2_global_two_call": [3] * W.STEPS, "sam_global_two_call": [2] * W.STEPS}
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),

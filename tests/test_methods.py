@@ -15,7 +15,7 @@ from advreg import transforms
 from advreg.cli import build_parser, make_config
 from advreg.config import TrainConfig, keys, override
 from advreg.losses import cross_entropy
-from advreg.methods import METHODS, Method, check_preset, resolve
+from advreg.methods import METHODS, Method, build_optimizer, check_preset, resolve
 from advreg.train import _train_step, build_run, validate
 
 SMALL = ["data.name=digits", "model.hidden=16", "optim.batch_size=64"]
@@ -273,3 +273,10 @@ def test_dropout_on_the_penultimate_layer_only():
     assert kinds(last).count("Dropout") == 1 and kinds(last)[-2] == "Dropout"  # just before the classifier
     with pytest.raises(ValueError, match="dropout_layers"):
         build("mlp", 10, input_shape=(8,), dropout=0.5, dropout_layers="first")
+
+
+def test_the_sam_settings_reach_the_optimizer():
+    config = small_config("sam", "sam.rho=0.2", "sam.adaptive=true", "sam.eta=0")
+    opt = build_optimizer(config, [torch.nn.Parameter(torch.zeros(2))])
+    assert (opt.rho, opt.adaptive, opt.eta) == (0.2, True, 0.0)  # eta=0: davda54/sam's ASAM
+    assert opt.param_groups[0]["rho"] == 0.2  # in the group, as lr

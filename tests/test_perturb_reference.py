@@ -208,6 +208,46 @@ def test_sam_matches_reference(rho, adaptive):
     assert (ref[-1] - ref_other[-1]).abs().max() > 1e-6
 
 
+# ASAM's T, three conventions: every tensor |θ|+η (the default); davda54/sam: η = 0; SamsungLabs/ASAM: |θ|+η on the
+# tensors named "weight" (BatchNorm's weight too), T = 1 on the others
+ASAM_CONVENTIONS = {
+    "all": (dict(eta=ASAM_ETA), lambda name: True, ASAM_ETA),
+    "davda54": (dict(eta=0.0), lambda name: True, 0.0),
+    "samsung": (dict(eta=ASAM_ETA, adaptive_scope="weight"), lambda name: "weight" in name, ASAM_ETA),
+}
+
+
+@pytest.mark.parametrize("convention", list(ASAM_CONVENTIONS))
+def test_asam_transform_conventions(convention):
+    kwargs, scaled, eta = ASAM_CONVENTIONS[convention]
+    model = make_model(3, batchnorm=True)
+    names = [n for n, _ in model.named_parameters()]
+    opt = advreg.SAM(model.named_parameters(), torch.optim.SGD, rho=0.5, adaptive=True, lr=LR, **kwargs)
+    x, y = make_batches(1)[0]
+    theta, seen = flat_params(model), []
+
+    def closure():
+        seen.append(flat_params(model))
+        return make_closure(opt, model, x, y)()
+    opt.step(closure)
+    model_at = copy.deepcopy(model)
+    torch.nn.utils.vector_to_parameters(theta, model_at.parameters())
+    model_at.zero_grad()
+    F.cross_entropy(model_at(x), y).backward()
+    g = torch.cat([p.grad.reshape(-1) for p in model_at.parameters()])
+    t = torch.cat([(p.detach().abs() + eta if scaled(n) else torch.ones_like(p)).reshape(-1)
+                   for n, p in zip(names, model_at.parameters())])  # T = |θ| + η where scaled, 1 elsewhere
+    torch.testing.assert_close(seen[1] - theta, 0.5 * t * t * g / (t * g).norm(), atol=1e-12, rtol=0)
+
+
+def test_asam_weight_scope_needs_named_parameters():
+    model = make_model(0)
+    with pytest.raises(ValueError, match="named_parameters"):
+        advreg.SAM(model.parameters(), torch.optim.SGD, rho=0.5, adaptive=True, adaptive_scope="weight", lr=LR)
+    with pytest.raises(ValueError, match="adaptive_scope"):
+        advreg.SAM(model.parameters(), torch.optim.SGD, rho=0.5, adaptive=True, adaptive_scope="bias", lr=LR)
+
+
 # ---------------------------------------------------------------------- 3. AMP(N=1, huge zeta) == SAM
 @pytest.mark.parametrize("epsilon", [0.05, 0.5])
 def test_amp_one_step_large_inner_lr_is_sam(epsilon):

@@ -58,6 +58,7 @@ class AMPConfig:
 class SAMConfig:
     rho: float = 0.05
     adaptive: bool = False
+    eta: float = 0.01  # ASAM's T = |θ| + η on every tensor (0: davda54/sam's T = |θ|)
 
 
 @dataclass(frozen=True)

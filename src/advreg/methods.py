@@ -178,7 +178,8 @@ def build_optimizer(config: TrainConfig, params: Iterable[torch.Tensor], steps_p
         return AMP(params, torch.optim.SGD, epsilon=a.epsilon, inner_lr=a.inner_lr, inner_steps=a.inner_steps,
                    norm=a.norm, every=a.every, reuse=a.reuse, alpha=a.alpha, **sgd)
     if kind == "sam":
-        return SAM(params, torch.optim.SGD, rho=config.sam.rho, adaptive=config.sam.adaptive, **sgd)
+        s = config.sam
+        return SAM(params, torch.optim.SGD, rho=s.rho, adaptive=s.adaptive, eta=s.eta, **sgd)
     if kind == "rmp":
         return RMP(params, torch.optim.SGD, epsilon=config.rmp.epsilon, **sgd)
     if kind == "awp":

@@ -5,13 +5,13 @@ Minimize the worst batch loss in the L2 ball ‖Δ‖ ≤ ε around θ: N projec
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import Tensor
 
-from advreg.perturb.engine import (Closure, PerturbedOptimizer, check_nonnegative, global_norm, grads_of, is_int,
-                                   is_number, scratch, set_to_sum, stack_scalars, tensor_norms)
+from advreg.perturb.engine import (Closure, GroupSetting, PerturbedOptimizer, check_nonnegative, global_norm, grads_of,
+                                   is_int, is_number, scratch, set_to_sum, stack_scalars, tensor_norms)
 
 NORMS = ("global", "per_tensor")
 REUSE = ("delta", "gradient")  # what the steps between two fresh Δ reuse (every > 1)
@@ -37,28 +37,42 @@ class AMP(PerturbedOptimizer):
 
     ``every=1`` is Algorithm 1, bit for bit. The kept tensor (Δ or v̂) is in ``state_dict`` (exact resume
     mid-cycle).
+
+    Per group: ``epsilon``, ``inner_lr`` and ``inner_steps`` are param-group settings (a group may set its own, a
+    scheduler may change them). With ``norm="global"`` the groups that agree on all three share one ball
+    ‖Δ_B‖ ≤ ε_B, Δ_B being the part of Δ over ball B's tensors, projected on its own: one group, or groups that set
+    none of them, is the paper's single ball. A ball takes its own N_B ascent steps, the passes of a step being
+    max N_B (a ball with fewer steps keeps its Δ through the extra passes); a group with ε = 0 or N = 0 is not
+    perturbed, and its gradient is still taken at θ+Δ. With ``norm="per_tensor"`` each tensor's ball has its
+    group's ε. The gradient reuse of ``every > 1`` normalizes over the whole model (or per tensor).
     """
+
+    group_keys = ("epsilon", "inner_lr", "inner_steps")
+    epsilon, inner_lr, inner_steps = GroupSetting(), GroupSetting(), GroupSetting()
 
     def __init__(self, params: Iterable, base_optimizer: type, *, epsilon: float, inner_lr: float,
                  inner_steps: int = 1, norm: str = "global", every: int = 1, reuse: str = "delta",
                  alpha: float = 0.7, bn_stats: str = "clean", **base_kwargs: Any):
-        self.epsilon, self.inner_lr, self.inner_steps, self.norm = epsilon, inner_lr, inner_steps, norm
-        self.every, self.reuse, self.alpha = every, reuse, alpha
-        self.steps_taken = 0  # completed calls of step(); saved in the state_dict (the refresh schedule)
+        self.norm, self.every, self.reuse, self.alpha = norm, every, reuse, alpha
+        self.steps_taken = 0  # completed steps; saved in the state_dict (the refresh schedule)
         self._step_fresh = True  # whether the step under way builds a fresh Δ
         self._validate()
-        super().__init__(params, base_optimizer, bn_stats=bn_stats, **base_kwargs)
+        super().__init__(params, base_optimizer, bn_stats=bn_stats, **base_kwargs,
+                         group_defaults={"epsilon": epsilon, "inner_lr": inner_lr, "inner_steps": inner_steps})
         self._delta: dict[Tensor, Tensor] = {}  # scratch: Δ during a step
         self._kept: dict[Tensor, Tensor] = {}  # every > 1: Δ or v̂ of the last fresh step, one per parameter (state)
         self._has_kept = False
 
-    def _validate(self) -> None:
-        check_nonnegative("epsilon", self.epsilon, "it is the radius of the L2 ball (0 turns AMP off)")
-        if not is_int(self.inner_steps) or self.inner_steps < 0:
-            raise ValueError(f"inner_steps must be an integer >= 0 (the paper uses N = 1), got {self.inner_steps!r}")
-        if self.inner_steps > 0 and not (is_number(self.inner_lr) and self.inner_lr > 0):
-            raise ValueError(f"inner_lr (ζ) must be > 0 when inner_steps > 0, got {self.inner_lr!r}; "
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_nonnegative("epsilon", group["epsilon"], "it is the radius of the L2 ball (0 turns AMP off)")
+        steps, inner_lr = group["inner_steps"], group["inner_lr"]
+        if not is_int(steps) or steps < 0:
+            raise ValueError(f"inner_steps must be an integer >= 0 (the paper uses N = 1), got {steps!r}")
+        if steps > 0 and not (is_number(inner_lr) and inner_lr > 0):
+            raise ValueError(f"inner_lr (ζ) must be > 0 when inner_steps > 0, got {inner_lr!r}; "
                              "the paper uses ζ = 1 with ε = 0.5 for PreActResNet18")
+
+    def _validate(self) -> None:
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if not is_int(self.every) or self.every < 1:
@@ -77,25 +91,33 @@ class AMP(PerturbedOptimizer):
 
     def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
         """One training step; a failed step is not counted, and a failed fresh-Δ step leaves nothing kept."""
-        fresh = self._step_fresh = self._fresh()
+        fresh = self._fresh()
         try:
-            loss = super().step(closure)
+            return super().step(closure)
         except BaseException:
             self._has_kept = self._has_kept and not fresh  # its Δ is half-built: the next step builds one afresh
             raise
+
+    def _begin_step(self) -> None:
+        self._step_fresh = self._fresh()
+
+    def _end_step(self) -> None:
         self.steps_taken += 1
-        return loss
+
+    def _two_call_refusal(self) -> str | None:
+        if self.every > 1:
+            return "every > 1 takes one pass on the steps in between: call step(closure)"
+        return super()._two_call_refusal()
 
     def _perturbs(self) -> bool:
-        """Whether AMP is on at all (ε = 0 or N = 0 is the base optimizer)."""
-        return self.epsilon > 0 and self.inner_steps > 0
+        """Whether AMP is on at all (ε = 0 or N = 0 in every group is the base optimizer)."""
+        return any(g["epsilon"] > 0 and g["inner_steps"] > 0 for g in self.param_groups)
 
     def _is_active(self) -> bool:
         return self._perturbs() and (self.reuse == "delta" or self._fresh())
 
     def _hyperparameters(self) -> dict[str, Any]:
-        return {"epsilon": self.epsilon, "inner_lr": self.inner_lr, "inner_steps": self.inner_steps,
-                "norm": self.norm, "every": self.every, "reuse": self.reuse, "alpha": self.alpha,
+        return {"norm": self.norm, "every": self.every, "reuse": self.reuse, "alpha": self.alpha,
                 "steps_taken": self.steps_taken}
 
     def _needs_clean_pass(self) -> bool:
@@ -105,7 +127,7 @@ class AMP(PerturbedOptimizer):
         """Whether this step builds a fresh Δ (Algorithm 1) rather than reusing the kept one."""
         return self.every == 1 or self.steps_taken % self.every == 0 or not self._has_kept
 
-    def _perturb(self, params: list[Tensor], theta: list[Tensor], closure: Closure) -> None:
+    def _perturb(self, params: list[Tensor], theta: list[Tensor]) -> Iterator[None]:
         if not self._fresh():  # params: every trainable tensor, at the current θ
             pairs = [(p, self._kept[p]) for p in params if p in self._kept]
             if pairs:
@@ -113,29 +135,45 @@ class AMP(PerturbedOptimizer):
             return
         if self.reuse == "gradient":
             self._keep(params, grads_of(params))  # LookSAM decomposes against the clean gradient ∇J(θ)
-        if self.inner_steps == 1:  # Δ = Π(ζ∇J(θ)) = min(ζ, ε/‖∇J(θ)‖)·∇J(θ): scale .grad in place, no Δ buffer
+        balls = self._balls(params, self.group_keys)  # ((ε, ζ, N), positions in params) each
+        if max(steps for (_, _, steps), _ in balls) == 1:  # Δ = Π(ζ∇J(θ)) = min(ζ, ε/‖∇J(θ)‖)·∇J(θ): in .grad
             grads = grads_of(params)
-            torch._foreach_mul_(grads, self._scales(grads, self.inner_lr))
+            for (epsilon, inner_lr, steps), where in balls:
+                part = [grads[i] for i in where]
+                if steps == 1 and epsilon > 0:
+                    torch._foreach_mul_(part, self._scales(part, epsilon, inner_lr))
+                else:  # ε = 0 or N = 0: this ball is not perturbed
+                    torch._foreach_zero_(part)
             if self.reuse == "delta":
                 self._keep(params, grads)
             torch._foreach_add_(params, grads)  # θ+Δ
             return
+        yield from self._ascend(params, theta, balls)
+
+    def _ascend(self, params: list[Tensor], theta: list[Tensor], balls: list[tuple[tuple, list[int]]]
+                ) -> Iterator[None]:
+        """Algorithm 1's inner loop in each ball; a ``yield`` is a pass at θ+Δ (∇J(θ+Δ) in .grad after it)."""
         delta = scratch(self._delta, params)
         torch._foreach_zero_(delta)  # Δ ← 0
-        for n in range(self.inner_steps):
+        for n in range(max(steps for (_, _, steps), _ in balls)):
             if n > 0:
-                closure()  # ∇J(θ+Δ); the first ascent step reuses the clean gradient ∇J(θ)
-            torch._foreach_add_(delta, grads_of(params), alpha=self.inner_lr)  # Δ ← Δ + ζ∇J(θ+Δ)
-            torch._foreach_mul_(delta, self._scales(delta, 1.0))  # Π_ε: Δ ← εΔ/‖Δ‖ where ‖Δ‖ > ε
+                yield  # ∇J(θ+Δ); the first ascent step reuses the clean gradient ∇J(θ)
+            grads = grads_of(params)
+            for (epsilon, inner_lr, steps), where in balls:
+                if n >= steps or epsilon == 0:  # this ball's Δ is final (0 with ε = 0 or N = 0)
+                    continue
+                part = [delta[i] for i in where]
+                torch._foreach_add_(part, [grads[i] for i in where], alpha=inner_lr)  # Δ ← Δ + ζ∇J(θ+Δ)
+                torch._foreach_mul_(part, self._scales(part, epsilon, 1.0))  # Π_ε: Δ ← εΔ/‖Δ‖ where ‖Δ‖ > ε
             set_to_sum(params, theta, delta)  # θ+Δ
         if self.reuse == "delta":
             self._keep(params, delta)
 
-    def _scales(self, tensors: list[Tensor], cap: float) -> Tensor | list[Tensor]:
+    def _scales(self, tensors: list[Tensor], epsilon: float, cap: float) -> Tensor | list[Tensor]:
         """min(cap, ε/‖t‖) for the whole list (global ball) or per tensor; ε/0 = inf gives cap."""
         if self.norm == "global":
-            return (self.epsilon / global_norm(tensors)).clamp(max=cap)
-        return list((self.epsilon / stack_scalars(tensor_norms(tensors))).clamp(max=cap).unbind())
+            return (epsilon / global_norm(tensors)).clamp(max=cap)
+        return list((epsilon / stack_scalars(tensor_norms(tensors))).clamp(max=cap).unbind())
 
     # -- the kept Δ (every > 1) -------------------------------------------------------------------
     def _all_params(self) -> list[Tensor]:

@@ -4,13 +4,13 @@ Per layer ‖v_l‖ ≤ γ‖w_l‖: K2 normalized ascent steps v_l ← Π_γ(v_
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import Tensor
 
-from advreg.perturb.engine import (Closure, PerturbedOptimizer, check_nonnegative, grads_of, is_int, is_number,
-                                   scratch, set_to_sum)
+from advreg.perturb.engine import (GroupSetting, PerturbedOptimizer, check_nonnegative, grads_of, is_int,
+                                   is_number, scratch, set_to_sum)
 
 
 class AWP(PerturbedOptimizer):
@@ -24,25 +24,35 @@ class AWP(PerturbedOptimizer):
     the batch transform crafted. ``step_size`` is η2 (relative: a step moves v_l by η2‖w_l‖), by default
     γ/``steps`` (Appendix D). The first ``warmup_steps`` steps are the base optimizer's; after that the
     closure is called ``steps``+1 times per step and ``step`` returns the loss at w.
+
+    Per group: ``gamma`` and ``step_size`` are param-group settings (each layer's ball is its own anyway);
+    ``steps`` (K2) is common to all groups.
     """
+
+    group_keys = ("gamma", "step_size")
+    gamma, step_size = GroupSetting(), GroupSetting()
 
     def __init__(self, params: Iterable, base_optimizer: type, *, gamma: float = 0.01, steps: int = 1,
                  step_size: float | None = None, warmup_steps: int = 0, bn_stats: str = "clean",
                  **base_kwargs: Any):
-        self.gamma, self.steps, self.step_size, self.warmup_steps = gamma, steps, step_size, warmup_steps
-        self.steps_taken = 0  # completed calls of step(), warm-up included; saved in the state_dict
+        self.steps, self.warmup_steps = steps, warmup_steps
+        self.steps_taken = 0  # completed steps, warm-up included; saved in the state_dict
         self._validate()
-        super().__init__(params, base_optimizer, bn_stats=bn_stats, **base_kwargs)
+        super().__init__(params, base_optimizer, bn_stats=bn_stats, **base_kwargs,
+                         group_defaults={"gamma": gamma, "step_size": step_size})
         self._delta: dict[Tensor, Tensor] = {}  # scratch: v during a step
 
-    def _validate(self) -> None:
-        check_nonnegative("gamma", self.gamma, "it is the relative radius ‖v_l‖ ≤ γ‖w_l‖ (the paper uses "
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_nonnegative("gamma", group["gamma"], "it is the relative radius ‖v_l‖ ≤ γ‖w_l‖ (the paper uses "
                           "5e-3 to 1e-2; 0 turns AWP off)")
+        step_size = group["step_size"]
+        if step_size is not None and not (is_number(step_size) and step_size > 0):
+            raise ValueError(f"step_size (η2) must be None (γ/steps, as in the paper) or a number > 0, "
+                             f"got {step_size!r}")
+
+    def _validate(self) -> None:
         if not is_int(self.steps) or self.steps < 1:
             raise ValueError(f"steps (K2) must be an integer >= 1 (the paper uses K2 = 1), got {self.steps!r}")
-        if self.step_size is not None and not (is_number(self.step_size) and self.step_size > 0):
-            raise ValueError(f"step_size (η2) must be None (γ/steps, as in the paper) or a number > 0, "
-                             f"got {self.step_size!r}")
         if not is_int(self.warmup_steps) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0 (0 perturbs from the first step), "
                              f"got {self.warmup_steps!r}")
@@ -50,31 +60,28 @@ class AWP(PerturbedOptimizer):
             raise ValueError(f"steps_taken must be an integer >= 0, got {self.steps_taken!r}; "
                              "load a state_dict saved by AWP")
 
-    def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
-        """One training step (the base optimizer's during warm-up); a failed step is not counted."""
-        loss = super().step(closure)
+    def _end_step(self) -> None:  # a failed step is not counted
         self.steps_taken += 1
-        return loss
 
     def _is_active(self) -> bool:
-        return self.gamma > 0 and self.steps_taken >= self.warmup_steps
+        return any(group["gamma"] > 0 for group in self.param_groups) and self.steps_taken >= self.warmup_steps
 
     def _hyperparameters(self) -> dict[str, Any]:
-        return {"gamma": self.gamma, "steps": self.steps, "step_size": self.step_size,
-                "warmup_steps": self.warmup_steps, "steps_taken": self.steps_taken}
+        return {"steps": self.steps, "warmup_steps": self.warmup_steps, "steps_taken": self.steps_taken}
 
-    def _perturb(self, params: list[Tensor], theta: list[Tensor], closure: Closure) -> None:
+    def _perturb(self, params: list[Tensor], theta: list[Tensor]) -> Iterator[None]:
         layers, layers_theta, weight_norms = weight_layers(params, theta)
         if not layers:
             return  # nothing with dim > 1: v = 0
-        eta = self.step_size if self.step_size is not None else self.gamma / self.steps
-        step_lengths = torch._foreach_mul(weight_norms, eta)  # η2‖w_l‖
-        radii = torch._foreach_mul(weight_norms, self.gamma)  # γ‖w_l‖
+        settings = self._settings(layers, self.group_keys)  # (γ, η2) of each layer's group
+        step_lengths = [n * (size if size is not None else gamma / self.steps)  # η2‖w_l‖
+                        for n, (gamma, size) in zip(weight_norms, settings)]
+        radii = [n * gamma for n, (gamma, _) in zip(weight_norms, settings)]  # γ‖w_l‖
         delta = scratch(self._delta, layers)
         torch._foreach_zero_(delta)  # v ← 0
         for k in range(self.steps):
             if k > 0:
-                closure()  # ∇ρ(w+v); the first step reuses the gradient at w already in .grad
+                yield  # ∇ρ(w+v); the first step reuses the gradient at w already in .grad
             torch._foreach_add_(delta, rescaled(grads_of(layers), step_lengths))  # v_l + η2‖w_l‖g_l/‖g_l‖
             _project(delta, radii)
             set_to_sum(layers, layers_theta, delta)  # w+v; the tensors with dim ≤ 1 stay at w
@@ -89,28 +96,26 @@ class RWP(PerturbedOptimizer):
     """
 
     uses_clean_gradient = False
+    group_keys = ("gamma",)
+    gamma = GroupSetting()
 
     def __init__(self, params: Iterable, base_optimizer: type, *, gamma: float = 0.01, bn_stats: str = "clean",
                  **base_kwargs: Any):
-        self.gamma = gamma
-        self._validate()
-        super().__init__(params, base_optimizer, bn_stats=bn_stats, **base_kwargs)
+        super().__init__(params, base_optimizer, bn_stats=bn_stats, group_defaults={"gamma": gamma}, **base_kwargs)
 
-    def _validate(self) -> None:
-        check_nonnegative("gamma", self.gamma, "it is the relative size ‖v_l‖ = γ‖w_l‖ (0 turns RWP off)")
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_nonnegative("gamma", group["gamma"], "it is the relative size ‖v_l‖ = γ‖w_l‖ (0 turns RWP off)")
 
     def _is_active(self) -> bool:
-        return self.gamma > 0
+        return any(group["gamma"] > 0 for group in self.param_groups)
 
-    def _hyperparameters(self) -> dict[str, Any]:
-        return {"gamma": self.gamma}
-
-    def _perturb(self, params: list[Tensor], theta: list[Tensor], closure: Closure) -> None:
+    def _perturb(self, params: list[Tensor], theta: list[Tensor]) -> None:
         layers, _, weight_norms = weight_layers(params, theta)
         if not layers:
             return
         direction = [torch.randn_like(p) for p in layers]  # isotropic per layer
-        torch._foreach_add_(layers, rescaled(direction, torch._foreach_mul(weight_norms, self.gamma)))  # w+v
+        sizes = [n * gamma for n, (gamma,) in zip(weight_norms, self._settings(layers, self.group_keys))]
+        torch._foreach_add_(layers, rescaled(direction, sizes))  # w+v (γ‖w_l‖ each)
 
 
 # -- the layers of the AWP paper, shared by AWP and RWP ------------------------------------------

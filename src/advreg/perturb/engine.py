@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import abc
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -32,21 +33,35 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
     restored and the base step is skipped (the scaler sees the overflow, so its ``update()`` lowers the scale). Call
     ``grad_scaler.update()`` after each ``step``.
 
-    BatchNorm: with ``bn_stats="clean"`` only the clean pass updates the running statistics. Give ``model`` (the
-    module being trained) to have its normalization layers' statistics copied and restored directly, as
-    ``torch.compile`` requires; without it they are found by a forward pre-hook while the passes run (eager only).
+    BatchNorm: with ``bn_stats="clean"`` only the clean pass updates the running statistics, in every normalization
+    layer in training mode, its weights trained or frozen. Give ``model`` (the module being trained) to have all of
+    its normalization layers' statistics copied and restored directly, as ``torch.compile`` requires (another
+    module's keep moving); without it, every such layer that runs in a perturbed pass, of any module, is found by a
+    forward pre-hook (eager only).
 
     Distributed data parallel: with ``no_sync`` (the ``DistributedDataParallel`` model's ``no_sync`` method), the
     passes that build Δ run inside it (forward included), so only the final gradient at θ+Δ is all-reduced; each
     replica perturbs by its own batch's gradient (the paper's per-batch Δ). ``perturb_on="global"`` all-reduces
     those passes too, so that Δ comes from the global batch's gradient, the same on every replica.
+
+    Hyperparameters: those named in ``group_keys`` (ε, ζ, N, ρ, γ, ...) live in each param group, as ``lr`` does:
+    a group may set its own, a scheduler may change them, ``state_dict`` carries them; the attribute of the same name
+    reads (and sets) the value all groups share. Where a perturbation has a ball over several tensors, the groups
+    that agree on its settings share one ball (AMP: ε, ζ, N; SAM: ρ; RMP: ε), so that a model in one group, or in
+    groups that differ only in ``lr`` or ``weight_decay``, has the paper's single ball.
+
+    The two-call form (``first_step`` after the first backward, ``ascent_step`` after each further one of a
+    multi-pass Δ, ``second_step`` after the last) takes the same step as ``step(closure)`` bit for bit, with the
+    same restore, BatchNorm policy and grad scaler; see ``first_step`` for what it refuses.
     """
 
     uses_clean_gradient = True
+    group_keys: tuple[str, ...] = ()  # the per-group hyperparameters; a subclass declares its own
 
     def __init__(self, params: Iterable, base_optimizer: type, *, bn_stats: str = "clean",
                  grad_scaler: torch.amp.GradScaler | None = None, no_sync: Callable[[], Any] | None = None,
-                 perturb_on: str = "local", model: torch.nn.Module | None = None, **base_kwargs: Any):
+                 perturb_on: str = "local", model: torch.nn.Module | None = None,
+                 group_defaults: dict[str, Any] | None = None, **base_kwargs: Any):
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
             raise ValueError(
                 f"base_optimizer must be an optimizer class such as torch.optim.SGD, got {base_optimizer!r}; "
@@ -61,15 +76,19 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
             raise ValueError(f"model must be the torch.nn.Module being trained, got {type(model).__name__}")
         if no_sync is not None and not callable(no_sync):
             raise ValueError("no_sync must be the DistributedDataParallel model's no_sync method (model.no_sync)")
-        super().__init__(params, dict(base_kwargs))
+        group_defaults = dict(group_defaults or {})
+        super().__init__(params, {**base_kwargs, **group_defaults})  # a group's own values win, as for lr
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        self.base_optimizer.defaults.update(group_defaults)  # a group added later gets them as it gets lr
         self._share_base()
+        self._validate_groups()
         self.bn_stats = bn_stats
         self.grad_scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
         self.no_sync, self.perturb_on = no_sync, perturb_on
         self._theta: dict[Tensor, Tensor] = {}  # scratch: θ during a step, never part of the state
         self._norm_stats: dict[torch.nn.Module, list[Tensor]] = {}  # scratch: running statistics during a step
         self._norm_layers = None if model is None else [m for m in model.modules() if isinstance(m, _NormBase)]
+        self._pending: _PendingStep | None = None  # the two-call form between first_step and second_step
 
     def _share_base(self) -> None:
         self.param_groups = self.base_optimizer.param_groups
@@ -91,14 +110,33 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
         take it (scaled under a grad scaler, all-reduced under DDP); by default nothing."""
 
     @abc.abstractmethod
-    def _perturb(self, params: list[Tensor], theta: list[Tensor], closure: Closure) -> None:
+    def _perturb(self, params: list[Tensor], theta: list[Tensor]) -> Iterator[None] | None:
         """Move ``params`` from θ to θ+Δ. On entry they hold θ (also in ``theta``) and ``.grad`` = ∇J(θ)
-        (unscaled); ``closure`` is a pass whose gradient only builds Δ (unscaled, not all-reduced under ``no_sync``).
-        ``.grad`` may be overwritten: the final pass replaces it."""
+        (unscaled). A Δ that needs more gradients is a generator: each ``yield`` asks for one more pass at the
+        current ``params`` (its gradient unscaled, not all-reduced under ``no_sync``) and resumes with it in
+        ``.grad``. ``.grad`` may be overwritten: the final pass replaces it."""
 
     def _hyperparameters(self) -> dict[str, Any]:
-        """The perturbation's own settings, saved in ``state_dict`` beside the base optimizer's."""
+        """The perturbation's settings common to all groups, saved in ``state_dict`` beside the base optimizer's."""
         return {}
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        """Raise ValueError on a group's bad ``group_keys`` values (at construction, on loading, at each step)."""
+
+    def _begin_step(self) -> None:
+        """Called as a step starts (``step`` or ``first_step``)."""
+
+    def _end_step(self) -> None:
+        """Called after a step's base step (``step`` or ``second_step``)."""
+
+    def _two_call_refusal(self) -> str | None:
+        """Why this optimizer, as configured, cannot take the two-call form (None: it can)."""
+        if not self.uses_clean_gradient:
+            return f"{type(self).__name__} takes one pass per step, at θ+Δ: call step(closure)"
+        if self.no_sync is not None and self.perturb_on == "local":
+            return ("under DDP a local Δ needs its first pass under no_sync, which the two-call form cannot enter: "
+                    "use step(closure), or perturb_on='global' (Δ from the all-reduced gradient)")
+        return None
 
     def _needs_clean_pass(self) -> bool:
         """Whether this step's Δ needs ∇J(θ) (one more pass, taken first)."""
@@ -110,27 +148,129 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
         """One training step; returns the loss at the unperturbed weights θ (at θ+Δ without a clean pass)."""
         losses: list[Tensor] = []  # every pass of this step, checked once at the end
         run = _checked(closure, type(self).__name__, losses)
+        self._refuse_pending("step(closure)")
+        self._validate_groups()
+        self._begin_step()
         if not self._is_active():
             loss = run()
             _require_finite(losses, "at the weights θ", self._agreement())
             self._correct_gradient()
             self._base_step()
+            self._end_step()
             return loss
         overflow = _Overflow(self.grad_scaler)
         ascent = self._ascent_pass(run, overflow)
         clean = self._needs_clean_pass()
         if clean:
             loss = ascent()
-            params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        else:
-            params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
-        with self._frozen_running_stats(params, clean), self._restoring(params) as theta:
-            self._perturb(params, theta, ascent)
+        params = self._step_params(clean)
+        with self._frozen_running_stats(clean), self._restoring(params) as theta:
+            for _ in self._perturb(params, theta) or ():
+                ascent()
             perturbed_loss = run()  # ∇J(θ+Δ) now in .grad (scaled, and all-reduced under DDP)
             self._check_passes(losses, clean, overflow, params)
         self._before_base_step()
         self._base_step()  # at θ, with the gradient taken at θ+Δ
+        self._end_step()
         return loss if clean else perturbed_loss
+
+    def _step_params(self, clean: bool) -> list[Tensor]:
+        """The tensors Δ moves: those with a gradient at θ, or (no clean pass) every trainable one."""
+        if clean:
+            return [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+
+    # -- the two-call form ----------------------------------------------------------------------
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """After the first backward (at θ): move the weights to θ+Δ and freeze the normalization layers' running
+        statistics (``bn_stats="clean"``) until ``second_step``.
+
+        Refused (ValueError) where ``step(closure)`` alone can do it: a perturbation with no clean pass (RMP, RWP),
+        a local Δ under DDP (``no_sync`` with ``perturb_on="local"``), AMP's ``every > 1``. Supported: the grad
+        scaler (the user scales both backwards; this unscales the first), DDP with ``perturb_on="global"``,
+        N > 1 (one ``ascent_step`` after each of the N-1 extra backwards)."""
+        refusal = self._two_call_refusal()
+        if refusal is not None:
+            raise ValueError(f"the two-call form cannot run here: {refusal}")
+        if self._pending is not None:
+            self._pending.undo()
+            self._pending = None
+            raise ValueError("first_step was called twice without second_step; the pending step was undone "
+                             "(weights back at θ): after first_step, run the backward at θ+Δ, then call second_step")
+        self._validate_groups()
+        self._begin_step()
+        self._pending = self._start_pending()
+        if zero_grad:
+            self.zero_grad()
+
+    def _start_pending(self) -> "_PendingStep":
+        overflow, stack = _Overflow(self.grad_scaler), ExitStack()
+        params = self._step_params(clean=True)
+        pending = _PendingStep(stack, overflow, params, iter(()), more=False, active=self._is_active())
+        stack.enter_context(self._frozen_running_stats(clean=True))  # the passes until second_step do not count
+        if not pending.active:  # the second pass is at θ too, and the base step takes its gradient
+            return pending
+        overflow.unscale([p.grad for p in params])
+        theta = stack.enter_context(self._restoring(params))
+        try:
+            pending.passes = iter(self._perturb(params, theta) or ())
+            pending.advance()
+        except BaseException:
+            stack.close()
+            raise
+        return pending
+
+    @torch.no_grad()
+    def ascent_step(self, zero_grad: bool = False) -> None:
+        """After each extra backward of a multi-pass Δ (AMP with N > 1: N-1 calls between first_step and
+        second_step): take the next ascent step from the gradient just computed."""
+        pending = self._pending
+        if pending is None or not pending.more:
+            raise ValueError("ascent_step takes the extra passes of a multi-pass Δ, after first_step and before "
+                             "the final backward; this step needs no more of them: call second_step")
+        pending.overflow.unscale([p.grad for p in pending.params if p.grad is not None])
+        pending.advance()
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """After the backward at θ+Δ: restore θ and the running statistics, then the base step at θ with ∇J(θ+Δ)."""
+        pending = self._pending
+        if pending is None:
+            raise ValueError("second_step needs first_step: after the first backward call first_step, then run "
+                             "the backward at θ+Δ and call second_step")
+        if pending.more:
+            raise ValueError("this Δ needs more passes: after each extra backward call ascent_step "
+                             "(N-1 times for inner_steps=N), then run the last backward and call second_step")
+        self._pending = None
+        with pending.stack:  # back to θ, and the running statistics as the clean pass left them
+            self._check_gradients(pending)
+        if pending.active:
+            self._before_base_step()
+        else:
+            self._correct_gradient()
+        self._base_step()
+        self._end_step()
+        if zero_grad:
+            self.zero_grad()
+
+    def _check_gradients(self, pending: "_PendingStep") -> None:
+        """The two-call form sees no loss: raise on a non-finite final gradient (a NaN or inf in any pass ends
+        there), or under a grad scaler mark an overflow of a pass that built Δ so that the scaler skips the step."""
+        if self.grad_scaler is None:
+            grads = [p.grad for p in pending.params if p.grad is not None]
+            _require_finite([global_norm(grads)] if grads else [], "in the gradient of this step", self._agreement())
+            return
+        for found in pending.overflow.found.values():
+            self._agree(found)
+        pending.overflow.poison(pending.params)
+
+    def _refuse_pending(self, what: str) -> None:
+        if self._pending is not None:
+            raise ValueError(f"{what} was called between first_step and second_step; finish the two-call step "
+                             "with second_step first")
 
     def _check_passes(self, losses: list[Tensor], clean: bool, overflow: "_Overflow", params: list[Tensor]) -> None:
         """Raise on a non-finite loss (every replica alike); under a grad scaler, an overflow at θ+Δ (or in any
@@ -189,44 +329,90 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
         try:
             yield theta
         finally:
-            torch._foreach_copy_(params, theta)  # back to θ
+            with torch.no_grad():  # also when an abandoned two-call step is closed outside the optimizer
+                torch._foreach_copy_(params, theta)  # back to θ
 
-    def _frozen_running_stats(self, params: list[Tensor], clean: bool):
+    def _frozen_running_stats(self, clean: bool):
         if self.bn_stats == "all" or not clean or self._norm_layers == []:  # no clean pass: this one counts;
             return nullcontext()  # model= has no normalization layer: nothing to freeze
-        return frozen_running_stats({id(p) for p in params}, self._norm_stats, self._norm_layers)
+        return frozen_running_stats(self._norm_stats, self._norm_layers)
+
+    # -- per-group settings --------------------------------------------------------------------
+    def _validate_groups(self) -> None:
+        for group in self.param_groups:
+            self._validate_group(group)
+
+    def _balls(self, params: list[Tensor], keys: tuple[str, ...]) -> list[tuple[tuple, list[int]]]:
+        """The positions in ``params`` grouped by their param group's values of ``keys``, in order of first
+        appearance: the groups that agree on them share one ball (all of them when no group sets its own)."""
+        if len(self.param_groups) == 1:  # the usual case, without a lookup per tensor
+            return [(tuple(self.param_groups[0][k] for k in keys), list(range(len(params))))]
+        balls: dict[tuple, list[int]] = {}
+        for i, values in enumerate(self._settings(params, keys)):
+            balls.setdefault(values, []).append(i)
+        return list(balls.items())
+
+    def _settings(self, params: list[Tensor], keys: tuple[str, ...]) -> list[tuple]:
+        """Each tensor's param-group values of ``keys``."""
+        setting = {p: tuple(group[k] for k in keys) for group in self.param_groups for p in group["params"]}
+        return [setting[p] for p in params]
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        state = self.base_optimizer.state_dict()
+        state = self.base_optimizer.state_dict()  # its param_groups carry the group_keys, as they carry lr
         state["perturbation"] = self._hyperparameters()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
-        saved = state_dict.pop("perturbation", {})
-        foreign = sorted(set(saved) - set(self._hyperparameters()))
-        if foreign:
-            raise ValueError(f"this state_dict was saved by another optimizer (it has {', '.join(foreign)}); "
-                             f"load it into the kind of optimizer that saved it, not {type(self).__name__}")
+        saved = dict(state_dict.pop("perturbation", {}))
+        legacy = {k: saved.pop(k) for k in self.group_keys if k in saved}  # saved before they lived in the groups
+        groups = [dict(group) for group in state_dict.get("param_groups", [])]
+        self._refuse_foreign(saved, groups)
+        for group, mine in zip(groups, self.param_groups):  # a group without a key: the old global, else ours
+            for key in self.group_keys:
+                group.setdefault(key, legacy.get(key, mine[key]))
+            self._validate_group(group)
         for key, value in saved.items():
             setattr(self, key, value)
         self._validate()
-        self.base_optimizer.load_state_dict(state_dict)
+        self.base_optimizer.load_state_dict({**state_dict, "param_groups": groups})
         self._share_base()  # load_state_dict replaced the base's containers
 
+    def _refuse_foreign(self, saved: dict[str, Any], groups: list[dict[str, Any]]) -> None:
+        """A state saved by another perturbation has settings (common or per group) that this one lacks."""
+        others = set().union(*(kind.group_keys for kind in _perturbations())) - set(self.group_keys)
+        foreign = set(saved) - set(self._hyperparameters())
+        foreign |= {key for group in groups for key in group if key in others}
+        if foreign:
+            raise ValueError(f"this state_dict was saved by another optimizer (it has {', '.join(sorted(foreign))}); "
+                             f"load it into the kind of optimizer that saved it, not {type(self).__name__}")
+
     def _validate(self) -> None:
-        """Raise ValueError on bad hyperparameters (called at construction and after loading)."""
+        """Raise ValueError on bad common hyperparameters (called at construction and after loading)."""
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if hasattr(self, "base_optimizer"):
             self.base_optimizer.add_param_group(param_group)
+            self._validate_group(self.param_groups[-1])
         else:  # during torch.optim.Optimizer.__init__
             super().add_param_group(param_group)
 
     def __repr__(self) -> str:
-        settings = ", ".join(f"{k}={v!r}" for k, v in self._hyperparameters().items())
+        per_group = {k: [g[k] for g in self.param_groups] for k in self.group_keys}
+        shared = {k: v[0] if all(x == v[0] for x in v) else v for k, v in per_group.items()}
+        settings = ", ".join(f"{k}={v!r}" for k, v in {**shared, **self._hyperparameters()}.items())
         return f"{type(self).__name__}({settings}, base={self.base_optimizer!r})"
+
+
+def _perturbations() -> list[type]:
+    """Every subclass of PerturbedOptimizer, at any depth."""
+    found, todo = [], list(PerturbedOptimizer.__subclasses__())
+    while todo:
+        kind = todo.pop()
+        found.append(kind)
+        todo.extend(kind.__subclasses__())
+    return found
 
 
 # -- helpers shared by the perturbations ------------------------------------------------------
@@ -371,22 +557,21 @@ def scratch(store: dict[Tensor, Tensor], like: list[Tensor]) -> list[Tensor]:
 
 
 @contextmanager
-def frozen_running_stats(owned: set[int], store: dict | None = None,
-                         layers: list[torch.nn.Module] | None = None) -> Iterator[None]:
+def frozen_running_stats(store: dict | None = None, layers: list[torch.nn.Module] | None = None) -> Iterator[None]:
     """Forward passes inside leave the running statistics of normalization layers as they were.
 
-    Covers every BatchNorm/InstanceNorm that tracks running stats, is in training mode, and owns one
-    of the parameters in ``owned`` (or has none, affine=False). Given the model's normalization ``layers``, it
-    copies their statistics directly (works under ``torch.compile``); otherwise it finds the layers as they run,
-    through a scoped global forward pre-hook, since the optimizer sees only parameters (eager mode only). The
-    copies live in ``store`` (module -> buffers) when given, so that a step allocates nothing.
+    Covers every BatchNorm/InstanceNorm that tracks running stats and is in training mode, trained or frozen
+    (``requires_grad=False`` weights still move their statistics in train mode). Given the model's normalization
+    ``layers``, it copies their statistics directly (works under ``torch.compile``); otherwise it finds every such
+    layer that runs inside, through a scoped global forward pre-hook, since the optimizer sees only parameters (eager
+    mode only). The copies live in ``store`` (module -> buffers) when given, so that a step allocates nothing.
     """
     store = {} if store is None else store
     saved: list[tuple[list[Tensor], list[Tensor]]] = []
     seen: set[int] = set()
 
     def snapshot(module: torch.nn.Module, _args: Any = None) -> None:
-        if id(module) in seen or not _tracks_stats(module, owned):
+        if id(module) in seen or not _tracks_stats(module):
             return
         seen.add(id(module))
         buffers = [b for b in (module.running_mean, module.running_var, module.num_batches_tracked)
@@ -413,8 +598,51 @@ def frozen_running_stats(owned: set[int], store: dict | None = None,
                 torch._foreach_copy_(buffers, copies)
 
 
-def _tracks_stats(module: torch.nn.Module, owned: set[int]) -> bool:
-    if not (isinstance(module, _NormBase) and module.training and module.track_running_stats):
-        return False
-    own = list(module.parameters(recurse=False))
-    return not own or any(id(p) in owned for p in own)
+def _tracks_stats(module: torch.nn.Module) -> bool:
+    return isinstance(module, _NormBase) and module.training and module.track_running_stats
+
+
+@dataclass
+class _PendingStep:
+    """A two-call step between first_step and second_step: what restores θ and the statistics (``stack``), the
+    grad scaler's overflow record, the tensors Δ moves, the rest of a multi-pass Δ (``more``: it awaits a pass), and
+    whether the step perturbs at all (``active``)."""
+    stack: ExitStack
+    overflow: _Overflow
+    params: list[Tensor]
+    passes: Iterator[None]
+    more: bool
+    active: bool
+
+    def advance(self) -> None:
+        """Run Δ's construction up to its next pass (or to its end)."""
+        self.more = next(self.passes, _DONE) is not _DONE
+
+    def undo(self) -> None:
+        """Abandon the step: back to θ and to the clean pass's statistics."""
+        self.stack.close()
+
+
+_DONE = object()
+
+
+class GroupSetting:
+    """A per-group hyperparameter read and set as an attribute (``opt.epsilon``): the value every param group shares;
+    setting it sets every group's. Reading it when the groups differ raises (read ``param_groups`` instead)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, opt: Any, owner: type | None = None) -> Any:
+        if opt is None:
+            return self
+        values = [group[self.name] for group in opt.param_groups]
+        if any(v != values[0] for v in values[1:]):
+            raise ValueError(f"the param groups have different {self.name} values ({values}); "
+                             f"read each group's param_groups[i][{self.name!r}]")
+        return values[0]
+
+    def __set__(self, opt: Any, value: Any) -> None:
+        for group in opt.param_groups:
+            group[self.name] = value
+        opt._validate_groups()

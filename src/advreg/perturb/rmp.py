@@ -9,7 +9,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from advreg.perturb.engine import Closure, PerturbedOptimizer, check_nonnegative, global_norm
+from advreg.perturb.engine import GroupSetting, PerturbedOptimizer, check_nonnegative, global_norm
 
 
 class RMP(PerturbedOptimizer):
@@ -17,28 +17,29 @@ class RMP(PerturbedOptimizer):
 
     Uses the global torch RNG (seed it for reproducibility); unlike the authors' code, whose per-tensor
     uniform noise does not have the stated radius, ‖Δ‖ ≤ ε holds and Δ is uniform in the ball.
+    ``epsilon`` is a param-group setting: the groups that share ε share one ball, each drawn on its own.
     """
 
     uses_clean_gradient = False
+    group_keys = ("epsilon",)
+    epsilon = GroupSetting()
 
     def __init__(self, params: Iterable, base_optimizer: type, *, epsilon: float = 0.1, bn_stats: str = "clean",
                  **base_kwargs: Any):
-        self.epsilon = epsilon
-        self._validate()
-        super().__init__(params, base_optimizer, bn_stats=bn_stats, **base_kwargs)
+        super().__init__(params, base_optimizer, bn_stats=bn_stats, group_defaults={"epsilon": epsilon},
+                         **base_kwargs)
 
-    def _validate(self) -> None:
-        check_nonnegative("epsilon", self.epsilon, "it is the radius of the ball (the AMP paper uses 0.1)")
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_nonnegative("epsilon", group["epsilon"], "it is the radius of the ball (the AMP paper uses 0.1)")
 
     def _is_active(self) -> bool:
-        return self.epsilon > 0
+        return any(group["epsilon"] > 0 for group in self.param_groups)
 
-    def _hyperparameters(self) -> dict[str, Any]:
-        return {"epsilon": self.epsilon}
-
-    def _perturb(self, params: list[Tensor], theta: list[Tensor], closure: Closure) -> None:
-        delta = sample_ball(params, self.epsilon)
-        torch._foreach_add_(params, delta)  # θ+Δ
+    def _perturb(self, params: list[Tensor], theta: list[Tensor]) -> None:
+        for (epsilon,), where in self._balls(params, self.group_keys):
+            if epsilon > 0:
+                part = [params[i] for i in where]
+                torch._foreach_add_(part, sample_ball(part, epsilon))  # θ+Δ
 
 
 def sample_ball(like: list[Tensor], radius: float) -> list[Tensor]:

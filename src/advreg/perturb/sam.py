@@ -9,41 +9,81 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from advreg.perturb.engine import Closure, PerturbedOptimizer, check_nonnegative, global_norm, grads_of
+from advreg.perturb.engine import GroupSetting, PerturbedOptimizer, check_nonnegative, global_norm, grads_of
+
+SCOPES = ("all", "weight")
 
 
 class SAM(PerturbedOptimizer):
     """SAM (``adaptive=False``) or ASAM (``adaptive=True``, η = ``eta``) wrapping ``base_optimizer``.
 
     AMP with N = 1 and ζ‖g‖ > ε is SAM with ρ = ε. The closure is called twice per step.
+
+    ASAM's T, three conventions: ``adaptive_scope="all"`` (the default) takes T = |θ| + η on every tensor;
+    davda54/sam's ASAM is that with ``eta=0`` (T = |θ|); SamsungLabs/ASAM's is ``adaptive_scope="weight"``:
+    T = |θ| + η on the tensors whose name contains "weight" and T = I on the others (biases), for which ``params``
+    must be named (``model.named_parameters()``). The norm ‖Tg‖ is over all tensors in every case.
+
+    Per group: ``rho`` and ``eta`` are param-group settings; the groups that share ρ share one normalized ball
+    (all of them, the paper's step, when no group sets its own), and η is each tensor's group's.
     """
 
+    group_keys = ("rho", "eta")
+    rho, eta = GroupSetting(), GroupSetting()
+
     def __init__(self, params: Iterable, base_optimizer: type, *, rho: float, adaptive: bool = False,
-                 eta: float = 0.01, bn_stats: str = "clean", **base_kwargs: Any):
-        self.rho, self.adaptive, self.eta = rho, adaptive, eta
+                 eta: float = 0.01, adaptive_scope: str = "all", bn_stats: str = "clean", **base_kwargs: Any):
+        self.adaptive, self.adaptive_scope = adaptive, adaptive_scope
         self._validate()
-        super().__init__(params, base_optimizer, bn_stats=bn_stats, **base_kwargs)
+        super().__init__(params, base_optimizer, bn_stats=bn_stats, group_defaults={"rho": rho, "eta": eta},
+                         **base_kwargs)
 
     def _validate(self) -> None:
-        check_nonnegative("rho", self.rho, "it is the radius of the ascent step (0 turns SAM off)")
-        check_nonnegative("eta", self.eta, "ASAM adds it to |θ| so that zero weights are perturbed too")
         if not isinstance(self.adaptive, bool):
             raise ValueError(f"adaptive must be True (ASAM) or False (SAM), got {self.adaptive!r}")
+        if self.adaptive_scope not in SCOPES:
+            raise ValueError(f"adaptive_scope must be one of {SCOPES}, got {self.adaptive_scope!r}: 'all' scales "
+                             "every tensor by |θ| + η, 'weight' only those named weight (SamsungLabs' ASAM)")
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_nonnegative("rho", group["rho"], "it is the radius of the ascent step (0 turns SAM off)")
+        check_nonnegative("eta", group["eta"], "ASAM adds it to |θ| so that zero weights are perturbed too")
+        if self.adaptive and self.adaptive_scope == "weight" and "param_names" not in group:
+            raise ValueError("adaptive_scope='weight' scales the tensors named weight: pass the parameters with "
+                             "their names, SAM(model.named_parameters(), ...)")
 
     def _is_active(self) -> bool:
-        return self.rho > 0
+        return any(group["rho"] > 0 for group in self.param_groups)
 
     def _hyperparameters(self) -> dict[str, Any]:
-        return {"rho": self.rho, "adaptive": self.adaptive, "eta": self.eta}
+        return {"adaptive": self.adaptive, "adaptive_scope": self.adaptive_scope}
 
-    def _perturb(self, params: list[Tensor], theta: list[Tensor], closure: Closure) -> None:
+    def _perturb(self, params: list[Tensor], theta: list[Tensor]) -> None:
         direction = grads_of(params)  # g = ∇J(θ)
-        if self.adaptive:
-            scale = torch._foreach_add(torch._foreach_abs(theta), self.eta)  # T = |θ| + η
-            direction = torch._foreach_mul(direction, scale)  # Tg
-        norm = global_norm(direction)
-        step = torch.where(norm > 0, self.rho / norm, torch.zeros_like(norm))  # ρ/‖Tg‖, Δ = 0 if g = 0
-        if self.adaptive:
-            torch._foreach_mul_(direction, scale)  # T²g
-        torch._foreach_mul_(direction, step)
+        scaled, scale = self._transform(params, theta) if self.adaptive else ([], [])
+        if scaled:
+            tg = torch._foreach_mul([direction[i] for i in scaled], scale)  # Tg
+            for i, t in zip(scaled, tg):
+                direction[i] = t
+        steps = []
+        for (rho,), where in self._balls(params, ("rho",)):
+            norm = global_norm([direction[i] for i in where])
+            steps.append((where, torch.where(norm > 0, rho / norm, torch.zeros_like(norm))))  # ρ/‖Tg‖, 0 if g = 0
+        if scaled:
+            torch._foreach_mul_([direction[i] for i in scaled], scale)  # T²g
+        for where, step in steps:
+            torch._foreach_mul_([direction[i] for i in where], step)
         torch._foreach_add_(params, direction)  # θ+Δ
+
+    def _transform(self, params: list[Tensor], theta: list[Tensor]) -> tuple[list[int], list[Tensor]]:
+        """ASAM's T = |θ| + η (η of the tensor's group): the positions it scales, and T there (I elsewhere)."""
+        settings = self._settings(params, ("eta",))
+        if self.adaptive_scope == "all":
+            scaled = list(range(len(params)))
+        else:
+            name = {p: n for group in self.param_groups for p, n in zip(group["params"], group["param_names"])}
+            scaled = [i for i, p in enumerate(params) if "weight" in name[p]]
+        if not scaled:
+            return [], []
+        scale = torch._foreach_add(torch._foreach_abs([theta[i] for i in scaled]), [settings[i][0] for i in scaled])
+        return scaled, scale
