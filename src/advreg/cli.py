@@ -164,6 +164,9 @@ def base_config(args: argparse.Namespace, **fields: Any) -> cfg.TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    if args.resume and not os.path.lexists(args.out):  # train(resume=True) starts a new run there (bench relies on it)
+        raise ValueError(f"{args.out} does not exist, so there is no run to resume; check the path, or drop "
+                         "--resume to start a new run there")
     metrics = train(make_config(args), args.out, resume=args.resume, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, replica 0 speaks
         print(format_metrics(metrics, args.out))

@@ -41,8 +41,9 @@ class RunFolder:
         self._handle = None
 
     def lock(self) -> None:
-        """Take the folder's exclusive lock or raise RunFolderError naming it. The lock file stays: removing it
-        would let a process that opened it just before lock an orphaned file beside a newer one."""
+        """Take the folder's exclusive lock or raise RunFolderError naming it, then remove what killed writers left.
+        The lock file stays: removing it would let a process that opened it just before lock an orphaned file
+        beside a newer one."""
         handle = open(self.path / LOCK, "a")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -51,6 +52,11 @@ class RunFolder:
             raise RunFolderError(f"{self.path} is in use by another advreg process (train or evaluate); wait for "
                                  "it to finish, or choose another folder") from None
         self._handle = handle
+        try:
+            self._remove_stale()
+        except BaseException:
+            self.release()
+            raise
 
     def release(self) -> None:
         if self._handle is not None:
@@ -64,7 +70,7 @@ class RunFolder:
     def __exit__(self, *exc: Any) -> None:
         self.release()
 
-    def remove_stale(self) -> None:
+    def _remove_stale(self) -> None:
         """Delete the temporary files of writers that were killed (none is running: this process holds the lock)."""
         for path in self.path.iterdir():
             match = TEMP_NAME.match(path.name)
@@ -97,9 +103,6 @@ def open_run(out: str | Path, config: TrainConfig, resume: bool) -> tuple[RunFol
     """Create or check the run folder ``out`` for ``config`` and lock it; return it (locked: release it when
     done) and the checked checkpoint to resume from, or None to start from epoch 0."""
     out = Path(out)
-    if resume and not out.exists():
-        raise RunFolderError(f"{out} does not exist, so there is no run to resume; check the path, or drop "
-                             "--resume to start a new run there")
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"{out} is a file, not a run folder; choose another --out")
     refuse_foreign(out)  # before this process creates anything in someone else's folder
@@ -107,7 +110,6 @@ def open_run(out: str | Path, config: TrainConfig, resume: bool) -> tuple[RunFol
     folder = RunFolder(out)
     folder.lock()
     try:
-        folder.remove_stale()
         return folder, _checkpoint_to_resume(out, config, resume)
     except BaseException:
         folder.release()
