@@ -20,6 +20,7 @@ from advreg.runs import LOCK, RunFolder
 ARGS = ["train", "--method", "amp", "--epochs", "3", "--quiet", "--set", "model.hidden=32",
         "--set", "optim.batch_size=100", "--set", "robust.margin_samples=50"]
 EPOCHS = 3
+TRACKED = [*ARGS, "--set", "robust.track=true", "--set", "robust.steps=2"]  # best.pt after an epoch that improves
 
 # A child `advreg train` whose atomic writer, at the COUNT-th write of file NAME, does ACTION: "mid" (half the
 # temporary file written, then SIGKILL), "kill" (the file written, then SIGKILL), "interrupt" (written, then
@@ -93,8 +94,15 @@ def python(*args, timeout=300):
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-def child(out, name, action, count, paused=""):
-    return [sys.executable, "-c", CHILD, name, action, str(count), str(paused), *ARGS, "--out", str(out)]
+@pytest.fixture(scope="module")
+def whole_tracked(tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole_tracked") / "run"
+    cli.main([*TRACKED, "--out", str(out)])
+    return out
+
+
+def child(out, name, action, count, paused="", args=ARGS):
+    return [sys.executable, "-c", CHILD, name, action, str(count), str(paused), *args, "--out", str(out)]
 
 
 def outcome(folder):
@@ -105,10 +113,14 @@ def outcome(folder):
     return metrics, history, weights
 
 
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def assert_same_run(folder, whole):
     (metrics, history, weights), (metrics0, history0, weights0) = outcome(folder), outcome(whole)
     assert metrics == metrics0 and history == history0 and len(history) == EPOCHS + 1
-    assert weights.keys() == weights0.keys() and all(torch.equal(weights[k], weights0[k]) for k in weights)
+    assert same_weights(weights, weights0)
     config, config0 = (json.loads((f / "config.json").read_text()) for f in (folder, whole))
     assert config == config0
 
@@ -139,6 +151,18 @@ def test_a_kill_at_each_moment_resumes_to_the_uninterrupted_run(tmp_path, whole,
     cli.main([*ARGS, "--out", str(out), "--resume"])
     assert_same_run(out, whole)
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [LOCK]  # stale temp files removed
+
+
+@pytest.mark.parametrize("action", ["mid", "kill"])
+def test_a_kill_as_best_pt_is_written_resumes_to_the_uninterrupted_run(tmp_path, whole_tracked, action):
+    out = tmp_path / "run"  # epoch 1 always writes best.pt; the kill comes before epoch 1's checkpoint
+    assert subprocess.run(child(out, "best.pt", action, 1, args=TRACKED), timeout=300).returncode == -signal.SIGKILL
+    assert not (out / "checkpoint.pt").exists()
+    cli.main([*TRACKED, "--out", str(out), "--resume"])
+    assert_same_run(out, whole_tracked)
+    best, best0 = (torch.load(f / "best.pt", weights_only=True) for f in (out, whole_tracked))
+    assert best["epoch"] == best0["epoch"] and same_weights(best["model"], best0["model"])
+    assert json.loads((out / "metrics.json").read_text())["best_epoch"] == best0["epoch"]
 
 
 def test_a_killed_first_write_also_starts_afresh_without_resume(tmp_path, whole):
@@ -223,6 +247,12 @@ def save_checkpoint_with(**changes):
     return corrupt
 
 
+def without_seconds(folder):
+    state = checkpoint_of(folder)
+    del state["history"][-1]["seconds"]
+    torch.save(state, folder / "checkpoint.pt")
+
+
 def wrong_shape(folder):
     state = checkpoint_of(folder)
     key = next(iter(state["model"]))
@@ -282,6 +312,9 @@ RESUME = [*ARGS, "--out", "{run}", "--resume"]
     (lambda f: torch.save({"model": {}}, f / "checkpoint.pt"), RESUME, 2, ["lacks epoch"]),
     (save_checkpoint_with(history=[]), RESUME, 2, ["epoch and history disagree"]),
     (save_checkpoint_with(rng={}), RESUME, 2, ["rng"]),
+    (save_checkpoint_with(rng={"torch": torch.zeros(2), "loader": None}), RESUME, 2, ["random state"]),
+    (without_seconds, RESUME, 2, ["history row", "seconds"]),
+    (save_checkpoint_with(scheduler={"last_epoch": "x"}), RESUME, 2, ["schedule", "milestones"]),
     (wrong_shape, RESUME, 2, ["do not fit the model", "size mismatch"]),
     (foreign_optimizer, RESUME, 2, ["optimizer", "lacks"]),
     (wrong_momentum, RESUME, 2, ["does not fit its shape"]),

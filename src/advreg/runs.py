@@ -27,6 +27,8 @@ BEST = "best.pt"  # with robust.track: the weights of the epoch with the lowest 
 LOCK = ".lock"  # flock'ed by the one process that writes the folder; never removed (see RunFolder.lock)
 FILES = (CONFIG, CHECKPOINT, HISTORY, METRICS, BEST)
 CHECKPOINT_KEYS = ("epoch", "config", "model", "optimizer", "scheduler", "rng", "history")
+HISTORY_KEYS = ("epoch", "lr", "train_loss", "train_error", "val_loss", "val_error", "test_loss", "test_error",
+                "seconds")  # every row's; with robust.track also val_robust_error and test_robust_error
 
 
 class RunFolderError(ValueError):
@@ -232,6 +234,8 @@ def _checkpoint_problem(state: Any) -> str:
     if not (isinstance(epoch, int) and epoch >= 0 and isinstance(history, list) and len(history) == epoch
             and all(isinstance(row, dict) and row.get("epoch") == i + 1 for i, row in enumerate(history))):
         return "its epoch and history disagree"
+    if not all(isinstance(row.get(key), (int, float)) for row in history for key in HISTORY_KEYS):
+        return f"a history row lacks a number for one of {', '.join(HISTORY_KEYS)}"
     if not all(isinstance(state[key], dict) for key in ("config", "model", "optimizer", "scheduler", "rng")):
         return "config, model, optimizer, scheduler and rng must be dicts"
     if not all(isinstance(v, Tensor) for v in state["model"].values()) or "torch" not in state["rng"]:

@@ -495,10 +495,13 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, saved: Any) -> None:
 
 
 def _load_scheduler(scheduler: torch.optim.lr_scheduler.LRScheduler, saved: dict[str, Any]) -> None:
-    """torch's load_state_dict updates the scheduler's __dict__ with anything: check the keys it needs first."""
-    missing = sorted(set(scheduler.state_dict()) - set(saved))
-    if missing:
-        raise ValueError(f"the schedule lacks {', '.join(missing)}")
+    """torch's load_state_dict updates the scheduler's __dict__ with anything, and the next step fails: check that
+    each value it needs is there and of its kind (a number for a number) first; flags (bool, None) are left out,
+    as torch defaults those it adds later."""
+    for key, value in scheduler.state_dict().items():
+        kind = (int, float) if isinstance(value, (int, float)) else type(value)
+        if value is not None and not isinstance(value, bool) and not isinstance(saved.get(key), kind):
+            raise ValueError(f"the schedule's {key} is {saved.get(key)!r}, not a {type(value).__name__}")
     scheduler.load_state_dict(saved)
 
 
