@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import signal
 import sys
+import threading
 
 
 def _interrupted_at_startup(signum: int, frame: object) -> None:
@@ -18,12 +19,12 @@ def _interrupted_at_startup(signum: int, frame: object) -> None:
 
 
 EXIT_USAGE, EXIT_FAULT, EXIT_INTERRUPTED = 2, 1, 130
-if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when a host (pytest, a notebook) chose one
+if signal.getsignal(signal.SIGINT) is signal.default_int_handler and threading.current_thread() is \
+        threading.main_thread():  # not when a host chose its own handler, nor imported from a thread (not allowed)
     signal.signal(signal.SIGINT, _interrupted_at_startup)
 
 import argparse  # noqa: E402 (after the handler: these imports take the start-up's time)
 import os  # noqa: E402
-from pathlib import Path  # noqa: E402
 from typing import Any, Sequence  # noqa: E402
 
 from advreg import __version__, bench  # noqa: E402
