@@ -407,3 +407,11 @@ def test_a_full_or_read_only_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_
     monkeypatch.undo()
     cli.main([*ARGS, "--out", str(out), "--resume"])
     assert_same_run(out, whole)
+
+
+def test_only_advregs_own_leftovers_make_a_folder_fresh(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".notes.txt.tmp12").write_text("mine")  # hidden and temporary-looking, but not advreg's
+    expect_error(capsys, [*ARGS, "--out", str(out)], 2, "not empty and holds no advreg run")
+    assert sorted(p.name for p in out.iterdir()) == [".notes.txt.tmp12"]  # nothing added to someone else's folder

@@ -75,8 +75,7 @@ class RunFolder:
     def _remove_stale(self) -> None:
         """Delete the temporary files of writers that were killed (none is running: this process holds the lock)."""
         for path in self.path.iterdir():
-            match = TEMP_NAME.match(path.name)
-            if match and match["name"] in FILES:
+            if path.name != LOCK and _is_advregs(path.name):
                 path.unlink(missing_ok=True)
 
     def write_config(self, config: TrainConfig, code_version: dict[str, Any]) -> None:
@@ -133,8 +132,14 @@ def refuse_foreign(out: Path) -> None:
     not count: what a killed start leaves behind starts afresh)."""
     if not out.is_dir() or (out / CONFIG).exists():
         return
-    if any(p.name != LOCK and not TEMP_NAME.match(p.name) for p in out.iterdir()):
+    if not all(_is_advregs(p.name) for p in out.iterdir()):
         raise RunFolderError(f"{out} is not empty and holds no advreg run; choose another --out")
+
+
+def _is_advregs(name: str) -> bool:
+    """The lock file, or a temporary file that a killed writer of a run folder's file left."""
+    match = TEMP_NAME.match(name)
+    return name == LOCK or (match is not None and match["name"] in FILES)
 
 
 def check_output(out: str | Path) -> Path:
