@@ -12,6 +12,7 @@ import torch
 from advreg import cli
 from advreg.config import TrainConfig, override
 from advreg.methods import resolve
+from advreg.runs import LOCK
 from advreg.train import train
 
 FAST = ["--set", "model.hidden=32", "--set", "optim.batch_size=100"]
@@ -56,7 +57,7 @@ def test_train_amp_writes_the_run_folder(tmp_path):
         assert isinstance(metrics[key], float)
     assert 0 <= metrics["test_error"] <= 100 and metrics["test_nll"] > 0
     assert (out / "checkpoint.pt").exists()
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [LOCK]  # no temporary files left
 
 
 def test_same_seed_same_numbers_different_seed_different(tmp_path):

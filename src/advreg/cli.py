@@ -1,27 +1,47 @@
 """The ``advreg`` command line: ``train`` (one run folder), ``bench`` (methods × seeds), ``evaluate`` (robust
 errors of a run), ``analyze`` (figures of runs) and ``report`` (the reproduction report's table and curves).
 
-Bad input ends with one line ``advreg: error: ...`` and exit status 2, never a traceback.
+Bad input ends with one line ``advreg: error: ...`` and exit status 2, never a traceback; a fault of the machine
+(a full disk, a read-only folder) with the same kind of line and exit status 1; Ctrl-C with one line and 130.
 """
 from __future__ import annotations
 
-import argparse
-import os
+import errno
+import signal
 import sys
-from pathlib import Path
-from typing import Any, Sequence
+import threading
 
-from advreg import __version__, bench
-from advreg import config as cfg
-from advreg.data import DATASETS
-from advreg.methods import METHODS
-from advreg.recipes import RECIPES, recipe_defaults, with_recipe
-from advreg.models import MODELS
-from advreg.io import atomic_write_bytes
-from advreg.robustness import ATTACKS, evaluate_run
-from advreg.train import TrainingDiverged, train, validate
 
-EXIT_USAGE = 2
+def _interrupted_at_startup(signum: int, frame: object) -> None:
+    """Ctrl-C while the imports below load torch (seconds): one line, not a traceback from inside an import."""
+    print("advreg: error: interrupted while starting; nothing was written", file=sys.stderr)
+    sys.exit(EXIT_INTERRUPTED)
+
+
+EXIT_USAGE, EXIT_FAULT, EXIT_INTERRUPTED = 2, 1, 130
+if signal.getsignal(signal.SIGINT) is signal.default_int_handler and threading.current_thread() is \
+        threading.main_thread():  # not when a host chose its own handler, nor imported from a thread (not allowed)
+    signal.signal(signal.SIGINT, _interrupted_at_startup)
+
+import argparse  # noqa: E402 (after the handler: these imports take the start-up's time)
+import os  # noqa: E402
+from typing import Any, Sequence  # noqa: E402
+
+from advreg import __version__, bench  # noqa: E402
+from advreg import config as cfg  # noqa: E402
+from advreg.data import DATASETS  # noqa: E402
+from advreg.methods import METHODS  # noqa: E402
+from advreg.recipes import RECIPES, recipe_defaults, with_recipe  # noqa: E402
+from advreg.models import MODELS  # noqa: E402
+from advreg.io import atomic_write_bytes  # noqa: E402
+from advreg.robustness import ATTACKS, evaluate_run  # noqa: E402
+from advreg.runs import check_output, output_folder  # noqa: E402
+from advreg.train import TrainingDiverged, train, validate  # noqa: E402
+
+USER_PATH_ERRORS = {errno.ENOTDIR: "a part of this path is a file, not a folder; choose another path",
+                    errno.EEXIST: "a file stands where a folder belongs; choose another path",
+                    errno.ENOENT: "it does not exist; check the path",
+                    errno.EISDIR: "it is a folder where a file belongs; choose another path"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -145,6 +165,9 @@ def base_config(args: argparse.Namespace, **fields: Any) -> cfg.TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    if args.resume and not os.path.lexists(args.out):  # train(resume=True) starts a new run there (bench relies on it)
+        raise ValueError(f"{args.out} does not exist, so there is no run to resume; check the path, or drop "
+                         "--resume to start a new run there")
     metrics = train(make_config(args), args.out, resume=args.resume, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, replica 0 speaks
         print(format_metrics(metrics, args.out))
@@ -165,11 +188,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
         raise ValueError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from: {', '.join(METHODS)}")
     methods += [bench.parse_variant(v) for v in args.variants]
     base = base_config(args)
-    out = Path(args.out)
+    out = check_output(args.out)
     specs = bench.plan(base, methods, args.seeds, args.settings, bench.parse_grid(args.grid), out, args.recipe)
     for spec in specs:
         validate(spec.config)
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out)
     attacks = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
     if any(a not in ATTACKS for a in attacks):
         raise ValueError(f"unknown attack in --attacks {args.attacks!r}; choose from: {', '.join(ATTACKS)}")
@@ -222,17 +245,38 @@ def format_metrics(metrics: dict[str, Any], out: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    if signal.getsignal(signal.SIGINT) is _interrupted_at_startup:  # from here on, Ctrl-C unwinds (locks, files)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    command = None
     try:
+        args = build_parser().parse_args(argv)
+        command = args.command
         commands = {"train": cmd_train, "bench": cmd_bench, "evaluate": cmd_evaluate, "analyze": cmd_analyze,
                     "report": cmd_report}
-        commands[args.command](args)
+        commands[command](args)
     except KeyboardInterrupt:
-        _fail("interrupted; the last finished epoch is saved, continue with --resume", 130)
+        resumable = command in ("train", "bench")
+        _fail("interrupted; the last finished epoch is saved, continue with --resume" if command == "train" else
+              "interrupted; finished runs are kept, run the same command again to continue" if resumable else
+              "interrupted", EXIT_INTERRUPTED)
     except ValueError as err:  # bad settings, a foreign --out, a corrupt file: the message says what to do
         _fail(str(err))
     except TrainingDiverged as err:
-        _fail(str(err), 1)
+        _fail(str(err), EXIT_FAULT)
+    except OSError as err:
+        _fail(*os_error_line(err))
+
+
+def os_error_line(err: OSError) -> tuple[str, int]:
+    """The message and exit status of an OSError: a user's path that is wrong (2), or the machine's fault (1)."""
+    where = f"{err.filename}: " if err.filename else ""
+    if err.errno in USER_PATH_ERRORS:
+        return f"{where}{USER_PATH_ERRORS[err.errno]}", EXIT_USAGE
+    if err.errno == errno.ENOSPC:
+        return f"{where}no space left on the device; free some space and run the command again", EXIT_FAULT
+    if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"{where}cannot write there ({err.strerror}); make it writable or choose another folder", EXIT_FAULT
+    return f"{where}{err.strerror or err} (errno {err.errno}); check the disk and run the command again", EXIT_FAULT
 
 
 if __name__ == "__main__":

@@ -6,14 +6,14 @@ Written as ``report.md`` and ``report.png`` (atomically), beside ``report.json``
 """
 from __future__ import annotations
 
-import csv
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
-from advreg.io import atomic_write_bytes, read_json, write_json
-from advreg.train import CONFIG, HISTORY, METRICS
+from advreg.io import atomic_write_bytes, write_json
+from advreg.runs import (CONFIG, HISTORY, METRICS, RunFolderError, output_folder, read_config, read_history,
+                         read_metrics)
 
 
 @dataclass(frozen=True)
@@ -36,12 +36,23 @@ def summarize_run(folder: str | Path) -> RunSummary:
     if missing:
         raise ValueError(f"{folder} lacks {', '.join(missing)}: pass folders of finished runs "
                          "(advreg train or advreg bench writes them)")
-    config, metrics = read_json(folder / CONFIG), read_json(folder / METRICS)
-    with (folder / HISTORY).open(newline="") as handle:
-        curve = tuple(100.0 - float(row["test_error"]) for row in csv.DictReader(handle))
+    config, metrics = _described(folder), read_metrics(folder, ("test_error", "train_error"))
+    curve = tuple(100.0 - e for e in read_history(folder, "test_error"))
     return RunSummary(str(folder), config["data"]["name"], config["model"]["name"], config["method"],
-                      int(config["seed"]), int(config["epochs"]), 100.0 - metrics["test_error"],
+                      config["seed"], config["epochs"], 100.0 - metrics["test_error"],
                       100.0 - metrics["train_error"], curve)
+
+
+def _described(folder: Path) -> dict[str, Any]:
+    """config.json, with the fields the report's row names."""
+    config = read_config(folder)
+    data, model = config.get("data"), config.get("model")
+    if not (isinstance(data, dict) and isinstance(model, dict) and isinstance(data.get("name"), str)
+            and isinstance(model.get("name"), str) and isinstance(config.get("method"), str)
+            and all(isinstance(config.get(k), int) for k in ("seed", "epochs"))):
+        raise RunFolderError(f"{folder / CONFIG} lacks data.name, model.name, method, seed or epochs; pass folders "
+                             "that advreg train wrote")
+    return config
 
 
 def markdown(runs: Sequence[RunSummary]) -> str:
@@ -70,8 +81,7 @@ def report(folders: Sequence[str | Path], out: str | Path) -> list[Path]:
     if not folders:
         raise ValueError("give at least one run folder to report on")
     runs = [summarize_run(f) for f in folders]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(out)
     paths = [out / "report.md", out / "report.png", out / "report.json"]
     atomic_write_bytes(paths[0], markdown(runs).encode())
     png = io.BytesIO()

@@ -18,9 +18,9 @@ from advreg.attacks import fgsm, pgd
 from advreg.config import TrainConfig
 from advreg.data import DataSplits
 from advreg.evaluate import AttackSettings, predict_logits
-from advreg.io import load_checkpoint, read_json, write_json
+from advreg.runs import CHECKPOINT, METRICS, RunFolder, load_config, load_weights, read_checkpoint
 from advreg.transforms.adversarial import level as pixel_level
-from advreg.train import CHECKPOINT, CONFIG, METRICS, build_model, load_data
+from advreg.train import build_model, load_data
 
 ATTACKS = ("fgsm", "pgd", "autoattack")  # autoattack: the optional extra, pip install "advreg[autoattack]"
 STANDARD_AUTOATTACK = ("apgd-ce", "apgd-t", "fab-t", "square")  # AutoAttack's standard L∞ version, in its order
@@ -29,17 +29,21 @@ TARGET_CLASSES = 9  # the standard version's target classes of APGD-T and FAB-T
 
 def load_run(folder: str | Path) -> tuple[TrainConfig, DataSplits, nn.Module]:
     """The config, data and final model of a finished run folder (weights read with weights_only=True)."""
-    folder = Path(folder)
-    if not (folder / METRICS).exists() or not (folder / CHECKPOINT).exists():
-        raise ValueError(f"{folder} holds no finished advreg run (config.json, checkpoint.pt, metrics.json); "
-                         "train it first with advreg train")
-    saved = read_json(folder / CONFIG)
-    saved.pop("code_version", None)
-    config = TrainConfig.from_dict(saved)
+    folder = finished_run(folder)
+    config = load_config(folder)
+    checkpoint = read_checkpoint(folder / CHECKPOINT)
     data = load_data(config)
     model = build_model(config, data)
-    model.load_state_dict(load_checkpoint(folder / CHECKPOINT)["model"])
+    load_weights(model, checkpoint["model"], folder / CHECKPOINT)
     return config, data, model.eval()
+
+
+def finished_run(folder: str | Path) -> Path:
+    folder = Path(folder)
+    if not (folder / METRICS).is_file() or not (folder / CHECKPOINT).exists():
+        raise ValueError(f"{folder} holds no finished advreg run (config.json, checkpoint.pt, metrics.json); "
+                         "train it first with advreg train")
+    return folder
 
 
 def default_settings(data: DataSplits, eps: float | None = None) -> AttackSettings:
@@ -175,11 +179,18 @@ def attack_record(attacks: list[str], settings: AttackSettings, model: nn.Module
 
 def evaluate_run(folder: str | Path, attacks: list[str], eps: float | None = None, source: str | Path | None = None,
                  sanity: bool = False) -> dict[str, Any]:
-    """Add robust test errors (and the attack settings) to the run's metrics.json; return the new keys."""
+    """Add robust test errors (and the attack settings) to the run's metrics.json; return the new keys. The run
+    folder stays locked meanwhile: a ``train --resume`` of it waits for none of this and is refused instead."""
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown or not attacks:
         raise ValueError(f"unknown attack(s) {', '.join(unknown) or '(none)'}; choose from: {', '.join(ATTACKS)}")
-    config, data, model = load_run(folder)
+    with RunFolder(finished_run(folder)) as run_folder:  # checked first: no lock file in a folder without a run
+        return _evaluate_locked(run_folder, attacks, eps, source, sanity)
+
+
+def _evaluate_locked(run_folder: RunFolder, attacks: list[str], eps: float | None, source: str | Path | None,
+                     sanity: bool) -> dict[str, Any]:
+    config, data, model = load_run(run_folder.path)
     settings = default_settings(data, eps)
     x, y = data.test
     results: dict[str, Any] = robust_errors(model, x, y, attacks, settings)
@@ -194,6 +205,5 @@ def evaluate_run(folder: str | Path, attacks: list[str], eps: float | None = Non
         span = settings.box[1] - settings.box[0]  # 0.01 on [0, 1] images, as in ALPS; the same fraction elsewhere
         results["test_accuracy_pgd_unbounded"] = sanity_accuracy(model, x, y, alpha=0.01 * span)
     results.update(attack_record(attacks, settings, model, x))
-    metrics_path = Path(folder) / METRICS
-    write_json(metrics_path, {**read_json(metrics_path), **results})
+    run_folder.write_metrics(results)
     return results

@@ -2,6 +2,7 @@
 
 The checkpoint, written atomically after every epoch, holds the model, optimizer, scheduler and RNG
 states, so ``resume=True`` continues an interrupted run to the numbers of an uninterrupted one (CPU).
+The folder itself (lock, checks, files) is :mod:`advreg.runs`; this module builds the run and loops.
 """
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ from advreg import distributed, models
 from advreg.config import TrainConfig
 from advreg.data import DataSplits, TensorLoader, augment, load_dataset
 from advreg.evaluate import AttackSettings, evaluate, margin, robust_error
-from advreg.io import load_checkpoint, read_json, save_checkpoint, write_csv, write_json
 from advreg.losses import LossStage
 from advreg.methods import build_loss, build_optimizer, build_transform, check_preset, validate_stages
 from advreg.recipes import get_recipe
@@ -32,16 +32,12 @@ from advreg.transforms import Transform
 from advreg.transforms.adversarial import level as pixel_level
 from advreg.perturb import NonFiniteLossError, PerturbedOptimizer
 from advreg.perturb.engine import PERTURB_ON
+from advreg.runs import (BEST, CHECKPOINT, CONFIG, HISTORY, METRICS, RunFolder, RunFolderError,  # noqa: F401
+                         check_same_run, load_weights, open_run, read_best, read_checkpoint, same_config)
 
-CHECKPOINT, CONFIG, HISTORY, METRICS = "checkpoint.pt", "config.json", "history.csv", "metrics.json"
 PRECISIONS = ("fp32", "bf16", "fp16")
 REPLICA_SEED_STRIDE = 7919  # replica r > 0 draws from seed + stride·r; replica 0 from the one-process stream
 MIN_LOSS_SCALE = 1.0  # below it, float16 training has been skipping every step (GradScaler starts at 2^16)
-BEST = "best.pt"  # with robust.track: the weights of the epoch with the lowest validation robust error
-
-
-class RunFolderError(ValueError):
-    """The ``out`` folder holds something other than this run."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -89,32 +85,40 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, progres
 
 def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
            replicas: distributed.Replicas | None) -> dict[str, Any]:
-    main = replicas is None or replicas.main
     if replicas is None:
-        checkpoint = _prepare_folder(out, config, resume)
+        folder, checkpoint = open_run(out, config, resume)
     else:
-        checkpoint = _prepare_folder_together(out, config, resume, replicas)
+        folder, checkpoint = _open_together(out, config, resume, replicas)
+    try:  # folder: locked by this process (replica 0), None on the other replicas
+        return _train_in(out, folder, config, checkpoint, progress, replicas)
+    finally:
+        if folder is not None:
+            folder.release()
+
+
+def _train_in(out: Path, folder: RunFolder | None, config: TrainConfig, checkpoint: dict[str, Any] | None,
+              progress: bool, replicas: distributed.Replicas | None) -> dict[str, Any]:
     run = build_run(config, replicas)
-    start, history = _restore(run, checkpoint) if checkpoint else (0, [])
+    start, history = _restore(run, checkpoint, out / CHECKPOINT) if checkpoint else (0, [])
+    if folder is not None and not (out / CONFIG).exists():  # only now: a setting that cannot build leaves no
+        folder.write_config(config, code_version())  # config.json that would block the corrected command
+    if folder is not None and checkpoint:  # derived from the checkpoint: complete, whenever the last run was killed
+        folder.write_history(history)
     bar = tqdm(range(start, config.epochs), initial=start, total=config.epochs, unit="epoch",
-               desc=f"{config.method} seed {config.seed}", disable=not (progress and main), leave=False)
+               desc=f"{config.method} seed {config.seed}", disable=not (progress and folder is not None), leave=False)
     for epoch in bar:
         history.append(run_epoch(run, epoch))
         snapshot = _snapshot(run, epoch + 1, history)
-        if main:
-            if _is_best(history):  # before the checkpoint: a crash in between redoes this epoch and this save
-                save_checkpoint(out / BEST, {"epoch": epoch + 1, "model": run.model.state_dict()})
-            save_checkpoint(out / CHECKPOINT, snapshot)
-            write_csv(out / HISTORY, history)
+        if folder is not None:  # best.pt before the checkpoint: a kill in between redoes this epoch and this save
+            best = {"epoch": epoch + 1, "model": run.model.state_dict()} if _is_best(history) else None
+            folder.save_epoch(snapshot, best)
         bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", val_err=f"{history[-1]['val_error']:.1f}")
     if replicas is not None:
         replicas.barrier()  # best.pt is written
     metrics = final_metrics(run, history, out / BEST)
     if replicas is not None:
         metrics["world_size"] = replicas.world
-    if main:
-        write_json(out / METRICS, metrics)
-    return metrics
+    return metrics if folder is None else folder.write_metrics(metrics)
 
 
 def validate(config: TrainConfig) -> None:
@@ -390,9 +394,9 @@ def final_metrics(run: Run, history: list[dict[str, float]], best: Path | None =
 def robust_metrics(run: Run, history: list[dict[str, float]], best: Path) -> dict[str, Any]:
     """Robust errors (%) of the last weights and of the best checkpoint (lowest validation robust error, never
     chosen on test), and the robust generalization gap of each: test robust error - train robust error."""
-    best_state = load_checkpoint(best)
+    best_state = read_best(best, run.config.epochs)
     best_model = copy.deepcopy(run.model)
-    best_model.load_state_dict(best_state["model"])
+    load_weights(best_model, best_state["model"], best)
     out: dict[str, Any] = {"best_epoch": best_state["epoch"],
                            "best_val_robust_error": history[best_state["epoch"] - 1]["val_robust_error"]}
     for tag, model in (("last", run.model), ("best", best_model)):
@@ -405,65 +409,25 @@ def robust_metrics(run: Run, history: list[dict[str, float]], best: Path) -> dic
 
 
 # -- the run folder and the checkpoint -----------------------------------------------------------
-def _prepare_folder(out: Path, config: TrainConfig, resume: bool) -> dict[str, Any] | None:
-    """Check that ``out`` is this run's folder (or new); return the checkpoint to resume from, if any."""
-    if (out / CONFIG).exists():
-        check_same_run(out, config)
-        if not resume:
-            raise RunFolderError(f"{out} already holds this run; pass --resume to continue it, "
-                                 "or choose another --out")
-        return load_checkpoint(out / CHECKPOINT) if (out / CHECKPOINT).exists() else None
-    if out.exists() and any(out.iterdir()):
-        raise RunFolderError(f"{out} is not empty and holds no advreg run; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / CONFIG, {**config.to_dict(), "code_version": code_version()})
-    return None
-
-
-def _prepare_folder_together(out: Path, config: TrainConfig, resume: bool,
-                             replicas: distributed.Replicas) -> dict[str, Any] | None:
-    """Replica 0 checks and prepares the folder; every replica learns whether it could (so that none waits for a
-    replica that failed) and then reads the checkpoint to resume from."""
-    failure, checkpoint = None, None
+def _open_together(out: Path, config: TrainConfig, resume: bool,
+                   replicas: distributed.Replicas) -> tuple[RunFolder | None, dict[str, Any] | None]:
+    """Replica 0 checks, prepares and locks the folder; every replica learns whether it could (so that none waits
+    for a replica that failed) and then reads the checkpoint to resume from."""
+    failure, folder, checkpoint = None, None, None
     if replicas.main:
         try:
-            checkpoint = _prepare_folder(out, config, resume)
+            folder, checkpoint = open_run(out, config, resume)
         except (OSError, ValueError) as err:  # RunFolderError, a corrupt config.json or checkpoint, permissions
             failure = err
     if not replicas.all_true(failure is None):  # a collective: every replica takes part
+        if folder is not None:
+            folder.release()
         if failure is not None:
             raise failure
         raise RunFolderError(f"replica 0 could not prepare the run folder {out}: its error says why")
     if not replicas.main and resume and (out / CHECKPOINT).exists():
-        checkpoint = load_checkpoint(out / CHECKPOINT)
-    return checkpoint
-
-
-def check_same_run(out: Path, config: TrainConfig) -> None:
-    """Raise RunFolderError unless the run folder ``out`` was made with ``config``."""
-    saved = read_json(Path(out) / CONFIG)
-    saved.pop("code_version", None)
-    if _normalized(saved) != config.to_dict():
-        raise RunFolderError(f"{out} holds a different run ({_difference(saved, config.to_dict())}); "
-                             "choose another --out, or pass the same settings to resume it")
-
-
-def _normalized(saved: dict[str, Any]) -> dict[str, Any]:
-    try:
-        return TrainConfig.from_dict(saved).to_dict()  # JSON lists back to tuples
-    except (TypeError, ValueError):
-        return saved
-
-
-def _difference(saved: dict[str, Any], wanted: dict[str, Any], prefix: str = "") -> str:
-    diffs = []
-    for key in sorted(set(saved) | set(wanted)):
-        a, b = saved.get(key), wanted.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs.append(_difference(a, b, f"{prefix}{key}."))
-        elif a != b and not (isinstance(a, list) and tuple(a) == b):
-            diffs.append(f"{prefix}{key}: {a!r} there, {b!r} here")
-    return "; ".join(d for d in diffs if d)
+        checkpoint = read_checkpoint(out / CHECKPOINT)
+    return folder, checkpoint
 
 
 def _snapshot(run: Run, epochs_done: int, history: list[dict[str, float]]) -> dict[str, Any]:
@@ -479,16 +443,29 @@ def _snapshot(run: Run, epochs_done: int, history: list[dict[str, float]]) -> di
             "world_size": _world(run)}
 
 
-def _restore(run: Run, checkpoint: dict[str, Any]) -> tuple[int, list[dict[str, float]]]:
-    if _normalized(checkpoint.get("config", {})) != run.config.to_dict():
-        raise RunFolderError("the checkpoint belongs to a different configuration than config.json; "
-                             "delete the folder to start over")
+def _restore(run: Run, checkpoint: dict[str, Any], path: Path = Path(CHECKPOINT)) -> tuple[int, list[dict[str, float]]]:
+    """Load a checkpoint (of read_checkpoint's shape) into ``run``; a state that does not fit the run is a
+    RunFolderError naming ``path``."""
+    if not same_config(checkpoint["config"], run.config) or checkpoint["epoch"] > run.config.epochs:
+        raise RunFolderError(f"{path} belongs to a different configuration than config.json (was config.json "
+                             "edited?); restore config.json, or delete the folder to start over")
     if checkpoint.get("world_size", 1) != _world(run):  # local Δ, the slices and the random draws depend on it
         raise RunFolderError(f"the checkpoint was written by {checkpoint.get('world_size', 1)} process(es) and this "
                              f"run has {_world(run)}; resume with the same torchrun --nproc_per_node")
-    run.model.load_state_dict(checkpoint["model"])
+    load_weights(run.model, checkpoint["model"], path)
+    try:
+        _load_training_state(run, checkpoint)
+    except (RuntimeError, TypeError, KeyError, ValueError, IndexError, AttributeError) as err:
+        reason = " ".join(str(err).split())
+        raise RunFolderError(f"{path} holds an optimizer, schedule or random state that does not fit this run "
+                             f"({type(err).__name__}: {reason}); delete the run folder to start over") from None
+    return checkpoint["epoch"], list(checkpoint["history"])
+
+
+def _load_training_state(run: Run, checkpoint: dict[str, Any]) -> None:
+    check_optimizer_state(run.optimizer, checkpoint["optimizer"])
     run.optimizer.load_state_dict(checkpoint["optimizer"])
-    run.scheduler.load_state_dict(checkpoint["scheduler"])
+    _load_scheduler(run.scheduler, checkpoint["scheduler"])
     if run.scaler is not None and checkpoint.get("scaler"):
         run.scaler.load_state_dict(checkpoint["scaler"])
     rng = checkpoint["rng"]
@@ -497,7 +474,35 @@ def _restore(run: Run, checkpoint: dict[str, Any]) -> tuple[int, list[dict[str, 
     run.generator.set_state(rng["loader"])
     if "cuda" in rng and run.device.type == "cuda":
         torch.cuda.set_rng_state(mine(rng["cuda"]), run.device)
-    return checkpoint["epoch"], list(checkpoint["history"])
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, saved: Any) -> None:
+    """Raise ValueError unless ``saved`` is a state of this kind of optimizer over these parameters: torch's own
+    load_state_dict takes another optimizer's settings or tensors of the wrong shape, and the next step fails."""
+    groups, fresh = saved.get("param_groups"), optimizer.state_dict()["param_groups"]
+    if not isinstance(groups, list) or len(groups) != len(fresh) or not isinstance(saved.get("state"), dict):
+        raise ValueError("its param_groups or state are not this optimizer's")
+    for group, mine in zip(groups, fresh):  # flags (bool, None) are left out: torch defaults those it adds later
+        needed = {k for k, v in mine.items() if not isinstance(v, bool) and v is not None}
+        missing = sorted(needed - set(group)) if isinstance(group, dict) else ["params"]
+        if missing:
+            raise ValueError(f"a parameter group lacks {', '.join(missing)}: another optimizer saved it")
+    shapes = {i: p.shape for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    for index, entry in saved["state"].items():
+        if index not in shapes or not isinstance(entry, dict) or any(
+                isinstance(v, Tensor) and v.dim() > 0 and v.shape != shapes[index] for v in entry.values()):
+            raise ValueError(f"the state of parameter {index} does not fit its shape")
+
+
+def _load_scheduler(scheduler: torch.optim.lr_scheduler.LRScheduler, saved: dict[str, Any]) -> None:
+    """torch's load_state_dict updates the scheduler's __dict__ with anything, and the next step fails: check that
+    each value it needs is there and of its kind (a number for a number) first; flags (bool, None) are left out,
+    as torch defaults those it adds later."""
+    for key, value in scheduler.state_dict().items():
+        kind = (int, float) if isinstance(value, (int, float)) else type(value)
+        if value is not None and not isinstance(value, bool) and not isinstance(saved.get(key), kind):
+            raise ValueError(f"the schedule's {key} is {saved.get(key)!r}, not a {type(value).__name__}")
+    scheduler.load_state_dict(saved)
 
 
 def _world(run: Run) -> int:

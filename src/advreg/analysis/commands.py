@@ -18,6 +18,7 @@ from advreg.config import override
 from advreg.data import DataSplits
 from advreg.evaluate import AttackSettings, evaluate
 from advreg.robustness import load_run
+from advreg.runs import check_output
 from advreg.train import code_version
 from advreg.transforms.adversarial import level as pixel_level
 
@@ -173,6 +174,7 @@ def analyze(kind: str, inputs: list[str], out: str | Path, settings: list[str] |
         raise ValueError(f"unknown analysis {kind!r}; choose one of: {', '.join(KINDS)}")
     spec = KINDS[kind]
     config = _configured(spec, settings or [])
+    check_output(out)  # before the work, which can take minutes
     outcomes = _compute(spec, inputs, config, labels, progress, log)
     info = {"kind": kind, "inputs": [str(i) for i in inputs], "settings": _as_dict(config),
             "code_version": code_version()}
