@@ -469,27 +469,18 @@ def test_frozen_dropout_reuses_the_first_masks_for_replicas_and_subsets():
     model.eval()
     no_dropout = model(x).detach()
     model.train()
-    k = 4
     with FrozenDropout(model) as frozen:
         first = model(x)
         assert not torch.allclose(first, no_dropout)
         torch.testing.assert_close(model(x), first)
-        replicated = x.unsqueeze(0).expand(k, *x.shape).reshape(k * 6, 5)
-        out = model(replicated).view(k, 6, 3)
-        for j in range(k):
-            torch.testing.assert_close(out[j], first)
         model.eval()  # DeepFool's passes: dropout itself is off, the frozen mask still applies
         torch.testing.assert_close(model(x), first)
         model.train()
-        rows = torch.tensor([4, 1, 5])
-        frozen.select(rows)
-        torch.testing.assert_close(model(x[rows]), first[rows])
-        sub = x[rows].unsqueeze(0).expand(k, 3, 5).reshape(k * 3, 5)
-        out = model(sub).view(k, 3, 3)
-        for j in range(k):
-            torch.testing.assert_close(out[j], first[rows])
-        frozen.select(None)
-        torch.testing.assert_close(model(x), first)
+        rows = torch.tensor([4, 1, 5, 1, 1, 0, 4])  # copies and a subset, in any order
+        torch.testing.assert_close(frozen.forward(model, x[rows], rows), first[rows])
+        with pytest.raises(RuntimeError, match="FrozenDropout.forward"):
+            model(x[rows])  # rows whose samples it was not told
+        torch.testing.assert_close(model(x), first)  # forward leaves no rows behind
     a, b = model(x), model(x)
     assert not torch.allclose(a, b) and not torch.allclose(a, first)
 
@@ -531,27 +522,30 @@ def test_margins_are_per_sample_with_batchnorm_and_frozen_dropout():
     stage = AMMLoss(cross_entropy, lam=lam, c=c, d=d, aggregation="avg", shrinkage="lin", steps=steps)
     with FrozenDropout(model) as frozen:
         model(x)  # the cross-entropy pass: draws the masks
-        r, success, source = deepfool_with_source(model, x, steps, 0.02, labels=labels)
+
+        def attack(rows, inputs=None):  # DeepFool of the batch's rows, their masks kept
+            inputs = x[rows] if inputs is None else inputs
+            return deepfool_with_source(model, inputs, steps, 0.02, labels=labels[rows],
+                                        forward=lambda z, sub: frozen.forward(model, z, rows[sub]))
+
+        everyone = torch.arange(10)
+        r, success, source = attack(everyone)
         assert model.training
         for rows in (torch.tensor([3]), torch.tensor([7, 0, 2])):
-            frozen.select(rows)
-            r_sub, s_sub, src_sub = deepfool_with_source(model, x[rows], steps, 0.02, labels=labels[rows])
+            r_sub, s_sub, src_sub = attack(rows)
             torch.testing.assert_close(r_sub, r[rows], rtol=1e-9, atol=1e-12)
             assert torch.equal(s_sub, success[rows]) and torch.equal(src_sub, source[rows])
-        frozen.select(None)
         others = x.clone()
         others[1:] = 5 * torch.randn(9, 5, generator=gen, dtype=DT)
-        r_others, _, _ = deepfool_with_source(model, others, steps, 0.02, labels=labels)
+        r_others, _, _ = attack(everyone, others)
         torch.testing.assert_close(r_others[0], r[0], rtol=1e-9, atol=1e-12)
         reg = stage.regularizer(model, x, labels, frozen)
         terms = []
         for i in range(10):  # the regularizer, one sample at a time
-            frozen.select(torch.tensor([i]))
-            ri, si, srci = deepfool_with_source(model, x[i:i + 1], steps, 0.02, labels=labels[i:i + 1])
+            ri, si, srci = attack(torch.tensor([i]))
             if si.item():
                 n = ri.norm().item()
                 terms.append(lam * (-c * n) if srci.item() == labels[i].item() else lam * d * n)
-        frozen.select(None)
     assert len(terms) >= 5
     assert reg.item() == pytest.approx(sum(terms) / 10, rel=1e-9, abs=1e-12)
     r_unfrozen, _, _ = deepfool_with_source(model, x, steps, 0.02, labels=labels)  # no masks: another margin
