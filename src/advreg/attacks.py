@@ -25,22 +25,27 @@ def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, box: Box = None) ->
 
 def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps: int, norm: str = "linf",
         random_start: bool = True, box: Box = None, generator: torch.Generator | None = None,
-        objective: str = "ce") -> Tensor:
+        objective: str = "ce", start: str = "ball") -> Tensor:
     """``steps`` ascent steps of size α, each projected on the ε-ball around x (L∞ or L2) and on the box.
 
     ``objective="ce"`` ascends CE(f(x'), y) from a uniform start in the ball (Madry et al.; AWP's Algorithm 2);
     ``"kl"`` ascends KL(p(x) ‖ p(x')), TRADES's inner maximization (AWP paper Eq. 16), from TRADES's start
     x + 0.001·N(0, I) (0.001 of the box's width when a box is given, the code's 0.001 on [0, 1] images).
+    L2's CE start: ``start="ball"`` draws δ uniform in the d-dimensional ε-ball (‖δ‖/ε ~ U^(1/d), near the sphere
+    for large d); ``"radius"`` is torchattacks' PGDL2, a uniform direction at the radius ε·U (‖δ‖/ε ~ U).
     """
     _check_eps(eps)
     if norm not in ("linf", "l2") or objective not in ("ce", "kl"):
         raise ValueError(f"norm must be 'linf' or 'l2' and objective 'ce' or 'kl', got {norm!r} and {objective!r}")
+    if start not in ("ball", "radius") or (start == "radius" and norm != "l2"):
+        raise ValueError(f"start must be 'ball' or, for norm='l2', 'radius' (torchattacks' L2 start); got "
+                         f"start={start!r} with norm={norm!r}")
     if alpha <= 0 or not (isinstance(steps, int) and steps >= 0):
         raise ValueError(f"alpha must be > 0 and steps an integer >= 0, got alpha={alpha!r}, steps={steps!r}")
     x = x.detach()
     with eval_mode(model):
         target = y if objective == "ce" else _log_probs(model, x)  # labels (B,), or log p(x) (B, K)
-        x_adv = _clip(x + _start(x, eps, norm, objective, random_start, box, generator), box)
+        x_adv = _clip(x + _start(x, eps, norm, objective, random_start, box, generator, start), box)
         for _ in range(steps):
             grad = _input_grad(model, x_adv, target)
             step = grad.sign() if norm == "linf" else grad / _per_sample(sample_norms(grad).clamp_min(1e-12), x)
@@ -209,13 +214,13 @@ def _log_probs(model: nn.Module, x: Tensor) -> Tensor:
 
 
 def _start(x: Tensor, eps: float, norm: str, objective: str, random_start: bool, box: Box,
-           generator: torch.Generator | None) -> Tensor:
+           generator: torch.Generator | None, start: str) -> Tensor:
     if not random_start:
         return torch.zeros_like(x)
     if objective == "kl":  # KL's gradient vanishes at x' = x: TRADES starts a hair away
         width = box[1] - box[0] if box is not None else 1.0
         return 0.001 * width * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return _random_start(x, eps, norm, generator)
+    return _random_start(x, eps, norm, generator, start)
 
 
 def sample_norms(t: Tensor) -> Tensor:
@@ -230,12 +235,13 @@ def _project(delta: Tensor, eps: float, norm: str) -> Tensor:
     return delta * _per_sample(factor, delta)
 
 
-def _random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator | None) -> Tensor:
+def _random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator | None,
+                  start: str) -> Tensor:
     if norm == "linf":
         return (torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1) * eps
     direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    d = x[0].numel()
-    radius = eps * torch.rand(len(x), generator=generator, device=x.device, dtype=x.dtype).pow(1.0 / d)
+    u = torch.rand(len(x), generator=generator, device=x.device, dtype=x.dtype)  # (B,)
+    radius = eps * (u.pow(1.0 / x[0].numel()) if start == "ball" else u)  # uniform in the d-ball, or ε·U
     return direction / _per_sample(sample_norms(direction), x) * _per_sample(radius, x)
 
 
