@@ -10,6 +10,7 @@ the largest difference of the two regularizer values. Usage: python benchmarks/a
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -61,8 +62,10 @@ def paper_regularizer(stage: AMMLoss, model: nn.Module, x: Tensor, y: Tensor, nu
         index = group.nonzero().squeeze(1)
         if index.numel() == 0:
             continue
-        run = lambda rows, graph: paper_deepfool(  # noqa: E731
-            model, x[rows], None if label is None else label[rows], stage.steps, stage.overshoot, num_label, graph)
+        def run(rows: Tensor, graph: bool, label: Tensor | None = label) -> tuple[Tensor, Tensor]:
+            target = None if label is None else label[rows]
+            return paper_deepfool(model, x[rows], target, stage.steps, stage.overshoot, num_label, graph)
+
         if stage.aggregation == "min":
             r, ok = run(index, False)
             norms = r.flatten(1).norm(dim=1)
@@ -123,8 +126,8 @@ def main() -> None:
         x, y = batch(model, args.batch, args.wrong, args.device)
         for aggregation in ("min", "avg"):
             stage = AMMLoss(cross_entropy, lam=1.0, aggregation=aggregation, candidates=args.candidates)
-            codes = {"advreg": lambda: stage.regularizer(model, x, y),
-                     "paper": lambda: paper_regularizer(stage, model, x, y, args.candidates)}
+            codes = {"advreg": functools.partial(stage.regularizer, model, x, y),
+                     "paper": functools.partial(paper_regularizer, stage, model, x, y, args.candidates)}
             times: dict[str, list[float]] = {"advreg": [], "paper": []}
             values: dict[str, float] = {}
             for repeat in range(args.repeats + 1):  # the first repeat warms up and is not counted

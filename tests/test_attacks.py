@@ -161,6 +161,10 @@ def tanh_net(k=6, d=6, seed=4):
     return nn.Sequential(nn.Linear(d, 24), nn.Tanh(), nn.Linear(24, k)).to(DT)
 
 
+def goal_reached(prediction, source, label):
+    return prediction == label if label is not None else prediction != source
+
+
 def deepfool_loop(model, x, steps, overshoot=0.02, candidates=None, box=None, labels=None):
     """DeepFool one sample at a time with the full Jacobian (each of the K classes by its own autograd call) and
     torchattacks' iterate x ← clip(x + (1 + overshoot)·δ): untargeted over the top ``candidates`` classes at x, or,
@@ -172,15 +176,11 @@ def deepfool_loop(model, x, steps, overshoot=0.02, candidates=None, box=None, la
         source = int(scores.argmax())
         top = scores.argsort(descending=True)[:candidates or len(scores)].tolist()
         label = None if labels is None or int(labels[i]) == source else int(labels[i])
-
-        def reached(prediction):
-            return prediction == label if label is not None else prediction != source
-
         point = x0.clone()
         for _ in range(steps):
             point = point.detach().requires_grad_(True)
             f = model(point[None])[0]
-            if reached(int(f.argmax())):
+            if goal_reached(int(f.argmax()), source, label):
                 break
             jac = torch.stack([torch.autograd.grad(f[c], point, retain_graph=True)[0] for c in range(len(f))])
             base = int(f.argmax()) if label is not None else source
@@ -190,7 +190,7 @@ def deepfool_loop(model, x, steps, overshoot=0.02, candidates=None, box=None, la
             point = point.detach() + (1 + overshoot) * (f[best] - f[base]).abs().detach() / w.pow(2).sum() * w
             point = point.clamp(*box) if box is not None else point
         perturbations.append((point - x0).detach())
-        successes.append(reached(int(model(point[None]).argmax())))
+        successes.append(goal_reached(int(model(point[None]).argmax()), source, label))
     return torch.stack(perturbations), torch.tensor(successes)
 
 

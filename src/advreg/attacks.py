@@ -31,8 +31,8 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps:
     ``objective="ce"`` ascends CE(f(x'), y) from a uniform start in the ball (Madry et al.; AWP's Algorithm 2);
     ``"kl"`` ascends KL(p(x) ‖ p(x')), TRADES's inner maximization (AWP paper Eq. 16), from TRADES's start
     x + 0.001·N(0, I) (0.001 of the box's width when a box is given, the code's 0.001 on [0, 1] images).
-    L2's CE start: ``start="ball"`` draws δ uniform in the d-dimensional ε-ball (‖δ‖/ε ~ U^(1/d), near the sphere
-    for large d); ``"radius"`` is torchattacks' PGDL2, a uniform direction at the radius ε·U (‖δ‖/ε ~ U).
+    L2's CE start: ``start="ball"`` draws δ uniform in the d-dimensional ε-ball (‖δ‖/ε ~ U^(1/d), near the
+    sphere for large d); ``"radius"`` is torchattacks' PGDL2, a uniform direction at the radius ε·U (‖δ‖/ε ~ U).
     """
     _check_eps(eps)
     if norm not in ("linf", "l2") or objective not in ("ce", "kl"):

@@ -2,8 +2,11 @@
 
 L_DD (Eq. 6) = (1/n)·[Σ_{k∈T} R(-c‖Δx_k‖) + Σ_{k∈F} R(d‖Δx_k‖)], with Δx_k the DeepFool perturbation of sample k
 (at most u = 6 steps), T the correctly classified samples of the batch and F the others, whose DeepFool goes toward
-their label (Sec. 3.1.2). Δx is differentiated through ∇f (high-order gradients, the default) or with ∇f held
-constant (the ablation of Sec. 4.3.1).
+their label (Sec. 3.1.2). Δx is differentiated through ∇f (high-order gradients, the default: the exact derivative,
+x + r is not detached inside ∇f as in the authors' code) or with ∇f held constant (the ablation of Sec. 4.3.1).
+DeepFool here is the paper's, unclipped (no input box). A correct sample considers the ``candidates`` classes with
+the largest logits at x (0: all K; the authors' ``df_num_label`` is 10), a misclassified one its current prediction
+and its label: two copies.
 
 - Aggregation (Sec. 3.3.1): AVG keeps every sample; MIN keeps a correct sample only if its norm is the smallest
   among the correct samples of its class in the batch and among the batch's 20% smallest, and, by the same rule
