@@ -113,7 +113,7 @@ def deepfool_with_source(model: nn.Module, x: Tensor, steps: int = 50, overshoot
                 logits = forward(_clip(x0[active] + r_active, box), active)  # the check, and the next step's f
             prediction[active] = logits.detach().argmax(dim=1)
             going = ~goal.reached(prediction)[active]
-            if not bool(going.any()):  # one host synchronisation per iteration
+            if not bool(going.any()):  # every sample done: no pass of copies after the last step
                 break
             active, logits = active[going], logits[going]
     return r, goal.reached(prediction), source
