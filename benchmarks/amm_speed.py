@@ -5,7 +5,7 @@ misclassified samples in two DeepFool calls, the top ``num_label`` classes fixed
 prediction and the label (toward the label), ∇f taken at a detached x + r, every sample of the call stepped each
 iteration (the done ones by 0) with a forward that checks them after each step. Each repeat times one regularizer
 and its backward for both codes, in alternating order; the medians and their ratio are measured in this run, with
-the largest difference of the two regularizer values. Usage: python benchmarks/amm_speed.py [--repeats 9]
+the largest difference of the two regularizer values. Usage: python benchmarks/amm_speed.py [--repeats 9] [--threads 1]
 """
 from __future__ import annotations
 
@@ -116,7 +116,10 @@ def main() -> None:
     parser.add_argument("--wrong", type=float, default=0.2, help="share of misclassified samples in the batch")
     parser.add_argument("--candidates", type=int, default=10, help="df_num_label of the authors, amm.candidates")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch} "
           f"({args.wrong:.0%} misclassified), K = 10, {args.candidates} candidates, u = 6, λ = 1, "
           f"median of {args.repeats} interleaved repeats, measured in this run")
