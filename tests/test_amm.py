@@ -511,11 +511,18 @@ def test_frozen_dropout_reuses_the_first_masks_for_replicas_and_subsets():
         model.eval()  # DeepFool's passes: dropout itself is off, the frozen mask still applies
         torch.testing.assert_close(model(x), first)
         model.train()
+        subset = torch.tensor([4, 1, 5])
+        frozen.select(subset)
+        torch.testing.assert_close(model(x[subset]), first[subset])
         rows = torch.tensor([4, 1, 5, 1, 1, 0, 4])  # copies and a subset, in any order
         torch.testing.assert_close(frozen.forward(model, x[rows], rows), first[rows])
+        torch.testing.assert_close(model(x[subset]), first[subset])  # forward restores the selection
         with pytest.raises(RuntimeError, match="FrozenDropout.forward"):
-            model(x[rows])  # rows whose samples it was not told
-        torch.testing.assert_close(model(x), first)  # forward leaves no rows behind
+            deepfool(model, x[subset], steps=2)  # DeepFool's copies, whose samples it was not told
+        frozen.select(None)
+        with pytest.raises(RuntimeError, match="FrozenDropout.forward"):
+            model(x[rows])
+        torch.testing.assert_close(model(x), first)
     a, b = model(x), model(x)
     assert not torch.allclose(a, b) and not torch.allclose(a, first)
 

@@ -91,8 +91,9 @@ def select_min(norms: Tensor, labels: Tensor, correct: Tensor, usable: Tensor, b
 
 class FrozenDropout:
     """Within the context, each ``nn.Dropout`` draws its mask on the first forward (one per sample) and every
-    later forward reuses it: a forward of the whole batch directly, any rows of it (copies and subsets) through
-    :meth:`forward`. Only plain ``nn.Dropout`` (not in-place) is supported."""
+    later forward reuses it: for the batch, for a chosen subset of its samples (:meth:`select`), and for any rows
+    of it, copies in any order (:meth:`forward`, as DeepFool's copies need). An input whose rows it cannot tell
+    is an error. Only plain ``nn.Dropout`` (not in-place) is supported."""
 
     def __init__(self, model: nn.Module):
         self.dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
@@ -113,13 +114,17 @@ class FrozenDropout:
             handle.remove()
         self._handles = []
 
+    def select(self, rows: Tensor | None) -> None:
+        """Later forwards hold the samples ``rows`` of the first one (None: all of them)."""
+        self.rows = rows
+
     def forward(self, model: nn.Module, inputs: Tensor, rows: Tensor) -> Tensor:
         """``model(inputs)`` where input row i holds sample ``rows[i]`` of the first forward, and its masks."""
-        self.rows = rows
+        previous, self.rows = self.rows, rows
         try:
             return model(inputs)
         finally:
-            self.rows = None
+            self.rows = previous
 
     def _hook(self, module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
         x = args[0]
