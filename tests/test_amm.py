@@ -200,6 +200,23 @@ def test_margin_gradient_of_a_tanh_mlp_matches_finite_differences_of_deepfool(st
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
 
 
+def test_margin_gradient_over_the_top_candidates_matches_finite_differences():
+    """Exact derivative: x + r is not detached inside ∇f (the authors' code detaches it, an approximation on smooth
+    activations); two of five classes considered, misclassified samples by the two-class path."""
+    model = tanh_mlp(seed=3, k=5)
+    x = 2 * torch.randn(8, 5, generator=torch.Generator().manual_seed(12), dtype=DT)
+    pred = model(x).argmax(1)
+    labels = torch.where(torch.arange(8) % 2 == 0, pred, (pred + 2) % 5)
+    params = list(model.parameters())
+    _, norms, success = deepfool(model, x, steps=3, create_graph=True, labels=labels, candidates=2)
+    assert success.sum() >= 4
+    grads = torch.autograd.grad(norms.sum(), params)
+    expected = finite_differences(
+        lambda: deepfool(model, x, steps=3, labels=labels, candidates=2)[1].sum().item(), params)
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
+
+
 # -- 3. the ablation with ∇f held constant ----------------------------------------------------------
 def test_detached_ablation_on_an_affine_model_is_the_closed_form_with_a_constant_normalizer():
     k, o = 4, 0.02
@@ -446,6 +463,24 @@ def test_avg_regularizer_leaves_out_the_samples_deepfool_did_not_move(kind):
     assert stage.regularizer(model, x, labels).item() == pytest.approx(total / 30, rel=1e-10)
 
 
+def test_the_regularizer_considers_the_top_candidates():
+    lam, c, d = 1.5, 2.0, 1.0
+    model = tanh_mlp(seed=4, hidden=12, k=6)
+    gen = torch.Generator().manual_seed(13)
+    x = 2 * torch.randn(30, 5, generator=gen, dtype=DT)
+    labels = torch.randint(0, 6, (30,), generator=gen)
+    values = {}
+    for candidates in (0, 2):
+        stage = AMMLoss(cross_entropy, lam=lam, c=c, d=d, aggregation="avg", shrinkage="lin", steps=4,
+                        candidates=candidates)
+        values[candidates] = stage.regularizer(model, x, labels).item()
+        r, success, source = deepfool_with_source(model, x, 4, 0.02, labels=labels, candidates=candidates or None)
+        total = sum((lam * -c * r[i].norm() if source[i] == labels[i] else lam * d * r[i].norm()).item()
+                    for i in range(30) if success[i])
+        assert values[candidates] == pytest.approx(total / 30, rel=1e-10)
+    assert abs(values[0] - values[2]) > 1e-3
+
+
 @pytest.mark.parametrize("aggregation", ["avg", "min"])
 def test_a_batch_where_no_attack_succeeds_adds_nothing(aggregation):
     model = nn.Linear(5, 3).to(DT)
@@ -469,26 +504,24 @@ def test_frozen_dropout_reuses_the_first_masks_for_replicas_and_subsets():
     model.eval()
     no_dropout = model(x).detach()
     model.train()
-    k = 4
     with FrozenDropout(model) as frozen:
         first = model(x)
         assert not torch.allclose(first, no_dropout)
         torch.testing.assert_close(model(x), first)
-        replicated = x.unsqueeze(0).expand(k, *x.shape).reshape(k * 6, 5)
-        out = model(replicated).view(k, 6, 3)
-        for j in range(k):
-            torch.testing.assert_close(out[j], first)
         model.eval()  # DeepFool's passes: dropout itself is off, the frozen mask still applies
         torch.testing.assert_close(model(x), first)
         model.train()
-        rows = torch.tensor([4, 1, 5])
-        frozen.select(rows)
-        torch.testing.assert_close(model(x[rows]), first[rows])
-        sub = x[rows].unsqueeze(0).expand(k, 3, 5).reshape(k * 3, 5)
-        out = model(sub).view(k, 3, 3)
-        for j in range(k):
-            torch.testing.assert_close(out[j], first[rows])
+        subset = torch.tensor([4, 1, 5])
+        frozen.select(subset)
+        torch.testing.assert_close(model(x[subset]), first[subset])
+        rows = torch.tensor([4, 1, 5, 1, 1, 0, 4])  # copies and a subset, in any order
+        torch.testing.assert_close(frozen.forward(model, x[rows], rows), first[rows])
+        torch.testing.assert_close(model(x[subset]), first[subset])  # forward restores the selection
+        with pytest.raises(RuntimeError, match="FrozenDropout.forward"):
+            deepfool(model, x[subset], steps=2)  # DeepFool's copies, whose samples it was not told
         frozen.select(None)
+        with pytest.raises(RuntimeError, match="FrozenDropout.forward"):
+            model(x[rows])
         torch.testing.assert_close(model(x), first)
     a, b = model(x), model(x)
     assert not torch.allclose(a, b) and not torch.allclose(a, first)
@@ -531,27 +564,30 @@ def test_margins_are_per_sample_with_batchnorm_and_frozen_dropout():
     stage = AMMLoss(cross_entropy, lam=lam, c=c, d=d, aggregation="avg", shrinkage="lin", steps=steps)
     with FrozenDropout(model) as frozen:
         model(x)  # the cross-entropy pass: draws the masks
-        r, success, source = deepfool_with_source(model, x, steps, 0.02, labels=labels)
+
+        def attack(rows, inputs=None):  # DeepFool of the batch's rows, their masks kept
+            inputs = x[rows] if inputs is None else inputs
+            return deepfool_with_source(model, inputs, steps, 0.02, labels=labels[rows],
+                                        forward=lambda z, sub: frozen.forward(model, z, rows[sub]))
+
+        everyone = torch.arange(10)
+        r, success, source = attack(everyone)
         assert model.training
         for rows in (torch.tensor([3]), torch.tensor([7, 0, 2])):
-            frozen.select(rows)
-            r_sub, s_sub, src_sub = deepfool_with_source(model, x[rows], steps, 0.02, labels=labels[rows])
+            r_sub, s_sub, src_sub = attack(rows)
             torch.testing.assert_close(r_sub, r[rows], rtol=1e-9, atol=1e-12)
             assert torch.equal(s_sub, success[rows]) and torch.equal(src_sub, source[rows])
-        frozen.select(None)
         others = x.clone()
         others[1:] = 5 * torch.randn(9, 5, generator=gen, dtype=DT)
-        r_others, _, _ = deepfool_with_source(model, others, steps, 0.02, labels=labels)
+        r_others, _, _ = attack(everyone, others)
         torch.testing.assert_close(r_others[0], r[0], rtol=1e-9, atol=1e-12)
         reg = stage.regularizer(model, x, labels, frozen)
         terms = []
         for i in range(10):  # the regularizer, one sample at a time
-            frozen.select(torch.tensor([i]))
-            ri, si, srci = deepfool_with_source(model, x[i:i + 1], steps, 0.02, labels=labels[i:i + 1])
+            ri, si, srci = attack(torch.tensor([i]))
             if si.item():
                 n = ri.norm().item()
                 terms.append(lam * (-c * n) if srci.item() == labels[i].item() else lam * d * n)
-        frozen.select(None)
     assert len(terms) >= 5
     assert reg.item() == pytest.approx(sum(terms) / 10, rel=1e-9, abs=1e-12)
     r_unfrozen, _, _ = deepfool_with_source(model, x, steps, 0.02, labels=labels)  # no masks: another margin
@@ -590,6 +626,8 @@ def test_the_regularizer_leaves_batchnorm_statistics_to_the_cross_entropy_pass()
     (dict(top_fraction=1.5), "top_fraction"),
     (dict(lam=50.0, clip_value=50.0), "clip_value"),  # EXP, the default
     (dict(lam=32.0, clip_value=10.0, shrinkage="inv"), "clip_value"),
+    (dict(candidates=1), "candidates"),
+    (dict(candidates=-3), "candidates"),
 ])
 def test_bad_amm_settings_are_value_errors(kwargs, words):
     with pytest.raises(ValueError, match=words):
@@ -616,17 +654,18 @@ def test_amm_settings_without_the_amm_loss_are_refused():
 
 def test_the_amm_section_reaches_the_loss_stage():
     settings = ["amm.lam=3", "amm.c=4", "amm.d=0.5", "amm.aggregation=avg", "amm.shrinkage=inv", "amm.steps=2",
-                "amm.overshoot=0.05", "amm.high_order=false", "amm.top_fraction=0.3", "amm.clip_value=9"]
+                "amm.overshoot=0.05", "amm.high_order=false", "amm.top_fraction=0.3", "amm.clip_value=9",
+                "amm.candidates=10"]
     config = resolve(TrainConfig(method="amm"), settings)
     assert config.stages.loss == "amm" and config.optim.clip_grad == 10.0
     stage = build_loss(config)
     assert isinstance(stage, AMMLoss)
     assert (stage.lam, stage.c, stage.d, stage.aggregation, stage.shrinkage, stage.steps, stage.overshoot,
-            stage.high_order, stage.top_fraction, stage.clip_value) == (3.0, 4.0, 0.5, "avg", "inv", 2, 0.05, False,
-                                                                        0.3, 9.0)
+            stage.high_order, stage.top_fraction, stage.clip_value, stage.candidates) == (
+        3.0, 4.0, 0.5, "avg", "inv", 2, 0.05, False, 0.3, 9.0, 10)
     default = build_loss(resolve(TrainConfig(method="amm"), []))
     assert (default.lam, default.c, default.d, default.aggregation, default.shrinkage, default.steps,
-            default.high_order) == (32.0, 2.0, 1.0, "min", "exp", 6, True)
+            default.high_order, default.candidates) == (32.0, 2.0, 1.0, "min", "exp", 6, True, 0)
 
 
 # -- 10. training ---------------------------------------------------------------------------------------

@@ -1,12 +1,15 @@
-"""FGSM, PGD and batched DeepFool against closed forms on affine classifiers, and the attack contract."""
+"""FGSM, PGD and batched DeepFool against closed forms on affine classifiers and reference loops, PGD's L2 starts
+against their norm distributions, and the attack contract."""
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy import stats
 from torch import nn
 
-from advreg.attacks import deepfool, fgsm, pgd
+from advreg.attacks import deepfool, deepfool_with_source, fgsm, pgd
+from advreg.evaluate import margin
 
 DT = torch.float64
 
@@ -129,11 +132,16 @@ def test_bad_attack_arguments_say_what_to_do():
         pgd(model, x, y, 0.1, 0.01, 3, norm="l1")
     with pytest.raises(ValueError, match="steps"):
         deepfool(model, x, steps=0)
+    for bad in (1, 0, 2.5):
+        with pytest.raises(ValueError, match="candidates"):
+            deepfool(model, x, candidates=bad)
+    with pytest.raises(ValueError, match="start"):
+        pgd(model, x, y, 0.1, 0.01, 3, norm="l2", start="sphere")
+    with pytest.raises(ValueError, match="start"):
+        pgd(model, x, y, 0.1, 0.01, 3, norm="linf", start="radius")
 
 
 def test_the_test_margin_is_the_mean_exact_distance_on_an_affine_classifier():
-    from advreg.evaluate import margin
-
     torch.manual_seed(5)
     model = nn.Linear(6, 4).double()
     x = torch.randn(300, 6, dtype=torch.float64)
@@ -145,3 +153,119 @@ def test_the_test_margin_is_the_mean_exact_distance_on_an_affine_classifier():
     result = margin(model, x, batch_size=128)  # three batches, the last one short
     assert result["margin_success"] == 100.0
     assert result["margin"] == pytest.approx(1.02 * gaps.min(1).values.mean().item(), rel=1e-9)
+
+
+# -- DeepFool's candidate classes, the two-class path toward a label, and the input box ----------------
+def tanh_net(k=6, d=6, seed=4):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d, 24), nn.Tanh(), nn.Linear(24, k)).to(DT)
+
+
+def goal_reached(prediction, source, label):
+    return prediction == label if label is not None else prediction != source
+
+
+def deepfool_loop(model, x, steps, overshoot=0.02, candidates=None, box=None, labels=None):
+    """DeepFool one sample at a time with the full Jacobian (each of the K classes by its own autograd call) and
+    torchattacks' iterate x ← clip(x + (1 + overshoot)·δ): untargeted over the top ``candidates`` classes at x, or,
+    for a sample whose label is not its prediction, across the current-prediction/label boundary each step.
+    Returns r (B, D) and success (B,)."""
+    perturbations, successes = [], []
+    for i, x0 in enumerate(x):
+        scores = model(x0[None])[0].detach()
+        source = int(scores.argmax())
+        top = scores.argsort(descending=True)[:candidates or len(scores)].tolist()
+        label = None if labels is None or int(labels[i]) == source else int(labels[i])
+        point = x0.clone()
+        for _ in range(steps):
+            point = point.detach().requires_grad_(True)
+            f = model(point[None])[0]
+            if goal_reached(int(f.argmax()), source, label):
+                break
+            jac = torch.stack([torch.autograd.grad(f[c], point, retain_graph=True)[0] for c in range(len(f))])
+            base = int(f.argmax()) if label is not None else source
+            others = [label] if label is not None else [c for c in top if c != source]
+            best = min(others, key=lambda c: ((f[c] - f[base]).abs() / (jac[c] - jac[base]).norm()).item())
+            w = jac[best] - jac[base]
+            point = point.detach() + (1 + overshoot) * (f[best] - f[base]).abs().detach() / w.pow(2).sum() * w
+            point = point.clamp(*box) if box is not None else point
+        perturbations.append((point - x0).detach())
+        successes.append(goal_reached(int(model(point[None]).argmax()), source, label))
+    return torch.stack(perturbations), torch.tensor(successes)
+
+
+@pytest.mark.parametrize("candidates", [2, 3, 6, None])
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_deepfool_over_the_top_candidates_is_the_per_sample_loop(candidates, with_labels):
+    model, (x, _) = tanh_net(), batch(n=40)
+    x = 4 * x - 2
+    labels = None
+    if with_labels:  # a third misclassified, pushed toward a label by two copies, not K
+        pred = model(x).argmax(1)
+        labels = torch.where(torch.arange(40) % 3 == 0, (pred + 1 + torch.arange(40) % 5) % 6, pred)
+    r, success, source = deepfool_with_source(model, x, steps=8, candidates=candidates, labels=labels)
+    expected_r, expected_success = deepfool_loop(model, x, 8, candidates=candidates, labels=labels)
+    torch.testing.assert_close(r, expected_r, rtol=1e-9, atol=1e-12)
+    assert torch.equal(success, expected_success) and torch.equal(source, model(x).argmax(1))
+    assert success.float().mean() > 0.8
+    if candidates == 2:  # the restriction matters: another class's boundary was nearer for some samples
+        full, _ = deepfool_loop(model, x, 8, labels=labels)
+        assert (r - full).norm(dim=1).max() > 1e-3
+
+
+def test_all_classes_as_candidates_is_no_restriction_bit_for_bit():
+    model, (x, y) = tanh_net(), batch(n=40, k=6)
+    for labels in (None, y):
+        plain = deepfool(model, 4 * x - 2, steps=8, labels=labels)
+        for candidates in (6, 50):
+            restricted = deepfool(model, 4 * x - 2, steps=8, labels=labels, candidates=candidates)
+            assert all(torch.equal(a, b) for a, b in zip(plain, restricted))
+
+
+def test_deepfool_in_a_box_clips_every_iterate_as_torchattacks():
+    model, (x, _) = tanh_net(seed=6), batch(n=40)
+    box = (0.0, 1.0)
+    free, _, _ = deepfool(model, x, steps=10)
+    assert (((x + free) < 0) | ((x + free) > 1)).any(dim=1).float().mean() > 0.3  # unclipped, it leaves the box
+    seen = []
+    handle = model.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    r, norms, success = deepfool(model, x, steps=10, box=box)
+    handle.remove()
+    inputs = torch.cat(seen)
+    assert len(seen) > 3 and inputs.min() >= 0 and inputs.max() <= 1  # every point the model saw
+    expected_r, expected_success = deepfool_loop(model, x, 10, box=box)
+    torch.testing.assert_close(r, expected_r, rtol=1e-9, atol=1e-12)
+    assert torch.equal(success, expected_success) and success.any()  # in the box, fewer samples get across
+    assert (x + r).min() >= -1e-12 and (x + r).max() <= 1 + 1e-12
+    assert margin(model, x, steps=10, batch_size=16, box=box)["margin"] == pytest.approx(norms.mean().item(),
+                                                                                         rel=1e-12)
+
+
+def test_a_box_that_does_not_bind_leaves_deepfool_of_an_affine_classifier_unchanged():
+    model, (x, y) = affine(k=5), batch(k=5)
+    for labels in (None, y):
+        free = deepfool(model, x, steps=5, labels=labels)
+        boxed = deepfool(model, x, steps=5, labels=labels, box=(-100.0, 100.0))
+        assert (x + free[0]).abs().max() < 50
+        for a, b in zip(free, boxed):
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
+
+
+# -- PGD's L2 random starts ---------------------------------------------------------------------------
+@pytest.mark.parametrize("start, power", [("ball", 1 / 12), ("radius", 1.0)])
+def test_l2_random_starts_have_the_norm_distribution_of_their_rule(start, power):
+    """Uniform in the d-ball: ‖δ‖/ε ~ U^(1/d), i.e. (‖δ‖/ε)^d ~ U; torchattacks' start: ‖δ‖/ε ~ U."""
+    model = nn.Linear(12, 3).to(DT)
+    x, y = torch.full((4000, 12), 0.5, dtype=DT), torch.zeros(4000, dtype=torch.long)
+    gen = torch.Generator().manual_seed(7)
+    delta = pgd(model, x, y, eps=0.3, alpha=0.1, steps=0, norm="l2", start=start, generator=gen) - x
+    ratio = delta.norm(dim=1) / 0.3
+    assert stats.kstest(ratio.pow(1 / power).numpy(), "uniform").pvalue > 0.01
+    other = 1.0 if power != 1.0 else 1 / 12  # the other rule is far off
+    assert stats.kstest(ratio.pow(1 / other).numpy(), "uniform").pvalue < 1e-6
+    direction = delta / delta.norm(dim=1, keepdim=True)
+    assert direction.mean(0).abs().max() < 0.05  # isotropic
+    default = pgd(model, x, y, eps=0.3, alpha=0.1, steps=0, norm="l2", generator=torch.Generator().manual_seed(7))
+    ball = pgd(model, x, y, eps=0.3, alpha=0.1, steps=0, norm="l2", start="ball",
+               generator=torch.Generator().manual_seed(7))
+    assert torch.equal(default, ball)  # the ball stays the default

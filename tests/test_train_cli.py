@@ -175,6 +175,7 @@ def test_the_test_margin_is_over_the_first_samples_or_off(tmp_path):
     base = resolve(TrainConfig(epochs=1), ["data.name=digits", "model.hidden=8"])
     few = train(resolve(base, ["robust.margin_samples=50"]), tmp_path / "few", progress=False)
     _, data, model = load_run(tmp_path / "few")
-    assert few["test_margin"] == pytest.approx(margin(model, data.test[0][:50])["margin"])
+    box = (data.train[0].min().item(), data.train[0].max().item())  # the data's input range
+    assert few["test_margin"] == pytest.approx(margin(model, data.test[0][:50], box=box)["margin"])
     off = train(resolve(base, ["robust.margin_samples=0"]), tmp_path / "off", progress=False)
     assert "test_margin" not in off and "test_error" in off

@@ -6,7 +6,7 @@ Every attack runs in eval mode, restores the caller's mode, and never changes th
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -25,22 +25,27 @@ def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, box: Box = None) ->
 
 def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps: int, norm: str = "linf",
         random_start: bool = True, box: Box = None, generator: torch.Generator | None = None,
-        objective: str = "ce") -> Tensor:
+        objective: str = "ce", start: str = "ball") -> Tensor:
     """``steps`` ascent steps of size α, each projected on the ε-ball around x (L∞ or L2) and on the box.
 
     ``objective="ce"`` ascends CE(f(x'), y) from a uniform start in the ball (Madry et al.; AWP's Algorithm 2);
     ``"kl"`` ascends KL(p(x) ‖ p(x')), TRADES's inner maximization (AWP paper Eq. 16), from TRADES's start
     x + 0.001·N(0, I) (0.001 of the box's width when a box is given, the code's 0.001 on [0, 1] images).
+    L2's CE start: ``start="ball"`` draws δ uniform in the d-dimensional ε-ball (‖δ‖/ε ~ U^(1/d), near the
+    sphere for large d); ``"radius"`` is torchattacks' PGDL2, a uniform direction at the radius ε·U (‖δ‖/ε ~ U).
     """
     _check_eps(eps)
     if norm not in ("linf", "l2") or objective not in ("ce", "kl"):
         raise ValueError(f"norm must be 'linf' or 'l2' and objective 'ce' or 'kl', got {norm!r} and {objective!r}")
+    if start not in ("ball", "radius") or (start == "radius" and norm != "l2"):
+        raise ValueError(f"start must be 'ball' or, for norm='l2', 'radius' (torchattacks' L2 start); got "
+                         f"start={start!r} with norm={norm!r}")
     if alpha <= 0 or not (isinstance(steps, int) and steps >= 0):
         raise ValueError(f"alpha must be > 0 and steps an integer >= 0, got alpha={alpha!r}, steps={steps!r}")
     x = x.detach()
     with eval_mode(model):
         target = y if objective == "ce" else _log_probs(model, x)  # labels (B,), or log p(x) (B, K)
-        x_adv = _clip(x + _start(x, eps, norm, objective, random_start, box, generator), box)
+        x_adv = _clip(x + _start(x, eps, norm, objective, random_start, box, generator, start), box)
         for _ in range(steps):
             grad = _input_grad(model, x_adv, target)
             step = grad.sign() if norm == "linf" else grad / _per_sample(sample_norms(grad).clamp_min(1e-12), x)
@@ -49,51 +54,80 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps:
 
 
 def deepfool(model: nn.Module, x: Tensor, steps: int = 50, overshoot: float = 0.02, create_graph: bool = False,
-             labels: Tensor | None = None, high_order: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+             labels: Tensor | None = None, high_order: bool = True, candidates: int | None = None,
+             box: Box = None) -> tuple[Tensor, Tensor, Tensor]:
     """Minimal L2 perturbations that change each sample's predicted class, all samples at once.
 
     Returns ``(perturbation, norms, success)``: r with x + r past the nearest boundary (each linearized step
     scaled by 1 + overshoot), its per-sample L2 norms (B,), and whether the attack reached its goal (B,).
-    Without ``labels`` the source class is the prediction at x and success means it changed. With ``labels``
-    (the AMM paper, Sec. 3.1.2), a correctly classified sample is attacked the same way, while a misclassified one
-    is pushed toward its label: each step crosses the linearized boundary between its current prediction and the
-    label, and success means it is classified as the label. Each iteration takes one autograd call for all
-    classes of all samples. ``create_graph=True`` keeps r differentiable in the weights (AMM): through ∇f too
-    (high-order gradients), or with ``high_order=False`` through the logits only, ∇f held constant (AMM's
-    ablation, Sec. 4.3.1).
+    Without ``labels`` the source class is the prediction at x and success means it changed; the boundaries
+    considered are those to the ``candidates`` classes with the largest logits at x (the source among them; None:
+    all K; the AMM authors use 10). With ``labels`` (the AMM paper, Sec. 3.1.2), a correctly classified sample is
+    attacked the same way, while a misclassified one is pushed toward its label: each step crosses the linearized
+    boundary between its current prediction and the label (two classes, whatever ``candidates``), and success
+    means it is classified as the label. Each iteration takes one forward and one autograd call for the classes
+    of all samples not yet done, and one forward that checks them.
+
+    ``box=(lo, hi)`` clips every iterate into the input range, as torchattacks does: r is then the clipped
+    perturbation, the evaluation's test margin. ``box=None`` is the unclipped DeepFool of the paper, the form AMM's
+    regularizer differentiates. ``create_graph=True`` keeps r differentiable in the weights (AMM): through ∇f too
+    (high-order gradients; the exact derivative, x + r is not detached inside ∇f), or with ``high_order=False``
+    through the logits only, ∇f held constant (AMM's ablation, Sec. 4.3.1).
     """
-    perturbation, success, _ = deepfool_with_source(model, x, steps, overshoot, create_graph, labels, high_order)
+    perturbation, success, _ = deepfool_with_source(model, x, steps, overshoot, create_graph, labels, high_order,
+                                                    candidates, box)
     return perturbation, sample_norms(perturbation), success
 
 
+Forward = Callable[[Tensor, Tensor], Tensor]
+
+
 def deepfool_with_source(model: nn.Module, x: Tensor, steps: int = 50, overshoot: float = 0.02,
-                         create_graph: bool = False, labels: Tensor | None = None,
-                         high_order: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`deepfool`'s perturbation and success, and the prediction at x (B,) that the attack started from."""
+                         create_graph: bool = False, labels: Tensor | None = None, high_order: bool = True,
+                         candidates: int | None = None, box: Box = None,
+                         forward: Forward | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`deepfool`'s perturbation and success, and the prediction at x (B,) that the attack started from.
+
+    ``forward(inputs, rows)`` computes the logits of ``inputs``, whose row i is a point of sample ``rows[i]`` of x
+    (default ``model(inputs)``); AMM passes one that keeps each sample's dropout masks.
+    """
+    _check_deepfool(x, steps, overshoot, labels, candidates)
+    forward = forward or (lambda inputs, rows: model(inputs))
+    with eval_mode(model):
+        x0 = x.detach()
+        active = torch.arange(len(x0), device=x0.device)  # the samples not yet done
+        with torch.set_grad_enabled(create_graph):
+            logits = forward(x0, active)  # (A, K) at the active samples' iterates
+        top = logits.detach().topk(min(candidates or logits.shape[1], logits.shape[1]), dim=1).indices  # (B, C)
+        source, prediction = top[:, 0], top[:, 0].clone()
+        goal = _Goal(source, labels)
+        r = torch.zeros_like(x0)  # the iterates are clip_box(x0 + r)
+        for _ in range(steps):
+            step = _deepfool_step(forward, _clip(x0[active] + r[active], box), logits, active, goal, top,
+                                  create_graph, high_order)
+            r_active = r[active] + (1 + overshoot) * step
+            if box is not None:
+                r_active = _clip(x0[active] + r_active, box) - x0[active]
+            r = r.index_copy(0, active, r_active)
+            with torch.set_grad_enabled(create_graph):
+                logits = forward(_clip(x0[active] + r_active, box), active)  # the check, and the next step's f
+            prediction[active] = logits.detach().argmax(dim=1)
+            going = ~goal.reached(prediction)[active]
+            if not bool(going.any()):  # every sample done: no pass of copies after the last step
+                break
+            active, logits = active[going], logits[going]
+    return r, goal.reached(prediction), source
+
+
+def _check_deepfool(x: Tensor, steps: int, overshoot: float, labels: Tensor | None, candidates: int | None) -> None:
     if not (isinstance(steps, int) and steps >= 1) or overshoot < 0:
         raise ValueError(f"steps must be an integer >= 1 and overshoot >= 0, got steps={steps!r}, "
                          f"overshoot={overshoot!r}")
     if labels is not None and labels.shape != (len(x),):
         raise ValueError(f"labels must be class indices of shape ({len(x)},), got {tuple(labels.shape)}")
-    with eval_mode(model):
-        x0 = x.detach()
-        with torch.no_grad():
-            clean = model(x0)  # (B, K)
-        source, num_classes = clean.argmax(dim=1), clean.shape[1]
-        goal = _Goal(source, labels)
-        r_total = torch.zeros_like(x0)
-        active = torch.ones(len(x0), dtype=torch.bool, device=x0.device)
-        for _ in range(steps):
-            r_step, done = _deepfool_step(model, x0 + (1 + overshoot) * r_total, goal, num_classes,
-                                          create_graph, high_order)
-            active = active & ~done
-            if not bool(active.any()):  # one host synchronisation per iteration
-                break
-            r_total = r_total + r_step * _per_sample(active, x0)
-        perturbation = (1 + overshoot) * r_total
-        with torch.no_grad():
-            success = goal.reached(model(x0 + perturbation).argmax(dim=1))
-    return perturbation, success, source
+    if candidates is not None and not (isinstance(candidates, int) and candidates >= 2):
+        raise ValueError(f"candidates (the top classes at x DeepFool considers) must be an integer >= 2, or None "
+                         f"for all classes, got {candidates!r}")
 
 
 class _Goal:
@@ -108,34 +142,45 @@ class _Goal:
         return torch.where(self.targeted, prediction == self.labels, prediction != self.source)
 
 
-def _deepfool_step(model: nn.Module, x: Tensor, goal: _Goal, k: int, create_graph: bool,
-                   high_order: bool) -> tuple[Tensor, Tensor]:
-    """The linearized step toward the chosen boundary, and whether each sample has already reached its goal."""
-    batch, shape = len(x), x.shape[1:]
-    x_in = x if (create_graph and x.requires_grad) else x.detach().requires_grad_(True)
+def _deepfool_step(forward: Forward, point: Tensor, logits: Tensor, active: Tensor, goal: _Goal, top: Tensor,
+                   create_graph: bool, high_order: bool) -> Tensor:
+    """The linearized step (A, ...) of the active samples from their iterates ``point`` (A, ...), logits (A, K).
+
+    An untargeted sample considers its top classes at x (the source first, C copies of it); a targeted one its
+    current prediction and its label (2 copies)."""
+    targeted = goal.targeted[active]
+    pair = torch.stack([logits.detach().argmax(dim=1), goal.labels[active]], dim=1)  # (A, 2)
+    groups = [(g, classes[g]) for g, classes in (((~targeted).nonzero().squeeze(1), top[active]),
+                                                   (targeted.nonzero().squeeze(1), pair)) if len(g)]
+    rows = torch.cat([g.repeat_interleave(c.shape[1]) for g, c in groups])  # (R,) the sample of each copy
+    grads = _class_gradients(forward, point, rows, active, torch.cat([c.flatten() for _, c in groups]),
+                             create_graph, high_order)  # (R, D)
+    step = point.new_zeros(len(point), grads.shape[1])
+    for (g, c), w in zip(groups, grads.split([c.numel() for _, c in groups])):
+        step = step.index_copy(0, g, _boundary_step(logits[g].gather(1, c), w.view(*c.shape, -1)))
+    return step.view_as(point)
+
+
+def _class_gradients(forward: Forward, point: Tensor, rows: Tensor, active: Tensor, classes: Tensor,
+                     create_graph: bool, high_order: bool) -> Tensor:
+    """∇ₓ f_classes[i] at point[rows[i]] for every copy i (R, D): one forward and one autograd call."""
+    x_in = point if (create_graph and point.requires_grad) else point.detach().requires_grad_(True)
     with torch.enable_grad():
-        replicated = x_in.unsqueeze(0).expand(k, *x_in.shape).reshape(k * batch, *shape)  # (K·B, ...)
-        rep_logits = model(replicated).view(k, batch, k)  # (K, B, K)
-        logits = rep_logits[0]  # (B, K): every replica holds the same x
-        chosen = rep_logits.diagonal(dim1=0, dim2=2).sum()  # Σ_k Σ_b f_k(x_b) with replica k holding class k
-        (grads,) = torch.autograd.grad(chosen, replicated, create_graph=create_graph and high_order,
-                                       retain_graph=create_graph)  # one call, all classes
-    if not create_graph:
-        logits = logits.detach()
-    grads = grads.view(k, batch, -1).transpose(0, 1)  # (B, K, D): ∇f_k(x_b)
-    current = logits.argmax(dim=1)
-    done = goal.reached(current)
-    base = torch.where(goal.targeted, current, goal.source)  # the class the step moves away from
-    idx = torch.arange(batch, device=x.device)
-    f_diff = logits - logits[idx, base].unsqueeze(1)  # (B, K): f_k - f_base
-    w_diff = grads - grads[idx, base].unsqueeze(1)  # (B, K, D)
-    w_norm = w_diff.norm(dim=2)  # (B, K)
-    distance = (f_diff.abs() / w_norm.clamp_min(1e-12)).detach()
-    distance[idx, base] = float("inf")  # the class itself is no boundary
-    toward = torch.where(goal.targeted, goal.labels, distance.argmin(dim=1))  # (B,)
-    w = w_diff[idx, toward]  # (B, D)
+        copies = x_in[rows]  # (R, ...)
+        chosen = forward(copies, active[rows]).gather(1, classes.unsqueeze(1)).sum()  # Σ_i f_classes[i](copy i)
+        (grads,) = torch.autograd.grad(chosen, copies, create_graph=create_graph and high_order)
+    return grads.flatten(1)
+
+
+def _boundary_step(f: Tensor, w: Tensor) -> Tensor:
+    """The step (N, D) to the nearest linearized boundary between class 0 and another of each sample's classes,
+    from their logits f (N, C) and input gradients w (N, C, D)."""
+    f_diff, w_diff = f[:, 1:] - f[:, :1], w[:, 1:] - w[:, :1]  # (N, C-1), (N, C-1, D)
+    w_norm = w_diff.norm(dim=2)  # (N, C-1)
+    toward = (f_diff.abs() / w_norm.clamp_min(1e-12)).detach().argmin(dim=1)  # (N,)
+    idx = torch.arange(len(f), device=f.device)
     scale = f_diff[idx, toward].abs() / w_norm[idx, toward].pow(2).clamp_min(1e-24)  # |f'| / ‖w‖²
-    return (scale.unsqueeze(1) * w).view_as(x), done
+    return scale.unsqueeze(1) * w_diff[idx, toward]
 
 
 # -- shared pieces ----------------------------------------------------------------------------------
@@ -169,13 +214,13 @@ def _log_probs(model: nn.Module, x: Tensor) -> Tensor:
 
 
 def _start(x: Tensor, eps: float, norm: str, objective: str, random_start: bool, box: Box,
-           generator: torch.Generator | None) -> Tensor:
+           generator: torch.Generator | None, start: str) -> Tensor:
     if not random_start:
         return torch.zeros_like(x)
     if objective == "kl":  # KL's gradient vanishes at x' = x: TRADES starts a hair away
         width = box[1] - box[0] if box is not None else 1.0
         return 0.001 * width * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return _random_start(x, eps, norm, generator)
+    return _random_start(x, eps, norm, generator, start)
 
 
 def sample_norms(t: Tensor) -> Tensor:
@@ -190,12 +235,13 @@ def _project(delta: Tensor, eps: float, norm: str) -> Tensor:
     return delta * _per_sample(factor, delta)
 
 
-def _random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator | None) -> Tensor:
+def _random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator | None,
+                  start: str) -> Tensor:
     if norm == "linf":
         return (torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1) * eps
     direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    d = x[0].numel()
-    radius = eps * torch.rand(len(x), generator=generator, device=x.device, dtype=x.dtype).pow(1.0 / d)
+    u = torch.rand(len(x), generator=generator, device=x.device, dtype=x.dtype)  # (B,)
+    radius = eps * (u.pow(1.0 / x[0].numel()) if start == "ball" else u)  # uniform in the d-ball, or ε·U
     return direction / _per_sample(sample_norms(direction), x) * _per_sample(radius, x)
 
 

@@ -110,6 +110,7 @@ class AMMConfig:
     high_order: bool = True  # differentiate through ∇f; false is the ablation of Sec. 4.3.1
     top_fraction: float = 0.2  # MIN's second condition: among the batch's 20% smallest norms
     clip_value: float = 50.0  # cap of each sample's λ·R term, the truncation of EXP and INV (authors' code)
+    candidates: int = 0  # DeepFool's classes: the top ones at x (the authors' code: 10); 0 is all K
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("rmp", ("stages.perturbation=rmp",), "1", "AMP paper's random model perturbation, radius 0.1"),
     Method("amp", ("stages.perturbation=amp",), "N+1", "Zheng et al., CVPR 2021, Algorithm 1"),
     Method("sam", ("stages.perturbation=sam",), "2", "Foret et al., ICLR 2021"),
-    Method("amm", ("stages.loss=amm", "optim.clip_grad=10.0"), "1, then up to 2(u+2) with MIN or u+2 with AVG (DeepFool, u = 6, K-fold batch)",
+    Method("amm", ("stages.loss=amm", "optim.clip_grad=10.0"),
+           "1, then up to u passes of C copies and 1+u forwards with AVG, twice with MIN (DeepFool, u = 6, "
+           "C = amm.candidates, 2 copies for a misclassified sample)",
            "Yan, Guo & Zhang, TPAMI; MIN+EXP, λ = 32, c = 2, d = 1, gradients clipped at 10"),
     Method("at", AT, "11 (10 for PGD)", AT_PAPER),
     Method("trades", (*AT, "stages.loss=trades"), "13 (11 for PGD: p(x) and 10 steps; 2 for the loss)",

@@ -384,7 +384,8 @@ def final_metrics(run: Run, history: list[dict[str, float]], best: Path | None =
         for key, value in evaluate(run.model, *getattr(run.data, split)).items():
             metrics[f"{split}_{key}"] = None if math.isnan(value) else value
     if run.config.robust.margin_samples > 0:  # DeepFool: K-fold batches for up to 50 steps, costly on big networks
-        for key, value in margin(run.model, run.data.test[0][:run.config.robust.margin_samples]).items():
+        for key, value in margin(run.model, run.data.test[0][:run.config.robust.margin_samples],
+                                 box=(run.data.train[0].min().item(), run.data.train[0].max().item())).items():
             metrics[f"test_{key}"] = None if math.isnan(value) else value
     if run.robust is not None and best is not None:
         metrics.update(robust_metrics(run, history, best))

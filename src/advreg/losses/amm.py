@@ -2,8 +2,11 @@
 
 L_DD (Eq. 6) = (1/n)·[Σ_{k∈T} R(-c‖Δx_k‖) + Σ_{k∈F} R(d‖Δx_k‖)], with Δx_k the DeepFool perturbation of sample k
 (at most u = 6 steps), T the correctly classified samples of the batch and F the others, whose DeepFool goes toward
-their label (Sec. 3.1.2). Δx is differentiated through ∇f (high-order gradients, the default) or with ∇f held
-constant (the ablation of Sec. 4.3.1).
+their label (Sec. 3.1.2). Δx is differentiated through ∇f (high-order gradients, the default: the exact derivative,
+x + r is not detached inside ∇f as in the authors' code) or with ∇f held constant (the ablation of Sec. 4.3.1).
+DeepFool here is the paper's, unclipped (no input box). A correct sample considers the ``candidates`` classes with
+the largest logits at x (0: all K; the authors' ``df_num_label`` is 10), a misclassified one its current prediction
+and its label: two copies.
 
 - Aggregation (Sec. 3.3.1): AVG keeps every sample; MIN keeps a correct sample only if its norm is the smallest
   among the correct samples of its class in the batch and among the batch's 20% smallest, and, by the same rule
@@ -88,8 +91,9 @@ def select_min(norms: Tensor, labels: Tensor, correct: Tensor, usable: Tensor, b
 
 class FrozenDropout:
     """Within the context, each ``nn.Dropout`` draws its mask on the first forward (one per sample) and every
-    later forward reuses it, also for replicated batches (K·B rows, replica-major) and for a chosen subset of
-    the samples (:meth:`select`). Only plain ``nn.Dropout`` (not in-place) is supported."""
+    later forward reuses it: for the batch, for a chosen subset of its samples (:meth:`select`), and for any rows
+    of it, copies in any order (:meth:`forward`, as DeepFool's copies need). An input whose rows it cannot tell
+    is an error. Only plain ``nn.Dropout`` (not in-place) is supported."""
 
     def __init__(self, model: nn.Module):
         self.dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
@@ -114,6 +118,14 @@ class FrozenDropout:
         """Later forwards hold the samples ``rows`` of the first one (None: all of them)."""
         self.rows = rows
 
+    def forward(self, model: nn.Module, inputs: Tensor, rows: Tensor) -> Tensor:
+        """``model(inputs)`` where input row i holds sample ``rows[i]`` of the first forward, and its masks."""
+        previous, self.rows = self.rows, rows
+        try:
+            return model(inputs)
+        finally:
+            self.rows = previous
+
     def _hook(self, module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
         x = args[0]
         if module not in self.masks:  # the first pass draws the masks
@@ -129,10 +141,10 @@ class FrozenDropout:
             return x
         if self.rows is not None:
             mask = mask[self.rows]
-        if len(mask) == 0 or x.shape[0] % len(mask) or x.shape[1:] != mask.shape[1:]:
+        if x.shape != mask.shape:
             raise RuntimeError(f"a frozen dropout mask of shape {tuple(mask.shape)} cannot serve an input of "
-                               f"shape {tuple(x.shape)}")
-        return x * mask.repeat(x.shape[0] // len(mask), *[1] * (mask.dim() - 1))
+                               f"shape {tuple(x.shape)}; pass the rows it holds through FrozenDropout.forward")
+        return x * mask
 
 
 class AMMLoss:
@@ -144,7 +156,7 @@ class AMMLoss:
 
     def __init__(self, criterion: Any, lam: float = 32.0, c: float = 2.0, d: float = 1.0, aggregation: str = "min",
                  shrinkage: str = "exp", steps: int = 6, overshoot: float = 0.02, high_order: bool = True,
-                 top_fraction: float = 0.2, clip_value: float = 50.0):
+                 top_fraction: float = 0.2, clip_value: float = 50.0, candidates: int = 0):
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"unknown amm.aggregation {aggregation!r}; choose one of: {', '.join(AGGREGATIONS)}")
         if shrinkage not in SHRINKAGES:
@@ -157,6 +169,9 @@ class AMMLoss:
                              f"{overshoot!r} (the paper uses u = 6 and 0.02)")
         if not 0 < top_fraction <= 1:
             raise ValueError(f"amm.top_fraction must be in (0, 1], got {top_fraction!r} (the paper uses 0.2)")
+        if not (isinstance(candidates, int) and (candidates == 0 or candidates >= 2)):
+            raise ValueError(f"amm.candidates must be 0 (all classes) or an integer >= 2, got {candidates!r} (the "
+                             "authors' code uses the top 10 classes at x)")
         if shrinkage != "lin" and not clip_value > lam:
             raise ValueError(f"amm.clip_value must exceed amm.lam for {shrinkage.upper()} (it caps λ·R), got "
                              f"clip_value={clip_value!r}, lam={lam!r}")
@@ -164,7 +179,7 @@ class AMMLoss:
         self.lam, self.c, self.d = lam, c, d
         self.aggregation, self.shrinkage = aggregation, shrinkage
         self.steps, self.overshoot, self.high_order = steps, overshoot, high_order
-        self.top_fraction, self.clip_value = top_fraction, clip_value
+        self.top_fraction, self.clip_value, self.candidates = top_fraction, clip_value, candidates
 
     def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         if labels.dim() != 1:
@@ -182,23 +197,24 @@ class AMMLoss:
         frozen = frozen or FrozenDropout(model)
         rows = None
         if self.aggregation == "min":  # a graph-free pass picks the samples, the graph is built for those only
-            r, success, source = self._deepfool(model, x, labels, create_graph=False)
+            r, success, source = self._deepfool(model, x, labels, frozen, None, create_graph=False)
             keep = select_min(sample_norms(r), labels, source == labels, success, len(x), self.top_fraction)
             rows = keep.nonzero().squeeze(1)
             if rows.numel() == 0:
                 return x.new_zeros(())
-        frozen.select(rows)
-        try:
-            x_sub, y_sub = (x, labels) if rows is None else (x[rows], labels[rows])
-            r, success, source = self._deepfool(model, x_sub, y_sub, create_graph=True)
-        finally:
-            frozen.select(None)
+        x_sub, y_sub = (x, labels) if rows is None else (x[rows], labels[rows])
+        r, success, source = self._deepfool(model, x_sub, y_sub, frozen, rows, create_graph=True)
         kept = success.nonzero().squeeze(1)
         terms = margin_terms(sample_norms(r[kept]), (source == y_sub)[kept], self.lam, self.c, self.d, self.shrinkage,
                              self.clip_value)
         return terms.sum() / len(x)
 
-    def _deepfool(self, model: nn.Module, x: Tensor, labels: Tensor, create_graph: bool) -> tuple[Tensor, ...]:
-        return deepfool_with_source(model, x, self.steps, self.overshoot, create_graph=create_graph, labels=labels,
-                                    high_order=self.high_order)
+    def _deepfool(self, model: nn.Module, x: Tensor, labels: Tensor, frozen: FrozenDropout, rows: Tensor | None,
+                  create_graph: bool) -> tuple[Tensor, ...]:
+        """Unclipped DeepFool (the paper's Δx, no input box) of ``x``, the batch's ``rows`` (None: all of it)."""
+        def forward(inputs: Tensor, sub: Tensor) -> Tensor:  # sub indexes x; the masks are the batch's
+            return frozen.forward(model, inputs, sub if rows is None else rows[sub])
 
+        return deepfool_with_source(model, x, self.steps, self.overshoot, create_graph=create_graph, labels=labels,
+                                    high_order=self.high_order, candidates=self.candidates or None,
+                                    forward=forward)
