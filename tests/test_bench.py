@@ -91,6 +91,61 @@ def test_bench_bad_input_is_one_line(capsys, tmp_path, monkeypatch, argv, words)
     assert not (tmp_path / "x").exists()
 
 
+BAD_NUMBERS = [(["--set", f"{key}={text}"], f"{key} must be a finite number")
+               for key in ("optim.lr", "optim.weight_decay", "optim.lr_decay", "amp.epsilon", "loss.flooding")
+               for text in ("nan", "inf", "-inf", "1e400")]
+BAD_NUMBERS += [(["--set", "optim.milestones=0.5,inf"], "optim.milestones must be a finite number"),
+                (["--grid", "amp.epsilon=0.1,nan"], "amp.epsilon must be a finite number"),
+                (["--variant", "big=amp:amp.inner_lr=1e400"], "amp.inner_lr must be a finite number")]
+
+
+BAD_COMMANDS = [(command, *case) for command in ("train", "bench") for case in BAD_NUMBERS[:-2]]
+BAD_COMMANDS += [("bench", *case) for case in BAD_NUMBERS[-2:]]
+BAD_COMMANDS += [("train", ["--seed", str(2**64)], "seed must be in [-2**63, 2**63 - 1]"),
+                 ("train", ["--seed", str(-2**63 - 1)], "seed must be in"),
+                 ("bench", ["--jobs", "0"], "--jobs must be >= 1"), ("bench", ["--jobs", "-3"], "--jobs must be >= 1"),
+                 ("bench", ["--seeds", "0"], "--seeds must be >= 1"), ("bench", ["--seeds", str(2**63 + 1)], "at most 2**63")]
+
+
+@pytest.mark.parametrize("command, extra, words", BAD_COMMANDS)
+def test_bad_numbers_are_refused_up_front_in_one_line(capsys, tmp_path, monkeypatch, command, extra, words):
+    monkeypatch.chdir(tmp_path)
+    method = ["--method", "amp"] if command == "train" else ["--methods", "erm,amp"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, *method, "--out", "x", "--quiet", *extra])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.startswith("advreg: error:") and "\n" not in err
+    assert words in err and not (tmp_path / "x").exists()
+
+
+def test_a_run_given_twice_is_planned_once():
+    def runs(methods, grid, seeds=1):
+        return [(s.method, s.point, s.seed) for s in _plan(methods, grid, seeds)]
+
+    assert runs(["amp"], ["amp.epsilon=0.1,0.1"]) == [("amp", ("amp.epsilon=0.1",), 0)]
+    assert runs(["amp"], ["amp.epsilon=0.1,0.10,1e-1"], seeds=2) == [("amp", ("amp.epsilon=0.1",), 0),
+                                                                      ("amp", ("amp.epsilon=0.1",), 1)]
+    assert runs(["amp"], ["amp.epsilon=0.1", "amp.epsilon=0.5,0.1"]) == [("amp", ("amp.epsilon=0.1",), 0),
+                                                                         ("amp", ("amp.epsilon=0.5",), 0)]
+    assert runs(["erm", "amp", "erm"], []) == [("erm", (), 0), ("amp", (), 0)]
+    twice = [bench.parse_variant("a=amp:amp.epsilon=0.2"), bench.parse_variant("a=amp:amp.epsilon=0.20")]
+    assert runs(twice, []) == [("a", (), 0)]
+    assert runs([bench.parse_variant("m=amm:amm.lam=8|8.0|32")], []) == [("m", ("amm.lam=8",), 0),
+                                                                        ("m", ("amm.lam=32",), 0)]
+    assert runs(["amp", bench.Variant("amp", "amp", ("amp.epsilon=0.5",))], []) == [("amp", (), 0)]  # the default
+    with pytest.raises(ValueError, match="share a name"):  # one label, two settings: which one is meant?
+        _plan([bench.parse_variant("a=amp:amp.epsilon=0.2"), bench.parse_variant("a=amp:amp.epsilon=0.3")], [])
+
+
+def test_bench_cli_trains_and_lists_a_repeated_run_once(tmp_path, capsys):
+    out = tmp_path / "twice"
+    cli.main(["bench", "--dataset", "digits", "--methods", "amp,amp", "--seeds", "1", "--epochs", "1", "--out",
+              str(out), "--set", "model.hidden=8", "--grid", "amp.epsilon=0.1,0.10,0.1", "--jobs", "2", "--quiet"])
+    assert [r["point"] for r in csv.DictReader((out / "results.csv").open())] == ["amp.epsilon=0.1"]
+    assert [p.name for p in (out / "runs").iterdir()] == ["amp__amp.epsilon=0.1"]
+    assert capsys.readouterr().out.count("| amp |") == 1
+
+
 def test_bench_attacks_adds_robust_columns_and_keeps_them_on_rerun(tmp_path, capsys):
     out = tmp_path / "robust"
     argv = ["bench", "--dataset", "digits", "--methods", "erm,amp", "--seeds", "1", "--epochs", "2",
@@ -133,7 +188,7 @@ def test_variants_are_rows_with_fixed_settings_tuned_by_their_method_grid():
     assert config.optim.milestones == (0.5, 0.8)
     assert specs[1].folder == Path("/b/runs/avg_lin__amm.lam=1/seed0")
     with pytest.raises(ValueError, match="share a name"):
-        bench.plan(TrainConfig(), ["erm", bench.Variant("erm", "erm")], 1, [], {}, Path("/b"))
+        bench.plan(TrainConfig(), ["erm", bench.Variant("erm", "amp")], 1, [], {}, Path("/b"))
     for bad in ("no_method", "x=nope", "a b=amm"):
         with pytest.raises(ValueError, match="--variant"):
             bench.parse_variant(bad)

@@ -21,7 +21,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from advreg.config import TrainConfig
+from advreg.config import SEED_RANGE, TrainConfig
 from advreg.io import atomic_write_bytes, read_json
 from advreg.methods import METHODS, SECTION_OF, resolve
 from advreg.recipes import with_recipe
@@ -80,14 +80,14 @@ class RunSpec:
 
 
 def parse_grid(items: list[str]) -> dict[str, list[str]]:
-    """``["amp.epsilon=0.1,0.5"]`` → ``{"amp.epsilon": ["0.1", "0.5"]}``."""
+    """``["amp.epsilon=0.1,0.5"]`` → ``{"amp.epsilon": ["0.1", "0.5"]}``; a key given twice gets both lists."""
     grid: dict[str, list[str]] = {}
     for item in items:
         key, sep, values = item.partition("=")
         options = [v.strip() for v in values.split(",") if v.strip()]
         if not sep or not key.strip() or not options:
             raise ValueError(f"--grid expects key=v1,v2,..., got {item!r} (example: --grid amp.epsilon=0.1,0.5)")
-        grid[key.strip()] = options
+        grid.setdefault(key.strip(), []).extend(options)
     return grid
 
 
@@ -95,23 +95,34 @@ def plan(base: TrainConfig, methods: list[str | Variant], seeds: int, settings: 
          grid: dict[str, list[str]], out: Path, recipe: str | None = None) -> list[RunSpec]:
     """Every (method or variant, grid point, seed) run; a grid key of a stage a method does not use skips it.
     A variant's own grid (``amm.lam=8|32``) applies to that row, over the shared ``grid`` for the same key.
-    A ``recipe`` (advreg.recipes) goes under every run's settings."""
-    if seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {seeds}")
-    rows = [m if isinstance(m, Variant) else Variant(m, m) for m in methods]
-    if len({r.name for r in rows}) < len(rows):
-        raise ValueError(f"two rows share a name in {[r.name for r in rows]}; give each variant its own label")
-    specs = []
-    for row in rows:
-        fixed = [*settings, *row.settings]
-        row_grid = {k: list(v) for k, v in grid.items() if _applies(base, row.method, fixed, k)} | dict(row.grid)
-        keys = list(row_grid)
-        for values in itertools.product(*(row_grid[k] for k in keys)):
-            point = tuple(f"{k}={v}" for k, v in zip(keys, values))
-            name = row.name + "".join(f"__{p}" for p in point)
-            for seed in range(seeds):
-                config = with_recipe(_with(base, row.method, seed), recipe, [*fixed, *point])
-                specs.append(RunSpec(row.name, point, seed, out / "runs" / name / f"seed{seed}", config))
+    A ``recipe`` (advreg.recipes) goes under every run's settings. A row or a point given twice (``erm,erm``,
+    ``amp.epsilon=0.1,0.10``) is planned once."""
+    if not 1 <= seeds <= SEED_RANGE[1] + 1:
+        raise ValueError(f"--seeds must be >= 1 and at most 2**63 (seeds 0..N-1 are torch seeds), got {seeds}")
+    planned: dict[str, list[RunSpec]] = {}
+    for row in (m if isinstance(m, Variant) else Variant(m, m) for m in methods):
+        specs = _row_specs(base, row, seeds, [*settings, *row.settings], grid, out, recipe)
+        if row.name in planned and [s.config for s in planned[row.name]] != [s.config for s in specs]:
+            raise ValueError(f"two rows share a name ({row.name!r}) but not their settings; give each variant "
+                             "its own label")
+        planned.setdefault(row.name, specs)
+    return [spec for specs in planned.values() for spec in specs]
+
+
+def _row_specs(base: TrainConfig, row: Variant, seeds: int, fixed: list[str], grid: dict[str, list[str]],
+               out: Path, recipe: str | None) -> list[RunSpec]:
+    """A row's runs, grid points × seeds; a point whose runs are an earlier point's (0.1 and 0.10) is left out."""
+    row_grid = {k: v for k, v in grid.items() if _applies(base, row.method, fixed, k)} | dict(row.grid)
+    specs: list[RunSpec] = []
+    seen: set[TrainConfig] = set()
+    for values in itertools.product(*row_grid.values()):
+        point = tuple(f"{k}={v}" for k, v in zip(row_grid, values))
+        configs = [with_recipe(_with(base, row.method, seed), recipe, [*fixed, *point]) for seed in range(seeds)]
+        if configs[0] in seen:
+            continue
+        seen.add(configs[0])
+        folder = out / "runs" / (row.name + "".join(f"__{p}" for p in point))
+        specs += [RunSpec(row.name, point, seed, folder / f"seed{seed}", c) for seed, c in enumerate(configs)]
     return specs
 
 
