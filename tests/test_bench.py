@@ -1,6 +1,12 @@
 """``advreg bench``: the plan, validation-only selection, resumption, and its files."""
+import contextlib
 import csv
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -225,3 +231,83 @@ def test_adversarial_training_rows_are_chosen_by_the_best_checkpoints_validation
     header, _, line = summary.splitlines()[2:5]
     assert "Best: PGD error (%)" in header and "Last: PGD error (%)" in header and "robust gap" in header
     assert "50.50 ± 0.71" in line and "60.00 ± 0.00" in line and "12.00 ± 0.00" in line
+
+
+def _bench_command(out, epochs, jobs):
+    return [sys.executable, "-m", "advreg.cli", "bench", "--dataset", "digits", "--methods", "erm,amp", "--seeds", "1",
+            "--epochs", str(epochs), "--set", "model.hidden=16", "--jobs", str(jobs), "--quiet", "--out", str(out)]
+
+
+def _children(pid):
+    """The processes whose parent is ``pid``, read from /proc: the workers, and multiprocessing's resource tracker."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rpartition(")")[2].split()
+            if int(fields[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid):
+    """Running (a zombie, dead but not yet reaped by its new parent, counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_until(condition, timeout=300.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _results(out):
+    """results.csv without what differs between two benches of the same runs: folders and timings."""
+    return [{k: v for k, v in row.items() if k not in ("folder", "seconds_per_epoch")}
+            for row in csv.DictReader((out / "results.csv").open())]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc")
+def test_a_bench_killed_by_sigkill_takes_its_workers_with_it_and_a_rerun_finishes_it_identically(tmp_path):
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    parent = subprocess.Popen(_bench_command(killed, 25, 2), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_until(lambda: (killed / "runs/erm/seed0/history.csv").exists())  # a worker is training
+    workers = _children(parent.pid)
+    parent.kill()
+    parent.wait()
+    assert len(workers) >= 2 and not (killed / "runs/erm/seed0/metrics.json").exists()  # killed mid-run
+    _wait_until(lambda: not any(_alive(pid) for pid in workers), timeout=5.0)
+    rerun = subprocess.run(_bench_command(killed, 25, 2), capture_output=True, text=True)
+    assert rerun.returncode == 0 and rerun.stderr == ""
+    subprocess.run(_bench_command(whole, 25, 2), check=True, capture_output=True)
+    assert _results(killed) == _results(whole) and all(row["error"] == "" for row in _results(whole))
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc")
+def test_a_worker_killed_mid_run_fails_that_run_only_and_a_rerun_resumes_it(tmp_path):
+    out = tmp_path / "b"
+    parent = subprocess.Popen(_bench_command(out, 25, 1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_until(lambda: (out / "runs/erm/seed0/history.csv").exists())  # one worker: the first run, erm
+    [worker] = [pid for pid in _children(parent.pid) if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    os.kill(worker, signal.SIGKILL)
+    printed, err = parent.communicate(timeout=300)
+    assert parent.returncode == 1 and "| amp |" in printed
+    assert err.startswith("advreg: error: 1 of 2 runs failed") and err.count("\n") == 1
+    assert f"{out / 'runs/erm/seed0'}: its worker process was killed by SIGKILL" in err and "rerun" in err
+    rows = {r["method"]: r for r in csv.DictReader((out / "results.csv").open())}
+    assert "SIGKILL" in rows["erm"]["error"] and rows["erm"]["test_error"] == ""
+    assert rows["amp"]["error"] == "" and float(rows["amp"]["test_error"]) >= 0  # the bench went on
+    rerun = subprocess.run(_bench_command(out, 25, 1), capture_output=True, text=True)
+    assert rerun.returncode == 0 and rerun.stderr == ""
+    assert all(r["error"] == "" for r in csv.DictReader((out / "results.csv").open()))
+
+
+def test_without_the_parent_death_signal_a_worker_watches_its_parent():
+    code = "import os, sys; from advreg.bench import _watch_parent; _watch_parent(int(sys.argv[1]), every=0.01)"
+    orphaned = subprocess.run([sys.executable, "-c", code, "1"], timeout=60)  # pid 1 is not its parent: it ends
+    assert orphaned.returncode == 1
+    with pytest.raises(subprocess.TimeoutExpired):  # its parent lives: it watches on
+        subprocess.run([sys.executable, "-c", code, str(os.getpid())], timeout=3)

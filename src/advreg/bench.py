@@ -7,15 +7,21 @@ reported. Nothing is ever selected on the test set.
 from __future__ import annotations
 
 import csv
+import ctypes
 import dataclasses
 import io
 import itertools
 import math
 import multiprocessing
 import os
+import signal
 import statistics
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import sys
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +38,7 @@ METRICS = ("test_error", "test_nll", "test_ece", "test_margin", "val_error", "va
            "test_error_fgsm", "test_error_pgd", "test_error_fgsm_transfer", "test_error_pgd_transfer",
            "best_test_error", "best_test_robust_error", "last_test_robust_error", "robust_gap", "best_robust_gap",
            "best_val_robust_error", "best_epoch")
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 # with robust tracking (adversarial training) the columns of the AWP paper's tables: best and last checkpoints
 ROBUST_COLUMNS = (("best_test_error", "Best: clean error (%)", 2), ("best_test_robust_error", "Best: PGD error (%)", 2),
                   ("last_test_robust_error", "Last: PGD error (%)", 2), ("robust_gap", "Last: robust gap (%)", 2))
@@ -143,26 +150,123 @@ def _applies(base: TrainConfig, method: str, settings: list[str], key: str) -> b
 def execute(specs: list[RunSpec], jobs: int, progress: bool = True, attacks: tuple[str, ...] = (),
             source: str | None = None) -> list[dict[str, Any]]:
     """Run (or read back) every spec, ``jobs`` processes at a time, then its ``attacks`` (white box, and
-    transferred from the run folder ``source`` if given); one row per run."""
-    rows: list[dict[str, Any]] = []
+    transferred from the run folder ``source`` if given); one row per run, ``failed`` where its worker died or
+    raised (the other runs go on; a rerun resumes it)."""
     for spec in specs:  # a folder from another bench would be read back as if it were this one
         if (spec.folder / CONFIG).exists():
             check_same_run(spec.folder, spec.config)
     todo = [s for s in specs if not _complete(s.folder, attacks, source)]
-    rows += [_row(s, read_json(s.folder / METRICS_FILE)) for s in specs if s not in todo]
+    rows = [_row(s, read_json(s.folder / METRICS_FILE)) for s in specs if s not in todo]
     bar = tqdm(total=len(specs), initial=len(rows), unit="run", desc="bench", disable=not progress)
     threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
-    context = multiprocessing.get_context("spawn")  # a clean interpreter per worker: no forked torch state
-    with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=context) as pool:
-        futures = {pool.submit(_train_one, s.config, str(s.folder), threads, attacks, source): s for s in todo}
-        for future in as_completed(futures):
-            spec = futures[future]
-            metrics, error = future.result()
-            rows.append(_row(spec, metrics, error))
-            bar.update()
+    for spec, (metrics, error, failed) in _run_all(todo, max(1, jobs), threads, (attacks, source)):
+        rows.append({**_row(spec, metrics, error), "failed": failed})
+        bar.update()
     bar.close()
     order = {s.folder: i for i, s in enumerate(specs)}
     return sorted(rows, key=lambda r: order[Path(r["folder"])])
+
+
+Reply = tuple[dict[str, Any] | None, str, bool]  # a worker's answer: metrics, error, failed
+
+
+def _run_all(todo: list[RunSpec], jobs: int, threads: int,
+             options: tuple[Any, ...]) -> Iterator[tuple[RunSpec, Reply]]:
+    """Train ``todo`` on up to ``jobs`` worker processes, yielding each run's reply as it ends. A worker that
+    dies (SIGKILL, the OOM killer) fails its own run only; a fresh worker takes the next one."""
+    context = multiprocessing.get_context("spawn")  # a clean interpreter per worker: no forked torch state
+    pending, idle, busy = list(reversed(todo)), [], {}
+    try:
+        while pending or busy:
+            while pending and len(busy) < jobs:
+                worker = idle.pop() if idle else _Worker(context, threads)
+                worker.give(pending.pop(), options)
+                busy[worker.conn] = busy[worker.process.sentinel] = worker
+            for worker in {busy[ready] for ready in wait(list(busy))}:
+                del busy[worker.conn], busy[worker.process.sentinel]
+                spec, reply = worker.take()
+                if worker.process.is_alive():  # a raised error leaves it serving; a dead one is replaced
+                    idle.append(worker)
+                yield spec, reply
+    finally:  # done, or interrupted: no worker outlives the bench
+        for worker in {*idle, *busy.values()}:
+            worker.stop()
+
+
+class _Worker:
+    """A spawned process that trains the runs sent through its pipe, one at a time, and ends with the bench:
+    idle, its pipe closes; mid-run, the parent-death signal (:func:`_end_with`)."""
+
+    def __init__(self, context: Any, threads: int):
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_serve, args=(child, threads, os.getpid()), daemon=True)
+        self.process.start()
+        child.close()  # the worker holds the only other end: its death reads as the end of the pipe here
+        self.spec: RunSpec | None = None
+
+    def give(self, spec: RunSpec, options: tuple[Any, ...]) -> None:
+        self.spec = spec
+        self.conn.send((spec.config, str(spec.folder), *options))
+
+    def take(self) -> tuple[RunSpec, Reply]:
+        """The run's reply, or a failure that says how the worker died."""
+        spec, self.spec = self.spec, None
+        try:
+            return spec, self.conn.recv()
+        except (EOFError, OSError):
+            self.process.join()
+            return spec, (None, _death(self.process.exitcode), True)
+
+    def stop(self) -> None:
+        self.conn.close()  # an idle worker reads the end of its pipe and exits
+        if self.spec is not None:  # mid-run (the bench was interrupted): its last finished epoch is checkpointed
+            self.process.terminate()
+        self.process.join()
+
+
+def _death(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        name = signal.Signals(-exitcode).name
+        oom = " (the out-of-memory killer sends it)" if -exitcode == signal.SIGKILL else ""
+        return f"its worker process was killed by {name}{oom}; rerun the bench to resume it"
+    return f"its worker process exited with status {exitcode}; rerun the bench to resume it"
+
+
+def _serve(conn: Connection, threads: int, parent: int) -> None:
+    """Worker: train each run received until the bench closes the pipe; reply (metrics, error, failed)."""
+    _end_with(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the bench decides
+    tqdm.set_lock(threading.RLock())  # not tqdm's default, a semaphore that a killed worker leaks (a warning at exit)
+    import torch
+
+    torch.set_num_threads(threads)
+    while True:
+        try:
+            task = conn.recv()
+        except EOFError:
+            return
+        try:
+            reply: Reply = (*_train_one(*task), False)
+        except Exception as err:  # a failed run is reported in its row; the bench goes on
+            reply = (None, f"{type(err).__name__}: {err}", True)
+        conn.send(reply)
+
+
+def _end_with(parent: int) -> None:
+    """End this worker when the bench process ``parent`` dies, SIGKILL included; else it would train on and
+    then wait for ever. Linux: the kernel's parent-death signal; elsewhere a thread that watches the parent."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    else:
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # it died before the signal was armed
+        os._exit(1)
+
+
+def _watch_parent(parent: int, every: float = 0.2) -> None:
+    while os.getppid() == parent:  # an orphan is adopted by another process
+        time.sleep(every)
+    os._exit(1)
 
 
 def _complete(folder: Path, attacks: tuple[str, ...], source: str | None = None) -> bool:
@@ -174,19 +278,16 @@ def _complete(folder: Path, attacks: tuple[str, ...], source: str | None = None)
                                         and all(f"test_error_{a}_transfer" in metrics for a in attacks)))
 
 
-def _train_one(config: TrainConfig, folder: str, threads: int, attacks: tuple[str, ...],
+def _train_one(config: TrainConfig, folder: str, attacks: tuple[str, ...],
                source: str | None = None) -> tuple[dict[str, Any] | None, str]:
-    """Worker: train one run folder unless finished, then add the missing robust errors.
+    """Train one run folder unless finished, then add the missing robust errors; (metrics, error).
 
     A diverged run is a result, not a crash. A finished run is not retrained: that would rewrite its
     metrics.json without the robust errors already added to it.
     """
-    import torch
-
     from advreg.robustness import evaluate_run
     from advreg.train import TrainingDiverged, train
 
-    torch.set_num_threads(threads)
     try:
         if not (Path(folder) / METRICS_FILE).exists():
             train(config, folder, resume=True, progress=False)
@@ -248,7 +349,7 @@ def summarize(rows: list[dict[str, Any]], chosen: dict[str, str], title: str) ->
 def write_results(out: Path, rows: list[dict[str, Any]], chosen: dict[str, str]) -> None:
     buffer = io.StringIO()
     fields = ["method", "point", "seed", "selected", *METRICS, "error", "folder"]
-    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     for row in rows:
         writer.writerow({**row, "selected": chosen.get(row["method"]) == row["point"]})
