@@ -51,7 +51,7 @@ def _float_keys(config, prefix=""):
             yield prefix + f.name
 
 
-@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "1e400"])
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "1e400", "1e300", "-3.5e38"])
 def test_every_float_setting_refuses_a_non_finite_value(text):
     float_keys = list(_float_keys(TrainConfig()))
     assert {"optim.lr", "optim.weight_decay", "optim.lr_decay", "optim.milestones", "amp.epsilon"} <= set(float_keys)

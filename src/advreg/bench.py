@@ -227,9 +227,9 @@ class _Worker:
 def _death(exitcode: int | None) -> str:
     if exitcode is not None and exitcode < 0:
         name = signal.Signals(-exitcode).name
-        oom = " (the out-of-memory killer sends it)" if -exitcode == signal.SIGKILL else ""
-        return f"its worker process was killed by {name}{oom}; rerun the bench to resume it"
-    return f"its worker process exited with status {exitcode}; rerun the bench to resume it"
+        oom = ", as the out-of-memory killer does" if -exitcode == signal.SIGKILL else ""
+        return f"its worker process was killed by {name}{oom}; a rerun resumes it"
+    return f"its worker process exited with status {exitcode}; a rerun resumes it"
 
 
 def _serve(conn: Connection, threads: int, parent: int) -> None:

@@ -210,21 +210,22 @@ class TrainConfig:
 # from seed + train.REPLICA_SEED_STRIDE·r: in the signed 64-bit range no two seeds share a stream and no replica's
 # seed leaves torch's range
 SEED_RANGE = (-2**63, 2**63 - 1)
+FLOAT32_MAX = 3.4028234663852886e38  # a setting past it is inf in a float32 tensor (and 1e309 is inf already)
 
 
 def check_numbers(config: Any, prefix: str = "") -> None:
-    """Refuse a NaN or infinite value in any float setting of ``config`` (tuples of floats included): it would
-    train on NaN, and config.json cannot hold it (JSON has no NaN or Infinity)."""
+    """Refuse a NaN, an infinite value, or one beyond float32's range in any float setting of ``config`` (tuples of
+    floats included): it would train on NaN, and config.json cannot hold it (JSON has no NaN or Infinity)."""
     for name, kind in typing.get_type_hints(type(config)).items():
         value, key = getattr(config, name), prefix + name
         if dataclasses.is_dataclass(value):
             check_numbers(value, key + ".")
         elif _is_float_kind(kind):
             items = value if isinstance(value, tuple) else (value,)
-            if any(isinstance(v, numbers.Real) and not math.isfinite(v) for v in items):
+            if any(isinstance(v, numbers.Real) and not abs(v) <= FLOAT32_MAX for v in items):  # NaN fails too
                 default = getattr(type(config)(), name)
-                raise ValueError(f"{key} must be a finite number (1e309 and beyond read as inf), got {value!r}; "
-                                 f"give one, e.g. --set {key}={_text(default)} (the default)")
+                raise ValueError(f"{key} must be a finite number, at most {FLOAT32_MAX:.4g} in size (the tensors' "
+                                 f"float32), got {value!r}; give one, e.g. --set {key}={_text(default)} (the default)")
 
 
 def check_seed(seed: Any) -> None:
