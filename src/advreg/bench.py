@@ -214,6 +214,7 @@ class _Worker:
         try:
             return spec, self.conn.recv()
         except (EOFError, OSError):
+            self.conn.close()
             self.process.join()
             return spec, (None, _death(self.process.exitcode), True)
 
