@@ -4,8 +4,10 @@ import json
 import math
 
 import pytest
+import torch
 
-from advreg.config import TrainConfig, keys, override
+from advreg.config import OptimConfig, TrainConfig, keys, override
+from advreg.train import REPLICA_SEED_STRIDE
 
 
 def test_override_parses_each_type():
@@ -64,7 +66,6 @@ def test_every_float_setting_refuses_a_non_finite_value(text):
 
 
 def test_a_non_finite_value_is_refused_however_the_config_is_built():
-    from advreg.config import OptimConfig
     with pytest.raises(ValueError, match="optim.lr must be a finite number"):
         TrainConfig(optim=OptimConfig(lr=math.nan))
     with pytest.raises(ValueError, match="amp.epsilon must be a finite number"):  # a hand-edited config.json
@@ -76,8 +77,6 @@ def test_a_non_finite_value_is_refused_however_the_config_is_built():
 @pytest.mark.parametrize("seed, ok", [(0, True), (-2**63, True), (2**63 - 1, True), (2**63, False), (2**64, False),
                                       (-2**63 - 1, False)])
 def test_the_seed_is_a_signed_64_bit_integer(seed, ok):
-    import torch
-    from advreg.train import REPLICA_SEED_STRIDE
     if not ok:
         with pytest.raises(ValueError, match=r"seed must be in \[-2\*\*63, 2\*\*63 - 1\]"):
             TrainConfig(seed=seed)

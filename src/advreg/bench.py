@@ -6,6 +6,7 @@ reported. Nothing is ever selected on the test set.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import ctypes
 import dataclasses
@@ -159,9 +160,10 @@ def execute(specs: list[RunSpec], jobs: int, progress: bool = True, attacks: tup
     rows = [_row(s, read_json(s.folder / METRICS_FILE)) for s in specs if s not in todo]
     bar = tqdm(total=len(specs), initial=len(rows), unit="run", desc="bench", disable=not progress)
     threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
-    for spec, (metrics, error, failed) in _run_all(todo, max(1, jobs), threads, (attacks, source)):
-        rows.append({**_row(spec, metrics, error), "failed": failed})
-        bar.update()
+    with contextlib.closing(_run_all(todo, max(1, jobs), threads, (attacks, source))) as results:
+        for spec, (metrics, error, failed) in results:  # closing: the workers stop even if this loop raises
+            rows.append({**_row(spec, metrics, error), "failed": failed})
+            bar.update()
     bar.close()
     order = {s.folder: i for i, s in enumerate(specs)}
     return sorted(rows, key=lambda r: order[Path(r["folder"])])
@@ -199,7 +201,8 @@ class _Worker:
 
     def __init__(self, context: Any, threads: int):
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=_serve, args=(child, threads, os.getpid()), daemon=True)
+        # not a daemon: its training may start processes of its own (torch.compile's)
+        self.process = context.Process(target=_serve, args=(child, threads, os.getpid()))
         self.process.start()
         child.close()  # the worker holds the only other end: its death reads as the end of the pipe here
         self.spec: RunSpec | None = None
@@ -248,7 +251,7 @@ def _serve(conn: Connection, threads: int, parent: int) -> None:
             return
         try:
             reply: Reply = (*_train_one(*task), False)
-        except Exception as err:  # a failed run is reported in its row; the bench goes on
+        except Exception as err:  # noqa: BLE001 - any failure is reported in the run's row; the bench goes on
             reply = (None, f"{type(err).__name__}: {err}", True)
         conn.send(reply)
 

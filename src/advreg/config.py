@@ -5,7 +5,6 @@ A :class:`TrainConfig` and its JSON form (``config.json``) hold everything neede
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 import typing
 from dataclasses import dataclass, field

@@ -383,7 +383,8 @@ def suspects(config: TrainConfig, perturbed: bool) -> str:
 
     first, *others = sorted(radius if perturbed else ("optim.lr", *loss, *radius), key=excess, reverse=True)
     text = f"lower {first} (now {_setting(config, first)}) and start again"
-    return text + (f"; next suspects: {', '.join(f'{k} (now {_setting(config, k)})' for k in others)}" if others else "")
+    rest = ", ".join(f"{key} (now {_setting(config, key)})" for key in others)
+    return text + (f"; next suspects: {rest}" if others else "")
 
 
 def _setting(config: TrainConfig, key: str) -> Any:
