@@ -312,3 +312,17 @@ def test_without_the_parent_death_signal_a_worker_watches_its_parent():
     assert orphaned.returncode == 1
     with pytest.raises(subprocess.TimeoutExpired):  # its parent lives: it watches on
         subprocess.run([sys.executable, "-c", code, str(os.getpid())], timeout=3, check=False)
+
+
+def test_a_run_that_raises_fails_alone_and_the_bench_goes_on(tmp_path, capsys):
+    out = tmp_path / "b"
+    (out / "runs/erm/seed0").mkdir(parents=True)
+    (out / "runs/erm/seed0/notes.txt").write_text("not a run")  # train refuses a folder that holds something else
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--dataset", "digits", "--methods", "erm", "--seeds", "2", "--epochs", "1", "--out", str(out),
+                  "--set", "model.hidden=8", "--jobs", "1", "--quiet"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.count("\n") == 1
+    assert err.startswith(f"advreg: error: 1 of 2 runs failed ({out / 'runs/erm/seed0'}: RunFolderError: ")
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert "RunFolderError" in rows[0]["error"] and rows[1]["error"] == "" and float(rows[1]["test_error"]) >= 0
