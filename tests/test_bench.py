@@ -1,6 +1,12 @@
 """``advreg bench``: the plan, validation-only selection, resumption, and its files."""
+import contextlib
 import csv
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,6 +97,62 @@ def test_bench_bad_input_is_one_line(capsys, tmp_path, monkeypatch, argv, words)
     assert not (tmp_path / "x").exists()
 
 
+BAD_NUMBERS = [(["--set", f"{key}={text}"], f"{key} must be a finite number")
+               for key in ("optim.lr", "optim.weight_decay", "optim.lr_decay", "amp.epsilon", "loss.flooding")
+               for text in ("nan", "inf", "-inf", "1e400", "1e39")]
+BAD_NUMBERS += [(["--set", "optim.milestones=0.5,inf"], "optim.milestones must be a finite number"),
+                (["--grid", "amp.epsilon=0.1,nan"], "amp.epsilon must be a finite number"),
+                (["--variant", "big=amp:amp.inner_lr=1e400"], "amp.inner_lr must be a finite number")]
+
+
+BAD_COMMANDS = [(command, *case) for command in ("train", "bench") for case in BAD_NUMBERS[:-2]]
+BAD_COMMANDS += [("bench", *case) for case in BAD_NUMBERS[-2:]]
+BAD_COMMANDS += [("train", ["--seed", str(2**64)], "seed must be in [-2**63, 2**63 - 1]"),
+                 ("train", ["--seed", str(-2**63 - 1)], "seed must be in"),
+                 ("bench", ["--jobs", "0"], "--jobs must be >= 1"), ("bench", ["--jobs", "-3"], "--jobs must be >= 1"),
+                 ("bench", ["--seeds", "0"], "--seeds must be >= 1"),
+                 ("bench", ["--seeds", str(2**63 + 1)], "at most 2**63")]
+
+
+@pytest.mark.parametrize("command, extra, words", BAD_COMMANDS)
+def test_bad_numbers_are_refused_up_front_in_one_line(capsys, tmp_path, monkeypatch, command, extra, words):
+    monkeypatch.chdir(tmp_path)
+    method = ["--method", "amp"] if command == "train" else ["--methods", "erm,amp"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, *method, "--out", "x", "--quiet", *extra])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.startswith("advreg: error:") and "\n" not in err
+    assert words in err and not (tmp_path / "x").exists()
+
+
+def test_a_run_given_twice_is_planned_once():
+    def runs(methods, grid, seeds=1):
+        return [(s.method, s.point, s.seed) for s in _plan(methods, grid, seeds)]
+
+    assert runs(["amp"], ["amp.epsilon=0.1,0.1"]) == [("amp", ("amp.epsilon=0.1",), 0)]
+    assert runs(["amp"], ["amp.epsilon=0.1,0.10,1e-1"], seeds=2) == [("amp", ("amp.epsilon=0.1",), 0),
+                                                                      ("amp", ("amp.epsilon=0.1",), 1)]
+    assert runs(["amp"], ["amp.epsilon=0.1", "amp.epsilon=0.5,0.1"]) == [("amp", ("amp.epsilon=0.1",), 0),
+                                                                         ("amp", ("amp.epsilon=0.5",), 0)]
+    assert runs(["erm", "amp", "erm"], []) == [("erm", (), 0), ("amp", (), 0)]
+    twice = [bench.parse_variant("a=amp:amp.epsilon=0.2"), bench.parse_variant("a=amp:amp.epsilon=0.20")]
+    assert runs(twice, []) == [("a", (), 0)]
+    assert runs([bench.parse_variant("m=amm:amm.lam=8|8.0|32")], []) == [("m", ("amm.lam=8",), 0),
+                                                                        ("m", ("amm.lam=32",), 0)]
+    assert runs(["amp", bench.Variant("amp", "amp", ("amp.epsilon=0.5",))], []) == [("amp", (), 0)]  # the default
+    with pytest.raises(ValueError, match="share a name"):  # one label, two settings: which one is meant?
+        _plan([bench.parse_variant("a=amp:amp.epsilon=0.2"), bench.parse_variant("a=amp:amp.epsilon=0.3")], [])
+
+
+def test_bench_cli_trains_and_lists_a_repeated_run_once(tmp_path, capsys):
+    out = tmp_path / "twice"
+    cli.main(["bench", "--dataset", "digits", "--methods", "amp,amp", "--seeds", "1", "--epochs", "1", "--out",
+              str(out), "--set", "model.hidden=8", "--grid", "amp.epsilon=0.1,0.10,0.1", "--jobs", "2", "--quiet"])
+    assert [r["point"] for r in csv.DictReader((out / "results.csv").open())] == ["amp.epsilon=0.1"]
+    assert [p.name for p in (out / "runs").iterdir()] == ["amp__amp.epsilon=0.1"]
+    assert capsys.readouterr().out.count("| amp |") == 1
+
+
 def test_bench_attacks_adds_robust_columns_and_keeps_them_on_rerun(tmp_path, capsys):
     out = tmp_path / "robust"
     argv = ["bench", "--dataset", "digits", "--methods", "erm,amp", "--seeds", "1", "--epochs", "2",
@@ -133,7 +195,7 @@ def test_variants_are_rows_with_fixed_settings_tuned_by_their_method_grid():
     assert config.optim.milestones == (0.5, 0.8)
     assert specs[1].folder == Path("/b/runs/avg_lin__amm.lam=1/seed0")
     with pytest.raises(ValueError, match="share a name"):
-        bench.plan(TrainConfig(), ["erm", bench.Variant("erm", "erm")], 1, [], {}, Path("/b"))
+        bench.plan(TrainConfig(), ["erm", bench.Variant("erm", "amp")], 1, [], {}, Path("/b"))
     for bad in ("no_method", "x=nope", "a b=amm"):
         with pytest.raises(ValueError, match="--variant"):
             bench.parse_variant(bad)
@@ -170,3 +232,97 @@ def test_adversarial_training_rows_are_chosen_by_the_best_checkpoints_validation
     header, _, line = summary.splitlines()[2:5]
     assert "Best: PGD error (%)" in header and "Last: PGD error (%)" in header and "robust gap" in header
     assert "50.50 ± 0.71" in line and "60.00 ± 0.00" in line and "12.00 ± 0.00" in line
+
+
+def _bench_command(out, epochs, jobs):
+    return [sys.executable, "-m", "advreg.cli", "bench", "--dataset", "digits", "--methods", "erm", "--seeds", "2",
+            "--epochs", str(epochs), "--set", "model.hidden=16", "--jobs", str(jobs), "--quiet", "--out", str(out)]
+
+
+def _children(pid):
+    """The processes whose parent is ``pid``, read from /proc: the workers, and multiprocessing's resource tracker."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rpartition(")")[2].split()
+            if int(fields[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid):
+    """Running (a zombie, dead but not yet reaped by its new parent, counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_until(condition, timeout=300.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _results(out):
+    """results.csv without what differs between two benches of the same runs: folders and timings."""
+    return [{k: v for k, v in row.items() if k not in ("folder", "seconds_per_epoch")}
+            for row in csv.DictReader((out / "results.csv").open())]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc")
+def test_a_bench_killed_by_sigkill_takes_its_workers_with_it_and_a_rerun_finishes_it_identically(tmp_path):
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    parent = subprocess.Popen(_bench_command(killed, 25, 2), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_until(lambda: (killed / "runs/erm/seed0/history.csv").exists())  # a worker is training
+    workers = _children(parent.pid)
+    parent.kill()
+    parent.wait()
+    assert len(workers) >= 2 and not (killed / "runs/erm/seed0/metrics.json").exists()  # killed mid-run
+    _wait_until(lambda: not any(_alive(pid) for pid in workers), timeout=5.0)
+    rerun = subprocess.run(_bench_command(killed, 25, 2), capture_output=True, text=True, check=False)
+    assert rerun.returncode == 0 and rerun.stderr == ""
+    subprocess.run(_bench_command(whole, 25, 2), check=True, capture_output=True)
+    assert _results(killed) == _results(whole) and all(row["error"] == "" for row in _results(whole))
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc")
+def test_a_worker_killed_mid_run_fails_that_run_only_and_a_rerun_resumes_it(tmp_path):
+    out = tmp_path / "b"
+    parent = subprocess.Popen(_bench_command(out, 25, 1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_until(lambda: (out / "runs/erm/seed0/history.csv").exists())  # one worker: the first run, seed 0
+    [worker] = [pid for pid in _children(parent.pid) if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    os.kill(worker, signal.SIGKILL)
+    printed, err = parent.communicate(timeout=300)
+    assert parent.returncode == 1 and "| erm |" in printed and "| 1/2 |" in printed
+    assert err.startswith("advreg: error: 1 of 2 runs failed") and err.count("\n") == 1
+    assert f"{out / 'runs/erm/seed0'}: its worker process was killed by SIGKILL" in err and "a rerun resumes it" in err
+    rows = {r["seed"]: r for r in csv.DictReader((out / "results.csv").open())}
+    assert "SIGKILL" in rows["0"]["error"] and rows["0"]["test_error"] == ""
+    assert rows["1"]["error"] == "" and float(rows["1"]["test_error"]) >= 0  # the bench went on
+    rerun = subprocess.run(_bench_command(out, 25, 1), capture_output=True, text=True, check=False)
+    assert rerun.returncode == 0 and rerun.stderr == ""
+    assert all(r["error"] == "" for r in csv.DictReader((out / "results.csv").open()))
+
+
+def test_without_the_parent_death_signal_a_worker_watches_its_parent():
+    code = "import os, sys; from advreg.bench import _watch_parent; _watch_parent(int(sys.argv[1]), every=0.01)"
+    orphaned = subprocess.run([sys.executable, "-c", code, "1"], timeout=60, check=False)  # 1 is not its parent
+    assert orphaned.returncode == 1
+    with pytest.raises(subprocess.TimeoutExpired):  # its parent lives: it watches on
+        subprocess.run([sys.executable, "-c", code, str(os.getpid())], timeout=3, check=False)
+
+
+def test_a_run_that_raises_fails_alone_and_the_bench_goes_on(tmp_path, capsys):
+    out = tmp_path / "b"
+    (out / "runs/erm/seed0").mkdir(parents=True)
+    (out / "runs/erm/seed0/notes.txt").write_text("not a run")  # train refuses a folder that holds something else
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--dataset", "digits", "--methods", "erm", "--seeds", "2", "--epochs", "1", "--out", str(out),
+                  "--set", "model.hidden=8", "--jobs", "1", "--quiet"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.count("\n") == 1
+    assert err.startswith(f"advreg: error: 1 of 2 runs failed ({out / 'runs/erm/seed0'}: RunFolderError: ")
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert "RunFolderError" in rows[0]["error"] and rows[1]["error"] == "" and float(rows[1]["test_error"]) >= 0

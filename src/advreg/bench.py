@@ -6,32 +6,40 @@ reported. Nothing is ever selected on the test set.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import ctypes
 import dataclasses
 import io
 import itertools
 import math
 import multiprocessing
 import os
+import signal
 import statistics
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import sys
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from advreg.config import TrainConfig
+from advreg.config import SEED_RANGE, TrainConfig
 from advreg.io import atomic_write_bytes, read_json
 from advreg.methods import METHODS, SECTION_OF, resolve
 from advreg.recipes import with_recipe
-from advreg.train import CONFIG, check_same_run
-from advreg.train import METRICS as METRICS_FILE
+from advreg.runs import CONFIG, check_same_run
+from advreg.runs import METRICS as METRICS_FILE
 
 METRICS = ("test_error", "test_nll", "test_ece", "test_margin", "val_error", "val_nll", "train_error", "seconds_per_epoch",
            "test_error_fgsm", "test_error_pgd", "test_error_fgsm_transfer", "test_error_pgd_transfer",
            "best_test_error", "best_test_robust_error", "last_test_robust_error", "robust_gap", "best_robust_gap",
            "best_val_robust_error", "best_epoch")
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 # with robust tracking (adversarial training) the columns of the AWP paper's tables: best and last checkpoints
 ROBUST_COLUMNS = (("best_test_error", "Best: clean error (%)", 2), ("best_test_robust_error", "Best: PGD error (%)", 2),
                   ("last_test_robust_error", "Last: PGD error (%)", 2), ("robust_gap", "Last: robust gap (%)", 2))
@@ -80,14 +88,14 @@ class RunSpec:
 
 
 def parse_grid(items: list[str]) -> dict[str, list[str]]:
-    """``["amp.epsilon=0.1,0.5"]`` → ``{"amp.epsilon": ["0.1", "0.5"]}``."""
+    """``["amp.epsilon=0.1,0.5"]`` → ``{"amp.epsilon": ["0.1", "0.5"]}``; a key given twice gets both lists."""
     grid: dict[str, list[str]] = {}
     for item in items:
         key, sep, values = item.partition("=")
         options = [v.strip() for v in values.split(",") if v.strip()]
         if not sep or not key.strip() or not options:
             raise ValueError(f"--grid expects key=v1,v2,..., got {item!r} (example: --grid amp.epsilon=0.1,0.5)")
-        grid[key.strip()] = options
+        grid.setdefault(key.strip(), []).extend(options)
     return grid
 
 
@@ -95,23 +103,34 @@ def plan(base: TrainConfig, methods: list[str | Variant], seeds: int, settings: 
          grid: dict[str, list[str]], out: Path, recipe: str | None = None) -> list[RunSpec]:
     """Every (method or variant, grid point, seed) run; a grid key of a stage a method does not use skips it.
     A variant's own grid (``amm.lam=8|32``) applies to that row, over the shared ``grid`` for the same key.
-    A ``recipe`` (advreg.recipes) goes under every run's settings."""
-    if seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {seeds}")
-    rows = [m if isinstance(m, Variant) else Variant(m, m) for m in methods]
-    if len({r.name for r in rows}) < len(rows):
-        raise ValueError(f"two rows share a name in {[r.name for r in rows]}; give each variant its own label")
-    specs = []
-    for row in rows:
-        fixed = [*settings, *row.settings]
-        row_grid = {k: list(v) for k, v in grid.items() if _applies(base, row.method, fixed, k)} | dict(row.grid)
-        keys = list(row_grid)
-        for values in itertools.product(*(row_grid[k] for k in keys)):
-            point = tuple(f"{k}={v}" for k, v in zip(keys, values))
-            name = row.name + "".join(f"__{p}" for p in point)
-            for seed in range(seeds):
-                config = with_recipe(_with(base, row.method, seed), recipe, [*fixed, *point])
-                specs.append(RunSpec(row.name, point, seed, out / "runs" / name / f"seed{seed}", config))
+    A ``recipe`` (advreg.recipes) goes under every run's settings. A row or a point given twice (``erm,erm``,
+    ``amp.epsilon=0.1,0.10``) is planned once."""
+    if not 1 <= seeds <= SEED_RANGE[1] + 1:
+        raise ValueError(f"--seeds must be >= 1 and at most 2**63 (seeds 0..N-1 are torch seeds), got {seeds}")
+    planned: dict[str, list[RunSpec]] = {}
+    for row in (m if isinstance(m, Variant) else Variant(m, m) for m in methods):
+        specs = _row_specs(base, row, seeds, [*settings, *row.settings], grid, out, recipe)
+        if row.name in planned and [s.config for s in planned[row.name]] != [s.config for s in specs]:
+            raise ValueError(f"two rows share a name ({row.name!r}) but not their settings; give each variant "
+                             "its own label")
+        planned.setdefault(row.name, specs)
+    return [spec for specs in planned.values() for spec in specs]
+
+
+def _row_specs(base: TrainConfig, row: Variant, seeds: int, fixed: list[str], grid: dict[str, list[str]],
+               out: Path, recipe: str | None) -> list[RunSpec]:
+    """A row's runs, grid points × seeds; a point whose runs are an earlier point's (0.1 and 0.10) is left out."""
+    row_grid = {k: v for k, v in grid.items() if _applies(base, row.method, fixed, k)} | dict(row.grid)
+    specs: list[RunSpec] = []
+    seen: set[TrainConfig] = set()
+    for values in itertools.product(*row_grid.values()):
+        point = tuple(f"{k}={v}" for k, v in zip(row_grid, values))
+        configs = [with_recipe(_with(base, row.method, seed), recipe, [*fixed, *point]) for seed in range(seeds)]
+        if configs[0] in seen:
+            continue
+        seen.add(configs[0])
+        folder = out / "runs" / (row.name + "".join(f"__{p}" for p in point))
+        specs += [RunSpec(row.name, point, seed, folder / f"seed{seed}", c) for seed, c in enumerate(configs)]
     return specs
 
 
@@ -132,26 +151,126 @@ def _applies(base: TrainConfig, method: str, settings: list[str], key: str) -> b
 def execute(specs: list[RunSpec], jobs: int, progress: bool = True, attacks: tuple[str, ...] = (),
             source: str | None = None) -> list[dict[str, Any]]:
     """Run (or read back) every spec, ``jobs`` processes at a time, then its ``attacks`` (white box, and
-    transferred from the run folder ``source`` if given); one row per run."""
-    rows: list[dict[str, Any]] = []
+    transferred from the run folder ``source`` if given); one row per run, ``failed`` where its worker died or
+    raised (the other runs go on; a rerun resumes it)."""
     for spec in specs:  # a folder from another bench would be read back as if it were this one
         if (spec.folder / CONFIG).exists():
             check_same_run(spec.folder, spec.config)
     todo = [s for s in specs if not _complete(s.folder, attacks, source)]
-    rows += [_row(s, read_json(s.folder / METRICS_FILE)) for s in specs if s not in todo]
+    rows = [_row(s, read_json(s.folder / METRICS_FILE)) for s in specs if s not in todo]
     bar = tqdm(total=len(specs), initial=len(rows), unit="run", desc="bench", disable=not progress)
     threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
-    context = multiprocessing.get_context("spawn")  # a clean interpreter per worker: no forked torch state
-    with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=context) as pool:
-        futures = {pool.submit(_train_one, s.config, str(s.folder), threads, attacks, source): s for s in todo}
-        for future in as_completed(futures):
-            spec = futures[future]
-            metrics, error = future.result()
-            rows.append(_row(spec, metrics, error))
+    with contextlib.closing(_run_all(todo, max(1, jobs), threads, (attacks, source))) as results:
+        for spec, (metrics, error, failed) in results:  # closing: the workers stop even if this loop raises
+            rows.append({**_row(spec, metrics, error), "failed": failed})
             bar.update()
     bar.close()
     order = {s.folder: i for i, s in enumerate(specs)}
     return sorted(rows, key=lambda r: order[Path(r["folder"])])
+
+
+Reply = tuple[dict[str, Any] | None, str, bool]  # a worker's answer: metrics, error, failed
+
+
+def _run_all(todo: list[RunSpec], jobs: int, threads: int,
+             options: tuple[Any, ...]) -> Iterator[tuple[RunSpec, Reply]]:
+    """Train ``todo`` on up to ``jobs`` worker processes, yielding each run's reply as it ends. A worker that
+    dies (SIGKILL, the OOM killer) fails its own run only; a fresh worker takes the next one."""
+    context = multiprocessing.get_context("spawn")  # a clean interpreter per worker: no forked torch state
+    pending, idle, busy = list(reversed(todo)), [], {}
+    try:
+        while pending or busy:
+            while pending and len(busy) < jobs:
+                worker = idle.pop() if idle else _Worker(context, threads)
+                worker.give(pending.pop(), options)
+                busy[worker.conn] = busy[worker.process.sentinel] = worker
+            for worker in {busy[ready] for ready in wait(list(busy))}:
+                del busy[worker.conn], busy[worker.process.sentinel]
+                spec, reply = worker.take()
+                if worker.process.is_alive():  # a raised error leaves it serving; a dead one is replaced
+                    idle.append(worker)
+                yield spec, reply
+    finally:  # done, or interrupted: no worker outlives the bench
+        for worker in {*idle, *busy.values()}:
+            worker.stop()
+
+
+class _Worker:
+    """A spawned process that trains the runs sent through its pipe, one at a time, and ends with the bench:
+    idle, its pipe closes; mid-run, the parent-death signal (:func:`_end_with`)."""
+
+    def __init__(self, context: Any, threads: int):
+        self.conn, child = context.Pipe()
+        # not a daemon: its training may start processes of its own (torch.compile's)
+        self.process = context.Process(target=_serve, args=(child, threads, os.getpid()))
+        self.process.start()
+        child.close()  # the worker holds the only other end: its death reads as the end of the pipe here
+        self.spec: RunSpec | None = None
+
+    def give(self, spec: RunSpec, options: tuple[Any, ...]) -> None:
+        self.spec = spec
+        self.conn.send((spec.config, str(spec.folder), *options))
+
+    def take(self) -> tuple[RunSpec, Reply]:
+        """The run's reply, or a failure that says how the worker died."""
+        spec, self.spec = self.spec, None
+        try:
+            return spec, self.conn.recv()
+        except (EOFError, OSError):
+            self.conn.close()
+            self.process.join()
+            return spec, (None, _death(self.process.exitcode), True)
+
+    def stop(self) -> None:
+        self.conn.close()  # an idle worker reads the end of its pipe and exits
+        if self.spec is not None:  # mid-run (the bench was interrupted): its last finished epoch is checkpointed
+            self.process.terminate()
+        self.process.join()
+
+
+def _death(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        name = signal.Signals(-exitcode).name
+        oom = ", as the out-of-memory killer does" if -exitcode == signal.SIGKILL else ""
+        return f"its worker process was killed by {name}{oom}; a rerun resumes it"
+    return f"its worker process exited with status {exitcode}; a rerun resumes it"
+
+
+def _serve(conn: Connection, threads: int, parent: int) -> None:
+    """Worker: train each run received until the bench closes the pipe; reply (metrics, error, failed)."""
+    _end_with(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the bench decides
+    tqdm.set_lock(threading.RLock())  # not tqdm's default, a semaphore that a killed worker leaks (a warning at exit)
+    import torch
+
+    torch.set_num_threads(threads)
+    while True:
+        try:
+            task = conn.recv()
+        except EOFError:
+            return
+        try:
+            reply: Reply = (*_train_one(*task), False)
+        except Exception as err:  # noqa: BLE001 - any failure is reported in the run's row; the bench goes on
+            reply = (None, f"{type(err).__name__}: {err}", True)
+        conn.send(reply)
+
+
+def _end_with(parent: int) -> None:
+    """End this worker when the bench process ``parent`` dies, SIGKILL included; else it would train on and
+    then wait for ever. Linux: the kernel's parent-death signal; elsewhere a thread that watches the parent."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    else:
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # it died before the signal was armed
+        os._exit(1)
+
+
+def _watch_parent(parent: int, every: float = 0.2) -> None:
+    while os.getppid() == parent:  # an orphan is adopted by another process
+        time.sleep(every)
+    os._exit(1)
 
 
 def _complete(folder: Path, attacks: tuple[str, ...], source: str | None = None) -> bool:
@@ -163,19 +282,16 @@ def _complete(folder: Path, attacks: tuple[str, ...], source: str | None = None)
                                         and all(f"test_error_{a}_transfer" in metrics for a in attacks)))
 
 
-def _train_one(config: TrainConfig, folder: str, threads: int, attacks: tuple[str, ...],
+def _train_one(config: TrainConfig, folder: str, attacks: tuple[str, ...],
                source: str | None = None) -> tuple[dict[str, Any] | None, str]:
-    """Worker: train one run folder unless finished, then add the missing robust errors.
+    """Train one run folder unless finished, then add the missing robust errors; (metrics, error).
 
     A diverged run is a result, not a crash. A finished run is not retrained: that would rewrite its
     metrics.json without the robust errors already added to it.
     """
-    import torch
-
     from advreg.robustness import evaluate_run
     from advreg.train import TrainingDiverged, train
 
-    torch.set_num_threads(threads)
     try:
         if not (Path(folder) / METRICS_FILE).exists():
             train(config, folder, resume=True, progress=False)
@@ -237,7 +353,7 @@ def summarize(rows: list[dict[str, Any]], chosen: dict[str, str], title: str) ->
 def write_results(out: Path, rows: list[dict[str, Any]], chosen: dict[str, str]) -> None:
     buffer = io.StringIO()
     fields = ["method", "point", "seed", "selected", *METRICS, "error", "folder"]
-    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     for row in rows:
         writer.writerow({**row, "selected": chosen.get(row["method"]) == row["point"]})

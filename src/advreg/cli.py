@@ -182,6 +182,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1 (runs in parallel), got {args.jobs}")
     methods: list[str | bench.Variant] = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not (methods or args.variants):
@@ -208,6 +210,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
     summary = bench.summarize(rows, chosen, title)
     atomic_write_bytes(out / "summary.md", summary.encode())
     print(summary, end="")
+    failed = [r for r in rows if r.get("failed")]
+    if failed:  # after the files: every other run is in them
+        runs = "; ".join(f"{r['folder']}: {r['error']}" for r in failed)
+        _fail(f"{len(failed)} of {len(rows)} runs failed ({runs}); the others are in {out / 'results.csv'}; "
+              "run the same command again to resume the failed ones", 1)
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:

@@ -5,6 +5,7 @@ A :class:`TrainConfig` and its JSON form (``config.json``) hold everything neede
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -194,12 +195,53 @@ class TrainConfig:
     robust: RobustConfig = field(default_factory=RobustConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
 
+    def __post_init__(self) -> None:  # every way a config is built (--set, config.json, Python) is checked
+        check_numbers(self)
+        check_seed(self.seed)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         return _from_dict(cls, data, prefix="")
+
+
+# torch seeds from [-2^63, 2^64 - 1], negative ones taken mod 2^64 (-1 is 2^64 - 1), and replica r of a run draws
+# from seed + train.REPLICA_SEED_STRIDE·r: in the signed 64-bit range no two seeds share a stream and no replica's
+# seed leaves torch's range
+SEED_RANGE = (-2**63, 2**63 - 1)
+FLOAT32_MAX = 3.4028234663852886e38  # a setting past it is inf in a float32 tensor (and 1e309 is inf already)
+
+
+def check_numbers(config: Any, prefix: str = "") -> None:
+    """Refuse a NaN, an infinite value, or one beyond float32's range in any float setting of ``config`` (tuples of
+    floats included): it would train on NaN, and config.json cannot hold it (JSON has no NaN or Infinity)."""
+    for name, kind in typing.get_type_hints(type(config)).items():
+        value, key = getattr(config, name), prefix + name
+        if dataclasses.is_dataclass(value):
+            check_numbers(value, key + ".")
+        elif _is_float_kind(kind):
+            items = value if isinstance(value, tuple) else (value,)
+            if any(isinstance(v, numbers.Real) and not abs(v) <= FLOAT32_MAX for v in items):  # NaN fails too
+                default = getattr(type(config)(), name)
+                raise ValueError(f"{key} must be a finite number, at most {FLOAT32_MAX:.4g} in size (the tensors' "
+                                 f"float32), got {value!r}; give one, e.g. --set {key}={_text(default)} (the default)")
+
+
+def check_seed(seed: Any) -> None:
+    low, high = SEED_RANGE
+    if isinstance(seed, numbers.Integral) and not low <= seed <= high:
+        raise ValueError(f"seed must be in [-2**63, 2**63 - 1], the signed 64-bit range torch seeds from, got {seed}")
+
+
+def _is_float_kind(kind: Any) -> bool:
+    return kind is float or (typing.get_origin(kind) is tuple and typing.get_args(kind)[0] is float)
+
+
+def _text(value: Any) -> str:
+    """``value`` as ``--set`` writes it: a tuple as comma-separated items."""
+    return ",".join(str(v) for v in value) if isinstance(value, tuple) else str(value)
 
 
 def override(config: Any, assignments: list[str]) -> Any:

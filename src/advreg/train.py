@@ -26,7 +26,7 @@ from advreg.config import TrainConfig
 from advreg.data import DataSplits, TensorLoader, augment, load_dataset
 from advreg.evaluate import AttackSettings, evaluate, margin, robust_error
 from advreg.losses import LossStage
-from advreg.methods import build_loss, build_optimizer, build_transform, check_preset, validate_stages
+from advreg.methods import build_loss, build_optimizer, build_transform, check_preset, resolve, validate_stages
 from advreg.recipes import get_recipe
 from advreg.transforms import Transform
 from advreg.transforms.adversarial import level as pixel_level
@@ -291,7 +291,7 @@ def train_epoch(run: Run, epoch: int) -> tuple[float, float]:
     train_loss = loss_sum / n
     if not math.isfinite(train_loss):
         raise TrainingDiverged(f"the training loss became {train_loss} in epoch {epoch + 1}; "
-                               "lower optim.lr or the perturbation radius and start again")
+                               f"{suspects(run.config, perturbed=False)}")
     if run.scaler is not None and run.scaler.get_scale() < MIN_LOSS_SCALE:  # every step overflows: none is taken
         raise TrainingDiverged(f"float16 training skipped its steps until the loss scale fell to "
                                f"{run.scaler.get_scale():.3g} in epoch {epoch + 1}: the passes overflow float16 "
@@ -360,11 +360,40 @@ def _optimizer_step(run: Run, closure: Callable[[], Tensor]) -> Tensor:
             loss = closure()
             scaler.step(run.optimizer)
     except NonFiniteLossError as err:
-        raise TrainingDiverged(f"training {run.config.method} diverged: {err} "
-                               "(settings optim.lr, amp.epsilon, sam.rho)") from None
+        raise TrainingDiverged(f"training {run.config.method} diverged: {err}; in this run, "
+                               f"{suspects(run.config, err.perturbed)}") from None
     if scaler is not None:
         scaler.update()
     return loss
+
+
+RADIUS_KEYS = {"amp": ("amp.epsilon", "amp.inner_lr"), "sam": ("sam.rho",), "awp": ("awp.gamma",),
+               "rmp": ("rmp.epsilon",), "rwp": ("rwp.gamma",)}  # the size of each weight perturbation's Δ
+LOSS_KEYS = {"ce": ("loss.flooding", "loss.smoothing"), "amm": ("amm.lam",), "trades": ("trades.beta",),
+             "mart": ("mart.beta",)}  # what scales each loss stage (a 0 is off)
+
+
+def suspects(config: TrainConfig, perturbed: bool) -> str:
+    """What to lower after a NaN or inf loss, the likeliest setting first: the perturbation's size if only a
+    ``perturbed`` pass (at θ+Δ) was non-finite; else the learning rate, the loss's settings that are on, or the
+    perturbation's size (its gradient moved the weights). First the one furthest above its method's default."""
+    radius = RADIUS_KEYS.get(config.stages.perturbation, ())
+    loss = tuple(key for key in LOSS_KEYS.get(config.stages.loss, ()) if _setting(config, key))
+    preset = resolve(TrainConfig(method=config.method), [])
+
+    def excess(key: str) -> float:  # a default of 0 (a loss term off by default) tells nothing
+        default = _setting(preset, key)
+        return abs(_setting(config, key) / default) if default else 1.0
+
+    first, *others = sorted(radius if perturbed else ("optim.lr", *loss, *radius), key=excess, reverse=True)
+    text = f"lower {first} (now {_setting(config, first)}) and start again"
+    rest = ", ".join(f"{key} (now {_setting(config, key)})" for key in others)
+    return text + (f"; next suspects: {rest}" if others else "")
+
+
+def _setting(config: TrainConfig, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
 
 
 def _autocast(run: Run):

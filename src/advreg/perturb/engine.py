@@ -276,7 +276,7 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
         """Raise on a non-finite loss (every replica alike); under a grad scaler, an overflow at θ+Δ (or in any
         pass that built Δ) marks the final gradient instead, so that the scaler skips the step."""
         if self.grad_scaler is None:
-            _require_finite(losses, "at θ or at perturbed weights θ+Δ", self._agreement())
+            _require_finite(losses, "at θ or at perturbed weights θ+Δ", self._agreement(), clean_first=clean)
             return
         _require_finite(losses[:1] if clean else [], "at the weights θ", self._agreement())
         overflow.check_loss(losses[-1])
@@ -485,12 +485,18 @@ def _checked(closure: Closure | None, name: str, losses: list[Tensor]) -> Closur
 
 
 class NonFiniteLossError(ValueError):
-    """The loss of a step was NaN or inf; the weights were left at θ and no step was taken."""
+    """The loss of a step was NaN or inf; the weights were left at θ and no step was taken. ``perturbed``: the
+    pass at θ was finite and a pass at perturbed weights θ+Δ was not (the perturbation's size is at fault)."""
+
+    def __init__(self, message: str, perturbed: bool = False):
+        super().__init__(message)
+        self.perturbed = perturbed
 
 
 def _require_finite(losses: list[Tensor], where: str,
-                    agree: Callable[[Tensor], Tensor] | None = None) -> None:
-    """Raise NonFiniteLossError if a loss is NaN or inf (on any replica, given ``agree``)."""
+                    agree: Callable[[Tensor], Tensor] | None = None, clean_first: bool = False) -> None:
+    """Raise NonFiniteLossError if a loss is NaN or inf (on any replica, given ``agree``); ``clean_first``: the
+    first loss is the pass at θ, the others at perturbed weights."""
     if not losses:
         return
     total = losses[0] if losses[0].ndim == 0 else losses[0].sum()
@@ -500,9 +506,13 @@ def _require_finite(losses: list[Tensor], where: str,
         finite = math.isfinite(total.item())
     else:
         finite = not bool(agree((~torch.isfinite(total)).to(torch.int32)))
-    if not finite:
-        raise NonFiniteLossError(f"the loss is not finite (NaN or inf) {where}; the weights were left at θ. "
-                                 "Lower the learning rate or the perturbation radius, or check the inputs")
+    if finite:
+        return
+    perturbed = clean_first and len(losses) > 1 and math.isfinite(losses[0].sum().item())  # this replica's θ pass
+    if clean_first:
+        where = "at perturbed weights θ+Δ, though finite at θ" if perturbed else "at the weights θ"
+    raise NonFiniteLossError(f"the loss is not finite (NaN or inf) {where}; the weights were left at θ. "
+                             "Lower the learning rate or the perturbation radius, or check the inputs", perturbed)
 
 
 class _Overflow:
