@@ -37,6 +37,9 @@ class PerturbedTrainer(transformers.Trainer):
                  perturbation_kwargs: dict[str, Any] | None = None, **kwargs: Any):
         if not (isinstance(perturbation, type) and issubclass(perturbation, PerturbedOptimizer)):
             raise ValueError(f"perturbation must be an advreg optimizer class such as advreg.SAM, got {perturbation!r}")
+        if kwargs.get("optimizers", (None, None))[0] is not None or kwargs.get("optimizer_cls_and_kwargs"):
+            raise ValueError("PerturbedTrainer builds its optimizer from the TrainingArguments (optim, learning_rate, "
+                             "weight_decay): leave out optimizers= and optimizer_cls_and_kwargs=")
         super().__init__(*args, **kwargs)
         self.perturbation, self.perturbation_kwargs = perturbation, dict(perturbation_kwargs or {})
         self.perturbed: PerturbedOptimizer | None = None
