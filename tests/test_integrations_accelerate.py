@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -23,18 +22,17 @@ import torch.nn.functional as F
 
 accelerate = pytest.importorskip("accelerate")
 import advreg  # noqa: E402
+import integrations_ddp as S  # noqa: E402
 from advreg.integrations.accelerate import perturbed_optimizer, step  # noqa: E402
+from test_ddp import free_port  # noqa: E402
 
 WORKER = Path(__file__).with_name("accelerate_worker.py")
-_spec = importlib.util.spec_from_file_location("accelerate_worker", WORKER)
-W = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(W)
 
 
 def reference(batches, max_grad_norm=None, scaler=None) -> list[torch.Tensor]:
     """advreg's own loop on the same model: SAM step(closure) per batch."""
-    model = W.make_model()
-    opt = advreg.SAM(model.parameters(), torch.optim.SGD, rho=W.RHO, lr=W.LR, momentum=0.9, grad_scaler=scaler)
+    model = S.make_model()
+    opt = advreg.SAM(model.parameters(), torch.optim.SGD, rho=S.RHO, lr=S.LR, momentum=S.MOMENTUM, grad_scaler=scaler)
     if max_grad_norm is not None:
         opt.base_optimizer.register_step_pre_hook(
             lambda *_: torch.nn.utils.clip_grad_norm_(list(model.parameters()), max_grad_norm) and None)
@@ -51,9 +49,9 @@ def reference(batches, max_grad_norm=None, scaler=None) -> list[torch.Tensor]:
 
 
 def accelerate_run(accelerator, batches, max_grad_norm=None) -> list[torch.Tensor]:
-    model = accelerator.prepare(W.make_model())
-    opt = accelerator.prepare(perturbed_optimizer(accelerator, model, advreg.SAM, torch.optim.SGD, rho=W.RHO,
-                                                  lr=W.LR, momentum=0.9, max_grad_norm=max_grad_norm))
+    model = accelerator.prepare(S.make_model())
+    opt = accelerator.prepare(perturbed_optimizer(accelerator, model, advreg.SAM, torch.optim.SGD, rho=S.RHO,
+                                                  lr=S.LR, momentum=S.MOMENTUM, max_grad_norm=max_grad_norm))
     for x, y in batches:
         def closure():
             opt.zero_grad()
@@ -65,16 +63,16 @@ def accelerate_run(accelerator, batches, max_grad_norm=None) -> list[torch.Tenso
 
 
 def test_accelerate_matches_the_step_closure_loop():
-    got = accelerate_run(accelerate.Accelerator(cpu=True), W.make_data(), max_grad_norm=0.3)
-    for a, b in zip(got, reference(W.make_data(), max_grad_norm=0.3)):
+    got = accelerate_run(accelerate.Accelerator(cpu=True), S.make_data(), max_grad_norm=0.3)
+    for a, b in zip(got, reference(S.make_data(), max_grad_norm=0.3)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_accelerate_grad_scaler_path_matches_the_scaled_loop():
     accelerator = accelerate.Accelerator(cpu=True)
     accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
-    got = accelerate_run(accelerator, W.make_data())
-    expected = reference(W.make_data(), scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))
+    got = accelerate_run(accelerator, S.make_data())
+    expected = reference(S.make_data(), scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert accelerator.scaler.get_scale() == 2.0 ** 10  # no overflow, and fewer steps than the growth interval
@@ -83,24 +81,22 @@ def test_accelerate_grad_scaler_path_matches_the_scaled_loop():
 def test_accelerate_refuses_gradient_accumulation():
     accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
     with pytest.raises(ValueError, match="gradient_accumulation_steps"):
-        perturbed_optimizer(accelerator, W.make_model(), advreg.SAM, torch.optim.SGD, rho=0.05, lr=0.1)
+        perturbed_optimizer(accelerator, S.make_model(), advreg.SAM, torch.optim.SGD, rho=0.05, lr=0.1)
 
 
 def test_accelerate_launch_two_processes_match_the_single_process_run(tmp_path):
-    from test_ddp import free_port
-    from test_integrations_lightning import per_replica_sam
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={W.WORLD}",
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={S.WORLD}",
                "--num_machines=1", f"--main_process_port={free_port()}", "--mixed_precision=no", "--dynamo_backend=no",
                str(WORKER), str(tmp_path)]
     done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=300, check=False)
     assert done.returncode == 0, f"accelerate launch failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(W.WORLD)]
-    single = reference(W.make_data())
-    local = per_replica_sam(W)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(S.WORLD)]
+    single = reference(S.make_data())
+    local = S.per_replica_sam()
     for result in ranks:
-        assert result["global"]["reduces"] == 2 * W.STEPS  # Δ from the all-reduced gradient: 2 passes synced
-        assert result["local"]["reduces"] == W.STEPS  # the ascent pass under no_sync
+        assert result["global"]["reduces"] == 2 * S.STEPS  # Δ from the all-reduced gradient: 2 passes synced
+        assert result["local"]["reduces"] == S.STEPS  # the ascent pass under no_sync
         for a, b in zip(result["global"]["params"], single):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         for a, b in zip(result["local"]["params"], local):

@@ -7,7 +7,8 @@ scheduler stepped each epoch and the final gradient clipped before the base step
 - ``"bf16-mixed"`` equals the loop under ``torch.autocast("cpu", torch.bfloat16)`` (the same arithmetic);
 - fp16 with a real ``GradScaler("cpu")`` (Lightning refuses ``precision="16-mixed"`` on the CPU, so the same
   ``MixedPrecision`` plugin is given as ``plugins=``) equals the loop with the scaler passed as ``grad_scaler=``;
-- ``strategy="ddp"`` with 2 gloo processes: one gradient all-reduce per step (a DDP comm hook counts them).
+- ``strategy="ddp"`` with 2 gloo processes: one gradient all-reduce per step (a DDP comm hook counts them), and the
+  weights of SAM with each replica's own Δ, written out from the equations (``integrations_ddp``).
 """
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ import torch.nn.functional as F
 
 pl = pytest.importorskip("lightning.pytorch")
 import advreg  # noqa: E402
+import integrations_ddp as S  # noqa: E402
 from advreg.integrations.lightning import PerturbedModule  # noqa: E402
+from test_ddp import free_port  # noqa: E402
 
 WORKER = Path(__file__).with_name("lightning_ddp_worker.py")
 EPOCHS, BATCH, CLIP = 2, 16, 0.5
@@ -144,43 +147,16 @@ def test_lightning_refuses_gradient_accumulation(tmp_path):
         fit(Net("sam"), tmp_path, accumulate_grad_batches=2)
 
 
-def per_replica_sam(worker) -> list[torch.Tensor]:
-    """SAM with each replica's own Δ_r = ρ·g_r/‖g_r‖ (g_r its shard's gradient at θ), SGD with mean_r ∇J_r(θ+Δ_r)."""
-    model = worker.make_model()
-    params = list(model.parameters())
-    opt = torch.optim.SGD(params, lr=worker.LR, momentum=0.9)
-    grad = lambda x, y: torch.autograd.grad(F.cross_entropy(model(x), y), params)  # noqa: E731
-    for x, y in worker.make_data():
-        total = [torch.zeros_like(p) for p in params]
-        for r in range(worker.WORLD):
-            xs, ys = x[r * worker.B:(r + 1) * worker.B], y[r * worker.B:(r + 1) * worker.B]
-            g = grad(xs, ys)
-            scale = worker.RHO / torch.linalg.vector_norm(torch.stack([t.norm() for t in g]))
-            with torch.no_grad():
-                torch._foreach_add_(params, g, alpha=scale.item())
-            total = [t + h / worker.WORLD for t, h in zip(total, grad(xs, ys))]
-            with torch.no_grad():
-                torch._foreach_add_(params, g, alpha=-scale.item())
-        for p, t in zip(params, total):
-            p.grad = t
-        opt.step()
-    return [p.detach() for p in params]
-
 
 def test_lightning_ddp_takes_one_all_reduce_per_step(tmp_path):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("lightning_ddp_worker", WORKER)
-    worker = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(worker)
-    from test_ddp import free_port
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={worker.WORLD}", "--nnodes=1",
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={S.WORLD}", "--nnodes=1",
                "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(WORKER), str(tmp_path)]
     done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=300, check=False)
     assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(worker.WORLD)]
-    expected = per_replica_sam(worker)
-    for result in ranks:
-        assert result["steps"] == worker.STEPS and result["reduces"] == worker.STEPS  # one bucket, once a step
+    expected = S.per_replica_sam()
+    for rank in range(S.WORLD):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert result["steps"] == S.STEPS and result["reduces"] == S.STEPS  # one bucket, once a step
         for a, b in zip(result["params"], expected):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
