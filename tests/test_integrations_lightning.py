@@ -6,7 +6,8 @@ scheduler stepped each epoch and the final gradient clipped before the base step
 - a checkpoint taken by Lightning and resumed equals the uninterrupted run;
 - ``"bf16-mixed"`` equals the loop under ``torch.autocast("cpu", torch.bfloat16)`` (the same arithmetic);
 - fp16 with a real ``GradScaler("cpu")`` (Lightning refuses ``precision="16-mixed"`` on the CPU, so the same
-  ``MixedPrecision`` plugin is given as ``plugins=``) equals the loop with the scaler passed as ``grad_scaler=``;
+  ``MixedPrecision`` plugin is given as ``plugins=``) equals the loop with the scaler passed as ``grad_scaler=``, and a
+  checkpoint resumes with the scaler's state;
 - ``strategy="ddp"`` with 2 gloo processes: one gradient all-reduce per step (a DDP comm hook counts them), and the
   weights of SAM with each replica's own Δ, written out from the equations (``integrations_ddp``).
 """
@@ -137,9 +138,24 @@ def test_lightning_fp16_grad_scaler_path_matches_the_scaled_loop(tmp_path):
     assert module._advreg_scaler is not None and plugin.scaler is None  # the optimizer drives the scaler
     assert_same(module, reference("amp", autocast=torch.float16,
                                   scaler=torch.amp.GradScaler("cpu", init_scale=scale)), rtol=1e-4, atol=1e-5)
-    run.save_checkpoint(tmp_path / "fp16.ckpt")
-    saved = torch.load(tmp_path / "fp16.ckpt", weights_only=True)
-    assert saved["advreg_grad_scaler"]["scale"] == module._advreg_scaler.get_scale()
+
+
+def test_lightning_fp16_checkpoint_resumes_with_the_scaler_state(tmp_path):
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    def plugin():  # growth_interval=2: the scale doubles every 2 steps, so a resume that lost it would differ
+        return [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 8,
+                                                                                growth_interval=2))]
+    straight = Net("sam")
+    fit(straight, tmp_path / "a", plugins=plugin())
+    run = fit(Net("sam"), tmp_path / "b", epochs=1, plugins=plugin())
+    run.save_checkpoint(tmp_path / "one.ckpt")
+    assert torch.load(tmp_path / "one.ckpt", weights_only=True)["advreg_grad_scaler"]["scale"] == 2.0 ** 10
+    resumed = Net("sam")
+    fit(resumed, tmp_path / "c", ckpt=tmp_path / "one.ckpt", plugins=plugin())
+    assert resumed._advreg_scaler.get_scale() == straight._advreg_scaler.get_scale() == 2.0 ** 12
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_lightning_refuses_gradient_accumulation(tmp_path):
