@@ -5,9 +5,10 @@ scheduler stepped each epoch and the final gradient clipped before the base step
 - full precision, SAM and AMP (N = 2), on an MLP with BatchNorm: the same weights and running statistics;
 - a checkpoint taken by Lightning and resumed equals the uninterrupted run;
 - ``"bf16-mixed"`` equals the loop under ``torch.autocast("cpu", torch.bfloat16)`` (the same arithmetic);
-- fp16 with a real ``GradScaler("cpu")`` (Lightning refuses ``precision="16-mixed"`` on the CPU, so the same
-  ``MixedPrecision`` plugin is given as ``plugins=``) equals the loop with the scaler passed as ``grad_scaler=``, and a
+- fp16 with a real ``GradScaler("cpu")`` (on the CPU ``precision="16-mixed"`` makes no scaler, so the same
+  ``MixedPrecision`` plugin is given one and passed as ``plugins=``) equals the loop with the scaler passed as ``grad_scaler=``, and a
   checkpoint resumes with the scaler's state;
+- ``accumulate_grad_batches=2``: Δ from the accumulated batch's gradient, the loop's closure running over both batches;
 - ``strategy="ddp"`` with 2 gloo processes: one gradient all-reduce per step (a DDP comm hook counts them), and the
   weights of SAM with each replica's own Δ, written out from the equations (``integrations_ddp``).
 """
@@ -74,21 +75,27 @@ def fit(module: Net, root: Path, epochs: int = EPOCHS, ckpt: Path | None = None,
     return run
 
 
-def reference(kind: str, autocast: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None):
-    """advreg's own loop: step(closure) per batch, the final gradient clipped before the base step."""
+def reference(kind: str, autocast: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
+              accumulate: int = 1):
+    """advreg's own loop: step(closure) per ``accumulate`` batches (each loss divided by it), the final gradient
+    clipped before the base step."""
     model, (cls, kwargs) = make_model(), KINDS[kind]
     opt = cls(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, model=model, grad_scaler=scaler, **kwargs)
     opt.base_optimizer.register_step_pre_hook(
         lambda *_: torch.nn.utils.clip_grad_norm_(list(model.parameters()), CLIP) and None)
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     for _ in range(EPOCHS):
-        for x, y in loader():
-            def closure():
+        batches = list(loader())
+        for start in range(0, len(batches), accumulate):
+            def closure(window=batches[start:start + accumulate]):
                 opt.zero_grad()
-                with torch.autocast("cpu", autocast, enabled=autocast is not None):
-                    loss = F.cross_entropy(model(x), y)
-                (loss if scaler is None else scaler.scale(loss)).backward()
-                return loss
+                total = 0.0
+                for x, y in window:
+                    with torch.autocast("cpu", autocast, enabled=autocast is not None):
+                        loss = F.cross_entropy(model(x), y) / accumulate
+                    (loss if scaler is None else scaler.scale(loss)).backward()
+                    total = total + loss.detach()
+                return total
             opt.step(closure)
             if scaler is not None:
                 scaler.update()
@@ -158,9 +165,12 @@ def test_lightning_fp16_checkpoint_resumes_with_the_scaler_state(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_lightning_refuses_gradient_accumulation(tmp_path):
-    with pytest.raises(ValueError, match="accumulate_grad_batches"):
-        fit(Net("sam"), tmp_path, accumulate_grad_batches=2)
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_lightning_accumulation_takes_delta_on_the_accumulated_batch(kind, tmp_path):
+    module = Net(kind)
+    fit(module, tmp_path, accumulate_grad_batches=2)
+    assert module.trainer.global_step == EPOCHS * len(loader()) // 2
+    assert_same(module, reference(kind, accumulate=2))
 
 
 

@@ -11,14 +11,24 @@ the optimizer runs once per pass. The glue that this needs:
 - ``strategy="ddp"``: the optimizer gets the DDP model's ``no_sync``, so the passes that build Δ are not all-reduced;
 - ``gradient_clip_val``: applied once a step, to the gradient at θ+Δ that the base step takes (never to the ascent
   gradients), after the unscale;
-- ``model=self``: the normalization layers' running statistics move as after the clean pass only.
+- ``model=self``: the normalization layers' running statistics move as after the clean pass only;
+- ``accumulate_grad_batches=k``: Δ from the gradient of the whole accumulated batch. The k batches are kept
+  (``on_train_batch_start``), each pass of the step replays them (Lightning's own backward of the first k-1 is skipped,
+  since the step discards it, and the running statistics that their forward moved are put back), so the step is
+  ``step(closure)`` on the accumulated batch.
+
+A subclass that overrides ``backward``, ``optimizer_step``, ``configure_gradient_clipping``, ``on_train_batch_start``
+or the checkpoint hooks calls ``super()``. One optimizer per module.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+from contextlib import nullcontext
 from typing import Any, Callable
 
 import lightning.pytorch as pl
 import torch
+from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.parallel import DistributedDataParallel
 
 from advreg.integrations import clip_before_base_step
@@ -30,13 +40,14 @@ SCALER_KEY = "advreg_grad_scaler"  # the grad scaler's state in a Lightning chec
 class PerturbedModule(pl.LightningModule):
     """A ``LightningModule`` whose optimizer may be an advreg optimizer built by ``perturbed_optimizer``.
 
-    ``training_step`` runs once per pass (N+1 times a step for AMP with N inner steps, twice for SAM): a value logged
-    with ``self.log(..., on_step=True)`` is the last pass's, at θ+Δ, and the step's output loss is the last pass's
-    too. ``on_before_optimizer_step`` runs after every pass. Gradient accumulation is refused (``ValueError``):
-    Lightning's accumulated gradient would add each pass's gradient to the earlier micro-batches'.
+    ``training_step`` runs once per pass (N+1 times a step for AMP with N inner steps, twice for SAM; times k under
+    gradient accumulation): a value logged with ``self.log(..., on_step=True)`` is the last pass's, at θ+Δ, and the
+    step's output loss is the last pass's too. ``on_before_optimizer_step`` runs after every pass.
     """
 
     _advreg_scaler: torch.amp.GradScaler | None = None
+    _advreg_accumulate = False  # accumulate_grad_batches > 1 with an advreg optimizer: replay the kept batches
+    _advreg_stepping = False  # inside optimizer_step: every backward counts
 
     def perturbed_optimizer(self, kind: type[PerturbedOptimizer], base_optimizer: type, params: Any = None,
                             **kwargs: Any) -> PerturbedOptimizer:
@@ -45,9 +56,7 @@ class PerturbedModule(pl.LightningModule):
         ``gradient_clip_val`` on the final gradient. Call it in ``configure_optimizers``; ``params`` defaults to
         ``self.parameters()``."""
         trainer = self.trainer
-        if trainer.accumulate_grad_batches != 1:
-            raise ValueError("accumulate_grad_batches > 1 cannot be combined with an advreg optimizer in Lightning: "
-                             "use a larger batch size (Δ is then taken on the whole batch)")
+        self._advreg_accumulate, self._advreg_window = trainer.accumulate_grad_batches > 1, []
         optimizer = kind(self.parameters() if params is None else params, base_optimizer, model=self,
                          grad_scaler=self._take_scaler(), no_sync=_no_sync(trainer.strategy.model), **kwargs)
         clip_before_base_step(optimizer, lambda: self.clip_gradients(
@@ -63,18 +72,59 @@ class PerturbedModule(pl.LightningModule):
             self._advreg_scaler = scaler
         return self._advreg_scaler
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Under gradient accumulation, keep the batch: each pass of the step replays the accumulated batches."""
+        if self._advreg_accumulate:
+            if not self._advreg_window:  # the statistics as the replay's clean pass must find them
+                self._advreg_stats = [b.clone() for b in _norm_buffers(self)]
+            self._advreg_window.append((batch, batch_idx))
+
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
-        """Lightning's backward, of the scaled loss when the optimizer drives a grad scaler."""
+        """Lightning's backward, of the scaled loss when the optimizer drives a grad scaler; skipped for a batch that
+        Lightning accumulates, whose gradient the step would discard (it replays the batch)."""
+        if self._advreg_accumulate and not self._advreg_stepping:
+            return
         if self._advreg_scaler is not None:
             loss = self._advreg_scaler.scale(loss)
         super().backward(loss, *args, **kwargs)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any,
                        optimizer_closure: Callable[[], Any] | None = None) -> None:
-        """Lightning's step (``optimizer.step(closure)``), then the grad scaler's ``update``."""
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        """Lightning's step (``optimizer.step(closure)``, the closure replaying the accumulated batches first), then
+        the grad scaler's ``update``."""
+        if self._advreg_accumulate:  # the last kept batch is this one, which Lightning's closure runs
+            window, self._advreg_window = self._advreg_window[:-1], []
+            with torch.no_grad():  # undo what Lightning's forwards of the kept batches did to the statistics
+                torch._foreach_copy_(_norm_buffers(self), self._advreg_stats)
+            optimizer_closure = self._replaying(window, optimizer, optimizer_closure)
+        self._advreg_stepping = True
+        try:
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        finally:
+            self._advreg_stepping = False
         if self._advreg_scaler is not None:
             self._advreg_scaler.update()
+
+    def _replaying(self, window: list[tuple[Any, int]], optimizer: Any,
+                   closure: Callable[[], Any]) -> Callable[[], Any]:
+        """A closure over the whole accumulated batch: clear the gradients, forward and backward each kept batch
+        (its loss divided by k, as Lightning divides it; under DDP without the all-reduce), then Lightning's closure
+        on the last batch (whose backward all-reduces the sum)."""
+        strategy, k = self.trainer.strategy, self.trainer.accumulate_grad_batches
+        no_sync = _no_sync(strategy.model) or nullcontext
+
+        def replay() -> Any:
+            optimizer.zero_grad()
+            total = 0.0
+            with no_sync():
+                for batch, batch_idx in window:
+                    output = strategy.training_step(batch, batch_idx)
+                    loss = (output["loss"] if isinstance(output, Mapping) else output) / k
+                    strategy.backward(loss, optimizer)
+                    total = total + loss.detach()
+            last = closure()
+            return total + last if last is not None else last
+        return replay
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: Any = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
@@ -95,6 +145,12 @@ class PerturbedModule(pl.LightningModule):
                 raise ValueError("this checkpoint holds a grad scaler's state (it was trained with "
                                  "precision='16-mixed'): resume it with the same precision")
             scaler.load_state_dict(checkpoint[SCALER_KEY])
+
+
+def _norm_buffers(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The running statistics of ``module``'s normalization layers (the buffers a forward in train mode moves)."""
+    layers = [m for m in module.modules() if isinstance(m, _NormBase) and m.track_running_stats]
+    return [b for m in layers for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
 
 
 def _no_sync(model: torch.nn.Module | None) -> Callable[[], Any] | None:
