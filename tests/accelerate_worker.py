@@ -11,10 +11,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import integrations_ddp as S
 import torch
 import torch.nn.functional as F
-
-import integrations_ddp as S
 
 CASES = ("global", "local")  # perturb_on
 

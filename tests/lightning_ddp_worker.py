@@ -11,11 +11,10 @@ import os
 import sys
 from pathlib import Path
 
+import integrations_ddp as S
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
-import integrations_ddp as S
 
 
 def main(out: Path) -> None:

@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 
 accelerate = pytest.importorskip("accelerate")
-import advreg  # noqa: E402
-import integrations_ddp as S  # noqa: E402
-from advreg.integrations.accelerate import perturbed_optimizer, step  # noqa: E402
-from test_ddp import free_port  # noqa: E402
+import integrations_ddp as S
+from test_ddp import free_port
+
+import advreg
+from advreg.integrations.accelerate import perturbed_optimizer, step
 
 WORKER = Path(__file__).with_name("accelerate_worker.py")
 

@@ -24,10 +24,11 @@ import torch
 import torch.nn.functional as F
 
 pl = pytest.importorskip("lightning.pytorch")
-import advreg  # noqa: E402
-import integrations_ddp as S  # noqa: E402
-from advreg.integrations.lightning import PerturbedModule  # noqa: E402
-from test_ddp import free_port  # noqa: E402
+import integrations_ddp as S
+from test_ddp import free_port
+
+import advreg
+from advreg.integrations.lightning import PerturbedModule
 
 WORKER = Path(__file__).with_name("lightning_ddp_worker.py")
 EPOCHS, BATCH, CLIP = 2, 16, 0.5
@@ -141,7 +142,7 @@ def test_lightning_fp16_grad_scaler_path_matches_the_scaled_loop(tmp_path):
     scale = 2.0 ** 8
     module = Net("amp")
     plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=scale))
-    run = fit(module, tmp_path, plugins=[plugin])
+    fit(module, tmp_path, plugins=[plugin])
     assert module._advreg_scaler is not None and plugin.scaler is None  # the optimizer drives the scaler
     assert_same(module, reference("amp", autocast=torch.float16,
                                   scaler=torch.amp.GradScaler("cpu", init_scale=scale)), rtol=1e-4, atol=1e-5)

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
-import advreg  # noqa: E402
-from advreg.integrations.transformers import PerturbedTrainer  # noqa: E402
+import advreg
+from advreg.integrations.transformers import PerturbedTrainer
 
 STEPS, BATCH, ACCUMULATE, LR, CLIP = 4, 8, 2, 0.1, 0.5
 KINDS = {"sam": (advreg.SAM, {"rho": 0.05}), "amp": (advreg.AMP, {"epsilon": 0.05, "inner_lr": 1.0, "inner_steps": 2})}
