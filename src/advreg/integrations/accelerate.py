@@ -37,8 +37,9 @@ def perturbed_optimizer(accelerator: accelerate.Accelerator, model: torch.nn.Mod
     ``model`` is the module returned by ``accelerator.prepare``; ``params`` defaults to its parameters. Pass the
     result to ``accelerator.prepare`` as any optimizer, and step it with ``step``."""
     if accelerator.gradient_accumulation_steps != 1:
-        raise ValueError("Accelerator(gradient_accumulation_steps > 1) cannot step an advreg optimizer: each pass "
-                         "would add to the accumulated gradient; use a larger batch (Δ is then taken on all of it)")
+        raise ValueError("Accelerator(gradient_accumulation_steps > 1) cannot step an advreg optimizer (each pass "
+                         "would add to the accumulated gradient): leave it at 1 and let the closure loop over the "
+                         "micro-batches, so that Δ is taken on all of them")
     no_sync = model.no_sync if isinstance(model, DistributedDataParallel) else None
     optimizer = kind(model.parameters() if params is None else params, base_optimizer,
                      model=accelerator.unwrap_model(model), grad_scaler=accelerator.scaler, no_sync=no_sync, **kwargs)
