@@ -29,8 +29,10 @@ class PerturbedTrainer(transformers.Trainer):
     """A ``transformers.Trainer`` whose optimizer is ``perturbation`` (advreg.AMP, advreg.SAM, advreg.AWP, ...) with
     ``perturbation_kwargs``, around the base optimizer that ``args`` select; all other arguments are the Trainer's.
 
-    The logged training loss is the loss at θ, as without a perturbation. The logged ``grad_norm`` is the norm of
-    the gradient at θ+Δ after the step; under ``fp16`` the Trainer unscales it a second time, so it is then too small.
+    The logged training loss is the loss at θ, as without a perturbation. The logged ``grad_norm`` is the norm of the
+    gradient at θ+Δ as the base step took it (clipped). Under ``fp16`` on a GPU, Accelerate's ``clip_grad_norm_``
+    unscales that (already unscaled) gradient once more before measuring it, so the logged value reads too small by
+    the scale (not tested: on the CPU Accelerate does not unscale). ``perturbed`` is the advreg optimizer.
     """
 
     def __init__(self, *args: Any, perturbation: type[PerturbedOptimizer],
