@@ -32,6 +32,7 @@ EXTRA = "slurm_additional_parameters."  # --slurm slurm_additional_parameters.re
 DEFAULT_MINUTES = 5  # submitit's default time limit
 PENDING_STATES = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING", "SUSPENDED"}
 RUNNING_STATES = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING"}
+LOG_NOISE = ("srun:", "slurmstepd", "submitit ")  # a job log's lines around the exception that ended it
 JOBS, SETTINGS = "jobs.json", "settings.json"  # under the bench folder's slurm/
 
 
@@ -151,7 +152,7 @@ class Slurm:
 
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.root / SETTINGS, json.dumps(self.parameters, indent=2).encode())
-        executor = submitit.AutoExecutor(folder=self.root / "logs" / "%A_%a", cluster="slurm")
+        executor = submitit.AutoExecutor(folder=self.root / "logs", cluster="slurm")
         executor.update_parameters(name="advreg-bench", tasks_per_node=1, **self.parameters)
         with executor.batch():
             submitted = [executor.submit(job) for job in jobs]
@@ -163,7 +164,8 @@ class Slurm:
         """Why a run's job ended unfinished: its log's last line, and where the log is."""
         job = self.jobs[str(folder)]
         log = Path(job["log"])
-        lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+        text = log.read_text(errors="replace") if log.exists() else ""
+        lines = [line for line in text.splitlines() if line.strip() and not line.startswith(LOG_NOISE)]
         last = f": {lines[-1].strip()}" if lines else ""
         return f"its Slurm job {job['id']} ended without finishing it{last} (log: {log}); a rerun resubmits it"
 

@@ -1,0 +1,146 @@
+"""``advreg bench --launcher slurm`` against a real one-node Slurm (tests/slurm_cluster.py): the same numbers as
+``--launcher local``, a cancelled job resubmitted by a rerun, a preempted (SIGUSR2) and a requeued job that
+resume from their checkpoints, a failing run reported with its log and not requeued.
+
+All in this one module, on one cluster: run with ``--dist loadfile`` (scripts/test.sh) so that one xdist worker
+takes them all; two clusters on one machine would clash.
+"""
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from advreg import cli, launchers
+
+submitit = pytest.importorskip("submitit", reason="the slurm extra is not installed (pip install -e '.[slurm]')")
+import slurm_cluster  # noqa: E402 (tests/ is on sys.path, as for ddp_worker.py)
+
+QUICK = ["--dataset", "digits", "--set", "model.hidden=16", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    try:
+        running = slurm_cluster.start(tmp_path_factory.mktemp("slurm"))
+    except slurm_cluster.Unavailable as why:
+        pytest.skip(f"no one-node Slurm here: {why}")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SLURM_CONF", str(running.conf))
+        yield running
+    running.stop()
+
+
+def _results(out):
+    return [{k: v for k, v in row.items() if k not in ("folder", "seconds_per_epoch")}
+            for row in csv.DictReader((out / "results.csv").open())]
+
+
+def _bench(out, *extra):
+    return [sys.executable, "-m", "advreg.cli", "bench", *QUICK, "--out", str(out), *extra]
+
+
+def _job(out, run):
+    return json.loads((out / "slurm" / launchers.JOBS).read_text())[str(out / "runs" / run)]["id"]
+
+
+def _queued(job_id):
+    shown = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T"], capture_output=True, text=True, check=True)
+    return dict(line.split("|") for line in shown.stdout.split()).get(job_id)
+
+
+def _start_now(job_id):
+    """A requeued job waits about two minutes before Slurm starts it again (its BeginTime); the tests don't."""
+    _wait_until(lambda: _queued(job_id) == "PENDING")
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, capture_output=True)
+
+
+def _wait_until(condition, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_a_bench_on_slurm_has_the_numbers_of_the_local_bench_and_a_rerun_submits_nothing(cluster, tmp_path, capsys):
+    grid = ["--methods", "erm,amp", "--seeds", "2", "--epochs", "3"]
+    on_slurm = [*grid, *QUICK, "--out", str(tmp_path / "slurm"), "--launcher", "slurm", "--poll", "0.5",
+                "--slurm", "time=10"]
+    cli.main(["bench", *on_slurm])
+    printed, err = capsys.readouterr()
+    assert "slurm: 4 Slurm job(s) × 1 CPU(s) × at most 10 min = at most 0.7 CPU-hours" in err
+    ids = {_job(tmp_path / "slurm", f"{m}/seed{s}") for m in ("erm", "amp") for s in (0, 1)}
+    assert len(ids) == 4 and len({i.split("_")[0] for i in ids}) == 1  # one job array
+    assert json.loads((tmp_path / "slurm/slurm/settings.json").read_text()) == {"timeout_min": 10}
+    cli.main(["bench", *grid, *QUICK, "--out", str(tmp_path / "local"), "--jobs", "2"])
+    assert _results(tmp_path / "slurm") == _results(tmp_path / "local") and len(_results(tmp_path / "local")) == 4
+    assert "| erm |" in printed and "| amp |" in printed and (tmp_path / "slurm/summary.md").read_text() == printed
+    cli.main(["bench", *on_slurm])  # all finished: nothing submitted, the same tables
+    assert "submitted 0 of 4 runs" in capsys.readouterr().err
+
+
+def test_cancelled_preempted_and_requeued_jobs_finish_with_the_numbers_of_an_uninterrupted_bench(cluster, tmp_path):
+    out, grid = tmp_path / "b", ["--methods", "erm", "--seeds", "3", "--epochs", "300"]
+    slurm = ["--launcher", "slurm", "--slurm", "time=20"]  # over 10 min: submitit reads SIGUSR2 as a preemption
+    submit = subprocess.run(_bench(out, *grid, *slurm, "--no-wait"), capture_output=True, text=True)
+    assert submit.returncode == 0 and "submitted 3 of 3 runs" in submit.stderr, submit.stderr
+    again = subprocess.run(_bench(out, *grid, *slurm, "--no-wait"), capture_output=True, text=True)
+    assert "submitted 0 of 3 runs" in again.stderr  # pending or running: never submitted twice
+    first, second = _job(out, "erm/seed0"), _job(out, "erm/seed1")
+    _wait_until(lambda: all((out / f"runs/erm/seed{s}/checkpoint.pt").exists() for s in (0, 1)))
+    subprocess.run(["scancel", first], check=True)
+    subprocess.run(["scancel", "--signal=USR2", second], check=True)  # what Slurm sends before preempting
+    _start_now(second)
+    _wait_until(lambda: _queued(first) is None)
+    collected = subprocess.run([sys.executable, "-m", "advreg.cli", "bench", "--collect", str(out)],
+                               capture_output=True, text=True)
+    assert collected.returncode == 0 and "runs are not finished yet" in collected.stderr
+    rerun = subprocess.Popen(_bench(out, *grid, *slurm, "--poll", "0.5"), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    _wait_until(lambda: _job(out, "erm/seed0") != first and (out / "runs/erm/seed2/checkpoint.pt").exists())
+    subprocess.run(["scontrol", "requeue", _job(out, "erm/seed2")], check=True)
+    _start_now(_job(out, "erm/seed2"))
+    printed, err = rerun.communicate(timeout=240)
+    assert rerun.returncode == 0 and "submitted 1 of 3 runs" in err, err
+    log = json.loads((out / "slurm/jobs.json").read_text())[str(out / "runs/erm/seed1")]["log"]
+    assert "Caught signal SIGUSR2 on" in Path(log).read_text() and "this job is preempted" in Path(log).read_text()
+    subprocess.run(_bench(tmp_path / "whole", *grid, "--jobs", "2"), check=True, capture_output=True)
+    assert _results(out) == _results(tmp_path / "whole") and all(r["error"] == "" for r in _results(out))
+
+
+def test_a_failing_run_is_reported_with_its_log_and_not_requeued(cluster, tmp_path, capsys):
+    out = tmp_path / "b"
+    argv = ["bench", "--methods", "erm", "--seeds", "1", "--epochs", "2", *QUICK, "--out", str(out), "--launcher",
+            "slurm", "--poll", "0.5", "--set", "optim.lr=1e30", "--set", "optim.momentum=0"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    log = out / "slurm/logs" / f"{_job(out, 'erm/seed0')}_0_log.err"
+    assert exit_info.value.code == 1 and "1 of 1 runs failed" in err and f"(log: {log})" in err
+    assert "lower optim.lr (now 1e+30)" in err and _queued(_job(out, "erm/seed0")) is None
+
+
+@pytest.mark.parametrize("items, words", [
+    (["gpu=1"], "--slurm expects KEY=VALUE with KEY one of partition"),
+    (["time=soon"], "--slurm time takes a int"),
+    (["gpus_per_node=0"], "--slurm gpus_per_node must be positive"),
+])
+def test_bad_slurm_settings_are_one_line(items, words):
+    with pytest.raises(ValueError, match=words):
+        launchers.parse_slurm(items)
+
+
+def test_slurm_settings_map_to_submitit_and_a_run_with_several_gpus_runs_under_torchrun():
+    parameters = launchers.parse_slurm(["partition=gpu", "time=90", "nodes=2", "gpus_per_node=4", "mem_gb=32",
+                                        "slurm_additional_parameters.reservation=r1"])
+    assert parameters == {"slurm_partition": "gpu", "timeout_min": 90, "nodes": 2, "gpus_per_node": 4, "mem_gb": 32.0,
+                          "slurm_additional_parameters": {"reservation": "r1"}}
+    assert launchers.cost(10, parameters) == "10 Slurm job(s) × 8 GPU(s) × at most 90 min = at most 120.0 GPU-hours"
+    job = launchers.RunJob(None, "/b/runs/erm/seed0", nodes=2, per_node=4)
+    command = launchers.torchrun_command(job, "node7", "4242_3", "/b/runs/erm/.seed0.config.json")
+    assert command[1:] == ["-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=4", "--rdzv-backend=c10d",
+                           "--rdzv-endpoint=node7:22423", "--rdzv-id=4242_3", "-m", "advreg.launchers",
+                           "/b/runs/erm/seed0", "/b/runs/erm/.seed0.config.json"]
