@@ -2,8 +2,8 @@
 ``--launcher local``, a cancelled job resubmitted by a rerun, a preempted (SIGUSR2) and a requeued job that
 resume from their checkpoints, a failing run reported with its log and not requeued.
 
-All in this one module, on one cluster: run with ``--dist loadfile`` (scripts/test.sh) so that one xdist worker
-takes them all; two clusters on one machine would clash.
+All in this one module, on one cluster, and on one xdist worker (the xdist_group mark, pytest's ``--dist
+loadgroup`` in pyproject.toml).
 """
 import csv
 import json
@@ -19,6 +19,7 @@ from advreg import cli, launchers
 submitit = pytest.importorskip("submitit", reason="the slurm extra is not installed (pip install -e '.[slurm]')")
 import slurm_cluster  # noqa: E402 (tests/ is on sys.path, as for ddp_worker.py)
 
+pytestmark = pytest.mark.xdist_group("slurm")  # with --dist loadgroup (pyproject.toml): one worker, one cluster
 QUICK = ["--dataset", "digits", "--set", "model.hidden=16", "--quiet"]
 
 
