@@ -7,6 +7,7 @@ loadgroup`` in pyproject.toml).
 """
 import csv
 import json
+import os
 import subprocess
 import sys
 import time
@@ -122,6 +123,23 @@ def test_a_failing_run_is_reported_with_its_log_and_not_requeued(cluster, tmp_pa
     log = out / "slurm/logs" / f"{_job(out, 'erm/seed0')}_0_log.err"
     assert exit_info.value.code == 1 and "1 of 1 runs failed" in err and f"(log: {log})" in err
     assert "lower optim.lr (now 1e+30)" in err and _queued(_job(out, "erm/seed0")) is None
+
+
+def test_a_run_with_two_replicas_trains_under_torchrun_in_its_job_as_advreg_train_under_torchrun(cluster, tmp_path):
+    """What ``gpus_per_node=2`` does on a GPU node, on this CPU node: two gloo replicas of one run in one job."""
+    run = ["--epochs", "3", "--set", "model.hidden=16", "--dataset", "digits", "--quiet"]
+    subprocess.run(_bench(tmp_path / "b", "--methods", "erm", "--seeds", "1", "--epochs", "3", "--launcher", "slurm",
+                          "--poll", "0.5", "--slurm", "replicas_per_node=2", "--slurm", f"cpus_per_task={os.cpu_count()}"),
+                   check=True, capture_output=True)
+    port = slurm_cluster._free_port()
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
+                    f"--master-port={port}", "-m", "advreg.cli", "train", *run, "--out", str(tmp_path / "direct")],
+                   check=True, capture_output=True)
+    on_slurm, direct = (json.loads((f / "metrics.json").read_text()) for f in (tmp_path / "b/runs/erm/seed0",
+                                                                              tmp_path / "direct"))
+    assert on_slurm["world_size"] == 2
+    assert {k: v for k, v in on_slurm.items() if "seconds" not in k} == \
+        {k: v for k, v in direct.items() if "seconds" not in k}
 
 
 @pytest.mark.parametrize("items, words", [

@@ -23,11 +23,13 @@ from advreg.config import TrainConfig
 from advreg.io import atomic_write_bytes, read_json
 from advreg.runs import METRICS
 
+REPLICAS = "replicas_per_node"  # ours, not submitit's: torchrun's processes per node (default: gpus_per_node)
 # --slurm KEY → submitit's AutoExecutor parameter (and the kind of its value)
 SLURM_KEYS: dict[str, tuple[str, type]] = {
     "partition": ("slurm_partition", str), "time": ("timeout_min", int), "nodes": ("nodes", int),
     "gpus_per_node": ("gpus_per_node", int), "cpus_per_task": ("cpus_per_task", int), "mem_gb": ("mem_gb", float),
-    "account": ("slurm_account", str), "qos": ("slurm_qos", str), "constraint": ("slurm_constraint", str)}
+    "account": ("slurm_account", str), "qos": ("slurm_qos", str), "constraint": ("slurm_constraint", str),
+    "replicas_per_node": (REPLICAS, int)}
 EXTRA = "slurm_additional_parameters."  # --slurm slurm_additional_parameters.reservation=r1 → sbatch --reservation=r1
 DEFAULT_MINUTES = 5  # submitit's default time limit
 PENDING_STATES = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING", "SUSPENDED"}
@@ -58,13 +60,13 @@ def parse_slurm(items: list[str]) -> dict[str, Any]:
 
 
 def replicas(parameters: dict[str, Any]) -> tuple[int, int]:
-    """(nodes, processes per node) of each run: one torchrun replica per GPU, on every node."""
-    return parameters.get("nodes", 1), max(1, parameters.get("gpus_per_node", 1))
+    """(nodes, processes per node) of each run: one torchrun replica per GPU (or as asked), on every node."""
+    return parameters.get("nodes", 1), parameters.get(REPLICAS, parameters.get("gpus_per_node", 1))
 
 
 def cost(runs: int, parameters: dict[str, Any]) -> str:
     """The grid's price before it is submitted: the GPU (or CPU) hours that the time limits allow at most."""
-    nodes, gpus = replicas(parameters)
+    nodes = parameters.get("nodes", 1)
     minutes = parameters.get("timeout_min", DEFAULT_MINUTES)
     unit, per_run = ("GPU", nodes * parameters["gpus_per_node"]) if parameters.get("gpus_per_node") else \
         ("CPU", nodes * parameters.get("cpus_per_task", 1))
@@ -104,7 +106,8 @@ class RunJob:
 
         environment = submitit.JobEnvironment()
         config = Path(self.folder).parent / f".{Path(self.folder).name}.config.json"
-        if environment.global_rank == 0:
+        if environment.global_rank == 0:  # beside the run folder, which the replicas make
+            config.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(config, json.dumps(self.config.to_dict()).encode())
         subprocess.run(torchrun_command(self, environment.hostnames[0], environment.job_id, str(config)), check=True)
         if environment.global_rank == 0:
@@ -153,7 +156,8 @@ class Slurm:
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.root / SETTINGS, json.dumps(self.parameters, indent=2).encode())
         executor = submitit.AutoExecutor(folder=self.root / "logs", cluster="slurm")
-        executor.update_parameters(name="advreg-bench", tasks_per_node=1, **self.parameters)
+        executor.update_parameters(name="advreg-bench", tasks_per_node=1,  # each task: a torchrun, or one process
+                                   **{k: v for k, v in self.parameters.items() if k != REPLICAS})
         with executor.batch():
             submitted = [executor.submit(job) for job in jobs]
         for job, handle in zip(jobs, submitted):
