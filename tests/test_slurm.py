@@ -69,10 +69,11 @@ def _wait_until(condition, timeout=120.0):
 
 def test_a_bench_on_slurm_has_the_numbers_of_the_local_bench_and_a_rerun_submits_nothing(cluster, tmp_path, capsys):
     grid = ["--methods", "erm,amp", "--seeds", "2", "--epochs", "3"]
-    on_slurm = [*grid, *QUICK, "--out", str(tmp_path / "slurm"), "--launcher", "slurm", "--poll", "0.5",
-                "--slurm", "time=10"]
+    on_slurm = [*grid, *QUICK[:-1], "--out", str(tmp_path / "slurm"), "--launcher", "slurm", "--poll", "0.5",
+                "--slurm", "time=10"]  # not --quiet: the counts while it waits
     cli.main(["bench", *on_slurm])
     printed, err = capsys.readouterr()
+    assert "running, 0 done, 0 failed\n" in err and err.endswith("slurm: 0 pending, 0 running, 4 done, 0 failed\n")
     assert "slurm: 4 Slurm job(s) × 1 CPU(s) × at most 10 min = at most 0.7 CPU-hours" in err
     ids = {_job(tmp_path / "slurm", f"{m}/seed{s}") for m in ("erm", "amp") for s in (0, 1)}
     assert len(ids) == 4 and len({i.split("_")[0] for i in ids}) == 1  # one job array
@@ -85,14 +86,14 @@ def test_a_bench_on_slurm_has_the_numbers_of_the_local_bench_and_a_rerun_submits
 
 
 def test_cancelled_preempted_and_requeued_jobs_finish_with_the_numbers_of_an_uninterrupted_bench(cluster, tmp_path):
-    out, grid = tmp_path / "b", ["--methods", "erm", "--seeds", "3", "--epochs", "300"]
+    out, grid = tmp_path / "b", ["--methods", "erm", "--seeds", "2", "--epochs", "250"]
     slurm = ["--launcher", "slurm", "--slurm", "time=20"]  # over 10 min: submitit reads SIGUSR2 as a preemption
     submit = subprocess.run(_bench(out, *grid, *slurm, "--no-wait"), capture_output=True, text=True)
-    assert submit.returncode == 0 and "submitted 3 of 3 runs" in submit.stderr, submit.stderr
+    assert submit.returncode == 0 and "submitted 2 of 2 runs" in submit.stderr, submit.stderr
     again = subprocess.run(_bench(out, *grid, *slurm, "--no-wait"), capture_output=True, text=True)
-    assert "submitted 0 of 3 runs" in again.stderr  # pending or running: never submitted twice
+    assert "submitted 0 of 2 runs" in again.stderr  # pending or running: never submitted twice
     first, second = _job(out, "erm/seed0"), _job(out, "erm/seed1")
-    _wait_until(lambda: all((out / f"runs/erm/seed{s}/checkpoint.pt").exists() for s in (0, 1)))
+    _wait_until(lambda: _epochs(out / "runs/erm/seed0") > 0 and _epochs(out / "runs/erm/seed1") > 0)
     subprocess.run(["scancel", first], check=True)
     subprocess.run(["scancel", "--signal=USR2", second], check=True)  # what Slurm sends before preempting
     _start_now(second)
@@ -100,17 +101,24 @@ def test_cancelled_preempted_and_requeued_jobs_finish_with_the_numbers_of_an_uni
     collected = subprocess.run([sys.executable, "-m", "advreg.cli", "bench", "--collect", str(out)],
                                capture_output=True, text=True)
     assert collected.returncode == 0 and "runs are not finished yet" in collected.stderr
+    cancelled_at = _epochs(out / "runs/erm/seed0")
     rerun = subprocess.Popen(_bench(out, *grid, *slurm, "--poll", "0.5"), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
-    _wait_until(lambda: _job(out, "erm/seed0") != first and (out / "runs/erm/seed2/checkpoint.pt").exists())
-    subprocess.run(["scontrol", "requeue", _job(out, "erm/seed2")], check=True)
-    _start_now(_job(out, "erm/seed2"))
+    _wait_until(lambda: _job(out, "erm/seed0") != first and _epochs(out / "runs/erm/seed0") > cancelled_at)
+    subprocess.run(["scontrol", "requeue", _job(out, "erm/seed0")], check=True)  # the resubmitted job, mid-run
+    _start_now(_job(out, "erm/seed0"))
     printed, err = rerun.communicate(timeout=240)
-    assert rerun.returncode == 0 and "submitted 1 of 3 runs" in err, err
-    log = json.loads((out / "slurm/jobs.json").read_text())[str(out / "runs/erm/seed1")]["log"]
-    assert "Caught signal SIGUSR2 on" in Path(log).read_text() and "this job is preempted" in Path(log).read_text()
+    assert rerun.returncode == 0 and "submitted 1 of 2 runs" in err and 0 < cancelled_at < 250, err
+    log = Path(json.loads((out / "slurm/jobs.json").read_text())[str(out / "runs/erm/seed1")]["log"]).read_text()
+    assert "Caught signal SIGUSR2 on" in log and "this job is preempted" in log
     subprocess.run(_bench(tmp_path / "whole", *grid, "--jobs", "2"), check=True, capture_output=True)
     assert _results(out) == _results(tmp_path / "whole") and all(r["error"] == "" for r in _results(out))
+
+
+def _epochs(folder):
+    """Epochs in the run's history so far."""
+    history = folder / "history.csv"
+    return max(0, len(history.read_text().splitlines()) - 1) if history.exists() else 0
 
 
 def test_a_failing_run_is_reported_with_its_log_and_not_requeued(cluster, tmp_path, capsys):
