@@ -150,6 +150,37 @@ def test_a_run_with_two_replicas_trains_under_torchrun_in_its_job_as_advreg_trai
         {k: v for k, v in direct.items() if "seconds" not in k}
 
 
+def test_collect_writes_the_tables_from_the_finished_runs_and_says_how_many_are_missing(tmp_path, capsys):
+    out = tmp_path / "b"
+    cli.main(["bench", "--methods", "erm", "--seeds", "2", "--epochs", "2", *QUICK, "--out", str(out), "--jobs", "1"])
+    whole = capsys.readouterr().out
+    (out / "runs/erm/seed1/metrics.json").unlink()
+    cli.main(["bench", "--collect", str(out)])
+    printed, err = capsys.readouterr()
+    assert err == "advreg: 1 of 2 runs are not finished yet; collect again when they are\n"
+    assert [r["error"] for r in _results(out)] == ["", "not finished yet"] and "| 1/2 |" in printed
+    assert printed.splitlines()[0] == whole.splitlines()[0]  # the bench's own title, from bench.json
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["bench", "--collect", "."], "has no bench.json, so it is not a bench folder"),
+    (["bench", "--methods", "erm", "--out", "x", "--slurm", "time=5"], "--slurm and --no-wait go with --launcher"),
+    (["bench", "--methods", "erm"], "advreg bench needs --out"),
+])
+def test_bench_launcher_bad_input_is_one_line(argv, words, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and words in err and err.count("\n") == 1
+
+
+def test_without_slurm_commands_the_slurm_launcher_says_what_is_missing(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(ValueError, match=r"commands on PATH \(missing: sbatch, squeue, scontrol\)"):
+        launchers.check_available()
+
+
 @pytest.mark.parametrize("items, words", [
     (["gpu=1"], "--slurm expects KEY=VALUE with KEY one of partition"),
     (["time=soon"], "--slurm time takes a int"),

@@ -11,7 +11,7 @@ job that raises (a bad setting, a diverged run) ends there and is reported with 
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import subprocess
 import sys
 import time
@@ -106,6 +106,7 @@ class RunJob:
 
         environment = submitit.JobEnvironment()
         config = Path(self.folder).parent / f".{Path(self.folder).name}.config.json"
+        # node 0 writes it before its torchrun joins the rendezvous, so before any replica starts to read it
         if environment.global_rank == 0:  # beside the run folder, which the replicas make
             config.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(config, json.dumps(self.config.to_dict()).encode())
@@ -182,6 +183,7 @@ def run_slurm(specs: list[Any], out: Path, parameters: dict[str, Any], attacks: 
     unfinished."""
     from advreg import bench
 
+    check_available()
     bench.check_folders(specs)
     slurm = Slurm(out, parameters)
     states = slurm.states()
@@ -198,6 +200,18 @@ def run_slurm(specs: list[Any], out: Path, parameters: dict[str, Any], attacks: 
     status = wait(slurm, [s.folder for s in specs], lambda f: bench.complete(f, attacks, source), every, quiet)
     return [bench.run_row(s, read_json(s.folder / METRICS)) if status[str(s.folder)] == "done" else
             {**bench.run_row(s, None, slurm.failure(s.folder)), "failed": True} for s in specs]
+
+
+def check_available() -> None:
+    """ValueError, saying what to install, unless submitit and Slurm's commands are here."""
+    try:
+        import submitit  # noqa: F401
+    except ImportError:
+        raise ValueError('--launcher slurm needs submitit: pip install "advreg[slurm]"') from None
+    missing = [c for c in ("sbatch", "squeue", "scontrol") if shutil.which(c) is None]
+    if missing:
+        raise ValueError(f"--launcher slurm needs Slurm's commands on PATH (missing: {', '.join(missing)}); run "
+                         "the bench on the cluster's login node, or use --launcher local")
 
 
 def wait(slurm: Slurm, folders: list[Path], done, every: float = 5.0, quiet: bool = False) -> dict[str, str]:
