@@ -12,6 +12,7 @@ import ctypes
 import dataclasses
 import io
 import itertools
+import json
 import math
 import multiprocessing
 import os
@@ -39,6 +40,7 @@ METRICS = ("test_error", "test_nll", "test_ece", "test_margin", "val_error", "va
            "test_error_fgsm", "test_error_pgd", "test_error_fgsm_transfer", "test_error_pgd_transfer",
            "best_test_error", "best_test_robust_error", "last_test_robust_error", "robust_gap", "best_robust_gap",
            "best_val_robust_error", "best_epoch")
+PLAN = "bench.json"  # the planned runs, in the bench folder
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 # with robust tracking (adversarial training) the columns of the AWP paper's tables: best and last checkpoints
 ROBUST_COLUMNS = (("best_test_error", "Best: clean error (%)", 2), ("best_test_robust_error", "Best: PGD error (%)", 2),
@@ -153,20 +155,49 @@ def execute(specs: list[RunSpec], jobs: int, progress: bool = True, attacks: tup
     """Run (or read back) every spec, ``jobs`` processes at a time, then its ``attacks`` (white box, and
     transferred from the run folder ``source`` if given); one row per run, ``failed`` where its worker died or
     raised (the other runs go on; a rerun resumes it)."""
-    for spec in specs:  # a folder from another bench would be read back as if it were this one
-        if (spec.folder / CONFIG).exists():
-            check_same_run(spec.folder, spec.config)
-    todo = [s for s in specs if not _complete(s.folder, attacks, source)]
-    rows = [_row(s, read_json(s.folder / METRICS_FILE)) for s in specs if s not in todo]
+    check_folders(specs)
+    todo = [s for s in specs if not complete(s.folder, attacks, source)]
+    rows = [run_row(s, read_json(s.folder / METRICS_FILE)) for s in specs if s not in todo]
     bar = tqdm(total=len(specs), initial=len(rows), unit="run", desc="bench", disable=not progress)
     threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
     with contextlib.closing(_run_all(todo, max(1, jobs), threads, (attacks, source))) as results:
         for spec, (metrics, error, failed) in results:  # closing: the workers stop even if this loop raises
-            rows.append({**_row(spec, metrics, error), "failed": failed})
+            rows.append({**run_row(spec, metrics, error), "failed": failed})
             bar.update()
     bar.close()
     order = {s.folder: i for i, s in enumerate(specs)}
     return sorted(rows, key=lambda r: order[Path(r["folder"])])
+
+
+def save_plan(out: Path, specs: list[RunSpec], title: str) -> None:
+    """``bench.json``: every planned run and the table's title, so that ``--collect OUT`` needs nothing else."""
+    runs = [{"method": s.method, "point": list(s.point), "seed": s.seed, "folder": str(s.folder.relative_to(out)),
+             "config": s.config.to_dict()} for s in specs]
+    atomic_write_bytes(out / PLAN, json.dumps({"title": title, "runs": runs}, indent=1).encode())
+
+
+def load_plan(out: Path) -> tuple[list[RunSpec], str]:
+    """The runs and title that :func:`save_plan` wrote in the bench folder ``out``."""
+    if not (out / PLAN).is_file():
+        raise ValueError(f"{out} has no {PLAN}, so it is not a bench folder (or one from an older advreg); "
+                         "run the bench command again to write it")
+    saved = read_json(out / PLAN)
+    specs = [RunSpec(r["method"], tuple(r["point"]), r["seed"], out / r["folder"], TrainConfig.from_dict(r["config"]))
+             for r in saved["runs"]]
+    return specs, saved["title"]
+
+
+def collect(specs: list[RunSpec]) -> list[dict[str, Any]]:
+    """One row per planned run from whatever has finished; an unfinished run's row says so."""
+    return [run_row(s, read_json(s.folder / METRICS_FILE)) if complete(s.folder, ()) else
+            {**run_row(s, None, "not finished yet"), "failed": True} for s in specs]
+
+
+def check_folders(specs: list[RunSpec]) -> None:
+    """Refuse a run folder from another bench: it would be read back as if it were this one."""
+    for spec in specs:
+        if (spec.folder / CONFIG).exists():
+            check_same_run(spec.folder, spec.config)
 
 
 Reply = tuple[dict[str, Any] | None, str, bool]  # a worker's answer: metrics, error, failed
@@ -250,7 +281,7 @@ def _serve(conn: Connection, threads: int, parent: int) -> None:
         except EOFError:
             return
         try:
-            reply: Reply = (*_train_one(*task), False)
+            reply: Reply = (*train_one(*task), False)
         except Exception as err:  # noqa: BLE001 - any failure is reported in the run's row; the bench goes on
             reply = (None, f"{type(err).__name__}: {err}", True)
         conn.send(reply)
@@ -273,7 +304,7 @@ def _watch_parent(parent: int, every: float = 0.2) -> None:
     os._exit(1)
 
 
-def _complete(folder: Path, attacks: tuple[str, ...], source: str | None = None) -> bool:
+def complete(folder: Path, attacks: tuple[str, ...], source: str | None = None) -> bool:
     if not (folder / METRICS_FILE).exists():
         return False
     metrics = read_json(folder / METRICS_FILE)
@@ -282,7 +313,7 @@ def _complete(folder: Path, attacks: tuple[str, ...], source: str | None = None)
                                         and all(f"test_error_{a}_transfer" in metrics for a in attacks)))
 
 
-def _train_one(config: TrainConfig, folder: str, attacks: tuple[str, ...],
+def train_one(config: TrainConfig, folder: str, attacks: tuple[str, ...],
                source: str | None = None) -> tuple[dict[str, Any] | None, str]:
     """Train one run folder unless finished, then add the missing robust errors; (metrics, error).
 
@@ -295,14 +326,14 @@ def _train_one(config: TrainConfig, folder: str, attacks: tuple[str, ...],
     try:
         if not (Path(folder) / METRICS_FILE).exists():
             train(config, folder, resume=True, progress=False)
-        if not _complete(Path(folder), attacks, source):
+        if not complete(Path(folder), attacks, source):
             evaluate_run(folder, list(attacks), source=source)
         return read_json(Path(folder) / METRICS_FILE), ""
     except TrainingDiverged as err:
         return None, str(err)
 
 
-def _row(spec: RunSpec, metrics: dict[str, Any] | None, error: str = "") -> dict[str, Any]:
+def run_row(spec: RunSpec, metrics: dict[str, Any] | None, error: str = "") -> dict[str, Any]:
     row: dict[str, Any] = {"method": spec.method, "point": " ".join(spec.point), "seed": spec.seed,
                            "folder": str(spec.folder), "error": error}
     metrics = metrics or {}

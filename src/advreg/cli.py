@@ -27,7 +27,9 @@ import argparse  # noqa: E402 (after the handler: these imports take the start-u
 import os  # noqa: E402
 from typing import Any, Sequence  # noqa: E402
 
-from advreg import __version__, bench  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from advreg import __version__, bench, launchers  # noqa: E402
 from advreg import config as cfg  # noqa: E402
 from advreg.data import DATASETS  # noqa: E402
 from advreg.methods import METHODS  # noqa: E402
@@ -114,7 +116,7 @@ def _add_bench(commands: Any) -> None:
     bench.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 for every method")
     _add_recipe(bench)
     bench.add_argument("--epochs", type=int, default=None, help=f"default: the recipe's, else {cfg.TrainConfig.epochs}")
-    bench.add_argument("--out", required=True, help="the bench folder (reruns skip finished runs)")
+    bench.add_argument("--out", default=None, help="the bench folder (reruns skip finished runs); required")
     bench.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                        help="a setting for every run, e.g. optim.lr=0.05 (repeatable)")
     bench.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
@@ -127,6 +129,20 @@ def _add_bench(commands: Any) -> None:
                        help="with --attacks: also craft the examples on this run folder's model (black box, e.g. "
                             "a separately trained ERM run) and report test_error_*_transfer")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    bench.add_argument("--launcher", default="local", choices=("local", "slurm"),
+                       help="local: --jobs processes on this machine; slurm: every run a Slurm job (one job array, "
+                            "through submitit: pip install \"advreg[slurm]\"); a rerun resubmits only the runs "
+                            "that are neither finished nor pending or running")
+    bench.add_argument("--slurm", dest="slurm", action="append", default=[], metavar="KEY=VALUE",
+                       help="with --launcher slurm, a job setting: " + ", ".join(launchers.SLURM_KEYS) +
+                            f" (minutes), or {launchers.EXTRA}NAME for any sbatch option (repeatable; saved in "
+                            "OUT/slurm/settings.json)")
+    bench.add_argument("--no-wait", action="store_true", help="with --launcher slurm: submit and return")
+    bench.add_argument("--poll", type=float, default=10.0, metavar="SECONDS",
+                       help="with --launcher slurm: how often to ask Slurm while waiting")
+    bench.add_argument("--collect", default=None, metavar="OUT",
+                       help="write results.csv and summary.md of the bench folder OUT from whatever has finished "
+                            "(the other options are ignored)")
 
 
 def _add_recipe(parser: argparse.ArgumentParser) -> None:
@@ -182,8 +198,15 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
+    if args.collect:
+        return _collect(args.collect)
+    if not args.out:
+        raise ValueError("advreg bench needs --out (the bench folder), or --collect OUT")
     if args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1 (runs in parallel), got {args.jobs}")
+    if args.launcher != "slurm" and (args.slurm or args.no_wait):
+        raise ValueError("--slurm and --no-wait go with --launcher slurm (add --launcher slurm)")
+    parameters = launchers.parse_slurm(args.slurm)
     methods: list[str | bench.Variant] = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not (methods or args.variants):
@@ -200,17 +223,41 @@ def cmd_bench(args: argparse.Namespace) -> None:
         raise ValueError(f"unknown attack in --attacks {args.attacks!r}; choose from: {', '.join(ATTACKS)}")
     if args.attack_source and not attacks:
         raise ValueError("--attack-source needs --attacks (e.g. --attacks fgsm,pgd)")
-    rows = bench.execute(specs, min(args.jobs, len(specs)), progress=not args.quiet, attacks=attacks,
-                         source=args.attack_source)
-    chosen = bench.select(rows)
-    bench.write_results(out, rows, chosen)
     recipe = f", recipe {args.recipe}" if args.recipe else ""
     title = (f"{args.dataset}, {base.model.name}, {base.epochs} epochs{recipe}, mean ± std over {args.seeds} seeds; grid points "
              "chosen by mean validation error; best mean in bold")
+    bench.save_plan(out, specs, title)
+    if args.launcher == "slurm":
+        rows = launchers.run_slurm(specs, out, parameters, attacks, args.attack_source,
+                                   wait_for=not args.no_wait, every=args.poll, quiet=args.quiet)
+        if rows is None:  # --no-wait: the same command, or --collect, writes the tables later
+            return
+    else:
+        rows = bench.execute(specs, min(args.jobs, len(specs)), progress=not args.quiet, attacks=attacks,
+                             source=args.attack_source)
+    _write_tables(out, rows, title)
+
+
+def _collect(folder: str) -> None:
+    """--collect: the tables from the finished runs; one line says how many are missing."""
+    out = Path(folder)
+    specs, title = bench.load_plan(out)
+    rows = bench.collect(specs)
+    missing = sum(bool(r.get("failed")) for r in rows)
+    _write_tables(out, rows, title, fail=False)
+    if missing:
+        print(f"advreg: {missing} of {len(rows)} runs are not finished yet; collect again when they are",
+              file=sys.stderr)
+
+
+def _write_tables(out: Path, rows: list[dict[str, Any]], title: str, fail: bool = True) -> None:
+    """results.csv and summary.md (printed); then, if some runs failed, one line with them and exit status 1."""
+    chosen = bench.select(rows)
+    bench.write_results(out, rows, chosen)
     summary = bench.summarize(rows, chosen, title)
     atomic_write_bytes(out / "summary.md", summary.encode())
     print(summary, end="")
-    failed = [r for r in rows if r.get("failed")]
+    failed = [r for r in rows if r.get("failed")] if fail else []
     if failed:  # after the files: every other run is in them
         runs = "; ".join(f"{r['folder']}: {r['error']}" for r in failed)
         _fail(f"{len(failed)} of {len(rows)} runs failed ({runs}); the others are in {out / 'results.csv'}; "
