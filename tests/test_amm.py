@@ -20,7 +20,8 @@ from advreg.attacks import deepfool, deepfool_with_source
 from advreg.config import TrainConfig
 from advreg.losses import AMMLoss, cross_entropy
 from advreg.losses.amm import FrozenDropout, margin_terms, select_min, shrink, truncation
-from advreg.methods import build_loss, resolve
+from advreg.methods import resolve
+from advreg.stages import build_loss
 from advreg.train import _train_step, build_run
 
 DT = torch.float64

@@ -15,7 +15,8 @@ from advreg import transforms
 from advreg.cli import build_parser, make_config
 from advreg.config import TrainConfig, keys, override
 from advreg.losses import cross_entropy
-from advreg.methods import METHODS, Method, build_optimizer, check_preset, resolve
+from advreg.methods import METHODS, Method, check_preset, resolve
+from advreg.stages import build_optimizer
 from advreg.train import _train_step, build_run, validate
 
 SMALL = ["data.name=digits", "model.hidden=16", "optim.batch_size=64"]
@@ -152,7 +153,7 @@ def test_presets_carry_the_papers_hyperparameters():
     assert c["label_smoothing"].loss.smoothing == 0.2
     assert c["flooding"].loss.flooding == 0.02
     assert c["mixup"].stages.transform == "mixup" and c["mixup"].mixup.alpha == 1.0
-    assert c["adv"].stages.transform == "fgsm" and c["adv"].adv.pixels == 1.0
+    assert c["adv"].stages.transform == "fgsm" and c["adv"].fgsm.pixels == 1.0
     assert c["rmp"].stages.perturbation == "rmp" and c["rmp"].rmp.epsilon == 0.1
     assert c["amp"].stages.perturbation == "amp" and c["amp"].amp.inner_steps == 1
     assert c["sam"].stages.perturbation == "sam"
@@ -211,7 +212,7 @@ def test_flooding_composes_with_amp_through_the_command_line_setting():
     ("mixup", "stages.transform=fgsm"),
     ("erm", "amp.epsilon=0.1"),
     ("erm", "mixup.alpha=0.4"),
-    ("erm", "adv.pixels=2"),
+    ("erm", "fgsm.pixels=2"),
     ("erm", "sam.rho=0.1"),
     ("erm", "rmp.epsilon=0.2"),
     ("sam", "amp.epsilon=0.1"),

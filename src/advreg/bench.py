@@ -30,8 +30,9 @@ from tqdm.auto import tqdm
 
 from advreg.config import SEED_RANGE, TrainConfig
 from advreg.io import atomic_write_bytes, read_json
-from advreg.methods import METHODS, SECTION_OF, resolve
+from advreg.methods import METHODS, resolve
 from advreg.recipes import with_recipe
+from advreg.registry import in_use, owner_of
 from advreg.runs import CONFIG, check_same_run
 from advreg.runs import METRICS as METRICS_FILE
 
@@ -140,10 +141,8 @@ def _with(base: TrainConfig, method: str, seed: int) -> TrainConfig:
 
 def _applies(base: TrainConfig, method: str, settings: list[str], key: str) -> bool:
     """A key of a stage member (amp.*) or of a preset (loss.smoothing) tunes only the methods that use it."""
-    section = key.split(".")[0]
-    if section in SECTION_OF:
-        stage, member = SECTION_OF[section]
-        return getattr(resolve(_with(base, method, 0), settings).stages, stage) == member
+    if owner_of(key.split(".")[0]) is not None:
+        return in_use(resolve(_with(base, method, 0), settings).stages, key)
     owners = [m for m in METHODS.values() if any(s.split("=")[0] == key for s in m.settings)]
     return not owners or any(m.name == method for m in owners)
 

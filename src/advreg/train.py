@@ -26,7 +26,8 @@ from advreg.config import TrainConfig
 from advreg.data import DataSplits, TensorLoader, augment, load_dataset
 from advreg.evaluate import AttackSettings, evaluate, margin, robust_error
 from advreg.losses import LossStage
-from advreg.methods import build_loss, build_optimizer, build_transform, check_preset, resolve, validate_stages
+from advreg.methods import check_preset, resolve
+from advreg.stages import build_loss, build_optimizer, build_transform, validate_stages
 from advreg.recipes import get_recipe
 from advreg.transforms import Transform
 from advreg.transforms.adversarial import level as pixel_level

@@ -53,9 +53,9 @@ def _labels(folders: list[str], labels: list[str] | None) -> list[str]:
 
 
 def training_attack(config: Any, data: DataSplits) -> AttackSettings:
-    """The run's training threat model (``at.*``, PGD-10 by default), in the data's units."""
+    """The run's training threat model (``pgd.*``, PGD-10 by default), in the data's units."""
     lo, hi = data.train[0].min().item(), data.train[0].max().item()
-    level, a = pixel_level((lo, hi)), config.at
+    level, a = pixel_level((lo, hi)), config.pgd
     return AttackSettings(a.pixels * level, a.step_pixels * level, a.steps, (lo, hi), a.norm)
 
 

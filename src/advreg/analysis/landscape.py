@@ -84,6 +84,7 @@ def as_list(results) -> list:
 
 @dataclass(frozen=True)
 class LandscapeConfig:
+    """The loss landscape's grid: a curve or a surface, its points per axis and its span."""
     dims: int = 1  # 1: a curve along d; 2: a surface over (d, e)
     steps: int = 41  # points per axis; odd, so that α = 0 is on the grid
     span: float = 1.0  # α, β ∈ [−span, span], in units of the filter norms

@@ -25,6 +25,8 @@ from advreg.perturb.engine import global_norm
 
 @dataclass(frozen=True)
 class RadiusConfig:
+    """The radius sweep: the L2 radii of Δ, the random directions per radius and AMP's ascent steps for the worst
+    Δ."""
     radii: tuple[float, ...] = tuple(i / 10 for i in range(11))  # 0, 0.1, …, 1.0 (L2, whole parameter vector)
     directions: int = 10  # random Δ per radius, the same unit directions at every radius and split
     worst_steps: int = 10  # N ascent steps of AMP's inner maximisation

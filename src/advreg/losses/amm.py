@@ -22,6 +22,7 @@ and its label: two copies.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -29,6 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from advreg.attacks import deepfool_with_source, sample_norms
+from advreg.config import AMMConfig
+from advreg.registry import Member, register
 
 AGGREGATIONS = ("avg", "min")
 SHRINKAGES = ("lin", "exp", "inv")
@@ -218,3 +221,7 @@ class AMMLoss:
         return deepfool_with_source(model, x, self.steps, self.overshoot, create_graph=create_graph, labels=labels,
                                     high_order=self.high_order, candidates=self.candidates or None,
                                     forward=forward)
+
+
+register(Member("loss", "amm", lambda c, ce, loss_config: AMMLoss(ce, **dataclasses.asdict(c)),  # the section's keys
+                AMMConfig))  # are AMMLoss's

@@ -359,11 +359,14 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state (momentum, the param groups with their hyperparameters) and, under
+        ``perturbation``, the settings common to all groups."""
         state = self.base_optimizer.state_dict()  # its param_groups carry the group_keys, as they carry lr
         state["perturbation"] = self._hyperparameters()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state of ``state_dict``'s form; ValueError for one saved by another kind of perturbation."""
         state_dict = dict(state_dict)
         saved = dict(state_dict.pop("perturbation", {}))
         legacy = {k: saved.pop(k) for k in self.group_keys if k in saved}  # saved before they lived in the groups
@@ -392,6 +395,7 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
         """Raise ValueError on bad common hyperparameters (called at construction and after loading)."""
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the base optimizer (it gets the defaults, the hyperparameters included), checked."""
         if hasattr(self, "base_optimizer"):
             self.base_optimizer.add_param_group(param_group)
             self._validate_group(self.param_groups[-1])

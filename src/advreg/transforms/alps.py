@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advreg.attacks import eval_mode
+from advreg.config import ALPSConfig
+from advreg.registry import Member, register
 
 
 def alps_label(logits: Tensor, targets: Tensor, epsilon: float) -> Tensor:
@@ -57,3 +59,6 @@ class ALPS:
         with torch.no_grad(), eval_mode(model):
             logits = model(mixed)  # (B, K)
         return mixed, alps_label(logits, y, self.epsilon)
+
+
+register(Member("transform", "alps", lambda c, box, loss: ALPS(c.alpha, c.beta, c.epsilon), ALPSConfig))

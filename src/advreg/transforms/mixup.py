@@ -8,6 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from advreg.config import MixupConfig
+from advreg.registry import Member, register
+
 
 class MixUp:
     def __init__(self, alpha: float = 1.0):
@@ -20,3 +23,6 @@ class MixUp:
         partner = torch.randperm(len(y)).to(x.device)
         onehot = F.one_hot(y, num_classes).to(x.dtype)  # (B, K)
         return lam * x + (1 - lam) * x[partner], lam * onehot + (1 - lam) * onehot[partner]
+
+
+register(Member("transform", "mixup", lambda c, box, loss: MixUp(c.alpha), MixupConfig))
