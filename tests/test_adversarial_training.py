@@ -21,7 +21,7 @@ from advreg.evaluate import AttackSettings, robust_error
 from advreg.losses import OnPair, mart_loss, trades_loss
 from advreg.methods import METHODS, resolve
 from advreg.stages import build_transform, validate_stages
-from advreg.train import BEST, _train_step, build_run, train
+from advreg.train import BEST, train_step, build_run, train
 
 SMALL = ["data.name=digits", "model.hidden=16", "optim.batch_size=128"]
 
@@ -118,7 +118,7 @@ def test_gamma_zero_is_the_unperturbed_method_bit_for_bit():
     for run in (plain, zero):
         torch.manual_seed(1)
         for x, y in list(run.loader)[:3]:
-            _train_step(run, x, y)
+            train_step(run, x, y)
     assert all(torch.equal(a, b) for a, b in zip(plain.model.parameters(), zero.model.parameters()))
 
 

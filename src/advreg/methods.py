@@ -6,6 +6,7 @@ combination is written with ``--set`` (e.g. ``--method amp --set stages.transfor
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from advreg import registry
 from advreg.config import TrainConfig, override
@@ -18,39 +19,51 @@ AWP_PAPER = "Wu, Xia & Wang, NeurIPS 2020, Algorithm 2"
 
 @dataclass(frozen=True)
 class Method:
+    """A named method of the papers: its settings of the stages (over the ERM defaults), the forward passes of the
+    model per step (a count, a function of the run's config, or None where the data decide: AMM's DeepFool),
+    where it comes from, and what the passes are."""
     name: str
     settings: tuple[str, ...]  # key=value overrides of the defaults (ERM)
-    passes: str  # forward/backward passes per step
+    passes: int | Callable[[TrainConfig], int] | None
     paper: str
+    passes_note: str = ""
+
+    def forward_passes(self, config: TrainConfig) -> int | None:
+        """The model's forward passes in one training step of ``config`` (None: they depend on the batch)."""
+        return self.passes(config) if callable(self.passes) else self.passes
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("erm", (), "1", "empirical risk minimization (AMP paper, Sec. 5.1)"),
-    Method("dropout", ("model.dropout=0.1",), "1", "Srivastava et al., JMLR 2014; 10% after each ReLU"),
-    Method("label_smoothing", ("loss.smoothing=0.2",), "1", "Szegedy et al., CVPR 2016; α = 0.2"),
-    Method("flooding", ("loss.flooding=0.02",), "1", "Ishida et al., ICML 2020; b = 0.02"),
-    Method("mixup", ("stages.transform=mixup",), "1", "Zhang et al., ICLR 2018; λ ~ Beta(1, 1)"),
-    Method("adv", ("stages.transform=fgsm",), "2 (1 for the example)",
-           "Goodfellow et al., ICLR 2015; FGSM training, 1 pixel level"),
-    Method("alps", ("stages.transform=alps",), "2 (1 without gradients, for k*)",
-           "Guo et al., IJCAI 2021, Algorithm 1"),
-    Method("rmp", ("stages.perturbation=rmp",), "1", "AMP paper's random model perturbation, radius 0.1"),
-    Method("amp", ("stages.perturbation=amp",), "N+1", "Zheng et al., CVPR 2021, Algorithm 1"),
-    Method("sam", ("stages.perturbation=sam",), "2", "Foret et al., ICLR 2021"),
-    Method("amm", ("stages.loss=amm", "optim.clip_grad=10.0"),
+    Method("erm", (), 1, "empirical risk minimization (AMP paper, Sec. 5.1)"),
+    Method("dropout", ("model.dropout=0.1",), 1, "Srivastava et al., JMLR 2014; 10% after each ReLU"),
+    Method("label_smoothing", ("loss.smoothing=0.2",), 1, "Szegedy et al., CVPR 2016; α = 0.2"),
+    Method("flooding", ("loss.flooding=0.02",), 1, "Ishida et al., ICML 2020; b = 0.02"),
+    Method("mixup", ("stages.transform=mixup",), 1, "Zhang et al., ICLR 2018; λ ~ Beta(1, 1)"),
+    Method("adv", ("stages.transform=fgsm",), 2, "Goodfellow et al., ICLR 2015; FGSM training, 1 pixel level",
+           "1 for the example"),
+    Method("alps", ("stages.transform=alps",), 2, "Guo et al., IJCAI 2021, Algorithm 1",
+           "1 without gradients, for k*"),
+    Method("rmp", ("stages.perturbation=rmp",), 1, "AMP paper's random model perturbation, radius 0.1"),
+    Method("amp", ("stages.perturbation=amp",), lambda c: c.amp.inner_steps + 1,
+           "Zheng et al., CVPR 2021, Algorithm 1"),
+    Method("sam", ("stages.perturbation=sam",), 2, "Foret et al., ICLR 2021"),
+    Method("amm", ("stages.loss=amm", "optim.clip_grad=10.0"), None,
+           "Yan, Guo & Zhang, TPAMI; MIN+EXP, λ = 32, c = 2, d = 1, gradients clipped at 10",
            "1, then up to u passes of C copies and 1+u forwards with AVG, twice with MIN (DeepFool, u = 6, "
-           "C = amm.candidates, 2 copies for a misclassified sample)",
-           "Yan, Guo & Zhang, TPAMI; MIN+EXP, λ = 32, c = 2, d = 1, gradients clipped at 10"),
-    Method("at", AT, "11 (10 for PGD)", AT_PAPER),
-    Method("trades", (*AT, "stages.loss=trades"), "13 (11 for PGD: p(x) and 10 steps; 2 for the loss)",
-           "Zhang et al., ICML 2019; β = 6"),
-    Method("mart", (*AT, "stages.loss=mart"), "12 (10 for PGD, 2 for the loss)", "Wang et al., ICLR 2020; β = 6"),
-    Method("at_awp", (*AT, "stages.perturbation=awp"), "12", f"{AWP_PAPER}; γ = 0.01 (Sec. 4.4)"),
-    Method("at_rwp", (*AT, "stages.perturbation=rwp"), "11", "AWP paper's random weight perturbation; γ = 0.01"),
-    Method("trades_awp", (*AT, "stages.loss=trades", "stages.perturbation=awp", "awp.gamma=0.005"), "15",
-           f"{AWP_PAPER}, Eq. 16; γ = 0.005 (Sec. 5.1)"),
-    Method("mart_awp", (*AT, "stages.loss=mart", "stages.perturbation=awp", "awp.gamma=0.005"), "14",
-           f"{AWP_PAPER}, Eq. 17; γ = 0.005 (Sec. 5.1)"),
+           "C = amm.candidates, 2 copies for a misclassified sample)"),
+    Method("at", AT, lambda c: c.pgd.steps + 1, AT_PAPER, "pgd.steps for PGD"),
+    Method("trades", (*AT, "stages.loss=trades"), lambda c: c.pgd.steps + 3, "Zhang et al., ICML 2019; β = 6",
+           "pgd.steps + 1 for PGD (p(x) and the steps), 2 for the loss"),
+    Method("mart", (*AT, "stages.loss=mart"), lambda c: c.pgd.steps + 2, "Wang et al., ICLR 2020; β = 6",
+           "pgd.steps for PGD, 2 for the loss"),
+    Method("at_awp", (*AT, "stages.perturbation=awp"), lambda c: c.pgd.steps + 2,
+           f"{AWP_PAPER}; γ = 0.01 (Sec. 4.4)"),
+    Method("at_rwp", (*AT, "stages.perturbation=rwp"), lambda c: c.pgd.steps + 1,
+           "AWP paper's random weight perturbation; γ = 0.01"),
+    Method("trades_awp", (*AT, "stages.loss=trades", "stages.perturbation=awp", "awp.gamma=0.005"),
+           lambda c: c.pgd.steps + 5, f"{AWP_PAPER}, Eq. 16; γ = 0.005 (Sec. 5.1)"),
+    Method("mart_awp", (*AT, "stages.loss=mart", "stages.perturbation=awp", "awp.gamma=0.005"),
+           lambda c: c.pgd.steps + 4, f"{AWP_PAPER}, Eq. 17; γ = 0.005 (Sec. 5.1)"),
 )}
 
 

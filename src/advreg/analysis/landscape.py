@@ -214,7 +214,7 @@ def _plot_surfaces(results: list[LandscapeResult], labels: list[str]):
     n = len(results)
     figure = Figure(figsize=(4.5 * n, 8.5), layout="constrained")
     low, high = min(r.loss.min() for r in results), max(r.loss.max() for r in results)
-    levels = _levels(low, high)  # shared: the panels compare by eye
+    levels = contour_levels(low, high)  # shared: the panels compare by eye
     for i, (result, label) in enumerate(zip(results, labels)):
         a, b = np.meshgrid(result.alphas, result.betas, indexing="ij")  # (S, S), like loss
         flat = figure.add_subplot(2, n, i + 1)
@@ -227,7 +227,7 @@ def _plot_surfaces(results: list[LandscapeResult], labels: list[str]):
     return figure
 
 
-def _levels(low: float, high: float) -> np.ndarray | None:
+def contour_levels(low: float, high: float) -> np.ndarray | None:
     """21 contour levels: geometric when the loss spans decades (a minimum near 0 would get one line), else linear."""
     if not high > low:
         return None

@@ -41,7 +41,9 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
 
     Distributed data parallel: with ``no_sync`` (the ``DistributedDataParallel`` model's ``no_sync`` method), the
     passes that build Δ run inside it (forward included), so only the final gradient at θ+Δ is all-reduced; each
-    replica perturbs by its own batch's gradient (the paper's per-batch Δ). ``perturb_on="global"`` all-reduces
+    replica perturbs by its own batch's gradient (the paper's per-batch Δ). ``local_pass`` is True while the
+    closure runs such a pass (a closure that weights its loss by the replica's share of the batch leaves these
+    passes at weight 1: :class:`advreg.Step` does). ``perturb_on="global"`` all-reduces
     those passes too, so that Δ comes from the global batch's gradient, the same on every replica.
 
     Hyperparameters: those named in ``group_keys`` (ε, ζ, N, ρ, γ, ...) live in each param group, as ``lr`` does:
@@ -85,6 +87,7 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
         self.bn_stats = bn_stats
         self.grad_scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
         self.no_sync, self.perturb_on = no_sync, perturb_on
+        self.local_pass = False  # True during a pass under no_sync: its gradient stays on this replica
         self._theta: dict[Tensor, Tensor] = {}  # scratch: θ during a step, never part of the state
         self._norm_stats: dict[torch.nn.Module, list[Tensor]] = {}  # scratch: running statistics during a step
         self._norm_layers = None if model is None else [m for m in model.modules() if isinstance(m, _NormBase)]
@@ -316,7 +319,11 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
 
         def ascent() -> Tensor:
             with local() if local is not None else nullcontext():
-                loss = run()
+                self.local_pass = local is not None
+                try:
+                    loss = run()
+                finally:
+                    self.local_pass = False
             overflow.unscale([p.grad for g in self.param_groups for p in g["params"] if p.grad is not None])
             return loss
         return ascent
