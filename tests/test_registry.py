@@ -55,6 +55,19 @@ def test_a_loss_declares_what_it_needs_of_the_batch():
     assert (at.objective, at.keep_clean) == ("ce", False)
 
 
+@pytest.mark.parametrize("method, setting, message", [
+    ("at", "pgd.steps=0", r"^pgd.pixels must be >= 0, pgd.step_pixels > 0 and pgd.steps an integer >= 1"),
+    ("amm", "amm.c=-1", r"^amm.lam must be >= 0 and amm.c, amm.d > 0, got amm.lam=32.0, amm.c=-1.0"),
+    ("amp", "amp.every=0", r"^amp.every must be an integer >= 1, got 0: a fresh Δ every k steps"),  # a word stays
+    ("mixup", "mixup.alpha=0", r"^mixup.alpha must be > 0"),
+])
+def test_a_member_names_its_parameter_and_the_config_layer_names_the_key(method, setting, message):
+    config = resolve(TrainConfig(method=method), [setting])
+    with pytest.raises(ValueError, match=message):
+        stages.build_transform(config, (0.0, 1.0)), stages.build_loss(config), stages.build_optimizer(
+            config, [nn.Parameter(torch.zeros(1))])
+
+
 def test_old_section_names_load_and_the_set_key_names_the_new_one():
     config = resolve(TrainConfig(method="at"), ["pgd.pixels=4"])
     old = config.to_dict()

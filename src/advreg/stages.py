@@ -5,7 +5,10 @@ Each stage's members declare themselves (:mod:`advreg.registry`); this module re
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+import contextlib
+import dataclasses
+import re
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -18,6 +21,21 @@ from advreg.transforms import Transform
 def section(config: TrainConfig, member: registry.Member) -> Any:
     """The member's config section in ``config`` (None for a member without settings)."""
     return getattr(config, member.section) if member.config is not None else None
+
+
+@contextlib.contextmanager
+def config_keys(member: registry.Member) -> Iterator[None]:
+    """A member names its own parameters in its errors (``pixels must be >= 0``); a ValueError raised inside
+    names them as the ``--set`` keys of the member's section (``fgsm.pixels must be >= 0``)."""
+    try:
+        yield
+    except ValueError as err:
+        if member.config is None:
+            raise
+        names = "|".join(f.name for f in dataclasses.fields(member.config))
+        # a parameter as a sentence's subject or in a list of them, not an ordinary word ("a fresh Δ every k steps")
+        pattern = rf"(?<![\w.'\"])({names})(?= must| \(| and |, | >| <|=| an | is | ')"
+        raise ValueError(re.sub(pattern, rf"{member.section}.\1", str(err))) from None
 
 
 def chosen(config: TrainConfig, stage: str) -> registry.Member:
@@ -38,14 +56,16 @@ def validate_stages(config: TrainConfig) -> None:
 def build_transform(config: TrainConfig, input_range: tuple[float, float]) -> Transform:
     """The run's batch transform; sizes in pixel levels of ``input_range``, examples for the run's loss."""
     member = chosen(config, "transform")
-    return member.build(section(config, member), input_range, chosen(config, "loss"))
+    with config_keys(member):
+        return member.build(section(config, member), input_range, chosen(config, "loss"))
 
 
 def build_loss(config: TrainConfig) -> LossStage:
     """The run's loss stage, around the cross-entropy of ``loss.smoothing`` and ``loss.flooding``."""
     member = chosen(config, "loss")
     criterion = make_loss(config.loss.smoothing, config.loss.flooding)
-    return member.build(section(config, member), criterion, config.loss)
+    with config_keys(member):
+        return member.build(section(config, member), criterion, config.loss)
 
 
 def build_optimizer(config: TrainConfig, params: Iterable[torch.Tensor], steps_per_epoch: int = 1,
@@ -55,4 +75,5 @@ def build_optimizer(config: TrainConfig, params: Iterable[torch.Tensor], steps_p
     o = config.optim
     sgd = dict(lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
     member = chosen(config, "perturbation")
-    return member.build(section(config, member), params, steps_per_epoch, sgd, engine)
+    with config_keys(member):
+        return member.build(section(config, member), params, steps_per_epoch, sgd, engine)

@@ -28,7 +28,6 @@ from advreg.methods import check_preset, resolve
 from advreg.stages import build_loss, build_optimizer, build_transform, validate_stages
 from advreg.step import PRECISIONS, Step
 from advreg.recipes import get_recipe
-from advreg.transforms.adversarial import level as pixel_level
 from advreg.perturb import NonFiniteLossError
 from advreg.perturb.engine import PERTURB_ON
 from advreg.runs import (BEST, CHECKPOINT, CONFIG, HISTORY, METRICS, RunFolder, RunFolderError,  # noqa: F401
@@ -53,6 +52,7 @@ class Run:
     loader: TensorLoader
     generator: torch.Generator  # the shuffling order
     device: torch.device
+    box: tuple[float, float]  # the input range (DataSplits.box), computed once
     step: Step  # transform → loss → perturbation → optimizer on one batch
     robust: AttackSettings | None  # the PGD of the robust errors tracked each epoch (robust.track), or None
     augment: augment.Augment | None = None  # crop/flip/Cutout/AutoAugment of image batches, before stage 1
@@ -147,8 +147,7 @@ def validate(config: TrainConfig) -> None:
     if config.model.norm not in models.NORMS or config.data.augment not in augment.PRESETS:
         raise ValueError(f"model.norm must be one of {models.NORMS} and data.augment one of {tuple(augment.PRESETS)}, "
                          f"got {config.model.norm!r} and {config.data.augment!r}")
-    models.build("mlp", 2, input_shape=(1,), hidden=config.model.hidden, dropout=config.model.dropout,
-                 dropout_layers=config.model.dropout_layers)  # the shared options' checks on a tiny stand-in
+    models.check_options(config.model.hidden, config.model.dropout, config.model.dropout_layers)
     build_optimizer(config, [nn.Parameter(torch.zeros(1))])  # the optimizer's own checks
     resolve_device(config.device)
 
@@ -207,14 +206,14 @@ def build_run(config: TrainConfig, replicas: distributed.Replicas | None = None)
         train_model = torch.compile(train_model if train_model is not None else model)
     optimizer = build_optimizer(config, model.parameters(), steps_per_epoch=len(loader), **engine)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestone_epochs(config), gamma=config.optim.lr_decay)
-    input_range = (data.train[0].min().item(), data.train[0].max().item())
+    box = data.box()  # the input range: the attacks' clip and the unit of their sizes
     if replicas is not None and replicas.rank > 0:  # its own dropout masks, MixUp partners, PGD starts (not rank 0's)
         torch.manual_seed(config.seed + REPLICA_SEED_STRIDE * replicas.rank)
-    step = Step(model if train_model is None else train_model, build_transform(config, input_range),
+    step = Step(model if train_model is None else train_model, build_transform(config, box),
                 build_loss(config), optimizer, data.num_classes, config.speed.precision, scaler,
                 config.optim.clip_grad, transform_model=model if replicas is not None else None)
-    return Run(config, data, model, optimizer, scheduler, loader, generator, device, step,
-               _robust_settings(config, input_range), _augmentation(config, data), scaler, train_model, replicas)
+    return Run(config, data, model, optimizer, scheduler, loader, generator, device, box, step,
+               _robust_settings(config, box), _augmentation(config, data), scaler, train_model, replicas)
 
 
 def milestone_epochs(config: TrainConfig) -> list[int]:
@@ -243,9 +242,9 @@ def _augmentation(config: TrainConfig, data: DataSplits) -> augment.Augment | No
     return None if name == "none" else augment.PRESETS[name]
 
 
-def _robust_settings(config: TrainConfig, input_range: tuple[float, float]) -> AttackSettings | None:
-    r, level = config.robust, pixel_level(input_range)  # sizes in pixel levels of the range
-    return AttackSettings(r.pixels * level, r.step_pixels * level, r.steps, input_range, r.norm) if r.track else None
+def _robust_settings(config: TrainConfig, box: tuple[float, float]) -> AttackSettings | None:
+    r = config.robust
+    return AttackSettings.in_levels(r.pixels, r.step_pixels, r.steps, r.norm, box) if r.track else None
 
 
 def load_data(config: TrainConfig) -> DataSplits:
@@ -370,7 +369,7 @@ def final_metrics(run: Run, history: list[dict[str, float]], best: Path | None =
             metrics[f"{split}_{key}"] = None if math.isnan(value) else value
     if run.config.robust.margin_samples > 0:  # DeepFool: K-fold batches for up to 50 steps, costly on big networks
         for key, value in margin(run.model, run.data.test[0][:run.config.robust.margin_samples],
-                                 box=(run.data.train[0].min().item(), run.data.train[0].max().item())).items():
+                                 box=run.box).items():
             metrics[f"test_{key}"] = None if math.isnan(value) else value
     if run.robust is not None and best is not None:
         metrics.update(robust_metrics(run, history, best))

@@ -22,7 +22,7 @@ def level(input_range: tuple[float, float]) -> float:
 class FGSMExamples:
     def __init__(self, pixels: float, input_range: tuple[float, float]):
         if pixels < 0:
-            raise ValueError(f"fgsm.pixels must be >= 0, got {pixels!r} (the AMP paper uses 1)")
+            raise ValueError(f"pixels must be >= 0, got {pixels!r} (the AMP paper uses 1)")
         self.box = input_range
         self.eps = pixels * level(input_range)
 
@@ -41,10 +41,10 @@ class PGDExamples:
     def __init__(self, pixels: float, step_pixels: float, steps: int, norm: str, input_range: tuple[float, float],
                  objective: str = "ce", keep_clean: bool = False):
         if pixels < 0 or step_pixels <= 0 or not (isinstance(steps, int) and steps >= 1):
-            raise ValueError(f"pgd.pixels must be >= 0, pgd.step_pixels > 0 and pgd.steps an integer >= 1, got "
+            raise ValueError(f"pixels must be >= 0, step_pixels > 0 and steps an integer >= 1, got "
                              f"{pixels!r}, {step_pixels!r}, {steps!r} (the AWP paper: 8, 2, 10 for L∞)")
         if norm not in ("linf", "l2"):
-            raise ValueError(f"pgd.norm must be linf or l2, got {norm!r}")
+            raise ValueError(f"norm must be linf or l2, got {norm!r}")
         self.eps, self.alpha = pixels * level(input_range), step_pixels * level(input_range)
         self.steps, self.norm, self.box = steps, norm, input_range
         self.objective, self.keep_clean = objective, keep_clean

@@ -45,10 +45,10 @@ class ALPS:
 
     def __init__(self, alpha: float = 9.0, beta: float = 2.0, epsilon: float = 0.2):
         if not (alpha > 1 and beta > 1 and 0.75 < beta_mode(alpha, beta) < 1):
-            raise ValueError(f"alps.alpha and alps.beta must be > 1 with the mode (α-1)/(α+β-2) in (0.75, 1) as in "
+            raise ValueError(f"alpha and beta must be > 1 with the mode (α-1)/(α+β-2) in (0.75, 1) as in "
                              f"the ALPS paper, got α={alpha!r}, β={beta!r} (e.g. α=9, β=2: mode 0.89)")
         if not 0 < epsilon < 0.5:
-            raise ValueError(f"alps.epsilon must be in (0, 0.5) as in the ALPS paper, got {epsilon!r}")
+            raise ValueError(f"epsilon must be in (0, 0.5) as in the ALPS paper, got {epsilon!r}")
         self.beta = torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(beta)))
         self.epsilon = epsilon
 

@@ -15,7 +15,7 @@ from advreg.registry import Member, register
 class MixUp:
     def __init__(self, alpha: float = 1.0):
         if not alpha > 0:
-            raise ValueError(f"mixup.alpha must be > 0, got {alpha!r} (the AMP paper uses 1, i.e. λ ~ U(0, 1))")
+            raise ValueError(f"alpha must be > 0, got {alpha!r} (the AMP paper uses 1, i.e. λ ~ U(0, 1))")
         self.beta = torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha)))
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
