@@ -75,7 +75,6 @@ wide MLP (``--mem-width`` hidden units, parameters dominate) for what the method
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -94,6 +93,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import advreg
+from advreg.losses import OnLogits
+from advreg.transforms import identity
 
 NUM_CLASSES = 10
 INPUT_DIM = 40  # MNIST-1D: 40 samples per sequence
@@ -189,13 +190,6 @@ def make_batch(args, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def autocast(args, device: torch.device):
-    """The forward's precision context: nothing for fp32, autocast to bfloat16 or float16 otherwise."""
-    if args.precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if args.precision == "bf16" else torch.float16)
-
-
 @dataclass
 class Setup:
     model: nn.Module
@@ -204,7 +198,8 @@ class Setup:
 
 
 def make_setup(method: Method, args, width: int, device: torch.device) -> Setup:
-    """A freshly initialised model (same seed for every method), its optimizer, closure and step."""
+    """A freshly initialised model (same seed for every method), its optimizer and its step: advreg.Step on the
+    batch (cross-entropy, the precision and grad scaler of ``args``), or the closure alone for "passes"."""
     torch.manual_seed(SEED)
     model = build_model(args.model, width)[0].to(device).train()
     if args.channels_last:
@@ -212,32 +207,17 @@ def make_setup(method: Method, args, width: int, device: torch.device) -> Setup:
     x, y = make_batch(args, device)
     scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
     opt = method.make(list(model.parameters()), model, scaler)
+    step = advreg.Step(model, identity, OnLogits(F.cross_entropy), opt, NUM_CLASSES, args.precision, scaler)
+    if method.update:
+        return Setup(model, opt, lambda: step(x, y).loss)
 
-    def closure() -> torch.Tensor:
+    def closure() -> torch.Tensor:  # what each pass of a step costs: zero_grad, forward, loss, backward
         opt.zero_grad()
-        with autocast(args, device):
+        with step.autocast(device.type):
             loss = F.cross_entropy(model(x), y)
         (loss if scaler is None else scaler.scale(loss)).backward()
         return loss
-    return Setup(model, opt, make_step(method, opt, closure, scaler))
-
-
-def make_step(method: Method, opt: torch.optim.Optimizer, closure: Callable[[], torch.Tensor],
-              scaler: torch.amp.GradScaler | None) -> Callable[[], torch.Tensor]:
-    if not method.update:
-        return closure
-    if scaler is None:
-        return lambda: opt.step(closure)
-
-    def scaled_step() -> torch.Tensor:
-        if isinstance(opt, advreg.PerturbedOptimizer):
-            loss = opt.step(closure)  # unscales and skips on overflow itself (grad_scaler=)
-        else:  # torch's GradScaler takes no closure
-            loss = closure()
-            scaler.step(opt)
-        scaler.update()
-        return loss
-    return scaled_step
+    return Setup(model, opt, closure)
 
 
 def run_steps(setup: Setup, n: int) -> torch.Tensor:

@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import importlib
 import inspect
-import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -27,18 +26,6 @@ CLI_MARKER = re.compile(r"^<!-- cli: ([\w-]+) -->$", re.MULTILINE)
 API_OBJECT = re.compile(r"^::: ([\w.]+)", re.MULTILINE)
 SPHINX_ROLE = re.compile(r":(?:class|func|mod|meth|attr|data|exc|obj):<code>(~?)([^<]*)</code>")
 USAGE_WIDTH = 100
-LOG = logging.getLogger("mkdocs.hooks.advreg")
-# Public objects on the API pages that had no docstring when the check was written. Each is reported at every
-# build; tests/test_docs.py fails once one gets its docstring, so that it is removed from here. Add no name.
-PENDING_DOCSTRINGS = frozenset({
-    "advreg.AMP.add_param_group", "advreg.AMP.state_dict", "advreg.AMP.load_state_dict",
-    "advreg.PerturbedOptimizer.add_param_group", "advreg.PerturbedOptimizer.state_dict",
-    "advreg.PerturbedOptimizer.load_state_dict",
-    "advreg.config.TrainConfig", "advreg.config.TrainConfig.to_dict", "advreg.config.TrainConfig.from_dict",
-    "advreg.recipes.Recipe",
-    "advreg.analysis.landscape.LandscapeConfig", "advreg.analysis.radius.RadiusConfig",
-    "advreg.analysis.hessian.HessianConfig",
-})
 
 
 # --- the CLI reference --------------------------------------------------------------------------------------------
@@ -188,13 +175,9 @@ def on_page_markdown(markdown: str, page: Any, config: Any, **_: Any) -> str:
     from mkdocs.exceptions import PluginError
 
     missing = missing_docstrings(api_objects(markdown))
-    pending = [name for name in missing if name in PENDING_DOCSTRINGS]
-    if pending:
-        LOG.info("%s: still without a docstring (PENDING_DOCSTRINGS): %s", page.file.src_path, ", ".join(pending))
-    if len(pending) < len(missing):
-        new = [name for name in missing if name not in PENDING_DOCSTRINGS]
+    if missing:
         raise PluginError(f"{page.file.src_path}: these public objects have no docstring, so the API reference "
-                          f"would omit them; write one for each: {', '.join(new)}")
+                          f"would omit them; write one for each: {', '.join(missing)}")
     if README_MARKER in markdown:
         readme = (Path(config["config_file_path"]).parent / "README.md").read_text(encoding="utf-8")
         markdown = markdown.replace(README_MARKER, readme_for_site(readme))

@@ -19,8 +19,9 @@ from advreg.attacks import pgd
 from advreg.config import TrainConfig
 from advreg.evaluate import AttackSettings, robust_error
 from advreg.losses import OnPair, mart_loss, trades_loss
-from advreg.methods import METHODS, build_transform, resolve, validate_stages
-from advreg.train import BEST, _train_step, build_run, train
+from advreg.methods import METHODS, resolve
+from advreg.stages import build_transform, validate_stages
+from advreg.train import BEST, train_step, build_run, train
 
 SMALL = ["data.name=digits", "model.hidden=16", "optim.batch_size=128"]
 
@@ -91,8 +92,8 @@ def test_pair_losses_need_adversarial_examples_and_refuse_ignored_settings():
         validate_stages(resolve(TrainConfig(), ["stages.loss=trades"]))
     with pytest.raises(ValueError, match="loss.smoothing"):
         train(small("trades", "loss.smoothing=0.1"), "/nonexistent/never/written", progress=False)
-    with pytest.raises(ValueError, match="at.pixels"):
-        resolve(TrainConfig(method="erm"), ["at.pixels=4"])  # the PGD transform is off: it would be ignored
+    with pytest.raises(ValueError, match="pgd.pixels"):
+        resolve(TrainConfig(method="erm"), ["pgd.pixels=4"])  # the PGD transform is off: it would be ignored
 
 
 # -- presets -----------------------------------------------------------------------------------------------
@@ -101,7 +102,7 @@ def test_presets_carry_the_awp_papers_settings():
          ("at", "trades", "mart", "at_awp", "trades_awp", "mart_awp", "at_rwp")}
     for name, config in c.items():
         assert config.stages.transform == "pgd" and config.robust.track
-        assert (config.at.pixels, config.at.step_pixels, config.at.steps, config.at.norm) == (8, 2, 10, "linf")
+        assert (config.pgd.pixels, config.pgd.step_pixels, config.pgd.steps, config.pgd.norm) == (8, 2, 10, "linf")
         assert (config.robust.pixels, config.robust.step_pixels, config.robust.steps) == (8, 2, 20)
     assert [c[n].stages.loss for n in ("at", "trades", "mart")] == ["ce", "trades", "mart"]
     assert c["trades"].trades.beta == 6 and c["mart"].mart.beta == 6
@@ -117,7 +118,7 @@ def test_gamma_zero_is_the_unperturbed_method_bit_for_bit():
     for run in (plain, zero):
         torch.manual_seed(1)
         for x, y in list(run.loader)[:3]:
-            _train_step(run, x, y)
+            train_step(run, x, y)
     assert all(torch.equal(a, b) for a, b in zip(plain.model.parameters(), zero.model.parameters()))
 
 

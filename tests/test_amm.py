@@ -20,8 +20,9 @@ from advreg.attacks import deepfool, deepfool_with_source
 from advreg.config import TrainConfig
 from advreg.losses import AMMLoss, cross_entropy
 from advreg.losses.amm import FrozenDropout, margin_terms, select_min, shrink, truncation
-from advreg.methods import build_loss, resolve
-from advreg.train import _train_step, build_run
+from advreg.methods import resolve
+from advreg.stages import build_loss
+from advreg.train import train_step, build_run
 
 DT = torch.float64
 SMALL = ["data.name=digits", "model.hidden=16", "optim.batch_size=64"]
@@ -597,13 +598,15 @@ def test_margins_are_per_sample_with_batchnorm_and_frozen_dropout():
 def test_the_regularizer_leaves_batchnorm_statistics_to_the_cross_entropy_pass():
     run = build_run(small_config("amm"))
     model = bn_dropout_mlp(d=64, k=10)
-    run = dataclasses.replace(run, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = dataclasses.replace(run.step, model=model, optimizer=optimizer)
+    run = dataclasses.replace(run, model=model, optimizer=optimizer, step=step)
     x, y = next(iter(run.loader))
     reference = copy.deepcopy(model).train()
     with torch.no_grad():
         reference(x)
     model.train()
-    loss, logits, _ = _train_step(run, x, y)
+    loss, logits, _ = train_step(run, x, y)
     assert math.isfinite(loss.item()) and logits.shape == (64, 10)
     for name in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
         torch.testing.assert_close(model.state_dict()[name], reference.state_dict()[name])
@@ -615,10 +618,10 @@ def test_the_regularizer_leaves_batchnorm_statistics_to_the_cross_entropy_pass()
 @pytest.mark.parametrize("kwargs, words", [
     (dict(aggregation="max"), "aggregation"),
     (dict(shrinkage="log"), "shrinkage"),
-    (dict(c=0.0), "amm.c"),
-    (dict(c=-1.0), "amm.c"),
-    (dict(d=0.0), "amm.d"),
-    (dict(lam=-1.0), "amm.lam"),
+    (dict(c=0.0), "^lam must be >= 0 and c, d > 0"),
+    (dict(c=-1.0), "^lam must be >= 0 and c, d > 0"),
+    (dict(d=0.0), "^lam must be >= 0 and c, d > 0"),
+    (dict(lam=-1.0), "^lam must be >= 0 and c, d > 0"),
     (dict(steps=0), "steps"),
     (dict(steps=2.5), "steps"),
     (dict(overshoot=-0.1), "overshoot"),
@@ -682,7 +685,7 @@ def test_clip_grad_bounds_the_gradient_the_step_takes():
     run = build_run(small_config("amm", "amm.aggregation=avg", "amm.shrinkage=lin", "amm.lam=1000"))
     x, y = next(iter(run.loader))
     probe = copy.deepcopy(run.model).train()
-    loss, _ = run.loss_fn(probe, x, y)
+    loss, _ = run.step.loss_fn(probe, x, y)
     loss.backward()
     assert global_norm(probe.parameters()) > 100  # unclipped, far above the cap
     seen, step = [], run.optimizer.step
@@ -696,5 +699,5 @@ def test_clip_grad_bounds_the_gradient_the_step_takes():
 
     run.optimizer.step = inspecting_step
     run.model.train()
-    _train_step(run, x, y)
+    train_step(run, x, y)
     assert len(seen) == 1 and seen[0] <= 10 + 1e-6 and seen[0] == pytest.approx(10.0, rel=1e-4)

@@ -178,7 +178,7 @@ def test_the_ascent_stays_in_the_ball_and_climbs():
     at_theta = reference_loss(model, x, y)[0]
     model.eval()
     params, theta = list(model.parameters()), [p.detach().clone() for p in model.parameters()]
-    worst, delta = R._ascend(model, params, theta, x, y, 0.4, R.RadiusConfig(worst_steps=6), bar=_NoBar())
+    worst, delta = R.worst_in_ball(model, params, theta, x, y, 0.4, R.RadiusConfig(worst_steps=6), bar=_NoBar())
     assert global_norm(delta).item() <= 0.4 * (1 + 1e-6)  # private: it leaves the model at θ* + Δ
     assert worst > at_theta + 0.05
 
@@ -407,7 +407,7 @@ def test_adversarial_landscape_is_awp_algorithm1_with_examples_crafted_per_point
 
 
 def test_contour_levels_are_geometric_when_the_loss_spans_decades():
-    levels = L._levels(0.01, 100.0)
+    levels = L.contour_levels(0.01, 100.0)
     np.testing.assert_allclose(levels[1:] / levels[:-1], levels[1] / levels[0])  # a constant ratio
-    np.testing.assert_allclose(L._levels(1.0, 5.0), np.linspace(1.0, 5.0, 21))
-    assert L._levels(2.0, 2.0) is None
+    np.testing.assert_allclose(L.contour_levels(1.0, 5.0), np.linspace(1.0, 5.0, 21))
+    assert L.contour_levels(2.0, 2.0) is None

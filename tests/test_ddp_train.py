@@ -1,4 +1,5 @@
 """``advreg train`` under torchrun (2 gloo processes) trains what one process trains on the same global batches."""
+import contextlib
 import importlib.util
 import json
 import os
@@ -13,7 +14,11 @@ import torch.distributed as dist
 
 from advreg.distributed import Replicas, from_environment
 from advreg.io import load_checkpoint
-from advreg.train import RunFolderError, _restore, build_run, pass_weight, train
+from advreg.losses import OnLogits
+from advreg.perturb import AMP
+from advreg.step import Step
+from advreg.train import RunFolderError, build_run, restore, train
+from advreg.transforms import identity
 
 WORKER = Path(__file__).with_name("ddp_train_worker.py")
 spec = importlib.util.spec_from_file_location("ddp_train_worker", WORKER)
@@ -68,7 +73,7 @@ def test_a_checkpoint_resumes_only_with_the_same_number_of_processes(tmp_path):
     assert checkpoint["world_size"] == 1
     checkpoint["world_size"] = 2
     with pytest.raises(RunFolderError, match="--nproc_per_node"):
-        _restore(build_run(W.config("erm")), checkpoint)
+        restore(build_run(W.config("erm")), checkpoint)
 
 
 def test_uneven_slices_weigh_their_mean_loss_so_the_average_gradient_is_the_batch_mean():
@@ -101,11 +106,25 @@ def test_a_folder_replica_0_refuses_stops_every_replica_with_an_error(tmp_path):
 
 def test_a_local_pass_under_no_sync_is_not_weighted_by_the_slice():
     """An uneven slice's weight n_r·W/n makes the all-reduced gradient the batch mean's; a pass under no_sync (a
-    local Δ) is the replica's own batch mean, unweighted, as the paper's per-batch Δ."""
-    class FakeDDP(torch.nn.Module):
-        require_backward_grad_sync = True
-    model = FakeDDP()
-    assert pass_weight(model, 1.5) == 1.5
-    model.require_backward_grad_sync = False  # what DistributedDataParallel.no_sync sets
-    assert pass_weight(model, 1.5) == 1.0
-    assert pass_weight(torch.nn.Linear(2, 2), 1.5) == 1.5  # no DDP
+    local Δ) is the replica's own batch mean, unweighted, as the paper's per-batch Δ. AMP's Δ = ζ·∇J(θ) (N = 1,
+    inside the ball) shows which weight each pass had: by hand, θ ← θ - lr·w·∇J(θ + ζ·∇J(θ))."""
+    torch.manual_seed(0)
+    model, x, y = torch.nn.Linear(3, 2), torch.randn(8, 3), torch.randint(0, 2, (8,))
+    theta = [p.detach().clone() for p in model.parameters()]
+    local = []
+
+    @contextlib.contextmanager
+    def no_sync():  # what the engine enters for a local pass (DistributedDataParallel.no_sync)
+        local.append(True)
+        yield
+    opt = AMP(model.parameters(), torch.optim.SGD, lr=0.1, epsilon=100.0, inner_lr=0.5, no_sync=no_sync)
+    Step(model, identity, OnLogits(torch.nn.functional.cross_entropy), opt, 2)(x, y, weight=1.5)
+
+    def grad_at(weights):
+        w = [t.clone().requires_grad_() for t in weights]
+        return torch.autograd.grad(torch.nn.functional.cross_entropy(x @ w[0].T + w[1], y), w)
+    g = grad_at(theta)
+    g_up = grad_at([t + 0.5 * gi for t, gi in zip(theta, g)])
+    assert local == [True] and not opt.local_pass
+    for p, t, gi in zip(model.parameters(), theta, g_up):
+        torch.testing.assert_close(p.detach(), t - 0.1 * 1.5 * gi)

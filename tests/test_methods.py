@@ -15,8 +15,9 @@ from advreg import transforms
 from advreg.cli import build_parser, make_config
 from advreg.config import TrainConfig, keys, override
 from advreg.losses import cross_entropy
-from advreg.methods import METHODS, Method, build_optimizer, check_preset, resolve
-from advreg.train import _train_step, build_run, validate
+from advreg.methods import METHODS, Method, check_preset, resolve
+from advreg.stages import build_optimizer
+from advreg.train import train_step, build_run, validate
 
 SMALL = ["data.name=digits", "model.hidden=16", "optim.batch_size=64"]
 STEPS = 3
@@ -41,7 +42,7 @@ def same(a, b) -> bool:
 
 def train_on(run, data):
     run.model.train()
-    return [_train_step(run, x, y) for x, y in data]
+    return [train_step(run, x, y) for x, y in data]
 
 
 # -- the contract, for every method ------------------------------------------------------------
@@ -104,17 +105,11 @@ def test_determinism_for_a_seed(name):
     assert not same(trained(1), first)
 
 
-def _passes(method: Method, config: TrainConfig) -> int:
-    """The leading count of ``passes`` ("1", "2 (1 for the example)", "N+1"), N = amp.inner_steps."""
-    head = method.passes.split()[0].replace("N", str(config.amp.inner_steps))
-    return sum(int(term) for term in head.split("+"))
-
-
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_metadata_and_forward_passes_per_step(name):
     method = METHODS[name]
     assert isinstance(method, Method) and method.name == name
-    assert method.passes.strip() and method.paper.strip()
+    assert method.paper.strip() and (method.passes is None) == (name == "amm")
     assert isinstance(method.settings, tuple)
     valid = set(keys(TrainConfig()))
     for setting in method.settings:
@@ -138,7 +133,7 @@ def test_metadata_and_forward_passes_per_step(name):
     if name == "amm":  # DeepFool stops early; MIN runs it twice: a clean pass, then per step (≤ u) copies and a check
         assert 1 + 4 <= len(calls) <= 1 + 2 * (1 + 2 * config.amm.steps)
     else:
-        assert len(calls) == _passes(method, config)
+        assert len(calls) == method.forward_passes(config)
 
 
 def test_the_registry_holds_the_amp_papers_baselines():
@@ -152,12 +147,12 @@ def test_presets_carry_the_papers_hyperparameters():
     assert c["label_smoothing"].loss.smoothing == 0.2
     assert c["flooding"].loss.flooding == 0.02
     assert c["mixup"].stages.transform == "mixup" and c["mixup"].mixup.alpha == 1.0
-    assert c["adv"].stages.transform == "fgsm" and c["adv"].adv.pixels == 1.0
+    assert c["adv"].stages.transform == "fgsm" and c["adv"].fgsm.pixels == 1.0
     assert c["rmp"].stages.perturbation == "rmp" and c["rmp"].rmp.epsilon == 0.1
     assert c["amp"].stages.perturbation == "amp" and c["amp"].amp.inner_steps == 1
     assert c["sam"].stages.perturbation == "sam"
     run = build_run(small_config("adv"))
-    assert run.transform.eps == pytest.approx(1 / 255)  # digits pixels lie in [0, 1]
+    assert run.step.transform.eps == pytest.approx(1 / 255)  # digits pixels lie in [0, 1]
 
 
 # -- composing the stages ---------------------------------------------------------------------
@@ -175,15 +170,15 @@ class Counting:
 def test_amp_on_mixup_batches_transforms_once_and_passes_n_plus_one_times(inner_steps):
     config = small_config("amp", "stages.transform=mixup", f"amp.inner_steps={inner_steps}")
     run = build_run(config)
-    assert isinstance(run.transform, transforms.MixUp)
-    run.transform, run.loss_fn = Counting(run.transform), Counting(run.loss_fn)
+    assert isinstance(run.step.transform, transforms.MixUp)
+    run.step.transform, run.step.loss_fn = Counting(run.step.transform), Counting(run.step.loss_fn)
     before = params(run)
     for step, (x, y) in enumerate(batches(run, 2), start=1):
-        loss, _, _ = _train_step(run, x, y)
+        loss, _, _ = train_step(run, x, y)
         assert math.isfinite(loss.item())
-        assert run.transform.calls == step
-        assert run.loss_fn.calls == step * (inner_steps + 1)
-    targets = [args[2] for args in run.loss_fn.seen[-(inner_steps + 1):]]
+        assert run.step.transform.calls == step
+        assert run.step.loss_fn.calls == step * (inner_steps + 1)
+    targets = [args[2] for args in run.step.loss_fn.seen[-(inner_steps + 1):]]
     assert targets[0].shape == (64, run.data.num_classes)  # soft MixUp targets
     assert all(t is targets[0] for t in targets)  # every pass of a step sees the same mixed batch
     assert not same(params(run), before)
@@ -199,7 +194,7 @@ def test_flooding_composes_with_amp_through_the_command_line_setting():
     logits[torch.arange(4), torch.arange(4)] = 20.0  # CE ≈ 2e-8, below the flood level
     y = torch.arange(4)
     J = cross_entropy(logits, y)
-    torch.testing.assert_close(run.loss_fn.criterion(logits, y), 2 * 0.02 - J)
+    torch.testing.assert_close(run.step.loss_fn.criterion(logits, y), 2 * 0.02 - J)
     loss, _, _ = train_on(run, batches(run, 1))[0]
     assert math.isfinite(loss.item())
 
@@ -211,7 +206,7 @@ def test_flooding_composes_with_amp_through_the_command_line_setting():
     ("mixup", "stages.transform=fgsm"),
     ("erm", "amp.epsilon=0.1"),
     ("erm", "mixup.alpha=0.4"),
-    ("erm", "adv.pixels=2"),
+    ("erm", "fgsm.pixels=2"),
     ("erm", "sam.rho=0.1"),
     ("erm", "rmp.epsilon=0.2"),
     ("sam", "amp.epsilon=0.1"),

@@ -31,8 +31,9 @@ from tqdm.auto import tqdm
 
 from advreg.config import SEED_RANGE, TrainConfig
 from advreg.io import atomic_write_bytes, read_json
-from advreg.methods import METHODS, SECTION_OF, resolve
+from advreg.methods import METHODS, resolve
 from advreg.recipes import with_recipe
+from advreg.registry import in_use, owner_of
 from advreg.runs import CONFIG, check_same_run
 from advreg.runs import METRICS as METRICS_FILE
 
@@ -142,10 +143,8 @@ def _with(base: TrainConfig, method: str, seed: int) -> TrainConfig:
 
 def _applies(base: TrainConfig, method: str, settings: list[str], key: str) -> bool:
     """A key of a stage member (amp.*) or of a preset (loss.smoothing) tunes only the methods that use it."""
-    section = key.split(".")[0]
-    if section in SECTION_OF:
-        stage, member = SECTION_OF[section]
-        return getattr(resolve(_with(base, method, 0), settings).stages, stage) == member
+    if owner_of(key.split(".")[0]) is not None:
+        return in_use(resolve(_with(base, method, 0), settings).stages, key)
     owners = [m for m in METHODS.values() if any(s.split("=")[0] == key for s in m.settings)]
     return not owners or any(m.name == method for m in owners)
 
@@ -293,12 +292,13 @@ def _end_with(parent: int) -> None:
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     else:
-        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+        threading.Thread(target=watch_parent, args=(parent,), daemon=True).start()
     if os.getppid() != parent:  # it died before the signal was armed
         os._exit(1)
 
 
-def _watch_parent(parent: int, every: float = 0.2) -> None:
+def watch_parent(parent: int, every: float = 0.2) -> None:
+    """End this process once ``parent`` is gone (where no parent-death signal exists): poll its id every ``every`` s."""
     while os.getppid() == parent:  # an orphan is adopted by another process
         time.sleep(every)
     os._exit(1)

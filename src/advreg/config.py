@@ -13,6 +13,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class DataConfig:
+    """The data set and its split: validation share, training share, label noise, folder, augmentation."""
     name: str = "mnist1d"
     val_fraction: float = 0.1  # carved out of the training set; the papers tune on 10% of it
     train_fraction: float = 1.0  # train on a random share of the rest (AMM paper, Sec. 4.3.2)
@@ -23,6 +24,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The network: its name, hidden widths (MLP), dropout, normalization layers and input normalization."""
     name: str = "mlp"
     hidden: tuple[int, ...] = (100, 100)
     dropout: float = 0.0  # the Dropout baseline uses 0.1 after each ReLU
@@ -46,6 +48,8 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class AMPConfig:
+    """The ``amp`` perturbation (Zheng et al., Algorithm 1): ball radius ε, inner step ζ and steps N, the ball's norm,
+    and the efficient mode's refresh period and reuse."""
     epsilon: float = 0.5
     inner_lr: float = 1.0
     inner_steps: int = 1
@@ -57,6 +61,7 @@ class AMPConfig:
 
 @dataclass(frozen=True)
 class SAMConfig:
+    """The ``sam`` perturbation (Foret et al.): radius ρ, and ASAM's adaptive ball (Kwon et al.) with its η."""
     rho: float = 0.05
     adaptive: bool = False
     eta: float = 0.01  # ASAM's T = |θ| + η on every tensor (0: davda54/sam's T = |θ|)
@@ -72,29 +77,34 @@ class StagesConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
+    """The cross-entropy of the ``ce`` and ``amm`` losses: label smoothing α and flood level b."""
     smoothing: float = 0.0  # label smoothing α (AMP paper: 0.2)
     flooding: float = 0.0  # flood level b (AMP paper: 0.02); 0 is off
 
 
 @dataclass(frozen=True)
 class MixupConfig:
+    """The ``mixup`` transform (Zhang et al.): the Beta(α, α) that draws λ."""
     alpha: float = 1.0  # λ ~ Beta(α, α)
 
 
 @dataclass(frozen=True)
 class ALPSConfig:
+    """The ``alps`` transform (Guo et al., Algorithm 1): the Beta(α, β) of λ and the label ball's radius ε."""
     alpha: float = 9.0  # λ ~ Beta(α, β), mode (α-1)/(α+β-2) = 0.89
     beta: float = 2.0
     epsilon: float = 0.2  # L1 radius of the label ball, in (0, 0.5)
 
 
 @dataclass(frozen=True)
-class AdvConfig:
+class FGSMConfig:
+    """FGSM examples of the AMP paper's adversarial-training baseline (Sec. 5.1), the ``fgsm`` transform."""
     pixels: float = 1.0  # FGSM step in 8-bit levels of the input range: ε = pixels·(hi - lo)/255
 
 
 @dataclass(frozen=True)
 class RMPConfig:
+    """The ``rmp`` perturbation: AMP's random baseline, Δ uniform in an L2 ball."""
     epsilon: float = 0.1  # radius of the L2 ball Δ is drawn from
 
 
@@ -115,8 +125,8 @@ class AMMConfig:
 
 
 @dataclass(frozen=True)
-class ATConfig:
-    """PGD examples of adversarial training (AWP paper, Sec. 4.4: PGD-10, L∞ 8/255 step 2/255; L2: 128 and 15),
+class PGDConfig:
+    """The ``pgd`` transform: PGD examples of adversarial training (AWP paper, Sec. 4.4: PGD-10, L∞ 8/255 step 2/255; L2: 128 and 15),
     in pixel levels of the input range (ε = pixels·(hi - lo)/255)."""
     pixels: float = 8.0
     step_pixels: float = 2.0
@@ -126,16 +136,19 @@ class ATConfig:
 
 @dataclass(frozen=True)
 class TRADESConfig:
+    """The ``trades`` loss (Zhang et al., ICML 2019)."""
     beta: float = 6.0  # weight of KL(p(x) ‖ p(x')) (TRADES paper; AWP paper Eq. 2)
 
 
 @dataclass(frozen=True)
 class MARTConfig:
+    """The ``mart`` loss (Wang et al., ICLR 2020)."""
     beta: float = 6.0  # λ of the misclassification-weighted KL (AWP paper Eq. 3; the MART code's beta)
 
 
 @dataclass(frozen=True)
 class AWPConfig:
+    """The ``awp`` perturbation (Wu, Xia & Wang, Algorithm 2): the per-layer radius γ, ascent steps, warm-up."""
     gamma: float = 0.01  # ‖v_l‖ ≤ γ‖w_l‖ per layer (AWP paper: 0.01 for AT, 0.005 for TRADES and MART)
     steps: int = 1  # K2 ascent steps of size γ/K2 (Appendix D)
     warmup: int = 0  # epochs of plain adversarial training before AWP starts
@@ -143,13 +156,14 @@ class AWPConfig:
 
 @dataclass(frozen=True)
 class RWPConfig:
+    """The ``rwp`` perturbation: AWP's random baseline, a random direction at the per-layer radius γ."""
     gamma: float = 0.01  # ‖v_l‖ = γ‖w_l‖, random direction (AWP paper, Sec. 5.3)
 
 
 @dataclass(frozen=True)
 class RobustConfig:
     """Robust errors each epoch (AWP paper: PGD-20 with the training threat model) and the best checkpoint by
-    validation robust error beside the last; in pixel levels of the input range like ``at``."""
+    validation robust error beside the last; in pixel levels of the input range like ``pgd``."""
     track: bool = False  # the adversarial-training presets turn it on
     pixels: float = 8.0
     step_pixels: float = 2.0
@@ -170,6 +184,9 @@ class SpeedConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """Everything that defines a run: the method preset, seed, epochs and device, and one section per part of the
+    run (``data``, ``model``, ``optim``, ``stages``, ``loss``, one per stage member, ``robust``, ``speed``); each
+    dotted key is a ``--set`` key. Checked as it is built: a float setting must be finite, the seed in range."""
     method: str = "erm"
     recipe: str = ""  # the training recipe the run was built with (advreg.recipes), for the record
     seed: int = 0
@@ -182,12 +199,12 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     mixup: MixupConfig = field(default_factory=MixupConfig)
     alps: ALPSConfig = field(default_factory=ALPSConfig)
-    adv: AdvConfig = field(default_factory=AdvConfig)
+    fgsm: FGSMConfig = field(default_factory=FGSMConfig)
     amp: AMPConfig = field(default_factory=AMPConfig)
     sam: SAMConfig = field(default_factory=SAMConfig)
     rmp: RMPConfig = field(default_factory=RMPConfig)
     amm: AMMConfig = field(default_factory=AMMConfig)
-    at: ATConfig = field(default_factory=ATConfig)
+    pgd: PGDConfig = field(default_factory=PGDConfig)
     trades: TRADESConfig = field(default_factory=TRADESConfig)
     mart: MARTConfig = field(default_factory=MARTConfig)
     awp: AWPConfig = field(default_factory=AWPConfig)
@@ -200,11 +217,16 @@ class TrainConfig:
         check_seed(self.seed)
 
     def to_dict(self) -> dict[str, Any]:
+        """The nested dict of every setting, the form of config.json."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        return _from_dict(cls, data, prefix="")
+        """The config of ``to_dict``'s form (a config.json), sections under their former names included."""
+        return _from_dict(cls, {RENAMED_SECTIONS.get(k, k): v for k, v in data.items()}, prefix="")
+
+
+RENAMED_SECTIONS = {"adv": "fgsm", "at": "pgd"}  # config.json of older runs: the sections' former names
 
 
 # torch seeds from [-2^63, 2^64 - 1], negative ones taken mod 2^64 (-1 is 2^64 - 1), and replica r of a run draws
@@ -250,6 +272,10 @@ def override(config: Any, assignments: list[str]) -> Any:
         key, sep, text = assignment.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--set expects key=value, got {assignment!r} (example: --set amp.epsilon=0.2)")
+        section, _, rest = key.strip().partition(".")
+        if isinstance(config, TrainConfig) and section in RENAMED_SECTIONS:
+            new = RENAMED_SECTIONS[section]
+            raise ValueError(f"the {section} section is now {new}: use --set {new}.{rest}={text.strip()}")
         config = _replace(config, key.strip().split("."), text.strip(), key.strip())
     return config
 

@@ -61,6 +61,13 @@ class AttackSettings:
     box: tuple[float, float]
     norm: str = "linf"
 
+    @classmethod
+    def in_levels(cls, pixels: float, step_pixels: float, steps: int, norm: str,
+                  box: tuple[float, float]) -> "AttackSettings":
+        """The settings of a threat model given in 8-bit pixel levels of ``box``: ε = pixels·(hi - lo)/255."""
+        level = (box[1] - box[0]) / 255
+        return cls(pixels * level, step_pixels * level, steps, box, norm)
+
 
 def robust_error(model: nn.Module, x: Tensor, y: Tensor, s: AttackSettings, seed: int = 0,
                  batch_size: int = 500) -> float:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from advreg.config import TrainConfig
 from advreg.data import vision
-from advreg.methods import SECTION_OF, resolve
+from advreg.methods import resolve
+from advreg.registry import in_use
 
 AMP_PAPER_SGD = (  # AMP paper, Sec. 5.1; Nesterov momentum as the authors' code
     "optim.lr=0.1", "optim.momentum=0.9", "optim.nesterov=true", "optim.weight_decay=0.0001",
@@ -27,6 +28,7 @@ NO_FLIP = ("svhn", "gtsrb")  # digits and traffic signs change meaning when mirr
 
 @dataclass(frozen=True)
 class Recipe:
+    """A paper's training protocol by name: its network, epochs, ``--set`` settings and where they come from."""
     name: str
     model: str
     epochs: int
@@ -63,15 +65,7 @@ def recipe_settings(name: str, config: TrainConfig, user_settings: list[str]) ->
     used = resolve(config, user_settings)
     augment = "digits" if config.data.name in NO_FLIP else "standard"  # crop, and flip where it keeps the label
     settings = [f"recipe={name}", f"data.augment={augment}", *recipe.settings]
-    return [s for s in settings if _in_use(used, s.partition("=")[0])]
-
-
-def _in_use(config: TrainConfig, key: str) -> bool:
-    section = key.split(".")[0]
-    if section not in SECTION_OF:
-        return True
-    stage, member = SECTION_OF[section]
-    return getattr(config.stages, stage) == member
+    return [s for s in settings if in_use(used.stages, s.partition("=")[0])]
 
 
 def with_recipe(config: TrainConfig, name: str | None, user_settings: list[str]) -> TrainConfig:

@@ -47,7 +47,7 @@ def finished_run(folder: str | Path) -> Path:
 
 
 def default_settings(data: DataSplits, eps: float | None = None) -> AttackSettings:
-    lo, hi = data.train[0].min().item(), data.train[0].max().item()
+    lo, hi = data.box()
     level = pixel_level((lo, hi))  # one 8-bit pixel level of the input range
     eps = 4 * level if eps is None else eps
     if not eps >= 0:

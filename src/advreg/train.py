@@ -6,7 +6,6 @@ The folder itself (lock, checks, files) is :mod:`advreg.runs`; this module build
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import platform
@@ -14,7 +13,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -25,17 +24,15 @@ from advreg import distributed, models
 from advreg.config import TrainConfig
 from advreg.data import DataSplits, TensorLoader, augment, load_dataset
 from advreg.evaluate import AttackSettings, evaluate, margin, robust_error
-from advreg.losses import LossStage
-from advreg.methods import build_loss, build_optimizer, build_transform, check_preset, resolve, validate_stages
+from advreg.methods import check_preset, resolve
+from advreg.stages import build_loss, build_optimizer, build_transform, validate_stages
+from advreg.step import PRECISIONS, Step
 from advreg.recipes import get_recipe
-from advreg.transforms import Transform
-from advreg.transforms.adversarial import level as pixel_level
-from advreg.perturb import NonFiniteLossError, PerturbedOptimizer
+from advreg.perturb import NonFiniteLossError
 from advreg.perturb.engine import PERTURB_ON
 from advreg.runs import (BEST, CHECKPOINT, CONFIG, HISTORY, METRICS, RunFolder, RunFolderError,  # noqa: F401
                          check_same_run, load_weights, open_run, read_best, read_checkpoint, same_config)
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 REPLICA_SEED_STRIDE = 7919  # replica r > 0 draws from seed + stride·r; replica 0 from the one-process stream
 MIN_LOSS_SCALE = 1.0  # below it, float16 training has been skipping every step (GradScaler starts at 2^16)
 
@@ -55,8 +52,8 @@ class Run:
     loader: TensorLoader
     generator: torch.Generator  # the shuffling order
     device: torch.device
-    transform: Transform  # stage 1: the batch
-    loss_fn: LossStage  # stage 2: the objective; stage 3, the weight perturbation, is the optimizer
+    box: tuple[float, float]  # the input range (DataSplits.box), computed once
+    step: Step  # transform → loss → perturbation → optimizer on one batch
     robust: AttackSettings | None  # the PGD of the robust errors tracked each epoch (robust.track), or None
     augment: augment.Augment | None = None  # crop/flip/Cutout/AutoAugment of image batches, before stage 1
     scaler: torch.amp.GradScaler | None = None  # speed.precision=fp16: the loss scale (checkpointed)
@@ -99,7 +96,7 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
 def _train_in(out: Path, folder: RunFolder | None, config: TrainConfig, checkpoint: dict[str, Any] | None,
               progress: bool, replicas: distributed.Replicas | None) -> dict[str, Any]:
     run = build_run(config, replicas)
-    start, history = _restore(run, checkpoint, out / CHECKPOINT) if checkpoint else (0, [])
+    start, history = restore(run, checkpoint, out / CHECKPOINT) if checkpoint else (0, [])
     if folder is not None and not (out / CONFIG).exists():  # only now: a setting that cannot build leaves no
         folder.write_config(config, code_version())  # config.json that would block the corrected command
     if folder is not None and checkpoint:  # derived from the checkpoint: complete, whenever the last run was killed
@@ -150,8 +147,7 @@ def validate(config: TrainConfig) -> None:
     if config.model.norm not in models.NORMS or config.data.augment not in augment.PRESETS:
         raise ValueError(f"model.norm must be one of {models.NORMS} and data.augment one of {tuple(augment.PRESETS)}, "
                          f"got {config.model.norm!r} and {config.data.augment!r}")
-    models.build("mlp", 2, input_shape=(1,), hidden=config.model.hidden, dropout=config.model.dropout,
-                 dropout_layers=config.model.dropout_layers)  # the shared options' checks on a tiny stand-in
+    models.check_options(config.model.hidden, config.model.dropout, config.model.dropout_layers)
     build_optimizer(config, [nn.Parameter(torch.zeros(1))])  # the optimizer's own checks
     resolve_device(config.device)
 
@@ -210,12 +206,14 @@ def build_run(config: TrainConfig, replicas: distributed.Replicas | None = None)
         train_model = torch.compile(train_model if train_model is not None else model)
     optimizer = build_optimizer(config, model.parameters(), steps_per_epoch=len(loader), **engine)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestone_epochs(config), gamma=config.optim.lr_decay)
-    input_range = (data.train[0].min().item(), data.train[0].max().item())
+    box = data.box()  # the input range: the attacks' clip and the unit of their sizes
     if replicas is not None and replicas.rank > 0:  # its own dropout masks, MixUp partners, PGD starts (not rank 0's)
         torch.manual_seed(config.seed + REPLICA_SEED_STRIDE * replicas.rank)
-    return Run(config, data, model, optimizer, scheduler, loader, generator, device,
-               build_transform(config, input_range), build_loss(config), _robust_settings(config, input_range),
-               _augmentation(config, data), scaler, train_model, replicas)
+    step = Step(model if train_model is None else train_model, build_transform(config, box),
+                build_loss(config), optimizer, data.num_classes, config.speed.precision, scaler,
+                config.optim.clip_grad, transform_model=model if replicas is not None else None)
+    return Run(config, data, model, optimizer, scheduler, loader, generator, device, box, step,
+               _robust_settings(config, box), _augmentation(config, data), scaler, train_model, replicas)
 
 
 def milestone_epochs(config: TrainConfig) -> list[int]:
@@ -244,9 +242,9 @@ def _augmentation(config: TrainConfig, data: DataSplits) -> augment.Augment | No
     return None if name == "none" else augment.PRESETS[name]
 
 
-def _robust_settings(config: TrainConfig, input_range: tuple[float, float]) -> AttackSettings | None:
-    r, level = config.robust, pixel_level(input_range)  # sizes in pixel levels of the range
-    return AttackSettings(r.pixels * level, r.step_pixels * level, r.steps, input_range, r.norm) if r.track else None
+def _robust_settings(config: TrainConfig, box: tuple[float, float]) -> AttackSettings | None:
+    r = config.robust
+    return AttackSettings.in_levels(r.pixels, r.step_pixels, r.steps, r.norm, box) if r.track else None
 
 
 def load_data(config: TrainConfig) -> DataSplits:
@@ -277,7 +275,7 @@ def train_epoch(run: Run, epoch: int) -> tuple[float, float]:
     run.model.train()
     losses, sizes, predictions, labels = [], [], [], []  # reduced once at the end: no work per step
     for x, y in run.loader:
-        loss, logits, y = _train_step(run, x, y)
+        loss, logits, y = train_step(run, x, y)
         losses.append(loss.detach())
         sizes.append(len(y))
         predictions.append(logits)
@@ -306,35 +304,17 @@ def _is_best(history: list[dict[str, float]]) -> bool:
     return all(history[-1]["val_robust_error"] < row["val_robust_error"] for row in history[:-1])
 
 
-def _train_step(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """One optimizer step on the transformed batch; returns the loss and the logits of the first pass, and the
-    labels of the rows this replica trained on (its shard of the batch under DDP)."""
+def train_step(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One optimizer step of ``run`` on the loader's batch ``(x, y)`` (augmented, and this replica's shard of it
+    under DDP): the loss and the logits of the pass the optimizer reports (:class:`advreg.Step`), and the labels
+    of the rows this replica trained on."""
     x, y, weight = _batch(run, x, y)
-    model, scaler = run.forward_model, run.scaler
-    # once: every pass sees it; under DDP on the bare module, whose input gradients need no all-reduce
-    inputs, target = run.transform(model if run.replicas is None else run.model, x, y, run.data.num_classes)
-    clean_logits: list[Tensor] = []
-
-    def closure() -> Tensor:
-        run.optimizer.zero_grad(set_to_none=True)
-        with _autocast(run):
-            loss, logits = run.loss_fn(model, inputs, target)  # logits (B, K) on the inputs
-        w = pass_weight(model, weight)
-        scaled = loss if w == 1.0 else loss * w
-        (scaled if scaler is None else scaler.scale(scaled)).backward()
-        if run.config.optim.clip_grad > 0:  # every pass's gradient, the one the base step takes included
-            nn.utils.clip_grad_norm_(run.model.parameters(), run.config.optim.clip_grad)
-        if not clean_logits:  # the first call is the pass at θ
-            clean_logits.append(logits.detach())
-        return loss
-
-    return _optimizer_step(run, closure), clean_logits[0], y
-
-
-def pass_weight(model: nn.Module, weight: float) -> float:
-    """The weight of a pass's mean loss: the replica's slice weight for a pass whose gradient is all-reduced, 1 for
-    a pass under DDP's ``no_sync`` (a local pass that builds this replica's own Δ from its own batch mean)."""
-    return weight if getattr(model, "require_backward_grad_sync", True) else 1.0
+    try:
+        out = run.step(x, y, weight)
+    except NonFiniteLossError as err:
+        raise TrainingDiverged(f"training {run.config.method} diverged: {err}; in this run, "
+                               f"{suspects(run.config, err.perturbed)}") from None
+    return out.loss, out.logits, y
 
 
 def _batch(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, float]:
@@ -348,23 +328,6 @@ def _batch(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, float]:
     if run.config.speed.channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, y, weight
-
-
-def _optimizer_step(run: Run, closure: Callable[[], Tensor]) -> Tensor:
-    """``run.optimizer.step(closure)``, through the grad scaler under float16; the loss it returns."""
-    scaler = run.scaler
-    try:
-        if scaler is None or isinstance(run.optimizer, PerturbedOptimizer):
-            loss = run.optimizer.step(closure)
-        else:  # torch's GradScaler takes no closure
-            loss = closure()
-            scaler.step(run.optimizer)
-    except NonFiniteLossError as err:
-        raise TrainingDiverged(f"training {run.config.method} diverged: {err}; in this run, "
-                               f"{suspects(run.config, err.perturbed)}") from None
-    if scaler is not None:
-        scaler.update()
-    return loss
 
 
 RADIUS_KEYS = {"amp": ("amp.epsilon", "amp.inner_lr"), "sam": ("sam.rho",), "awp": ("awp.gamma",),
@@ -396,14 +359,6 @@ def _setting(config: TrainConfig, key: str) -> Any:
     return getattr(getattr(config, section), name)
 
 
-def _autocast(run: Run):
-    """Mixed precision for the loss passes (speed.precision); the batch transform and evaluation stay in float32."""
-    precision = run.config.speed.precision
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(run.device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
 def final_metrics(run: Run, history: list[dict[str, float]], best: Path | None = None) -> dict[str, Any]:
     """Flat metrics of the final weights: errors and ECE in percent, NLL in nats, the test margin (DeepFool L2);
     with robust tracking, also the robust errors of the last and the ``best`` checkpoint (:func:`robust_metrics`)."""
@@ -414,7 +369,7 @@ def final_metrics(run: Run, history: list[dict[str, float]], best: Path | None =
             metrics[f"{split}_{key}"] = None if math.isnan(value) else value
     if run.config.robust.margin_samples > 0:  # DeepFool: K-fold batches for up to 50 steps, costly on big networks
         for key, value in margin(run.model, run.data.test[0][:run.config.robust.margin_samples],
-                                 box=(run.data.train[0].min().item(), run.data.train[0].max().item())).items():
+                                 box=run.box).items():
             metrics[f"test_{key}"] = None if math.isnan(value) else value
     if run.robust is not None and best is not None:
         metrics.update(robust_metrics(run, history, best))
@@ -473,7 +428,8 @@ def _snapshot(run: Run, epochs_done: int, history: list[dict[str, float]]) -> di
             "world_size": _world(run)}
 
 
-def _restore(run: Run, checkpoint: dict[str, Any], path: Path = Path(CHECKPOINT)) -> tuple[int, list[dict[str, float]]]:
+def restore(run: Run, checkpoint: dict[str, Any],
+            path: Path = Path(CHECKPOINT)) -> tuple[int, list[dict[str, float]]]:
     """Load a checkpoint (of read_checkpoint's shape) into ``run``; a state that does not fit the run is a
     RunFolderError naming ``path``."""
     if not same_config(checkpoint["config"], run.config) or checkpoint["epoch"] > run.config.epochs:

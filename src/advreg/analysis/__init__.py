@@ -1,4 +1,4 @@
-"""Analyses of trained models (issue 9): each is a function ``(model, data, config) -> result`` that never changes
+"""Analyses of trained models: each is a function ``(model, data, config) -> result`` that never changes
 the model it is given, a ``plot(result) -> Figure``, and :func:`save` writes the PNG, the raw numbers and the config.
 
 Shared here: :func:`unchanged` (the snapshot/restore guard of DESIGN §6) and :func:`save`.

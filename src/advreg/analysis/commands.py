@@ -20,7 +20,6 @@ from advreg.evaluate import AttackSettings, evaluate
 from advreg.robustness import load_run
 from advreg.runs import check_output
 from advreg.train import code_version
-from advreg.transforms.adversarial import level as pixel_level
 
 Loaded = tuple[Any, DataSplits, nn.Module]  # a run folder's (config, data, model)
 
@@ -53,10 +52,9 @@ def _labels(folders: list[str], labels: list[str] | None) -> list[str]:
 
 
 def training_attack(config: Any, data: DataSplits) -> AttackSettings:
-    """The run's training threat model (``at.*``, PGD-10 by default), in the data's units."""
-    lo, hi = data.train[0].min().item(), data.train[0].max().item()
-    level, a = pixel_level((lo, hi)), config.at
-    return AttackSettings(a.pixels * level, a.step_pixels * level, a.steps, (lo, hi), a.norm)
+    """The run's training threat model (``pgd.*``, PGD-10 by default), in the data's units."""
+    a = config.pgd
+    return AttackSettings.in_levels(a.pixels, a.step_pixels, a.steps, a.norm, data.box())
 
 
 # -- the kinds -----------------------------------------------------------------------------------------------------

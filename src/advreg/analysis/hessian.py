@@ -26,6 +26,7 @@ from advreg.data.splits import DataSplits
 
 @dataclass(frozen=True)
 class HessianConfig:
+    """Power iteration for the Hessian's top eigenvalue: its cap on iterations and its tolerance."""
     iterations: int = 100  # power iteration's cap
     tol: float = 1e-4  # stop when the residual ‖Hv − λv‖ is at most tol·|λ|
     probes: int = 100  # Hutchinson's Rademacher vectors

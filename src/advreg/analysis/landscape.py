@@ -84,6 +84,7 @@ def as_list(results) -> list:
 
 @dataclass(frozen=True)
 class LandscapeConfig:
+    """The loss landscape's grid: a curve or a surface, its points per axis and its span."""
     dims: int = 1  # 1: a curve along d; 2: a surface over (d, e)
     steps: int = 41  # points per axis; odd, so that α = 0 is on the grid
     span: float = 1.0  # α, β ∈ [−span, span], in units of the filter norms
@@ -213,7 +214,7 @@ def _plot_surfaces(results: list[LandscapeResult], labels: list[str]):
     n = len(results)
     figure = Figure(figsize=(4.5 * n, 8.5), layout="constrained")
     low, high = min(r.loss.min() for r in results), max(r.loss.max() for r in results)
-    levels = _levels(low, high)  # shared: the panels compare by eye
+    levels = contour_levels(low, high)  # shared: the panels compare by eye
     for i, (result, label) in enumerate(zip(results, labels)):
         a, b = np.meshgrid(result.alphas, result.betas, indexing="ij")  # (S, S), like loss
         flat = figure.add_subplot(2, n, i + 1)
@@ -226,7 +227,7 @@ def _plot_surfaces(results: list[LandscapeResult], labels: list[str]):
     return figure
 
 
-def _levels(low: float, high: float) -> np.ndarray | None:
+def contour_levels(low: float, high: float) -> np.ndarray | None:
     """21 contour levels: geometric when the loss spans decades (a minimum near 0 would get one line), else linear."""
     if not high > low:
         return None

@@ -25,6 +25,8 @@ from advreg.perturb.engine import global_norm
 
 @dataclass(frozen=True)
 class RadiusConfig:
+    """The radius sweep: the L2 radii of Δ, the random directions per radius and AMP's ascent steps for the worst
+    Δ."""
     radii: tuple[float, ...] = tuple(i / 10 for i in range(11))  # 0, 0.1, …, 1.0 (L2, whole parameter vector)
     directions: int = 10  # random Δ per radius, the same unit directions at every radius and split
     worst_steps: int = 10  # N ascent steps of AMP's inner maximisation
@@ -89,7 +91,7 @@ def _split_curves(model: nn.Module, data: DataSplits, config: RadiusConfig, spli
         params, theta = trainable(model), [p.detach().clone() for p in trainable(model)]
         for k, r in enumerate(config.radii):
             losses = _random_losses(model, params, theta, x, y, r, config, bar)
-            out[:, k] = losses.mean(), losses.std(), _ascend(model, params, theta, x, y, r, config, bar)[0]
+            out[:, k] = losses.mean(), losses.std(), worst_in_ball(model, params, theta, x, y, r, config, bar)[0]
     return out
 
 
@@ -104,8 +106,8 @@ def _random_losses(model: nn.Module, params: list[Tensor], theta: list[Tensor], 
     return losses
 
 
-def _ascend(model: nn.Module, params: list[Tensor], theta: list[Tensor], x: Tensor, y: Tensor, r: float,
-            config: RadiusConfig, bar) -> tuple[float, list[Tensor]]:
+def worst_in_ball(model: nn.Module, params: list[Tensor], theta: list[Tensor], x: Tensor, y: Tensor, r: float,
+                  config: RadiusConfig, bar) -> tuple[float, list[Tensor]]:
     """The largest L(θ*+Δ_t) over the iterates Δ_0 = 0, …, Δ_N of the projected ascent, and the last Δ."""
     delta = [torch.zeros_like(t) for t in theta]
     zeta = config.step_scale * r / max(config.worst_steps, 1)

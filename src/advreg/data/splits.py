@@ -27,6 +27,11 @@ class DataSplits:
     num_classes: int
     input_shape: tuple[int, ...]
 
+    def box(self) -> tuple[float, float]:
+        """The input box (lo, hi): the training inputs' range, which attacks clip to and whose 8-bit levels size
+        them; a host synchronisation, so a run computes it once."""
+        return self.train[0].min().item(), self.train[0].max().item()
+
 
 def carve_counts(counts: Tensor, fraction: float) -> Tensor:
     """How many rows of each class to carve: they sum to round(fraction·n), each within 1 of fraction·n_c.

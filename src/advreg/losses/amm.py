@@ -22,6 +22,7 @@ and its label: two copies.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -29,6 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from advreg.attacks import deepfool_with_source, sample_norms
+from advreg.config import AMMConfig
+from advreg.registry import Member, register
 
 AGGREGATIONS = ("avg", "min")
 SHRINKAGES = ("lin", "exp", "inv")
@@ -158,22 +161,22 @@ class AMMLoss:
                  shrinkage: str = "exp", steps: int = 6, overshoot: float = 0.02, high_order: bool = True,
                  top_fraction: float = 0.2, clip_value: float = 50.0, candidates: int = 0):
         if aggregation not in AGGREGATIONS:
-            raise ValueError(f"unknown amm.aggregation {aggregation!r}; choose one of: {', '.join(AGGREGATIONS)}")
+            raise ValueError(f"unknown aggregation {aggregation!r}; choose one of: {', '.join(AGGREGATIONS)}")
         if shrinkage not in SHRINKAGES:
-            raise ValueError(f"unknown amm.shrinkage {shrinkage!r}; choose one of: {', '.join(SHRINKAGES)}")
+            raise ValueError(f"unknown shrinkage {shrinkage!r}; choose one of: {', '.join(SHRINKAGES)}")
         if not (lam >= 0 and c > 0 and d > 0):
-            raise ValueError(f"amm.lam must be >= 0 and amm.c, amm.d > 0, got lam={lam!r}, c={c!r}, d={d!r} "
+            raise ValueError(f"lam must be >= 0 and c, d > 0, got lam={lam!r}, c={c!r}, d={d!r} "
                              "(the paper's MIN+EXP uses 32, 2, 1)")
         if not (isinstance(steps, int) and steps >= 1) or overshoot < 0:
-            raise ValueError(f"amm.steps must be an integer >= 1 and amm.overshoot >= 0, got {steps!r}, "
+            raise ValueError(f"steps must be an integer >= 1 and overshoot >= 0, got {steps!r}, "
                              f"{overshoot!r} (the paper uses u = 6 and 0.02)")
         if not 0 < top_fraction <= 1:
-            raise ValueError(f"amm.top_fraction must be in (0, 1], got {top_fraction!r} (the paper uses 0.2)")
+            raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction!r} (the paper uses 0.2)")
         if not (isinstance(candidates, int) and (candidates == 0 or candidates >= 2)):
-            raise ValueError(f"amm.candidates must be 0 (all classes) or an integer >= 2, got {candidates!r} (the "
+            raise ValueError(f"candidates must be 0 (all classes) or an integer >= 2, got {candidates!r} (the "
                              "authors' code uses the top 10 classes at x)")
         if shrinkage != "lin" and not clip_value > lam:
-            raise ValueError(f"amm.clip_value must exceed amm.lam for {shrinkage.upper()} (it caps λ·R), got "
+            raise ValueError(f"clip_value must exceed lam for {shrinkage.upper()} (it caps λ·R), got "
                              f"clip_value={clip_value!r}, lam={lam!r}")
         self.criterion = criterion
         self.lam, self.c, self.d = lam, c, d
@@ -218,3 +221,7 @@ class AMMLoss:
         return deepfool_with_source(model, x, self.steps, self.overshoot, create_graph=create_graph, labels=labels,
                                     high_order=self.high_order, candidates=self.candidates or None,
                                     forward=forward)
+
+
+register(Member("loss", "amm", lambda c, ce, loss_config: AMMLoss(ce, **dataclasses.asdict(c)),  # the section's keys
+                AMMConfig))  # are AMMLoss's

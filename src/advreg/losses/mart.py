@@ -8,7 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from advreg.config import MARTConfig
+from advreg.losses.stage import pair_builder
 from advreg.losses.trades import check_pair
+from advreg.registry import Member, register
 
 
 def top_wrong_prob(probs: Tensor, target: Tensor) -> Tensor:
@@ -32,3 +35,6 @@ def mart_loss(logits: Tensor, logits_adv: Tensor, target: Tensor, beta: float = 
     kl = (p * (F.log_softmax(logits, dim=1) - torch.log(p_adv + 1e-12))).sum(dim=1)  # (B,)
     weight = 1.0000001 - p.gather(1, target[:, None]).squeeze(1)  # (B,): 1 − p_y(x)
     return (bce + beta * kl * weight).mean()
+
+
+register(Member("loss", "mart", pair_builder("mart", mart_loss), MARTConfig, needs_clean=True))

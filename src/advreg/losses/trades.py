@@ -7,6 +7,10 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from advreg.config import TRADESConfig
+from advreg.losses.stage import pair_builder
+from advreg.registry import Member, register
+
 
 def check_pair(logits: Tensor, logits_adv: Tensor, target: Tensor, beta: float) -> None:
     """Raise ValueError unless logits and logits_adv are both (B, K), target is (B,) class indices and beta >= 0."""
@@ -31,3 +35,7 @@ def trades_loss(logits: Tensor, logits_adv: Tensor, target: Tensor, beta: float 
     """Batch mean of CE(f(x), y) + β·KL(p(x) ‖ p(x')); logits, logits_adv (B, K), target (B,)."""
     check_pair(logits, logits_adv, target, beta)
     return F.cross_entropy(logits, target) + beta * kl_rows(logits, logits_adv).mean()
+
+
+# the PGD examples maximize TRADES's own adversarial term, the KL
+register(Member("loss", "trades", pair_builder("trades", trades_loss), TRADESConfig, needs_clean=True, objective="kl"))

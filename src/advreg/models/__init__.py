@@ -31,6 +31,19 @@ def build(name: str, num_classes: int, *, input_shape: tuple[int, ...] | None = 
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
     if not (isinstance(num_classes, int) and num_classes >= 2):
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    check_options(hidden, dropout, dropout_layers, norm)
+    input_shape = _input_shape(name, input_shape)
+    if name == "mlp":
+        model = build_mlp(num_classes, input_shape, hidden=tuple(hidden), dropout=dropout,
+                          dropout_layers=dropout_layers, **options)
+    else:
+        model = build_vision(name, num_classes, input_shape, dropout=dropout, norm=norm, **options)
+    return normalized(model, mean, std, input_shape)
+
+
+def check_options(hidden: Sequence[int] = (100, 100), dropout: float = 0.0, dropout_layers: str = "all",
+                  norm: str = "batch") -> None:
+    """Raise ValueError on an option that no network can be built with (what :func:`build` checks first)."""
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r} (the AMP paper uses 0.1)")
     if dropout_layers not in ("all", "last"):
@@ -41,13 +54,6 @@ def build(name: str, num_classes: int, *, input_shape: tuple[int, ...] | None = 
     if norm not in NORMS:
         raise ValueError(f"norm must be 'batch' (BatchNorm) or 'group' (GroupNorm, 32 channels per group, "
                          f"AMM paper), got {norm!r}")
-    input_shape = _input_shape(name, input_shape)
-    if name == "mlp":
-        model = build_mlp(num_classes, input_shape, hidden=tuple(hidden), dropout=dropout,
-                          dropout_layers=dropout_layers, **options)
-    else:
-        model = build_vision(name, num_classes, input_shape, dropout=dropout, norm=norm, **options)
-    return normalized(model, mean, std, input_shape)
 
 
 def _input_shape(name: str, input_shape: tuple[int, ...] | None) -> tuple[int, ...]:
@@ -59,4 +65,4 @@ def _input_shape(name: str, input_shape: tuple[int, ...] | None) -> tuple[int, .
     return IMAGE_SHAPE
 
 
-__all__ = ["IMAGE_SHAPE", "MLP", "MODELS", "NORMS", "build"]
+__all__ = ["IMAGE_SHAPE", "MLP", "MODELS", "NORMS", "build", "check_options"]

@@ -4,12 +4,15 @@ Minimize the worst batch loss in the L2 ball ‖Δ‖ ≤ ε around θ: N projec
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Iterable, Iterator
 
 import torch
 from torch import Tensor
 
+from advreg.config import AMPConfig
+from advreg.registry import Member, register
 from advreg.perturb.engine import (Closure, GroupSetting, PerturbedOptimizer, check_nonnegative, global_norm, grads_of,
                                    is_int, is_number, scratch, set_to_sum, stack_scalars, tensor_norms)
 
@@ -33,7 +36,7 @@ class AMP(PerturbedOptimizer):
       step keeps v̂, the unit vector along the part of its gradient ∇J(θ+Δ) orthogonal to its clean gradient
       ∇J(θ); a step in between makes one pass at θ, adds α‖g‖·v̂ to its gradient g and returns the loss at θ.
       Norms and the decomposition are over the whole model or per tensor, as ``norm`` says. Tune α: LookSAM's
-      0.7 is the default, and on MNIST-1D it hurt from k = 4 on (the README's Results).
+      0.7 is the default, and on MNIST-1D it hurt from k = 4 on (the docs' study of amp.every).
 
     ``every=1`` is Algorithm 1, bit for bit. The kept tensor (Δ or v̂) is in ``state_dict`` (exact resume
     mid-cycle).
@@ -240,16 +243,19 @@ class AMP(PerturbedOptimizer):
         torch._foreach_add_(grads, torch._foreach_mul(units, norms), alpha=self.alpha)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group as ``torch.optim.Optimizer`` does; with ``every > 1`` the next step builds a fresh Δ."""
         super().add_param_group(param_group)
         self._has_kept = False  # the kept tensors cover the old parameters: the next step builds a fresh Δ
 
     def state_dict(self) -> dict[str, Any]:
+        """The engine's state; with ``every > 1``, also the kept Δ (or gradient) that the next steps reuse."""
         state = super().state_dict()
         if self.every > 1 and self._has_kept:  # in parameter order, like the base state
             state["perturbation"]["kept"] = [self._kept[p].detach().clone() for p in self._all_params()]
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state of ``state_dict``'s form, the kept Δ included (a state saved without one refreshes Δ)."""
         state_dict = dict(state_dict)
         saved = dict(state_dict.get("perturbation", {}))
         kept, legacy = saved.pop("kept", None), saved.pop("delta", None)  # "delta": saved before reuse existed
@@ -278,3 +284,7 @@ def _widened(tensors: list[Tensor]) -> list[Tensor]:
     """The tensors themselves in float32 or float64; float32 copies of half-precision ones (whose products and
     differences of nearby gradients underflow)."""
     return [t.to(torch.promote_types(t.dtype, torch.float32)) for t in tensors]
+
+
+register(Member("perturbation", "amp", lambda c, params, steps_per_epoch, sgd, engine: AMP(
+    params, torch.optim.SGD, **dataclasses.asdict(c), **sgd, **engine), AMPConfig))  # the section's keys are AMP's

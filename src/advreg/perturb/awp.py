@@ -9,6 +9,8 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import Tensor
 
+from advreg.config import AWPConfig, RWPConfig
+from advreg.registry import Member, register
 from advreg.perturb.engine import (GroupSetting, PerturbedOptimizer, check_nonnegative, grads_of, is_int,
                                    is_number, scratch, set_to_sum)
 
@@ -144,3 +146,15 @@ def _project(delta: list[Tensor], radii: list[Tensor]) -> None:
     norms = torch._foreach_norm(delta)
     scales = [torch.where(n > r, r / n, torch.ones_like(n)) for r, n in zip(radii, norms)]
     torch._foreach_mul_(delta, scales)
+
+
+def _build_awp(c: AWPConfig, params: Iterable, steps_per_epoch: int, sgd: dict, engine: dict) -> AWP:
+    if not (isinstance(c.warmup, int) and c.warmup >= 0):
+        raise ValueError(f"awp.warmup is a number of epochs >= 0, got {c.warmup!r}")
+    return AWP(params, torch.optim.SGD, gamma=c.gamma, steps=c.steps, warmup_steps=c.warmup * steps_per_epoch,
+               **sgd, **engine)
+
+
+register(Member("perturbation", "awp", _build_awp, AWPConfig))
+register(Member("perturbation", "rwp", lambda c, params, steps_per_epoch, sgd, engine: RWP(
+    params, torch.optim.SGD, gamma=c.gamma, **sgd, **engine), RWPConfig))

@@ -41,7 +41,9 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
 
     Distributed data parallel: with ``no_sync`` (the ``DistributedDataParallel`` model's ``no_sync`` method), the
     passes that build Δ run inside it (forward included), so only the final gradient at θ+Δ is all-reduced; each
-    replica perturbs by its own batch's gradient (the paper's per-batch Δ). ``perturb_on="global"`` all-reduces
+    replica perturbs by its own batch's gradient (the paper's per-batch Δ). ``local_pass`` is True while the
+    closure runs such a pass (a closure that weights its loss by the replica's share of the batch leaves these
+    passes at weight 1: :class:`advreg.Step` does). ``perturb_on="global"`` all-reduces
     those passes too, so that Δ comes from the global batch's gradient, the same on every replica.
 
     Hyperparameters: those named in ``group_keys`` (ε, ζ, N, ρ, γ, ...) live in each param group, as ``lr`` does:
@@ -85,6 +87,7 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
         self.bn_stats = bn_stats
         self.grad_scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
         self.no_sync, self.perturb_on = no_sync, perturb_on
+        self.local_pass = False  # True during a pass under no_sync: its gradient stays on this replica
         self._theta: dict[Tensor, Tensor] = {}  # scratch: θ during a step, never part of the state
         self._norm_stats: dict[torch.nn.Module, list[Tensor]] = {}  # scratch: running statistics during a step
         self._norm_layers = None if model is None else [m for m in model.modules() if isinstance(m, _NormBase)]
@@ -316,7 +319,11 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
 
         def ascent() -> Tensor:
             with local() if local is not None else nullcontext():
-                loss = run()
+                self.local_pass = local is not None
+                try:
+                    loss = run()
+                finally:
+                    self.local_pass = False
             overflow.unscale([p.grad for g in self.param_groups for p in g["params"] if p.grad is not None])
             return loss
         return ascent
@@ -359,11 +366,14 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state (momentum, the param groups with their hyperparameters) and, under
+        ``perturbation``, the settings common to all groups."""
         state = self.base_optimizer.state_dict()  # its param_groups carry the group_keys, as they carry lr
         state["perturbation"] = self._hyperparameters()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state of ``state_dict``'s form; ValueError for one saved by another kind of perturbation."""
         state_dict = dict(state_dict)
         saved = dict(state_dict.pop("perturbation", {}))
         legacy = {k: saved.pop(k) for k in self.group_keys if k in saved}  # saved before they lived in the groups
@@ -392,6 +402,7 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
         """Raise ValueError on bad common hyperparameters (called at construction and after loading)."""
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the base optimizer (it gets the defaults, the hyperparameters included), checked."""
         if hasattr(self, "base_optimizer"):
             self.base_optimizer.add_param_group(param_group)
             self._validate_group(self.param_groups[-1])

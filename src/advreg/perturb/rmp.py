@@ -9,6 +9,8 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
+from advreg.config import RMPConfig
+from advreg.registry import Member, register
 from advreg.perturb.engine import GroupSetting, PerturbedOptimizer, check_nonnegative, global_norm
 
 
@@ -50,3 +52,7 @@ def sample_ball(like: list[Tensor], radius: float) -> list[Tensor]:
     scale = radius * u.pow(1.0 / d) / global_norm(direction)  # ‖Δ‖ = ε·U^(1/d)
     torch._foreach_mul_(direction, scale)
     return direction
+
+
+register(Member("perturbation", "rmp", lambda c, params, steps_per_epoch, sgd, engine: RMP(
+    params, torch.optim.SGD, epsilon=c.epsilon, **sgd, **engine), RMPConfig))

@@ -4,11 +4,14 @@ One normalized ascent step Δ = ρ·T²g/‖Tg‖ (T = I for SAM, T = |θ| + η 
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterable
 
 import torch
 from torch import Tensor
 
+from advreg.config import SAMConfig
+from advreg.registry import Member, register
 from advreg.perturb.engine import GroupSetting, PerturbedOptimizer, check_nonnegative, global_norm, grads_of
 
 SCOPES = ("all", "weight")
@@ -87,3 +90,7 @@ class SAM(PerturbedOptimizer):
             return [], []
         scale = torch._foreach_add(torch._foreach_abs([theta[i] for i in scaled]), [settings[i][0] for i in scaled])
         return scaled, scale
+
+
+register(Member("perturbation", "sam", lambda c, params, steps_per_epoch, sgd, engine: SAM(
+    params, torch.optim.SGD, **dataclasses.asdict(c), **sgd, **engine), SAMConfig))  # the section's keys are SAM's

@@ -11,13 +11,18 @@ from torch import Tensor, nn
 from advreg.transforms.adversarial import FGSMExamples, PGDExamples
 from advreg.transforms.alps import ALPS, alps_label
 from advreg.transforms.mixup import MixUp
+from advreg.registry import Member, members, register
 
 Transform = Callable[[nn.Module, Tensor, Tensor, int], tuple[Tensor, Tensor]]
-TRANSFORMS = ("identity", "mixup", "fgsm", "alps", "pgd")
 
 
 def identity(model: nn.Module, x: Tensor, y: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """The batch as it is."""
     return x, y
+
+
+register(Member("transform", "identity", lambda c, box, loss: identity))
+TRANSFORMS = tuple(members("transform"))  # every declared transform's name
 
 
 __all__ = ["ALPS", "FGSMExamples", "PGDExamples", "MixUp", "alps_label", "TRANSFORMS", "Transform", "identity"]

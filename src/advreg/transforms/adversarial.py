@@ -10,6 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from advreg.attacks import fgsm, pgd
+from advreg.config import FGSMConfig, PGDConfig
+from advreg.registry import Member, register
 
 
 def level(input_range: tuple[float, float]) -> float:
@@ -20,7 +22,7 @@ def level(input_range: tuple[float, float]) -> float:
 class FGSMExamples:
     def __init__(self, pixels: float, input_range: tuple[float, float]):
         if pixels < 0:
-            raise ValueError(f"adv.pixels must be >= 0, got {pixels!r} (the AMP paper uses 1)")
+            raise ValueError(f"pixels must be >= 0, got {pixels!r} (the AMP paper uses 1)")
         self.box = input_range
         self.eps = pixels * level(input_range)
 
@@ -39,10 +41,10 @@ class PGDExamples:
     def __init__(self, pixels: float, step_pixels: float, steps: int, norm: str, input_range: tuple[float, float],
                  objective: str = "ce", keep_clean: bool = False):
         if pixels < 0 or step_pixels <= 0 or not (isinstance(steps, int) and steps >= 1):
-            raise ValueError(f"at.pixels must be >= 0, at.step_pixels > 0 and at.steps an integer >= 1, got "
+            raise ValueError(f"pixels must be >= 0, step_pixels > 0 and steps an integer >= 1, got "
                              f"{pixels!r}, {step_pixels!r}, {steps!r} (the AWP paper: 8, 2, 10 for L∞)")
         if norm not in ("linf", "l2"):
-            raise ValueError(f"at.norm must be linf or l2, got {norm!r}")
+            raise ValueError(f"norm must be linf or l2, got {norm!r}")
         self.eps, self.alpha = pixels * level(input_range), step_pixels * level(input_range)
         self.steps, self.norm, self.box = steps, norm, input_range
         self.objective, self.keep_clean = objective, keep_clean
@@ -51,3 +53,9 @@ class PGDExamples:
         x_adv = pgd(model, x, y, self.eps, self.alpha, self.steps, norm=self.norm, box=self.box,
                     objective=self.objective)  # the global RNG draws the random start: seeded, resumable
         return (torch.cat([x, x_adv]) if self.keep_clean else x_adv), y
+
+
+register(Member("transform", "fgsm", lambda c, box, loss: FGSMExamples(c.pixels, box), FGSMConfig))
+register(Member("transform", "pgd", lambda c, box, loss: PGDExamples(  # the examples maximize the loss's objective
+    c.pixels, c.step_pixels, c.steps, c.norm, box, objective=loss.objective, keep_clean=loss.needs_clean),
+    PGDConfig, gives_clean=True))

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advreg.attacks import eval_mode
+from advreg.config import ALPSConfig
+from advreg.registry import Member, register
 
 
 def alps_label(logits: Tensor, targets: Tensor, epsilon: float) -> Tensor:
@@ -43,10 +45,10 @@ class ALPS:
 
     def __init__(self, alpha: float = 9.0, beta: float = 2.0, epsilon: float = 0.2):
         if not (alpha > 1 and beta > 1 and 0.75 < beta_mode(alpha, beta) < 1):
-            raise ValueError(f"alps.alpha and alps.beta must be > 1 with the mode (α-1)/(α+β-2) in (0.75, 1) as in "
+            raise ValueError(f"alpha and beta must be > 1 with the mode (α-1)/(α+β-2) in (0.75, 1) as in "
                              f"the ALPS paper, got α={alpha!r}, β={beta!r} (e.g. α=9, β=2: mode 0.89)")
         if not 0 < epsilon < 0.5:
-            raise ValueError(f"alps.epsilon must be in (0, 0.5) as in the ALPS paper, got {epsilon!r}")
+            raise ValueError(f"epsilon must be in (0, 0.5) as in the ALPS paper, got {epsilon!r}")
         self.beta = torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(beta)))
         self.epsilon = epsilon
 
@@ -57,3 +59,6 @@ class ALPS:
         with torch.no_grad(), eval_mode(model):
             logits = model(mixed)  # (B, K)
         return mixed, alps_label(logits, y, self.epsilon)
+
+
+register(Member("transform", "alps", lambda c, box, loss: ALPS(c.alpha, c.beta, c.epsilon), ALPSConfig))

@@ -8,11 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from advreg.config import MixupConfig
+from advreg.registry import Member, register
+
 
 class MixUp:
     def __init__(self, alpha: float = 1.0):
         if not alpha > 0:
-            raise ValueError(f"mixup.alpha must be > 0, got {alpha!r} (the AMP paper uses 1, i.e. λ ~ U(0, 1))")
+            raise ValueError(f"alpha must be > 0, got {alpha!r} (the AMP paper uses 1, i.e. λ ~ U(0, 1))")
         self.beta = torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha)))
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
@@ -20,3 +23,6 @@ class MixUp:
         partner = torch.randperm(len(y)).to(x.device)
         onehot = F.one_hot(y, num_classes).to(x.dtype)  # (B, K)
         return lam * x + (1 - lam) * x[partner], lam * onehot + (1 - lam) * onehot[partner]
+
+
+register(Member("transform", "mixup", lambda c, box, loss: MixUp(c.alpha), MixupConfig))
