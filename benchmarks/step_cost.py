@@ -236,7 +236,7 @@ def sync(device: torch.device) -> None:
 def time_methods(args, device: torch.device) -> dict[str, list[float]]:
     """ms per step of every method in every round: warm-up, then rotating round-robin blocks."""
     setups = {m.name: make_setup(m, args, args.width, device) for m in timed_methods(args)}
-    for name, setup in setups.items():
+    for setup in setups.values():
         run_steps(setup, args.warmup)
     sync(device)
     samples: dict[str, list[float]] = {name: [] for name in setups}

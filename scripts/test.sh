@@ -18,5 +18,6 @@ python -m pip install --quiet -e ".[test,docs,integrations,slurm]"
 site=$(mktemp -d)
 trap 'rm -rf "$site"' EXIT
 NO_MKDOCS_2_WARNING=1 mkdocs build --strict --site-dir "$site"
+ruff check --quiet .  # the lint rules in pyproject.toml
 # two workers for two cores; pytest's exit 5 ("no tests ran") is a failure here, as it should be
 python -m pytest -n 2 -q "$@"

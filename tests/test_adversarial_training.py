@@ -21,7 +21,7 @@ from advreg.evaluate import AttackSettings, robust_error
 from advreg.losses import OnPair, mart_loss, trades_loss
 from advreg.methods import METHODS, resolve
 from advreg.stages import build_transform, validate_stages
-from advreg.train import BEST, train_step, build_run, train
+from advreg.train import BEST, build_run, train, train_step
 
 SMALL = ["data.name=digits", "model.hidden=16", "optim.batch_size=128"]
 
@@ -100,7 +100,7 @@ def test_pair_losses_need_adversarial_examples_and_refuse_ignored_settings():
 def test_presets_carry_the_awp_papers_settings():
     c = {name: resolve(TrainConfig(method=name), []) for name in
          ("at", "trades", "mart", "at_awp", "trades_awp", "mart_awp", "at_rwp")}
-    for name, config in c.items():
+    for config in c.values():
         assert config.stages.transform == "pgd" and config.robust.track
         assert (config.pgd.pixels, config.pgd.step_pixels, config.pgd.steps, config.pgd.norm) == (8, 2, 10, "linf")
         assert (config.robust.pixels, config.robust.step_pixels, config.robust.steps) == (8, 2, 20)

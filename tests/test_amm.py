@@ -22,7 +22,7 @@ from advreg.losses import AMMLoss, cross_entropy
 from advreg.losses.amm import FrozenDropout, margin_terms, select_min, shrink, truncation
 from advreg.methods import resolve
 from advreg.stages import build_loss
-from advreg.train import train_step, build_run
+from advreg.train import build_run, train_step
 
 DT = torch.float64
 SMALL = ["data.name=digits", "model.hidden=16", "optim.batch_size=64"]

@@ -17,8 +17,8 @@ from torch.func import functional_call
 import advreg
 from advreg.config import TrainConfig
 from advreg.methods import resolve
-from advreg.stages import build_optimizer
 from advreg.perturb.engine import PerturbedOptimizer, global_norm, grads_of, scratch, set_to_sum
+from advreg.stages import build_optimizer
 from advreg.train import train
 
 DT = torch.float64

@@ -20,9 +20,18 @@ from advreg.analysis import save
 from advreg.analysis.boundary import BoundaryResult, decision_regions, padded_range, plot_boundaries
 from advreg.analysis.calibration import bin_statistics, plot_reliability, reliability, selected_runs
 from advreg.analysis.curves import load_curves, plot_curves
-from advreg.analysis.operational import (amp_1d, amp_loss_1d, in_region, plot_amp_1d, plot_region,
-                                         plot_scalar_example, region_grid, scalar_example, scalar_objectives,
-                                         sharp_flat_loss)
+from advreg.analysis.operational import (
+    amp_1d,
+    amp_loss_1d,
+    in_region,
+    plot_amp_1d,
+    plot_region,
+    plot_scalar_example,
+    region_grid,
+    scalar_example,
+    scalar_objectives,
+    sharp_flat_loss,
+)
 from advreg.data import spiral
 from advreg.metrics import calibration_error
 

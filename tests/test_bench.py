@@ -1,7 +1,6 @@
 """``advreg bench``: the plan, validation-only selection, resumption, and its files."""
 import contextlib
 import csv
-import math
 import os
 import signal
 import subprocess

@@ -17,7 +17,7 @@ from advreg.config import TrainConfig, keys, override
 from advreg.losses import cross_entropy
 from advreg.methods import METHODS, Method, check_preset, resolve
 from advreg.stages import build_optimizer
-from advreg.train import train_step, build_run, validate
+from advreg.train import build_run, train_step, validate
 
 SMALL = ["data.name=digits", "model.hidden=16", "optim.batch_size=64"]
 STEPS = 3

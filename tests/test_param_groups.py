@@ -214,7 +214,7 @@ def test_the_attribute_reads_and_sets_the_shared_value():
     opt.add_param_group({"params": [nn.Parameter(torch.zeros(2, dtype=DT))], "epsilon": 0.7})
     assert opt.param_groups[1]["inner_lr"] == 1.0  # the defaults fill a new group, as lr
     with pytest.raises(ValueError, match="param_groups"):
-        opt.epsilon
+        _ = opt.epsilon
     with pytest.raises(ValueError, match="epsilon"):
         opt.epsilon = -1.0
 

@@ -15,8 +15,8 @@ from advreg.config import TrainConfig
 from advreg.losses import LOSSES
 from advreg.methods import METHODS, Method, resolve
 from advreg.perturb import PerturbedOptimizer
-from advreg.transforms import TRANSFORMS
 from advreg.train import train
+from advreg.transforms import TRANSFORMS
 
 SMALL = ["data.name=digits", "model.hidden=16", "optim.batch_size=64"]
 RHO = 0.01

@@ -25,17 +25,16 @@ if signal.getsignal(signal.SIGINT) is signal.default_int_handler and threading.c
 
 import argparse  # noqa: E402 (after the handler: these imports take the start-up's time)
 import os  # noqa: E402
-from typing import Any, Sequence  # noqa: E402
-
 from pathlib import Path  # noqa: E402
+from typing import Any, Sequence  # noqa: E402
 
 from advreg import __version__, bench, launchers  # noqa: E402
 from advreg import config as cfg  # noqa: E402
 from advreg.data import DATASETS  # noqa: E402
-from advreg.methods import METHODS  # noqa: E402
-from advreg.recipes import RECIPES, recipe_defaults, with_recipe  # noqa: E402
-from advreg.models import MODELS  # noqa: E402
 from advreg.io import atomic_write_bytes  # noqa: E402
+from advreg.methods import METHODS  # noqa: E402
+from advreg.models import MODELS  # noqa: E402
+from advreg.recipes import RECIPES, recipe_defaults, with_recipe  # noqa: E402
 from advreg.robustness import ATTACKS, evaluate_run  # noqa: E402
 from advreg.runs import check_output, output_folder  # noqa: E402
 from advreg.train import TrainingDiverged, train, validate  # noqa: E402

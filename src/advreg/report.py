@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from advreg.io import atomic_write_bytes, write_json
-from advreg.runs import (CONFIG, HISTORY, METRICS, RunFolderError, output_folder, read_config, read_history,
-                         read_metrics)
+from advreg.runs import CONFIG, HISTORY, METRICS, RunFolderError, output_folder, read_config, read_history, read_metrics
 
 
 @dataclass(frozen=True)

@@ -25,13 +25,26 @@ from advreg.config import TrainConfig
 from advreg.data import DataSplits, TensorLoader, augment, load_dataset
 from advreg.evaluate import AttackSettings, evaluate, margin, robust_error
 from advreg.methods import check_preset, resolve
-from advreg.stages import build_loss, build_optimizer, build_transform, validate_stages
-from advreg.step import PRECISIONS, Step
-from advreg.recipes import get_recipe
 from advreg.perturb import NonFiniteLossError
 from advreg.perturb.engine import PERTURB_ON
-from advreg.runs import (BEST, CHECKPOINT, CONFIG, HISTORY, METRICS, RunFolder, RunFolderError,  # noqa: F401
-                         check_same_run, load_weights, open_run, read_best, read_checkpoint, same_config)
+from advreg.recipes import get_recipe
+from advreg.runs import (  # noqa: F401
+    BEST,
+    CHECKPOINT,
+    CONFIG,
+    HISTORY,
+    METRICS,
+    RunFolder,
+    RunFolderError,
+    check_same_run,
+    load_weights,
+    open_run,
+    read_best,
+    read_checkpoint,
+    same_config,
+)
+from advreg.stages import build_loss, build_optimizer, build_transform, validate_stages
+from advreg.step import PRECISIONS, Step
 
 REPLICA_SEED_STRIDE = 7919  # replica r > 0 draws from seed + stride·r; replica 0 from the one-process stream
 MIN_LOSS_SCALE = 1.0  # below it, float16 training has been skipping every step (GradScaler starts at 2^16)

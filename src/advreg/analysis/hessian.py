@@ -11,8 +11,8 @@ evaluation subset, the model in eval mode (no dropout, BatchNorm on running stat
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch

@@ -7,8 +7,8 @@ examples crafted anew for that perturbed model. Also the evaluation helpers that
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch

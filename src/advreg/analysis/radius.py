@@ -8,8 +8,8 @@ the curve would depend on ζ; normalised steps reach the sphere after ⌈N/2.5�
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,8 +17,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advreg.analysis import unchanged
-from advreg.analysis.landscape import (as_list, check_positive_int, check_split, eval_subset, labels_for,
-                                       loss_and_error, trainable)
+from advreg.analysis.landscape import (
+    as_list,
+    check_positive_int,
+    check_split,
+    eval_subset,
+    labels_for,
+    loss_and_error,
+    trainable,
+)
 from advreg.data.splits import DataSplits
 from advreg.perturb.engine import global_norm
 

@@ -6,11 +6,11 @@ the clean and the adversarial logits (:class:`OnPair`), and AMM runs the model a
 """
 from __future__ import annotations
 
+from advreg.losses.amm import AMMLoss
 from advreg.losses.ce import cross_entropy
 from advreg.losses.flooding import flood
-from advreg.losses.stage import LossFn, LossStage, OnLogits, OnPair, PairLossFn, make_loss
-from advreg.losses.amm import AMMLoss
 from advreg.losses.mart import mart_loss
+from advreg.losses.stage import LossFn, LossStage, OnLogits, OnPair, PairLossFn, make_loss
 from advreg.losses.trades import trades_loss
 from advreg.registry import Member, members, register
 

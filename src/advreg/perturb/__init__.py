@@ -3,8 +3,8 @@ import torch
 
 from advreg.perturb.amp import AMP
 from advreg.perturb.awp import AWP, RWP
-from advreg.perturb.rmp import RMP
 from advreg.perturb.engine import NonFiniteLossError, PerturbedOptimizer
+from advreg.perturb.rmp import RMP
 from advreg.perturb.sam import SAM
 from advreg.registry import Member, register
 

@@ -12,9 +12,21 @@ import torch
 from torch import Tensor
 
 from advreg.config import AMPConfig
+from advreg.perturb.engine import (
+    Closure,
+    GroupSetting,
+    PerturbedOptimizer,
+    check_nonnegative,
+    global_norm,
+    grads_of,
+    is_int,
+    is_number,
+    scratch,
+    set_to_sum,
+    stack_scalars,
+    tensor_norms,
+)
 from advreg.registry import Member, register
-from advreg.perturb.engine import (Closure, GroupSetting, PerturbedOptimizer, check_nonnegative, global_norm, grads_of,
-                                   is_int, is_number, scratch, set_to_sum, stack_scalars, tensor_norms)
 
 NORMS = ("global", "per_tensor")
 REUSE = ("delta", "gradient")  # what the steps between two fresh Δ reuse (every > 1)

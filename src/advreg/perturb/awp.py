@@ -10,9 +10,17 @@ import torch
 from torch import Tensor
 
 from advreg.config import AWPConfig, RWPConfig
+from advreg.perturb.engine import (
+    GroupSetting,
+    PerturbedOptimizer,
+    check_nonnegative,
+    grads_of,
+    is_int,
+    is_number,
+    scratch,
+    set_to_sum,
+)
 from advreg.registry import Member, register
-from advreg.perturb.engine import (GroupSetting, PerturbedOptimizer, check_nonnegative, grads_of, is_int,
-                                   is_number, scratch, set_to_sum)
 
 
 class AWP(PerturbedOptimizer):

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from advreg.config import RMPConfig
-from advreg.registry import Member, register
 from advreg.perturb.engine import GroupSetting, PerturbedOptimizer, check_nonnegative, global_norm
+from advreg.registry import Member, register
 
 
 class RMP(PerturbedOptimizer):

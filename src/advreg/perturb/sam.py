@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from advreg.config import SAMConfig
-from advreg.registry import Member, register
 from advreg.perturb.engine import GroupSetting, PerturbedOptimizer, check_nonnegative, global_norm, grads_of
+from advreg.registry import Member, register
 
 SCOPES = ("all", "weight")
 

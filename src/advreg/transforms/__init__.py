@@ -8,10 +8,10 @@ from typing import Callable
 
 from torch import Tensor, nn
 
+from advreg.registry import Member, members, register
 from advreg.transforms.adversarial import FGSMExamples, PGDExamples
 from advreg.transforms.alps import ALPS, alps_label
 from advreg.transforms.mixup import MixUp
-from advreg.registry import Member, members, register
 
 Transform = Callable[[nn.Module, Tensor, Tensor, int], tuple[Tensor, Tensor]]
 
