@@ -1,4 +1,4 @@
-"""Suite-wide settings (one intra-op thread per test process) and a shared fixture (an interrupted, resumed run).
+"""Suite-wide settings (one intra-op thread per test process) and shared fixtures (a module's dataset cache, an interrupted, resumed run).
 
 Every tensor in the suite is tiny, and two pytest workers on two cores with two threads each
 oversubscribe the CPU (measured: one test went from 4 s to 70 s under load). Subprocesses that the
@@ -11,6 +11,19 @@ import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory):
+    """Generated datasets go to a temporary cache, shared by the module's runs (subprocesses too): use it with
+    ``pytestmark = pytest.mark.usefixtures("data_cache")``."""
+    old = os.environ.get("ADVREG_CACHE")
+    os.environ["ADVREG_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        del os.environ["ADVREG_CACHE"]
+    else:
+        os.environ["ADVREG_CACHE"] = old
 
 
 @pytest.fixture

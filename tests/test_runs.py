@@ -69,16 +69,7 @@ runpy.run_module("advreg.cli", run_name="__main__", alter_sys=True)
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def data_cache(tmp_path_factory):
-    """Generated datasets go to a temporary cache, shared by this module's runs (subprocesses too)."""
-    old = os.environ.get("ADVREG_CACHE")
-    os.environ["ADVREG_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        del os.environ["ADVREG_CACHE"]
-    else:
-        os.environ["ADVREG_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("data_cache")  # conftest.py: one cache for the module
 
 
 @pytest.fixture(scope="module")

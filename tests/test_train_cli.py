@@ -18,16 +18,7 @@ from advreg.train import train
 FAST = ["--set", "model.hidden=32", "--set", "optim.batch_size=100"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def data_cache(tmp_path_factory):
-    """Generated datasets go to a temporary cache, shared by this module's runs (subprocesses too)."""
-    old = os.environ.get("ADVREG_CACHE")
-    os.environ["ADVREG_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        del os.environ["ADVREG_CACHE"]
-    else:
-        os.environ["ADVREG_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("data_cache")  # conftest.py: one cache for the module
 
 
 def run_cli(*args):
