@@ -16,6 +16,7 @@ from torch import nn
 
 from advreg import cli
 from advreg.attacks import pgd
+from advreg.batch import Batch
 from advreg.config import TrainConfig
 from advreg.evaluate import AttackSettings, robust_error
 from advreg.losses import OnPair, mart_loss, trades_loss
@@ -59,19 +60,17 @@ def test_pgd_examples_are_made_in_eval_mode_in_pixel_levels_and_keep_the_clean_b
     model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3))
     x, y = torch.rand(16, 6) * 16, torch.randint(0, 3, (16,))  # digits' range [0, 16]
     stats = [b.clone() for b in model.buffers()]
-    for loss, objective, paired in (("ce", "ce", False), ("trades", "kl", True), ("mart", "ce", True)):
+    for loss, objective in (("ce", "ce"), ("trades", "kl"), ("mart", "ce")):
         config = resolve(TrainConfig(method="erm"), ["stages.transform=pgd", f"stages.loss={loss}"])
         run_transform = build_transform(config, (0.0, 16.0))
-        assert run_transform.objective == objective and run_transform.keep_clean == paired
+        assert run_transform.objective == objective
         assert run_transform.eps == pytest.approx(8 * 16 / 255) and run_transform.alpha == pytest.approx(2 * 16 / 255)
         model.train()
-        inputs, target = run_transform(model, x, y, 3)
+        batch = run_transform(model, x, y, 3)
         assert model.training and all(torch.equal(a, b) for a, b in zip(stats, model.buffers()))
-        assert torch.equal(target, y)
-        x_adv = inputs[16:] if paired else inputs
-        assert inputs.shape == ((32, 6) if paired else (16, 6))
-        if paired:
-            assert torch.equal(inputs[:16], x)
+        assert torch.equal(batch.target, y) and batch.clean is x  # the clean batch, for TRADES's and MART's f(x)
+        x_adv = batch.inputs
+        assert x_adv.shape == (16, 6)
         assert (x_adv - x).abs().max() <= 8 * 16 / 255 + 1e-5 and x_adv.min() >= 0 and x_adv.max() <= 16
 
 
@@ -80,11 +79,11 @@ def test_pgd_examples_are_made_in_eval_mode_in_pixel_levels_and_keep_the_clean_b
 def test_on_pair_runs_each_half_through_the_model_and_returns_the_clean_logits(criterion):
     model, x, x_adv = mlp(), torch.rand(5, 6, dtype=torch.float64), torch.rand(5, 6, dtype=torch.float64)
     y = torch.randint(0, 4, (5,))
-    loss, logits = OnPair(criterion)(model, torch.cat([x, x_adv]), y)
+    loss, logits = OnPair(criterion)(model, Batch(x_adv, y, clean=x))
     torch.testing.assert_close(loss, criterion(model(x), model(x_adv), y))
     torch.testing.assert_close(logits, model(x))
     with pytest.raises(ValueError, match="stages.transform=pgd"):
-        OnPair(criterion)(model, x, y)
+        OnPair(criterion)(model, Batch(x_adv, y))
 
 
 def test_pair_losses_need_adversarial_examples_and_refuse_ignored_settings():

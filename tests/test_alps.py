@@ -68,7 +68,7 @@ def test_lambda_follows_the_asymmetric_beta_with_its_mode_near_one():
     model = nn.Linear(1, 3)
     x = torch.ones(4000, 1)  # partner x' = x too: x̃ = x for any λ; λ is recovered below from x=1, x'=0
     x[::2] = 0.0
-    mixed, _ = transform(model, x, torch.zeros(4000, dtype=torch.long), 3)
+    mixed = transform(model, x, torch.zeros(4000, dtype=torch.long), 3).inputs
     ones = x[:, 0] == 1
     lam = mixed[ones, 0]  # with x=1 the mix is λ + (1-λ)x' with x' ∈ {0, 1}
     lam = lam[lam < 1]  # partners equal to 1 give 1 whatever λ; keep those paired with 0
@@ -93,7 +93,8 @@ def test_the_label_uses_eval_mode_and_leaves_the_model_alone():
     model.train()
     stats_before = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
-    mixed, target = ALPS(epsilon=0.2)(model, x, y, 3)
+    batch = ALPS(epsilon=0.2)(model, x, y, 3)
+    mixed, target = batch.inputs, batch.target
     assert model.training and all(torch.equal(v, stats_before[k]) for k, v in model.state_dict().items())
     model.eval()
     expected = advreg.alps_label(model(mixed).detach(), y, 0.2)

@@ -17,6 +17,7 @@ from torch import nn
 
 from advreg import cli
 from advreg.attacks import deepfool, deepfool_with_source
+from advreg.batch import Batch
 from advreg.config import TrainConfig
 from advreg.losses import AMMLoss, cross_entropy
 from advreg.losses.amm import FrozenDropout, margin_terms, select_min, shrink, truncation
@@ -398,7 +399,7 @@ def test_avg_lin_regularizer_of_an_affine_model_is_the_closed_form(k):
     g_exp = torch.autograd.grad(expected, [w, b])
     for g, e in zip(g_reg, g_exp):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
-    loss, logits = stage(model, x, labels)
+    loss, logits = stage(model, Batch(x, labels))
     torch.testing.assert_close(logits, model(x))
     torch.testing.assert_close(loss, F.cross_entropy(model(x), labels) + expected.detach())
 
@@ -491,7 +492,7 @@ def test_a_batch_where_no_attack_succeeds_adds_nothing(aggregation):
     x, labels = torch.randn(6, 5, dtype=DT), torch.tensor([0, 1, 2, 0, 1, 2])
     stage = AMMLoss(cross_entropy, lam=1.0, aggregation=aggregation, shrinkage="lin")
     assert stage.regularizer(model, x, labels).item() == 0.0
-    loss, _ = stage(model, x, labels)
+    loss, _ = stage(model, Batch(x, labels))
     assert loss.item() == pytest.approx(math.log(3), rel=1e-12)
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
@@ -547,7 +548,7 @@ def test_frozen_dropout_refuses_in_place_and_other_dropouts(bad):
         FrozenDropout(model)
     stage = AMMLoss(cross_entropy)
     with pytest.raises(ValueError):
-        stage(model, torch.randn(3, 4), torch.tensor([0, 1, 0]))
+        stage(model, Batch(torch.randn(3, 4), torch.tensor([0, 1, 0])))
 
 
 # -- 8. one sample's margin never depends on the others -----------------------------------------------
@@ -646,7 +647,7 @@ def test_soft_targets_are_refused():
     x = torch.randn(4, 5, dtype=DT)
     soft = torch.full((4, 3), 1 / 3, dtype=DT)
     with pytest.raises(ValueError, match="hard labels"):
-        AMMLoss(cross_entropy)(model, x, soft)
+        AMMLoss(cross_entropy)(model, Batch(x, soft))
 
 
 def test_amm_settings_without_the_amm_loss_are_refused():
@@ -685,7 +686,7 @@ def test_clip_grad_bounds_the_gradient_the_step_takes():
     run = build_run(small_config("amm", "amm.aggregation=avg", "amm.shrinkage=lin", "amm.lam=1000"))
     x, y = next(iter(run.loader))
     probe = copy.deepcopy(run.model).train()
-    loss, _ = run.step.loss_fn(probe, x, y)
+    loss, _ = run.step.loss_fn(probe, Batch(x, y))
     loss.backward()
     assert global_norm(probe.parameters()) > 100  # unclipped, far above the cap
     seen, step = [], run.optimizer.step

@@ -178,7 +178,7 @@ def test_amp_on_mixup_batches_transforms_once_and_passes_n_plus_one_times(inner_
         assert math.isfinite(loss.item())
         assert run.step.transform.calls == step
         assert run.step.loss_fn.calls == step * (inner_steps + 1)
-    targets = [args[2] for args in run.step.loss_fn.seen[-(inner_steps + 1):]]
+    targets = [args[1].target for args in run.step.loss_fn.seen[-(inner_steps + 1):]]
     assert targets[0].shape == (64, run.data.num_classes)  # soft MixUp targets
     assert all(t is targets[0] for t in targets)  # every pass of a step sees the same mixed batch
     assert not same(params(run), before)

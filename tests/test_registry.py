@@ -48,11 +48,11 @@ def test_in_use_follows_the_stage_choice():
 def test_a_loss_declares_what_it_needs_of_the_batch():
     trades = resolve(TrainConfig(method="trades"), [])
     assert stages.build_transform(trades, (0.0, 1.0)).objective == "kl"  # TRADES's examples maximize its KL
-    assert stages.build_transform(trades, (0.0, 1.0)).keep_clean
     mart = stages.build_transform(resolve(TrainConfig(method="mart"), []), (0.0, 1.0))
-    assert (mart.objective, mart.keep_clean) == ("ce", True)
     at = stages.build_transform(resolve(TrainConfig(method="at"), []), (0.0, 1.0))
-    assert (at.objective, at.keep_clean) == ("ce", False)
+    assert mart.objective == at.objective == "ce"
+    assert registry.get("loss", "trades").needs_clean and registry.get("loss", "mart").needs_clean
+    assert registry.get("transform", "pgd").gives_clean and not registry.get("transform", "fgsm").gives_clean
 
 
 @pytest.mark.parametrize("method, setting, message", [

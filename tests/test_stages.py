@@ -14,10 +14,11 @@ from scipy import stats
 from torch import nn
 
 from advreg.attacks import fgsm
+from advreg.batch import Batch
 from advreg.losses import cross_entropy, flood, make_loss
 from advreg.perturb import RMP
 from advreg.perturb.rmp import sample_ball
-from advreg.transforms import FGSMExamples, MixUp
+from advreg.transforms import FGSMExamples, MixUp, identity
 
 K = 5  # classes
 
@@ -47,6 +48,17 @@ def batch():
     y = torch.randint(0, K, (8,), generator=g)
     soft = torch.distributions.Dirichlet(torch.ones(K, dtype=torch.float64)).sample((8,))  # (B, K)
     return logits, y, soft
+
+
+# -- 0. the batch between the stages ---------------------------------------------------------------
+def test_the_batch_holds_one_row_per_sample_and_clean_inputs_of_the_inputs_shape():
+    x, y = torch.randn(4, 3), torch.arange(4)
+    batch = identity(None, x, y, K)
+    assert batch.inputs is x and batch.target is y and batch.clean is None
+    with pytest.raises(ValueError, match="one row per sample, got 4 inputs and 3 targets"):
+        Batch(x, y[:3])
+    with pytest.raises(ValueError, match=r"clean inputs must have the inputs' shape \(4, 3\), got \(8, 3\)"):
+        Batch(x, y, clean=torch.cat([x, x]))
 
 
 # -- 1. label smoothing ------------------------------------------------------------------------
@@ -146,7 +158,8 @@ def test_mixup_mixes_inputs_and_targets_with_one_lambda_and_a_permutation():
     x = torch.cat([torch.eye(B, dtype=torch.float64), torch.randn(B, 6, dtype=torch.float64)], dim=1)
     y = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
     model = nn.Linear(x.shape[1], K).double()
-    x_mixed, target = MixUp(1.0)(model, x, y, K)
+    batch = MixUp(1.0)(model, x, y, K)
+    x_mixed, target = batch.inputs, batch.target
 
     lam, partner = _recover(x_mixed, B)
     assert 0 < lam < 1 and sorted(partner.tolist()) == list(range(B)) and not torch.equal(partner, torch.arange(B))
@@ -166,8 +179,8 @@ def test_mixup_uses_the_seeded_global_rng():
     for _ in range(2):
         torch.manual_seed(7)
         outs.append(MixUp(0.4)(None, x, y, K))
-    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
-    assert not torch.equal(MixUp(0.4)(None, x, y, K)[0], outs[0][0])  # the next draw differs
+    assert torch.equal(outs[0].inputs, outs[1].inputs) and torch.equal(outs[0].target, outs[1].target)
+    assert not torch.equal(MixUp(0.4)(None, x, y, K).inputs, outs[0].inputs)  # the next draw differs
 
 
 def _lambdas(alpha, n, seed=0):
@@ -175,7 +188,7 @@ def _lambdas(alpha, n, seed=0):
     B = 8  # the identity permutation (λ unrecoverable) has probability 1/8!
     x, y = torch.eye(B, dtype=torch.float64), torch.arange(B) % K
     mix = MixUp(alpha)
-    return [_recover(mix(None, x, y, K)[0], B)[0].item() for _ in range(n)]
+    return [_recover(mix(None, x, y, K).inputs, B)[0].item() for _ in range(n)]
 
 
 def test_mixup_lambda_is_uniform_for_alpha_one():
@@ -241,10 +254,10 @@ def test_fgsm_examples_epsilon_is_pixel_levels_of_the_input_range():
     model = _linear_with_dropout(6, K)
     x = lo + (hi - lo) * torch.rand(12, 6, dtype=torch.float64)
     y = torch.randint(0, K, (12,))
-    x_adv, target = examples(model, x, y, K)
+    batch = examples(model, x, y, K)
     expected, _ = _fgsm_by_hand(model[0], x, y, (hi - lo) / 255, lo, hi)
-    torch.testing.assert_close(x_adv, expected, rtol=0, atol=1e-15)
-    assert target is y
+    torch.testing.assert_close(batch.inputs, expected, rtol=0, atol=1e-15)
+    assert batch.target is y and batch.clean is None
     with pytest.raises(ValueError, match="pixels"):
         FGSMExamples(pixels=-1, input_range=(0.0, 1.0))
 

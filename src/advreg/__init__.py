@@ -2,7 +2,8 @@
 
 Weight space: :class:`AMP` (adversarial model perturbation) with its random baseline :class:`RMP`, :class:`SAM`
 and :class:`AWP` (adversarial weight perturbation) with its random baseline :class:`RWP`, drop-in ``torch.optim``
-optimizers built on one engine (:mod:`advreg.perturb`); :class:`Step`, one training step of the three stages.
+optimizers built on one engine (:mod:`advreg.perturb`); :class:`Step`, one training step of the three stages, and
+:class:`Batch`, what the batch transform hands the loss.
 
 The names below load on first use, so that ``import advreg.cli`` can install its Ctrl-C handler before torch loads.
 """
@@ -10,14 +11,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what static readers (type checkers, the API docs) see; at run time, __getattr__ below
+    from advreg.batch import Batch
     from advreg.perturb import AMP, AWP, RMP, RWP, SAM, PerturbedOptimizer
     from advreg.step import Step, StepOutput
     from advreg.transforms.alps import alps_label
 
 __version__ = "0.1.0"
-__all__ = ["AMP", "AWP", "RMP", "RWP", "SAM", "PerturbedOptimizer", "Step", "StepOutput", "__version__", "alps_label"]
+__all__ = ["AMP", "AWP", "Batch", "RMP", "RWP", "SAM", "PerturbedOptimizer", "Step", "StepOutput", "__version__", "alps_label"]
 _HOMES = {**{name: "advreg.perturb" for name in ("AMP", "AWP", "RMP", "RWP", "SAM", "PerturbedOptimizer")},
-          "Step": "advreg.step", "StepOutput": "advreg.step", "alps_label": "advreg.transforms.alps"}
+          "Batch": "advreg.batch", "Step": "advreg.step", "StepOutput": "advreg.step", "alps_label": "advreg.transforms.alps"}
 
 
 def __getattr__(name: str) -> Any:

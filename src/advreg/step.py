@@ -63,13 +63,13 @@ class Step:
         DDP, this replica's share of the global batch, so that the replicas' average is the whole batch's); a pass
         that the engine runs locally (:attr:`~advreg.perturb.PerturbedOptimizer.local_pass`, building this
         replica's own Δ) keeps weight 1."""
-        inputs, target = self.transform(self.transform_model or self.model, x, y, self.num_classes)
+        batch = self.transform(self.transform_model or self.model, x, y, self.num_classes)
         passes: dict[int, Tensor] = {}  # id of each pass's loss tensor -> its logits
 
         def closure() -> Tensor:
             self.optimizer.zero_grad(set_to_none=True)
             with self.autocast(x.device.type):
-                loss, logits = self.loss_fn(self.model, inputs, target)  # logits (B, K) on the inputs
+                loss, logits = self.loss_fn(self.model, batch)  # logits (B, K)
             w = 1.0 if getattr(self.optimizer, "local_pass", False) else weight
             scaled = loss if w == 1.0 else loss * w
             (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()

@@ -1,8 +1,9 @@
 """The loss stage: the objective on a transformed batch.
 
-A loss stage is called as ``stage(model, inputs, target)`` and returns ``(loss, logits)``, the logits being the
-model's outputs on ``inputs``: most objectives only need those logits (:class:`OnLogits`), TRADES and MART need
-the clean and the adversarial logits (:class:`OnPair`), and AMM runs the model again (DeepFool) inside its regularizer.
+A loss stage is called as ``stage(model, batch)`` on the transform's :class:`~advreg.batch.Batch` and returns
+``(loss, logits)``, the logits being the model's outputs on ``batch.inputs`` (on ``batch.clean`` for a pair): most
+objectives only need those logits (:class:`OnLogits`), TRADES and MART need the clean and the adversarial logits
+(:class:`OnPair`), and AMM runs the model again (DeepFool) inside its regularizer.
 """
 from __future__ import annotations
 

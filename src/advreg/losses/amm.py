@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from advreg.attacks import deepfool_with_source, sample_norms
+from advreg.batch import Batch
 from advreg.config import AMMConfig
 from advreg.registry import Member, register
 
@@ -153,7 +154,8 @@ class FrozenDropout:
 class AMMLoss:
     """The AMM loss stage: ``criterion(f(x), y) + λ·L_DD`` (Eq. 7 without the weight decay, which SGD applies).
 
-    Called as ``loss_stage(model, inputs, labels)``; returns the loss and the logits of the cross-entropy pass.
+    Called as ``loss_stage(model, batch)`` (:class:`~advreg.batch.Batch`, hard labels); returns the loss and the
+    logits of the cross-entropy pass.
     Defaults are the paper's MIN+EXP setting (Appendix Table 1: λ = 32, c = 2, d = 1; u = 6).
     """
 
@@ -184,7 +186,8 @@ class AMMLoss:
         self.steps, self.overshoot, self.high_order = steps, overshoot, high_order
         self.top_fraction, self.clip_value, self.candidates = top_fraction, clip_value, candidates
 
-    def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+        inputs, labels = batch.inputs, batch.target
         if labels.dim() != 1:
             raise ValueError("the AMM loss needs hard labels (B,); a transform that makes soft targets (mixup, "
                              "alps) cannot go with it")

@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 from torch import Tensor, nn
 
+from advreg.batch import Batch
 from advreg.losses.ce import cross_entropy
 from advreg.losses.flooding import flood
 
@@ -17,33 +18,33 @@ PairLossFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # a criterion on (logit
 
 
 class LossStage(Protocol):
-    def __call__(self, model: nn.Module, inputs: Tensor, target: Tensor) -> tuple[Tensor, Tensor]: ...
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]: ...
 
 
 @dataclass(frozen=True)
 class OnLogits:
-    """The loss stage of a criterion on the logits: ``criterion(model(inputs), target)``."""
+    """The loss stage of a criterion on the logits: ``criterion(model(batch.inputs), batch.target)``."""
     criterion: LossFn
 
-    def __call__(self, model: nn.Module, inputs: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        logits = model(inputs)
-        return self.criterion(logits, target), logits
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+        logits = model(batch.inputs)  # (B, K)
+        return self.criterion(logits, batch.target), logits
 
 
 @dataclass(frozen=True)
 class OnPair:
-    """The loss stage of a criterion on clean and adversarial logits, for batches that stack x and x' (clean first,
-    as :class:`advreg.transforms.PGDExamples` with ``keep_clean`` makes them). Two forward passes, as the TRADES
-    and MART code does, so BatchNorm normalizes each half on its own statistics; the clean logits are returned."""
+    """The loss stage of a criterion on clean and adversarial logits: ``criterion(model(batch.clean),
+    model(batch.inputs), batch.target)``, for a batch of adversarial examples that keeps its clean inputs (as
+    :class:`advreg.transforms.PGDExamples` makes it). Two forward passes, as the TRADES and MART code does, so
+    BatchNorm normalizes each on its own statistics; the clean logits are returned."""
     criterion: PairLossFn
 
-    def __call__(self, model: nn.Module, inputs: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        if len(inputs) != 2 * len(target):
-            raise ValueError(f"TRADES and MART expect the clean and adversarial batches stacked ({2 * len(target)} "
-                             f"rows for {len(target)} labels), got {len(inputs)}; use stages.transform=pgd")
-        x, x_adv = inputs.chunk(2)
-        logits = model(x)  # (B, K)
-        return self.criterion(logits, model(x_adv), target), logits
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+        if batch.clean is None:
+            raise ValueError("TRADES and MART compare the clean and the adversarial inputs, and this batch has no "
+                             "clean inputs; make it with a transform that keeps them (stages.transform=pgd)")
+        logits = model(batch.clean)  # (B, K)
+        return self.criterion(logits, model(batch.inputs), batch.target), logits
 
 
 def make_loss(smoothing: float = 0.0, flooding: float = 0.0) -> LossFn:

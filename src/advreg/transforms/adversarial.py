@@ -6,10 +6,10 @@ x/255 on [0, 1] images and the same share of the range for any other data.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from advreg.attacks import fgsm, pgd
+from advreg.batch import Batch
 from advreg.config import FGSMConfig, PGDConfig
 from advreg.registry import Member, register
 
@@ -20,26 +20,28 @@ def level(input_range: tuple[float, float]) -> float:
 
 
 class FGSMExamples:
+    """x' = x + ε·sign(∇ₓℓ) in the input box, on the unperturbed model in eval mode, once per step (the AMP paper's
+    FGSM training); ε is ``pixels`` levels of ``input_range``."""
+
     def __init__(self, pixels: float, input_range: tuple[float, float]):
         if pixels < 0:
             raise ValueError(f"pixels must be >= 0, got {pixels!r} (the AMP paper uses 1)")
         self.box = input_range
         self.eps = pixels * level(input_range)
 
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
-        return fgsm(model, x, y, self.eps, box=self.box), y
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, num_classes: int) -> Batch:
+        return Batch(fgsm(model, x, y, self.eps, box=self.box), y)
 
 
 class PGDExamples:
     """x' by PGD on the unperturbed model in eval mode (AWP's Algorithm 2, line 6-9), once per step.
 
     ``objective`` is the loss the examples maximize: ``ce`` for AT and MART (AWP paper Eq. 9, 17), ``kl`` for
-    TRADES (Eq. 16). With ``keep_clean`` the batch becomes x and x' stacked, clean first (2B, ...), for the
-    losses that also need f(x) (TRADES, MART; :class:`advreg.losses.OnPair` splits it again).
+    TRADES (Eq. 16). The batch keeps x as its clean inputs, for the losses that also need f(x) (TRADES, MART).
     """
 
     def __init__(self, pixels: float, step_pixels: float, steps: int, norm: str, input_range: tuple[float, float],
-                 objective: str = "ce", keep_clean: bool = False):
+                 objective: str = "ce"):
         if pixels < 0 or step_pixels <= 0 or not (isinstance(steps, int) and steps >= 1):
             raise ValueError(f"pixels must be >= 0, step_pixels > 0 and steps an integer >= 1, got "
                              f"{pixels!r}, {step_pixels!r}, {steps!r} (the AWP paper: 8, 2, 10 for L∞)")
@@ -47,15 +49,15 @@ class PGDExamples:
             raise ValueError(f"norm must be linf or l2, got {norm!r}")
         self.eps, self.alpha = pixels * level(input_range), step_pixels * level(input_range)
         self.steps, self.norm, self.box = steps, norm, input_range
-        self.objective, self.keep_clean = objective, keep_clean
+        self.objective = objective
 
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, num_classes: int) -> Batch:
         x_adv = pgd(model, x, y, self.eps, self.alpha, self.steps, norm=self.norm, box=self.box,
                     objective=self.objective)  # the global RNG draws the random start: seeded, resumable
-        return (torch.cat([x, x_adv]) if self.keep_clean else x_adv), y
+        return Batch(x_adv, y, clean=x)
 
 
 register(Member("transform", "fgsm", lambda c, box, loss: FGSMExamples(c.pixels, box), FGSMConfig))
 register(Member("transform", "pgd", lambda c, box, loss: PGDExamples(  # the examples maximize the loss's objective
-    c.pixels, c.step_pixels, c.steps, c.norm, box, objective=loss.objective, keep_clean=loss.needs_clean),
+    c.pixels, c.step_pixels, c.steps, c.norm, box, objective=loss.objective),
     PGDConfig, gives_clean=True))

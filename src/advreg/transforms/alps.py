@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advreg.attacks import eval_mode
+from advreg.batch import Batch
 from advreg.config import ALPSConfig
 from advreg.registry import Member, register
 
@@ -52,13 +53,13 @@ class ALPS:
         self.beta = torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(beta)))
         self.epsilon = epsilon
 
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, num_classes: int) -> Batch:
         lam = self.beta.sample((len(y),)).to(x.device, x.dtype).view(-1, *[1] * (x.dim() - 1))  # (B, 1, ...)
         partner = torch.randperm(len(y)).to(x.device)
         mixed = lam * x + (1 - lam) * x[partner]
         with torch.no_grad(), eval_mode(model):
             logits = model(mixed)  # (B, K)
-        return mixed, alps_label(logits, y, self.epsilon)
+        return Batch(mixed, alps_label(logits, y, self.epsilon))
 
 
 register(Member("transform", "alps", lambda c, box, loss: ALPS(c.alpha, c.beta, c.epsilon), ALPSConfig))

@@ -8,21 +8,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from advreg.batch import Batch
 from advreg.config import MixupConfig
 from advreg.registry import Member, register
 
 
 class MixUp:
+    """The batch transform: one λ ~ Beta(α, α) per batch, partners from a random permutation; soft targets (B, K)."""
+
     def __init__(self, alpha: float = 1.0):
         if not alpha > 0:
             raise ValueError(f"alpha must be > 0, got {alpha!r} (the AMP paper uses 1, i.e. λ ~ U(0, 1))")
         self.beta = torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha)))
 
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, num_classes: int) -> Batch:
         lam = self.beta.sample().to(x.device, x.dtype)  # global RNG: seeded and checkpointed by the trainer
         partner = torch.randperm(len(y)).to(x.device)
         onehot = F.one_hot(y, num_classes).to(x.dtype)  # (B, K)
-        return lam * x + (1 - lam) * x[partner], lam * onehot + (1 - lam) * onehot[partner]
+        return Batch(lam * x + (1 - lam) * x[partner], lam * onehot + (1 - lam) * onehot[partner])
 
 
 register(Member("transform", "mixup", lambda c, box, loss: MixUp(c.alpha), MixupConfig))
