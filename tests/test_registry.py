@@ -5,11 +5,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch import nn
 
+from advreg import config as config_module
 from advreg import registry, stages
 from advreg.config import TrainConfig
 from advreg.losses import LOSSES
@@ -155,3 +159,87 @@ def test_a_new_perturbation_is_one_declaration_and_one_preset(sign_ascent, tmp_p
         torch.testing.assert_close(p.detach(), e)
     metrics = train(config, tmp_path / "run", progress=False)  # the trainer takes it as any other member
     assert math.isfinite(metrics["test_nll"]) and metrics["method"] == "sign_ascent"
+
+
+# -- a new member with settings: one module, found where its stage's members live ----------------------------------
+NEW_MEMBER = '''"""A perturbation written by the test: the gradient at θ + ρ·sign(∇J(θ)), with its own --set section."""
+from dataclasses import dataclass
+
+import torch
+
+from advreg.perturb.engine import PerturbedOptimizer
+from advreg.registry import Member, register
+
+
+@dataclass(frozen=True)
+class SignStepConfig:
+    rho: float = 0.01
+
+
+class SignStep(PerturbedOptimizer):
+    def __init__(self, params, base_optimizer, rho, **kwargs):
+        super().__init__(params, base_optimizer, **kwargs)
+        self.rho = rho
+
+    def _is_active(self):
+        return True
+
+    def _perturb(self, params, theta):
+        for p in params:
+            p.add_(p.grad.sign(), alpha=self.rho)
+
+
+register(Member("perturbation", "sign_step", lambda c, params, steps_per_epoch, sgd, engine: SignStep(
+    params, torch.optim.SGD, c.rho, **sgd, **engine), SignStepConfig))
+'''
+
+PROBE = '''import json, sys
+import advreg.perturb
+advreg.perturb.__path__.append(sys.argv[1])  # the folder holds one more module of the perturbation stage
+import torch
+from advreg import stages
+from advreg.config import TrainConfig
+from advreg.methods import resolve
+config = resolve(TrainConfig(), ["stages.perturbation=sign_step", "sign_step.rho=0.02"])
+opt = stages.build_optimizer(config, [torch.nn.Parameter(torch.zeros(2))])
+try:
+    resolve(TrainConfig(), ["sign_step.rho=0.03"])  # the key exists, and matters only to a run that chooses it
+    refused = ""
+except ValueError as err:
+    refused = str(err)
+print(json.dumps({"optimizer": type(opt).__name__, "rho": opt.rho, "section": config.to_dict()["sign_step"],
+                  "loaded": TrainConfig.from_dict(config.to_dict()) == config, "refused": refused}))
+'''
+
+
+def test_a_new_member_with_settings_is_one_module_and_the_config_gets_its_section(tmp_path):
+    (tmp_path / "sign_step.py").write_text(NEW_MEMBER)
+    out = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout)
+    assert seen.pop("refused").startswith("sign_step.rho configures the sign_step perturbation")
+    assert seen == {"optimizer": "SignStep", "rho": 0.02, "section": {"rho": 0.02}, "loaded": True}
+    assert "sign_step" not in {f.name for f in dataclasses.fields(TrainConfig)}  # this process never loaded it
+
+
+def test_a_member_section_that_the_config_has_already_is_refused():
+    clash = registry.Member("loss", "clash", lambda c, ce, loss_config: None, section="optim",
+                            config=type(TrainConfig().optim))
+    registry.register(clash)
+    try:
+        with pytest.raises(ValueError, match="declares the section 'optim', which the run's config has already"):
+            config_module.with_member_sections(type("Probe", (), {"__annotations__": {"optim": "OptimConfig"}}))
+    finally:
+        registry.unregister("loss", "clash")
+
+
+def test_a_member_declared_after_the_config_was_built_is_told_where_to_live():
+    late = registry.Member("transform", "late", lambda c, box, loss: None, config=type(TrainConfig().mixup))
+    registry.register(late)
+    try:
+        with pytest.raises(ValueError, match="declares the section 'late', which the run's config lacks: declare it "
+                                             "in a module of advreg.transforms"):
+            stages.section(TrainConfig(), late)
+    finally:
+        registry.unregister("transform", "late")

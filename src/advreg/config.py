@@ -47,27 +47,6 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
-class AMPConfig:
-    """The ``amp`` perturbation (Zheng et al., Algorithm 1): ball radius ε, inner step ζ and steps N, the ball's norm,
-    and the efficient mode's refresh period and reuse."""
-    epsilon: float = 0.5
-    inner_lr: float = 1.0
-    inner_steps: int = 1
-    norm: str = "global"
-    every: int = 1  # the efficient mode: a fresh Δ every k steps, the last one reused in between (1 is AMP)
-    reuse: str = "delta"  # what the steps in between reuse: delta (θ + the kept Δ) | gradient (LookSAM's)
-    alpha: float = 0.7  # reuse=gradient: the weight of the reused orthogonal gradient (LookSAM's α)
-
-
-@dataclass(frozen=True)
-class SAMConfig:
-    """The ``sam`` perturbation (Foret et al.): radius ρ, and ASAM's adaptive ball (Kwon et al.) with its η."""
-    rho: float = 0.05
-    adaptive: bool = False
-    eta: float = 0.01  # ASAM's T = |θ| + η on every tensor (0: davda54/sam's T = |θ|)
-
-
-@dataclass(frozen=True)
 class StagesConfig:
     """Which member of each stage a step uses (DESIGN §1)."""
     transform: str = "identity"  # identity | mixup | fgsm | alps | pgd (adversarial training's examples)
@@ -80,84 +59,6 @@ class LossConfig:
     """The cross-entropy of the ``ce`` and ``amm`` losses: label smoothing α and flood level b."""
     smoothing: float = 0.0  # label smoothing α (AMP paper: 0.2)
     flooding: float = 0.0  # flood level b (AMP paper: 0.02); 0 is off
-
-
-@dataclass(frozen=True)
-class MixupConfig:
-    """The ``mixup`` transform (Zhang et al.): the Beta(α, α) that draws λ."""
-    alpha: float = 1.0  # λ ~ Beta(α, α)
-
-
-@dataclass(frozen=True)
-class ALPSConfig:
-    """The ``alps`` transform (Guo et al., Algorithm 1): the Beta(α, β) of λ and the label ball's radius ε."""
-    alpha: float = 9.0  # λ ~ Beta(α, β), mode (α-1)/(α+β-2) = 0.89
-    beta: float = 2.0
-    epsilon: float = 0.2  # L1 radius of the label ball, in (0, 0.5)
-
-
-@dataclass(frozen=True)
-class FGSMConfig:
-    """FGSM examples of the AMP paper's adversarial-training baseline (Sec. 5.1), the ``fgsm`` transform."""
-    pixels: float = 1.0  # FGSM step in 8-bit levels of the input range: ε = pixels·(hi - lo)/255
-
-
-@dataclass(frozen=True)
-class RMPConfig:
-    """The ``rmp`` perturbation: AMP's random baseline, Δ uniform in an L2 ball."""
-    epsilon: float = 0.1  # radius of the L2 ball Δ is drawn from
-
-
-@dataclass(frozen=True)
-class AMMConfig:
-    """AMM's margin term (Yan et al.); the defaults are the paper's MIN+EXP (Appendix Table 1), u = 6 (Sec. 4.2)."""
-    lam: float = 32.0  # λ, the weight of L_DD
-    c: float = 2.0  # scale of correctly classified samples' norms
-    d: float = 1.0  # scale of misclassified samples' norms
-    aggregation: str = "min"  # avg | min
-    shrinkage: str = "exp"  # lin | exp | inv
-    steps: int = 6  # u, DeepFool's maximal iterations
-    overshoot: float = 0.02
-    high_order: bool = True  # differentiate through ∇f; false is the ablation of Sec. 4.3.1
-    top_fraction: float = 0.2  # MIN's second condition: among the batch's 20% smallest norms
-    clip_value: float = 50.0  # cap of each sample's λ·R term, the truncation of EXP and INV (authors' code)
-    candidates: int = 0  # DeepFool's classes: the top ones at x (the authors' code: 10); 0 is all K
-
-
-@dataclass(frozen=True)
-class PGDConfig:
-    """The ``pgd`` transform: PGD examples of adversarial training (AWP paper, Sec. 4.4: PGD-10, L∞ 8/255 step 2/255; L2: 128 and 15),
-    in pixel levels of the input range (ε = pixels·(hi - lo)/255)."""
-    pixels: float = 8.0
-    step_pixels: float = 2.0
-    steps: int = 10
-    norm: str = "linf"  # linf | l2
-
-
-@dataclass(frozen=True)
-class TRADESConfig:
-    """The ``trades`` loss (Zhang et al., ICML 2019)."""
-    beta: float = 6.0  # weight of KL(p(x) ‖ p(x')) (TRADES paper; AWP paper Eq. 2)
-
-
-@dataclass(frozen=True)
-class MARTConfig:
-    """The ``mart`` loss (Wang et al., ICLR 2020)."""
-    beta: float = 6.0  # λ of the misclassification-weighted KL (AWP paper Eq. 3; the MART code's beta)
-
-
-@dataclass(frozen=True)
-class AWPConfig:
-    """The ``awp`` perturbation (Wu, Xia & Wang, Algorithm 2): the per-layer radius γ, ascent steps, warm-up."""
-    gamma: float = 0.01  # ‖v_l‖ ≤ γ‖w_l‖ per layer (AWP paper: 0.01 for AT, 0.005 for TRADES and MART)
-    steps: int = 1  # K2 ascent steps of size γ/K2 (Appendix D)
-    warmup: int = 0  # epochs of plain adversarial training before AWP starts
-
-
-@dataclass(frozen=True)
-class RWPConfig:
-    """The ``rwp`` perturbation: AWP's random baseline, a random direction at the per-layer radius γ."""
-    gamma: float = 0.01  # ‖v_l‖ = γ‖w_l‖, random direction (AWP paper, Sec. 5.3)
 
 
 @dataclass(frozen=True)
@@ -182,11 +83,44 @@ class SpeedConfig:
     perturb_on: str = "local"  # under torchrun: Δ from each replica's slice of the batch (local) or the whole (global)
 
 
+def declared_members() -> list[Any]:
+    """Every stage member that declares a config section (:class:`advreg.registry.Member`), in declaration order."""
+    from advreg import registry  # the members' modules import nothing of this one
+
+    return [m for stage in registry.STAGES for m in registry.members(stage).values() if m.config is not None]
+
+
+def former_sections() -> dict[str, str]:
+    """The former name of a member's section (in the config.json of older runs) -> its name now."""
+    return {m.formerly: m.section for m in declared_members() if m.formerly}
+
+
+def with_member_sections(cls: type) -> type:
+    """Give ``cls`` one field per stage member that declares a config section (:mod:`advreg.registry`), after its
+    ``loss`` field: a member's settings are declared in its own module, and this is where the run's config gets them."""
+    declared, own = declared_members(), cls.__dict__.get("__annotations__", {})
+    for member in declared:
+        if member.section in own:
+            raise ValueError(f"the {member.stage} {member.name!r} declares the section {member.section!r}, which "
+                             "the run's config has already; give the member another name or section")
+    annotations: dict[str, Any] = {}
+    for name, kind in own.items():
+        annotations[name] = kind
+        if name == "loss":
+            for member in declared:
+                annotations[member.section] = member.config
+                setattr(cls, member.section, field(default_factory=member.config))
+    cls.__annotations__ = annotations
+    return cls
+
+
 @dataclass(frozen=True)
+@with_member_sections
 class TrainConfig:
     """Everything that defines a run: the method preset, seed, epochs and device, and one section per part of the
-    run (``data``, ``model``, ``optim``, ``stages``, ``loss``, one per stage member, ``robust``, ``speed``); each
-    dotted key is a ``--set`` key. Checked as it is built: a float setting must be finite, the seed in range."""
+    run (``data``, ``model``, ``optim``, ``stages``, ``loss``, then one per stage member that declares settings, named
+    after it (``amp``, ``pgd``, ...; :func:`with_member_sections`), then ``robust``, ``speed``); each dotted key is a
+    ``--set`` key. Checked as it is built: a float setting must be finite, the seed in range."""
     method: str = "erm"
     recipe: str = ""  # the training recipe the run was built with (advreg.recipes), for the record
     seed: int = 0
@@ -197,18 +131,6 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     stages: StagesConfig = field(default_factory=StagesConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    mixup: MixupConfig = field(default_factory=MixupConfig)
-    alps: ALPSConfig = field(default_factory=ALPSConfig)
-    fgsm: FGSMConfig = field(default_factory=FGSMConfig)
-    amp: AMPConfig = field(default_factory=AMPConfig)
-    sam: SAMConfig = field(default_factory=SAMConfig)
-    rmp: RMPConfig = field(default_factory=RMPConfig)
-    amm: AMMConfig = field(default_factory=AMMConfig)
-    pgd: PGDConfig = field(default_factory=PGDConfig)
-    trades: TRADESConfig = field(default_factory=TRADESConfig)
-    mart: MARTConfig = field(default_factory=MARTConfig)
-    awp: AWPConfig = field(default_factory=AWPConfig)
-    rwp: RWPConfig = field(default_factory=RWPConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
 
@@ -223,10 +145,17 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         """The config of ``to_dict``'s form (a config.json), sections under their former names included."""
-        return _from_dict(cls, {RENAMED_SECTIONS.get(k, k): v for k, v in data.items()}, prefix="")
+        renamed = former_sections()
+        return _from_dict(cls, {renamed.get(k, k): v for k, v in data.items()}, prefix="")
 
 
-RENAMED_SECTIONS = {"adv": "fgsm", "at": "pgd"}  # config.json of older runs: the sections' former names
+def __getattr__(name: str) -> type:
+    """A stage member's config dataclass by its class name (``advreg.config.AMPConfig``), as it was importable
+    before each member declared its own in its module."""
+    found = {m.config.__name__: m.config for m in declared_members()}
+    if name in found:
+        return found[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # torch seeds from [-2^63, 2^64 - 1], negative ones taken mod 2^64 (-1 is 2^64 - 1), and replica r of a run draws
@@ -273,8 +202,8 @@ def override(config: Any, assignments: list[str]) -> Any:
         if not sep or not key.strip():
             raise ValueError(f"--set expects key=value, got {assignment!r} (example: --set amp.epsilon=0.2)")
         section, _, rest = key.strip().partition(".")
-        if isinstance(config, TrainConfig) and section in RENAMED_SECTIONS:
-            new = RENAMED_SECTIONS[section]
+        new = former_sections().get(section) if isinstance(config, TrainConfig) else None
+        if new:
             raise ValueError(f"the {section} section is now {new}: use --set {new}.{rest}={text.strip()}")
         config = _replace(config, key.strip().split("."), text.strip(), key.strip())
     return config

@@ -34,6 +34,7 @@ class Member:
     build: Callable[..., Any]
     config: type | None = None  # the frozen dataclass of its --set section (TrainConfig's field ``section``)
     section: str = ""  # the config section's name: the member's name unless given
+    formerly: str = ""  # the section's name in the config.json of older runs, which still load
     needs_clean: bool = False
     objective: str = "ce"
     gives_clean: bool = False

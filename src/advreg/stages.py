@@ -20,7 +20,13 @@ from advreg.transforms import Transform
 
 def section(config: TrainConfig, member: registry.Member) -> Any:
     """The member's config section in ``config`` (None for a member without settings)."""
-    return getattr(config, member.section) if member.config is not None else None
+    if member.config is None:
+        return None
+    if not hasattr(config, member.section):  # declared after advreg.config was loaded: TrainConfig has no field
+        raise ValueError(f"the {member.stage} {member.name!r} declares the section {member.section!r}, which the run's "
+                         f"config lacks: declare it in a module of {registry.PACKAGES[member.stage]}, which "
+                         "advreg.config loads")
+    return getattr(config, member.section)
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,7 +32,6 @@ from torch import Tensor, nn
 
 from advreg.attacks import deepfool_with_source, sample_norms
 from advreg.batch import Batch
-from advreg.config import AMMConfig
 from advreg.registry import Member, register
 
 AGGREGATIONS = ("avg", "min")
@@ -224,6 +224,22 @@ class AMMLoss:
         return deepfool_with_source(model, x, self.steps, self.overshoot, create_graph=create_graph, labels=labels,
                                     high_order=self.high_order, candidates=self.candidates or None,
                                     forward=forward)
+
+
+@dataclass(frozen=True)
+class AMMConfig:
+    """AMM's margin term (Yan et al.); the defaults are the paper's MIN+EXP (Appendix Table 1), u = 6 (Sec. 4.2)."""
+    lam: float = 32.0  # λ, the weight of L_DD
+    c: float = 2.0  # scale of correctly classified samples' norms
+    d: float = 1.0  # scale of misclassified samples' norms
+    aggregation: str = "min"  # avg | min
+    shrinkage: str = "exp"  # lin | exp | inv
+    steps: int = 6  # u, DeepFool's maximal iterations
+    overshoot: float = 0.02
+    high_order: bool = True  # differentiate through ∇f; false is the ablation of Sec. 4.3.1
+    top_fraction: float = 0.2  # MIN's second condition: among the batch's 20% smallest norms
+    clip_value: float = 50.0  # cap of each sample's λ·R term, the truncation of EXP and INV (authors' code)
+    candidates: int = 0  # DeepFool's classes: the top ones at x (the authors' code: 10); 0 is all K
 
 
 register(Member("loss", "amm", lambda c, ce, loss_config: AMMLoss(ce, **dataclasses.asdict(c)),  # the section's keys

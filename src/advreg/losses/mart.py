@@ -4,11 +4,12 @@ BCE(p', y) = −log p'_y − log(1 − max_{k≠y} p'_k) is MART's boosted cross
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from advreg.config import MARTConfig
 from advreg.losses.stage import pair_builder
 from advreg.losses.trades import check_pair
 from advreg.registry import Member, register
@@ -35,6 +36,12 @@ def mart_loss(logits: Tensor, logits_adv: Tensor, target: Tensor, beta: float = 
     kl = (p * (F.log_softmax(logits, dim=1) - torch.log(p_adv + 1e-12))).sum(dim=1)  # (B,)
     weight = 1.0000001 - p.gather(1, target[:, None]).squeeze(1)  # (B,): 1 − p_y(x)
     return (bce + beta * kl * weight).mean()
+
+
+@dataclass(frozen=True)
+class MARTConfig:
+    """The ``mart`` loss (Wang et al., ICLR 2020)."""
+    beta: float = 6.0  # λ of the misclassification-weighted KL (AWP paper Eq. 3; the MART code's beta)
 
 
 register(Member("loss", "mart", pair_builder("mart", mart_loss), MARTConfig, needs_clean=True))

@@ -4,10 +4,11 @@ Both terms keep their gradient: as in the TRADES code, the KL differentiates thr
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch.nn.functional as F
 from torch import Tensor
 
-from advreg.config import TRADESConfig
 from advreg.losses.stage import pair_builder
 from advreg.registry import Member, register
 
@@ -35,6 +36,12 @@ def trades_loss(logits: Tensor, logits_adv: Tensor, target: Tensor, beta: float 
     """Batch mean of CE(f(x), y) + β·KL(p(x) ‖ p(x')); logits, logits_adv (B, K), target (B,)."""
     check_pair(logits, logits_adv, target, beta)
     return F.cross_entropy(logits, target) + beta * kl_rows(logits, logits_adv).mean()
+
+
+@dataclass(frozen=True)
+class TRADESConfig:
+    """The ``trades`` loss (Zhang et al., ICML 2019)."""
+    beta: float = 6.0  # weight of KL(p(x) ‖ p(x')) (TRADES paper; AWP paper Eq. 2)
 
 
 # the PGD examples maximize TRADES's own adversarial term, the KL

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import torch
 from torch import Tensor
 
-from advreg.config import AMPConfig
 from advreg.perturb.engine import (
     Closure,
     GroupSetting,
@@ -296,6 +296,19 @@ def _widened(tensors: list[Tensor]) -> list[Tensor]:
     """The tensors themselves in float32 or float64; float32 copies of half-precision ones (whose products and
     differences of nearby gradients underflow)."""
     return [t.to(torch.promote_types(t.dtype, torch.float32)) for t in tensors]
+
+
+@dataclass(frozen=True)
+class AMPConfig:
+    """The ``amp`` perturbation (Zheng et al., Algorithm 1): ball radius ε, inner step ζ and steps N, the ball's norm,
+    and the efficient mode's refresh period and reuse."""
+    epsilon: float = 0.5
+    inner_lr: float = 1.0
+    inner_steps: int = 1
+    norm: str = "global"
+    every: int = 1  # the efficient mode: a fresh Δ every k steps, the last one reused in between (1 is AMP)
+    reuse: str = "delta"  # what the steps in between reuse: delta (θ + the kept Δ) | gradient (LookSAM's)
+    alpha: float = 0.7  # reuse=gradient: the weight of the reused orthogonal gradient (LookSAM's α)
 
 
 register(Member("perturbation", "amp", lambda c, params, steps_per_epoch, sgd, engine: AMP(

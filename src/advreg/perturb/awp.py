@@ -4,12 +4,12 @@ Per layer ‖v_l‖ ≤ γ‖w_l‖: K2 normalized ascent steps v_l ← Π_γ(v_
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import torch
 from torch import Tensor
 
-from advreg.config import AWPConfig, RWPConfig
 from advreg.perturb.engine import (
     GroupSetting,
     PerturbedOptimizer,
@@ -161,6 +161,20 @@ def _build_awp(c: AWPConfig, params: Iterable, steps_per_epoch: int, sgd: dict, 
         raise ValueError(f"awp.warmup is a number of epochs >= 0, got {c.warmup!r}")
     return AWP(params, torch.optim.SGD, gamma=c.gamma, steps=c.steps, warmup_steps=c.warmup * steps_per_epoch,
                **sgd, **engine)
+
+
+@dataclass(frozen=True)
+class AWPConfig:
+    """The ``awp`` perturbation (Wu, Xia & Wang, Algorithm 2): the per-layer radius γ, ascent steps, warm-up."""
+    gamma: float = 0.01  # ‖v_l‖ ≤ γ‖w_l‖ per layer (AWP paper: 0.01 for AT, 0.005 for TRADES and MART)
+    steps: int = 1  # K2 ascent steps of size γ/K2 (Appendix D)
+    warmup: int = 0  # epochs of plain adversarial training before AWP starts
+
+
+@dataclass(frozen=True)
+class RWPConfig:
+    """The ``rwp`` perturbation: AWP's random baseline, a random direction at the per-layer radius γ."""
+    gamma: float = 0.01  # ‖v_l‖ = γ‖w_l‖, random direction (AWP paper, Sec. 5.3)
 
 
 register(Member("perturbation", "awp", _build_awp, AWPConfig))

@@ -4,12 +4,12 @@
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
 from torch import Tensor
 
-from advreg.config import RMPConfig
 from advreg.perturb.engine import GroupSetting, PerturbedOptimizer, check_nonnegative, global_norm
 from advreg.registry import Member, register
 
@@ -52,6 +52,12 @@ def sample_ball(like: list[Tensor], radius: float) -> list[Tensor]:
     scale = radius * u.pow(1.0 / d) / global_norm(direction)  # ‖Δ‖ = ε·U^(1/d)
     torch._foreach_mul_(direction, scale)
     return direction
+
+
+@dataclass(frozen=True)
+class RMPConfig:
+    """The ``rmp`` perturbation: AMP's random baseline, Δ uniform in an L2 ball."""
+    epsilon: float = 0.1  # radius of the L2 ball Δ is drawn from
 
 
 register(Member("perturbation", "rmp", lambda c, params, steps_per_epoch, sgd, engine: RMP(

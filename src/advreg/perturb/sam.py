@@ -5,12 +5,12 @@ One normalized ascent step Δ = ρ·T²g/‖Tg‖ (T = I for SAM, T = |θ| + η 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
 from torch import Tensor
 
-from advreg.config import SAMConfig
 from advreg.perturb.engine import GroupSetting, PerturbedOptimizer, check_nonnegative, global_norm, grads_of
 from advreg.registry import Member, register
 
@@ -90,6 +90,14 @@ class SAM(PerturbedOptimizer):
             return [], []
         scale = torch._foreach_add(torch._foreach_abs([theta[i] for i in scaled]), [settings[i][0] for i in scaled])
         return scaled, scale
+
+
+@dataclass(frozen=True)
+class SAMConfig:
+    """The ``sam`` perturbation (Foret et al.): radius ρ, and ASAM's adaptive ball (Kwon et al.) with its η."""
+    rho: float = 0.05
+    adaptive: bool = False
+    eta: float = 0.01  # ASAM's T = |θ| + η on every tensor (0: davda54/sam's T = |θ|)
 
 
 register(Member("perturbation", "sam", lambda c, params, steps_per_epoch, sgd, engine: SAM(

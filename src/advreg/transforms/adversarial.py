@@ -6,11 +6,12 @@ x/255 on [0, 1] images and the same share of the range for any other data.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor, nn
 
 from advreg.attacks import fgsm, pgd
 from advreg.batch import Batch
-from advreg.config import FGSMConfig, PGDConfig
 from advreg.registry import Member, register
 
 
@@ -57,7 +58,24 @@ class PGDExamples:
         return Batch(x_adv, y, clean=x)
 
 
-register(Member("transform", "fgsm", lambda c, box, loss: FGSMExamples(c.pixels, box), FGSMConfig))
+@dataclass(frozen=True)
+class FGSMConfig:
+    """FGSM examples of the AMP paper's adversarial-training baseline (Sec. 5.1), the ``fgsm`` transform."""
+    pixels: float = 1.0  # FGSM step in 8-bit levels of the input range: ε = pixels·(hi - lo)/255
+
+
+@dataclass(frozen=True)
+class PGDConfig:
+    """The ``pgd`` transform: PGD examples of adversarial training (AWP paper, Sec. 4.4: PGD-10, L∞ 8/255 step 2/255; L2: 128 and 15),
+    in pixel levels of the input range (ε = pixels·(hi - lo)/255)."""
+    pixels: float = 8.0
+    step_pixels: float = 2.0
+    steps: int = 10
+    norm: str = "linf"  # linf | l2
+
+
+register(Member("transform", "fgsm", lambda c, box, loss: FGSMExamples(c.pixels, box), FGSMConfig,
+                formerly="adv"))
 register(Member("transform", "pgd", lambda c, box, loss: PGDExamples(  # the examples maximize the loss's objective
     c.pixels, c.step_pixels, c.steps, c.norm, box, objective=loss.objective),
-    PGDConfig, gives_clean=True))
+    PGDConfig, gives_clean=True, formerly="at"))

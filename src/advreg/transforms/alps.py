@@ -5,13 +5,14 @@ in the L1 ball of radius ε around y, which Theorem 1 gives in closed form: ρ =
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advreg.attacks import eval_mode
 from advreg.batch import Batch
-from advreg.config import ALPSConfig
 from advreg.registry import Member, register
 
 
@@ -60,6 +61,14 @@ class ALPS:
         with torch.no_grad(), eval_mode(model):
             logits = model(mixed)  # (B, K)
         return Batch(mixed, alps_label(logits, y, self.epsilon))
+
+
+@dataclass(frozen=True)
+class ALPSConfig:
+    """The ``alps`` transform (Guo et al., Algorithm 1): the Beta(α, β) of λ and the label ball's radius ε."""
+    alpha: float = 9.0  # λ ~ Beta(α, β), mode (α-1)/(α+β-2) = 0.89
+    beta: float = 2.0
+    epsilon: float = 0.2  # L1 radius of the label ball, in (0, 0.5)
 
 
 register(Member("transform", "alps", lambda c, box, loss: ALPS(c.alpha, c.beta, c.epsilon), ALPSConfig))

@@ -4,12 +4,13 @@ One λ per batch, partners j from a random permutation of the batch; the targets
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advreg.batch import Batch
-from advreg.config import MixupConfig
 from advreg.registry import Member, register
 
 
@@ -26,6 +27,12 @@ class MixUp:
         partner = torch.randperm(len(y)).to(x.device)
         onehot = F.one_hot(y, num_classes).to(x.dtype)  # (B, K)
         return Batch(lam * x + (1 - lam) * x[partner], lam * onehot + (1 - lam) * onehot[partner])
+
+
+@dataclass(frozen=True)
+class MixupConfig:
+    """The ``mixup`` transform (Zhang et al.): the Beta(α, α) that draws λ."""
+    alpha: float = 1.0  # λ ~ Beta(α, α)
 
 
 register(Member("transform", "mixup", lambda c, box, loss: MixUp(c.alpha), MixupConfig))
