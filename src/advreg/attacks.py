@@ -15,6 +15,12 @@ from torch import Tensor, nn
 Box = tuple[float, float] | None
 
 
+def pixel_level(box: tuple[float, float]) -> float:
+    """One 8-bit pixel level of the input range, (hi - lo)/255: the unit of the papers' ε = 8/255 on [0, 1] images,
+    and the same share of any other range."""
+    return (box[1] - box[0]) / 255
+
+
 def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, box: Box = None) -> Tensor:
     """x' = clip_box(x + ε·sign(∇ₓ CE(f(x), y))): one signed-gradient step of size ε (L∞)."""
     _check_eps(eps)

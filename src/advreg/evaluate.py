@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from advreg.attacks import deepfool, pgd
+from advreg.attacks import deepfool, pgd, pixel_level
 from advreg.metrics import error_rate, expected_calibration_error, nll
 
 
@@ -65,7 +65,7 @@ class AttackSettings:
     def in_levels(cls, pixels: float, step_pixels: float, steps: int, norm: str,
                   box: tuple[float, float]) -> "AttackSettings":
         """The settings of a threat model given in 8-bit pixel levels of ``box``: ε = pixels·(hi - lo)/255."""
-        level = (box[1] - box[0]) / 255
+        level = pixel_level(box)
         return cls(pixels * level, step_pixels * level, steps, box, norm)
 
 

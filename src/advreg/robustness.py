@@ -13,13 +13,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from advreg.attacks import eval_mode, fgsm, pgd
+from advreg.attacks import eval_mode, fgsm, pgd, pixel_level
 from advreg.config import TrainConfig
 from advreg.data import DataSplits
 from advreg.evaluate import AttackSettings, predict_logits
 from advreg.runs import CHECKPOINT, METRICS, RunFolder, load_config, load_weights, read_checkpoint
 from advreg.train import build_model, load_data
-from advreg.transforms.adversarial import level as pixel_level
 
 ATTACKS = ("fgsm", "pgd", "autoattack")  # autoattack: the optional extra, pip install "advreg[autoattack]"
 STANDARD_AUTOATTACK = ("apgd-ce", "apgd-t", "fab-t", "square")  # AutoAttack's standard L∞ version, in its order

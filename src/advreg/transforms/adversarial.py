@@ -10,14 +10,9 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from advreg.attacks import fgsm, pgd
+from advreg.attacks import fgsm, pgd, pixel_level
 from advreg.batch import Batch
 from advreg.registry import Member, register
-
-
-def level(input_range: tuple[float, float]) -> float:
-    """One pixel level of the input range, (hi - lo)/255."""
-    return (input_range[1] - input_range[0]) / 255
 
 
 class FGSMExamples:
@@ -28,7 +23,7 @@ class FGSMExamples:
         if pixels < 0:
             raise ValueError(f"pixels must be >= 0, got {pixels!r} (the AMP paper uses 1)")
         self.box = input_range
-        self.eps = pixels * level(input_range)
+        self.eps = pixels * pixel_level(input_range)
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, num_classes: int) -> Batch:
         return Batch(fgsm(model, x, y, self.eps, box=self.box), y)
@@ -48,7 +43,7 @@ class PGDExamples:
                              f"{pixels!r}, {step_pixels!r}, {steps!r} (the AWP paper: 8, 2, 10 for L∞)")
         if norm not in ("linf", "l2"):
             raise ValueError(f"norm must be linf or l2, got {norm!r}")
-        self.eps, self.alpha = pixels * level(input_range), step_pixels * level(input_range)
+        self.eps, self.alpha = pixels * pixel_level(input_range), step_pixels * pixel_level(input_range)
         self.steps, self.norm, self.box = steps, norm, input_range
         self.objective = objective
 
