@@ -90,6 +90,6 @@ def test_the_checker_finds_each_form():
 
 
 def test_no_test_uses_a_private_name_of_advreg():
-    files = [path for path in sorted(TESTS.glob("*.py")) if path.name != Path(__file__).name]  # this one: examples
+    files = [path for path in sorted(TESTS.rglob("*.py")) if path.name != Path(__file__).name]  # this one: examples
     found = [(path.name, name) for path in files for name in private_uses(path.read_text())]
     assert [use for use in found if use not in ALLOWED] == []

@@ -1,8 +1,8 @@
-"""The worker of ``tests/test_integrations_lightning.py``'s DDP test: under torchrun (2 processes, gloo), Lightning's
+"""The worker of ``tests/integrations/test_integrations_lightning.py``'s DDP test: under torchrun (2 processes, gloo), Lightning's
 ``strategy="ddp"`` trains ``PerturbedModule`` with SAM, each replica on its own shard of every global batch
 (``integrations_ddp`` holds the setting).
 
-``python -m torch.distributed.run --nproc_per_node=2 tests/lightning_ddp_worker.py OUT_DIR`` writes
+``python -m torch.distributed.run --nproc_per_node=2 tests/integrations/lightning_ddp_worker.py OUT_DIR`` writes
 ``OUT_DIR/rank{r}.pt``: this replica's final parameters, its optimizer steps and its gradient all-reduces.
 """
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""The worker of ``tests/test_integrations_accelerate.py``: under ``accelerate launch`` (2 CPU processes, gloo),
+"""The worker of ``tests/integrations/test_integrations_accelerate.py``: under ``accelerate launch`` (2 CPU processes, gloo),
 trains SAM through ``advreg.integrations.accelerate``, each replica on its own shard of every global batch
 (``integrations_ddp`` holds the setting).
 
-``accelerate launch --multi_gpu --num_processes 2 tests/accelerate_worker.py OUT_DIR`` writes ``OUT_DIR/rank{r}.pt``:
+``accelerate launch --multi_gpu --num_processes 2 tests/integrations/accelerate_worker.py OUT_DIR`` writes ``OUT_DIR/rank{r}.pt``:
 for each ``perturb_on`` (Δ from the global batch's gradient, or each replica's own), the final parameters and the
 run's gradient all-reduces.
 """
