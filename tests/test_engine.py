@@ -4,6 +4,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from perturb_helpers import make_closure
 from torch import nn
 
 import advreg
@@ -15,12 +16,7 @@ def _model():
 
 
 def _step(opt, model, x, y):
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-    return opt.step(closure)
+    return opt.step(make_closure(opt, model, x, y))
 
 
 def test_base_optimizer_must_be_a_class():
@@ -138,15 +134,9 @@ def _linear_problem():
 
 
 def _counted_step(opt, model, x, y):
-    calls = []
-
-    def closure():
-        calls.append(1)
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-    return opt.step(closure), len(calls)
+    """(the loss that ``step`` returns, the closure's calls)."""
+    seen = []
+    return opt.step(make_closure(opt, model, x, y, seen)), len(seen)
 
 
 @pytest.mark.parametrize("perturb", [True, False])
