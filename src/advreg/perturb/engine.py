@@ -130,8 +130,8 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
 
     @abc.abstractmethod
     def _perturb(self, params: list[Tensor], theta: list[Tensor]) -> Iterator[None] | None:
-        """Move ``params`` from θ to θ+Δ. On entry they hold θ (also in ``theta``) and ``.grad`` = ∇J(θ)
-        (unscaled). A Δ that needs more gradients is a generator: each ``yield`` asks for one more pass at the
+        """Move ``params`` from θ to θ+Δ. On entry they hold θ (also in ``theta``) and, after a clean pass,
+        ``.grad`` = ∇J(θ) (unscaled). A Δ that needs more gradients is a generator: each ``yield`` asks for one more pass at the
         current ``params`` (its gradient unscaled, not all-reduced under ``no_sync``) and resumes with it in
         ``.grad``. ``.grad`` may be overwritten: the final pass replaces it."""
 
