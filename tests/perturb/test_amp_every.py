@@ -1,7 +1,7 @@
 """AMP's efficient mode ``every=k``: a fresh Δ (Algorithm 1) on steps 0, k, 2k, …; in between, the kept Δ at the
 current θ (``reuse="delta"``) or LookSAM's reused orthogonal gradient (``reuse="gradient"``).
 
-The reference is written here from the equations on a flat float64 parameter vector (``torch.func.functional_call``)
+The reference is written here from the equations on a flat float64 parameter vector (``perturb_helpers.FlatNet``)
 with PyTorch's SGD (momentum, weight decay) by hand. ``every=1`` is compared bit for bit with a frozen copy of AMP's
 step as it was before the mode existed (on the same engine).
 """
@@ -11,8 +11,8 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from perturb_helpers import FlatNet, flat_params, make_batches, make_closure, make_model, project, ref_sgd, run_opt
 from torch import nn
-from torch.func import functional_call
 
 import advreg
 from advreg.config import TrainConfig
@@ -21,42 +21,7 @@ from advreg.perturb.engine import PerturbedOptimizer, global_norm, grads_of, scr
 from advreg.stages import build_optimizer
 from advreg.train import train
 
-DT = torch.float64
 LR, MOMENTUM, WD = 0.1, 0.9, 1e-3
-
-
-def make_model(seed=0, *, batchnorm=False, dtype=DT):
-    torch.manual_seed(seed)
-    layers = [nn.Linear(5, 7)] + ([nn.BatchNorm1d(7)] if batchnorm else []) + [nn.Tanh(), nn.Linear(7, 3)]
-    return nn.Sequential(*layers).to(dtype)
-
-
-def make_batches(n_steps, batch_size=16, seed=1, dtype=DT):
-    gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch_size, 5, generator=gen, dtype=dtype),
-             torch.randint(0, 3, (batch_size,), generator=gen)) for _ in range(n_steps)]
-
-
-def run_opt(opt, model, batches):
-    """One step per batch: (returned losses, closure calls per step, flat parameters after each step)."""
-    losses, calls, traj = [], [], []
-    for x, y in batches:
-        count = []
-
-        def closure(x=x, y=y, count=count):
-            count.append(1)
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-        losses.append(float(opt.step(closure).detach()))
-        calls.append(len(count))
-        traj.append(flat(model))
-    return losses, calls, traj
-
-
-def flat(model):
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
 
 
 def amp(model, every, **kw):
@@ -70,22 +35,11 @@ def amp(model, every, **kw):
 def flat_problem(model, norm, epsilon):
     """On a flat parameter vector: loss_grad(θ, x, y) = (J, ∇J); chunks(v), the whole vector or its per-tensor
     pieces; project(Δ), Algorithm 1's lines 8-10 on each chunk."""
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    sizes = [p.numel() for p in model.parameters()]
-
-    def loss_grad(theta, x, y):
-        theta = theta.detach().requires_grad_(True)
-        params = {n: c.view(s) for n, c, s in zip(names, theta.split(sizes), shapes)}
-        loss = F.cross_entropy(functional_call(model, params, (x,)), y)
-        return loss.detach(), torch.autograd.grad(loss, theta)[0]
+    net = FlatNet(model)
 
     def chunks(v):
-        return [v] if norm == "global" else list(v.split(sizes))
-
-    def project(delta):
-        return torch.cat([c * (epsilon / c.norm()) if c.norm() > epsilon else c for c in chunks(delta)])
-    return loss_grad, chunks, project
+        return [v] if norm == "global" else list(v.split(net.sizes))
+    return net.loss_grad, chunks, lambda delta: project(delta, epsilon, norm, net.sizes)
 
 
 def algorithm_1(loss_grad, project, theta, x, y, inner_lr, inner_steps):
@@ -99,19 +53,12 @@ def algorithm_1(loss_grad, project, theta, x, y, inner_lr, inner_steps):
     return returned, clean, delta
 
 
-def sgd_step(theta, buf, g):
-    """PyTorch's SGD (momentum, weight decay) on the flat vector: (θ, momentum buffer) after the step."""
-    d = g + WD * theta
-    buf = d.clone() if buf is None else MOMENTUM * buf + d
-    return theta - LR * buf, buf
-
-
 def reference(model, batches, *, every, epsilon, inner_lr, inner_steps, norm):
     """Refresh steps (t % k == 0): Algorithm 1, lines 4-13, and Δ kept. Other steps: g = ∇J(θ_t + Δ_kept) at the
     current θ_t, θ_{t+1} from SGD at θ_t. Returns (returned losses, trajectory)."""
     loss_grad, chunks, project = flat_problem(model, norm, epsilon)
 
-    theta, buf, kept = flat(model), None, None
+    theta, buf, kept = flat_params(model), None, None
     losses, traj = [], []
     for t, (x, y) in enumerate(batches):
         if t % every == 0:
@@ -120,7 +67,7 @@ def reference(model, batches, *, every, epsilon, inner_lr, inner_steps, norm):
             _, g = loss_grad(theta + delta, x, y)
         else:
             returned, g = loss_grad(theta + kept, x, y)  # the kept Δ on the current θ
-        theta, buf = sgd_step(theta, buf, g)
+        theta, buf = ref_sgd(theta, g, buf, LR, MOMENTUM, WD)
         losses.append(float(returned))
         traj.append(theta)
     return losses, traj
@@ -132,7 +79,7 @@ def gradient_reuse_reference(model, batches, *, every, epsilon, inner_lr, inner_
     g + α‖g‖·v̂. Per tensor under norm="per_tensor". Returns (returned losses, trajectory)."""
     loss_grad, chunks, project = flat_problem(model, norm, epsilon)
 
-    theta, buf, unit = flat(model), None, None
+    theta, buf, unit = flat_params(model), None, None
     losses, traj = [], []
     for t, (x, y) in enumerate(batches):
         if t % every == 0:
@@ -143,7 +90,7 @@ def gradient_reuse_reference(model, batches, *, every, epsilon, inner_lr, inner_
         else:
             returned, g0 = loss_grad(theta, x, y)
             g = torch.cat([gc + alpha * gc.norm() * uc for gc, uc in zip(chunks(g0), chunks(unit))])
-        theta, buf = sgd_step(theta, buf, g)
+        theta, buf = ref_sgd(theta, g, buf, LR, MOMENTUM, WD)
         losses.append(float(returned))
         traj.append(theta)
     return losses, traj
@@ -215,7 +162,7 @@ def test_every_3_matches_the_reference(inner_steps, norm, reuse):
     ref_losses, ref = run_reference(every=3)
     for t, (a, b) in enumerate(zip(traj, ref)):
         assert (a - b).abs().max().item() <= 1e-10, f"step {t}"
-    assert losses == pytest.approx(ref_losses, abs=1e-12)  # θ+Δ_kept's loss (delta) or θ's (gradient) in between
+    assert [float(loss) for loss in losses] == pytest.approx(ref_losses, abs=1e-12)  # θ+Δ_kept's loss (delta) or θ's (gradient) in between
     assert calls == [inner_steps + 1 if t % 3 == 0 else 1 for t in range(8)]
     # the mode matters here: AMP itself (k = 1), or for the gradient the steps in between without v̂ (α = 0),
     # end elsewhere
@@ -229,10 +176,10 @@ def test_every_3_matches_the_reference(inner_steps, norm, reuse):
 def test_weights_are_restored_to_the_current_theta_every_step():
     model = make_model(3)
     opt = amp(model, 3, lr=0.0, momentum=0.0, weight_decay=0.0, inner_steps=2)
-    before = flat(model)
+    before = flat_params(model)
     for x, y in make_batches(7, seed=4):
         run_opt(opt, model, [(x, y)])
-        assert torch.equal(flat(model), before)
+        assert torch.equal(flat_params(model), before)
 
 
 def test_the_closure_sees_the_kept_delta_on_the_moving_theta():
@@ -242,15 +189,8 @@ def test_the_closure_sees_the_kept_delta_on_the_moving_theta():
     batches = make_batches(4, seed=5)
     seen, thetas = [], []
     for x, y in batches:
-        thetas.append(flat(model))
-
-        def closure(x=x, y=y):
-            seen.append(flat(model))
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-        opt.step(closure)
+        thetas.append(flat_params(model))
+        opt.step(make_closure(opt, model, x, y, seen))
     delta = seen[1] - thetas[0]  # step 0: clean pass (seen[0]), then the pass at θ_0 + Δ
     assert delta.norm().item() == pytest.approx(0.5, rel=1e-9)  # on the sphere: ζ‖g‖ > ε
     for t in (1, 2, 3):
@@ -310,16 +250,16 @@ def test_state_dict_round_trip_mid_cycle(cut, reuse):
         fresh.load_state_dict(saved_model)
         opt2 = amp(fresh, 3, inner_steps=2)  # reuse comes from the state, as the other settings
         opt2.load_state_dict(state)
-        return run_opt(opt2, fresh, batches[cut:]), flat(fresh)
+        return run_opt(opt2, fresh, batches[cut:]), flat_params(fresh)
 
     (losses2, calls2, _), theta2 = resumed(saved_opt)
-    assert losses2 == losses and calls2 == calls and torch.equal(theta2, flat(model))
+    assert losses2 == losses and calls2 == calls and torch.equal(theta2, flat_params(model))
     assert saved_opt["perturbation"]["steps_taken"] == cut
     # control: without the kept tensor the resumed run builds a fresh Δ and differs (the kept one matters)
     no_delta = copy.deepcopy(saved_opt)
     del no_delta["perturbation"]["kept"]
     (_, calls3, _), theta3 = resumed(no_delta)
-    assert calls3[0] == 3 and not torch.equal(theta3, flat(model))
+    assert calls3[0] == 3 and not torch.equal(theta3, flat_params(model))
 
 
 def test_the_state_loads_with_weights_only(tmp_path):
@@ -360,15 +300,15 @@ def test_under_a_grad_scaler_the_steps_are_unchanged_and_an_overflowed_refresh_i
         scaled.step(scaled_closure(scaled, model, x, y, scaler, []))
         scaler.update()
         run_opt(plain, twin, [(x, y)])
-    assert torch.equal(flat(model), flat(twin))
+    assert torch.equal(flat_params(model), flat_params(twin))
     (x, y), = make_batches(1, seed=11, dtype=torch.float32)
     calls = [[] for _ in range(4)]
     scaled.step(scaled_closure(scaled, model, x, y, scaler, calls[0]))  # step 5: in between
     scaler.update()
-    theta = flat(model)
+    theta = flat_params(model)
     scaled.step(scaled_closure(scaled, model, x, y, scaler, calls[1], inf_at=inf_at))  # step 6: refresh, overflows
     scaler.update()
-    assert torch.equal(flat(model), theta) and scaler.get_scale() == 2.0 ** 9  # skipped
+    assert torch.equal(flat_params(model), theta) and scaler.get_scale() == 2.0 ** 9  # skipped
     for c in calls[2:]:
         scaled.step(scaled_closure(scaled, model, x, y, scaler, c))
         scaler.update()
@@ -376,7 +316,7 @@ def test_under_a_grad_scaler_the_steps_are_unchanged_and_an_overflowed_refresh_i
     # a Δ from a finite clean pass is good (only the final gradient overflowed), so the step after reuses it
     redone = reuse == "gradient" or inf_at == 0
     assert [len(c) for c in calls] == [1, 2, 2 if redone else 1, 1]
-    assert scaler.get_scale() == 2.0 ** 9 and torch.isfinite(flat(model)).all()  # no further skip
+    assert scaler.get_scale() == 2.0 ** 9 and torch.isfinite(flat_params(model)).all()  # no further skip
 
 
 @pytest.mark.parametrize("every", [0, -1, 1.5, 2.0, "2", True, None])

@@ -9,59 +9,18 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
+from perturb_helpers import DT, FlatNet, flat_params, make_batches, make_closure, make_model, ref_sgd, run_opt
 from torch import nn
-from torch.func import functional_call
 
 import advreg
 import advreg.perturb
 
-DT = torch.float64
 LR, MOMENTUM = 0.1, 0.9
-
-
-def make_model(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(DT)
-
-
-def make_batches(n, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(16, 5, generator=gen, dtype=DT), torch.randint(0, 3, (16,), generator=gen))
-            for _ in range(n)]
-
-
-def flat(model):
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
-
-
-def closure_of(opt, model, x, y, calls=None):
-    def closure():
-        if calls is not None:
-            calls.append(1)
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-    return closure
 
 
 def two_groups(model, first, second):
     """Param groups: the first layer with settings ``first``, the second layer with ``second``."""
     return [{"params": list(model[0].parameters()), **first}, {"params": list(model[2].parameters()), **second}]
-
-
-def loss_grad_fn(model):
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    sizes = [p.numel() for p in model.parameters()]
-
-    def loss_grad(theta, x, y):
-        theta = theta.detach().requires_grad_(True)
-        params = {n: c.view(s) for n, c, s in zip(names, theta.split(sizes), shapes)}
-        loss = F.cross_entropy(functional_call(model, params, (x,)), y)
-        return loss.detach(), torch.autograd.grad(loss, theta)[0]
-    return loss_grad
 
 
 def group_masks(model):
@@ -88,23 +47,12 @@ def ref_balls_gradient(loss_grad, theta, x, y, balls):
 
 def ref_run(model, batches, gradient):
     """SGD with momentum (torch's update) on the flat vector, with ``gradient(theta, x, y)``."""
-    theta, buf, traj = flat(model), None, []
+    theta, buf, traj = flat_params(model), None, []
     for x, y in batches:
         _, g = gradient(theta, x, y)
-        buf = g.clone() if buf is None else MOMENTUM * buf + g
-        theta = theta - LR * buf
+        theta, buf = ref_sgd(theta, g, buf, LR, MOMENTUM)
         traj.append(theta)
     return traj
-
-
-def run(opt, model, batches):
-    traj, calls = [], []
-    for x, y in batches:
-        c = []
-        opt.step(closure_of(opt, model, x, y, c))
-        traj.append(flat(model))
-        calls.append(len(c))
-    return traj, calls
 
 
 # ---------------------------------------------------------------------------------- AMP per group
@@ -119,10 +67,11 @@ def test_amp_groups_are_balls_of_their_own_settings(first, second):
     ref_model, batches = copy.deepcopy(model), make_batches(4)
     defaults = {"epsilon": 0.3, "inner_lr": 2.0, "inner_steps": 1}
     opt = advreg.AMP(two_groups(model, first, second), torch.optim.SGD, **defaults, lr=LR, momentum=MOMENTUM)
-    traj, calls = run(opt, model, batches)
+    _, calls, traj = run_opt(opt, model, batches)
     settings = [{**defaults, **first}, {**defaults, **second}]
     balls = [(m, s["epsilon"], s["inner_lr"], s["inner_steps"]) for m, s in zip(group_masks(model), settings)]
-    ref = ref_run(ref_model, batches, lambda th, x, y: ref_balls_gradient(loss_grad_fn(ref_model), th, x, y, balls))
+    loss_grad = FlatNet(ref_model).loss_grad
+    ref = ref_run(ref_model, batches, lambda th, x, y: ref_balls_gradient(loss_grad, th, x, y, balls))
     for a, b in zip(traj, ref):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
     assert calls == [max(s["inner_steps"] for s in settings) + 1] * len(batches)
@@ -136,12 +85,12 @@ def test_groups_that_share_the_settings_share_one_ball_bit_for_bit(inner_steps):
     kw = dict(epsilon=0.3, inner_lr=2.0, inner_steps=inner_steps, lr=LR, momentum=MOMENTUM)
     one = advreg.AMP(model_a.parameters(), torch.optim.SGD, **kw)
     split = advreg.AMP(two_groups(model_b, {}, {}), torch.optim.SGD, **kw)
-    traj_a, _ = run(one, model_a, batches)
-    traj_b, _ = run(split, model_b, batches)
+    _, _, traj_a = run_opt(one, model_a, batches)
+    _, _, traj_b = run_opt(split, model_b, batches)
     assert all(torch.equal(a, b) for a, b in zip(traj_a, traj_b))
     # and it is one ball: two balls of ε each would move further than ε in total
     ref = ref_run(copy.deepcopy(make_model()), batches, lambda th, x, y: ref_balls_gradient(
-        loss_grad_fn(model_a), th, x, y, [(torch.ones_like(th, dtype=torch.bool), 0.3, 2.0, inner_steps)]))
+        FlatNet(model_a).loss_grad, th, x, y, [(torch.ones_like(th, dtype=torch.bool), 0.3, 2.0, inner_steps)]))
     torch.testing.assert_close(traj_b[-1], ref[-1], atol=1e-10, rtol=0)
 
 
@@ -150,15 +99,9 @@ def test_a_group_with_a_tiny_epsilon_barely_moves():
     opt = advreg.AMP(two_groups(model, {"epsilon": 1e-6}, {}), torch.optim.SGD, epsilon=0.5, inner_lr=10.0,
                      lr=LR)
     x, y = make_batches(1)[0]
-    theta = [p.detach().clone() for p in model.parameters()]
-    seen = []
-
-    def closure():
-        seen.append([p.detach().clone() for p in model.parameters()])
-        return closure_of(opt, model, x, y)()
-    opt.step(closure)
-    moved = [torch.cat([(a - b).reshape(-1) for a, b in zip(seen[1][i:i + 2], theta[i:i + 2])]).norm()
-             for i in (0, 2)]  # ‖Δ‖ of each layer at the perturbed pass
+    theta, seen = flat_params(model), []
+    opt.step(make_closure(opt, model, x, y, seen))
+    moved = [(seen[1] - theta)[mask].norm() for mask in group_masks(model)]  # ‖Δ‖ of each layer at θ+Δ
     assert moved[0] <= 1e-6 * (1 + 1e-9)
     assert 0.4 < moved[1] <= 0.5 * (1 + 1e-9)
 
@@ -169,10 +112,10 @@ def test_all_groups_off_is_the_base_optimizer_bit_for_bit():
     opt = advreg.AMP(two_groups(model_a, {"epsilon": 0.0}, {"inner_steps": 0}), torch.optim.SGD, epsilon=0.5,
                      inner_lr=1.0, lr=LR, momentum=MOMENTUM)
     sgd = torch.optim.SGD(model_b.parameters(), lr=LR, momentum=MOMENTUM)
-    traj, calls = run(opt, model_a, batches)
+    _, calls, traj = run_opt(opt, model_a, batches)
     for (x, y), t in zip(batches, traj):
-        sgd.step(closure_of(sgd, model_b, x, y))
-        assert torch.equal(flat(model_b), t)
+        sgd.step(make_closure(sgd, model_b, x, y))
+        assert torch.equal(flat_params(model_b), t)
     assert calls == [1] * len(batches)
 
 
@@ -194,12 +137,8 @@ def test_a_scheduler_can_move_rho_with_the_lr():
     lr_schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     rho_schedule = RhoFollowsLr(opt)
     for k, (x, y) in enumerate(make_batches(3)):
-        theta, seen = flat(model), []
-
-        def closure():
-            seen.append(flat(model))
-            return closure_of(opt, model, x, y)()
-        opt.step(closure)
+        theta, seen = flat_params(model), []
+        opt.step(make_closure(opt, model, x, y, seen))
         assert (seen[1] - theta).norm().item() == pytest.approx(0.2 * 0.5 ** k, rel=1e-9)  # ‖Δ‖ = ρ_t
         lr_schedule.step()
         rho_schedule.step()
@@ -229,7 +168,7 @@ def test_a_bad_group_value_raises():
     opt.param_groups[0]["rho"] = float("nan")  # as a faulty scheduler would
     x, y = make_batches(1)[0]
     with pytest.raises(ValueError, match="rho"):
-        opt.step(closure_of(opt, model, x, y))
+        opt.step(make_closure(opt, model, x, y))
 
 
 def test_state_dict_carries_the_group_values():
@@ -237,7 +176,7 @@ def test_state_dict_carries_the_group_values():
     opt = advreg.AMP(two_groups(model, {"epsilon": 0.02, "inner_steps": 2}, {}), torch.optim.SGD, epsilon=0.3,
                      inner_lr=1.0, lr=LR, momentum=MOMENTUM)
     x, y = make_batches(1)[0]
-    opt.step(closure_of(opt, model, x, y))
+    opt.step(make_closure(opt, model, x, y))
     state = opt.state_dict()
     assert [(g["epsilon"], g["inner_steps"]) for g in state["param_groups"]] == [(0.02, 2), (0.3, 1)]
     fresh = advreg.AMP(two_groups(copy.deepcopy(model), {}, {}), torch.optim.SGD, epsilon=0.9, inner_lr=3.0,
@@ -270,13 +209,9 @@ def test_sam_groups_of_different_rho_are_normalized_apart():
     model = make_model()
     opt = advreg.SAM(two_groups(model, {"rho": 0.01}, {}), torch.optim.SGD, rho=0.2, lr=LR)
     x, y = make_batches(1)[0]
-    theta, seen = flat(model), []
-
-    def closure():
-        seen.append(flat(model))
-        return closure_of(opt, model, x, y)()
-    opt.step(closure)
-    _, g = loss_grad_fn(model)(theta, x, y)
+    theta, seen = flat_params(model), []
+    opt.step(make_closure(opt, model, x, y, seen))
+    _, g = FlatNet(model).loss_grad(theta, x, y)
     delta = torch.zeros_like(theta)
     for mask, rho in zip(group_masks(model), (0.01, 0.2)):  # Δ_B = ρ_B g_B/‖g_B‖
         delta[mask] = rho * g[mask] / g[mask].norm()
@@ -292,12 +227,8 @@ def test_rmp_and_awp_groups_take_their_own_radius():
         (advreg.perturb.AWP(two_groups(model, {"gamma": 0.0}, {}), torch.optim.SGD, gamma=0.01, lr=LR),
          lambda d, m: [d[m[0]].norm() == 0, d[m[1]].norm() > 0]),
     ]:
-        theta, seen = flat(model), []
-
-        def closure():
-            seen.append(flat(model))
-            return closure_of(opt, model, x, y)()
-        opt.step(closure)
+        theta, seen = flat_params(model), []
+        opt.step(make_closure(opt, model, x, y, seen))
         assert all(check(seen[-1] - theta, group_masks(model)))
         with torch.no_grad():  # back to the same θ for the next one
             torch.nn.utils.vector_to_parameters(theta, model.parameters())

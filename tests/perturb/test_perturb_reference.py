@@ -2,7 +2,7 @@
 
 Nothing here imports the implementation's internals: Algorithm 1 of the AMP paper (Zheng et al., CVPR 2021,
 "Regularizing Neural Networks via Adversarial Model Perturbation", Sec. 3.2) and SAM/ASAM are re-written
-below on a flat float64 parameter vector with ``torch.func.functional_call``, and the outer step is
+below on a flat float64 parameter vector (``perturb_helpers.FlatNet``), and the outer step is
 PyTorch's SGD (momentum, weight decay) written by hand. The implementation is then compared against this
 reference step by step, in float64, to ~1e-10.
 """
@@ -12,115 +12,21 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from perturb_helpers import DT, FlatNet, flat_params, make_batches, make_closure, make_model, project, ref_sgd, run_opt
 from torch import nn
-from torch.func import functional_call
 
 import advreg
 
-DT = torch.float64
 LR, MOMENTUM, WD = 0.1, 0.9, 1e-3
 ATOL = 1e-10
 ASAM_ETA = 0.01
-
-
-# ----------------------------------------------------------------------------------------------- helpers
-def make_model(seed=0, *, dropout=0.0, batchnorm=False, dtype=DT, hidden=7):
-    """Linear(5,h) [-BatchNorm1d] - Tanh [- Dropout] - Linear(h,3), deterministic init."""
-    torch.manual_seed(seed)
-    layers = [nn.Linear(5, hidden)]
-    if batchnorm:
-        layers.append(nn.BatchNorm1d(hidden))
-    layers.append(nn.Tanh())
-    if dropout:
-        layers.append(nn.Dropout(dropout))
-    layers.append(nn.Linear(hidden, 3))
-    return nn.Sequential(*layers).to(dtype)
-
-
-def make_batches(n_steps, batch_size=16, seed=1, dtype=DT):
-    """A different fixed batch for every step."""
-    gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch_size, 5, generator=gen, dtype=dtype),
-             torch.randint(0, 3, (batch_size,), generator=gen)) for _ in range(n_steps)]
-
-
-def make_closure(opt, model, x, y, calls=None):
-    def closure():
-        if calls is not None:
-            calls.append(1)
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-    return closure
-
-
-def run_opt(opt, model, batches):
-    """One opt.step per batch; returns (returned losses, closure calls per step, flat params after each step)."""
-    losses, calls, traj = [], [], []
-    for x, y in batches:
-        c = []
-        losses.append(opt.step(make_closure(opt, model, x, y, c)))
-        calls.append(len(c))
-        traj.append(flat_params(model))
-    return losses, calls, traj
-
-
-def flat_params(model):
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
 
 
 def params_equal(model_a, model_b):
     return all(torch.equal(a, b) for a, b in zip(model_a.parameters(), model_b.parameters()))
 
 
-def loss_value(loss):
-    return float(loss.detach()) if torch.is_tensor(loss) else float(loss)
-
-
 # --------------------------------------------------------------------------------------------- reference
-class FlatNet:
-    """The model seen as a function of one flat parameter vector theta (the paper's theta in R^K)."""
-
-    def __init__(self, model):
-        self.model = model
-        named = list(model.named_parameters())
-        self.names = [n for n, _ in named]
-        self.shapes = [p.shape for _, p in named]
-        self.sizes = [p.numel() for _, p in named]
-
-    def unflatten(self, theta):
-        return {n: c.view(s) for n, c, s in zip(self.names, theta.split(self.sizes), self.shapes)}
-
-    def loss(self, theta, x, y):
-        return F.cross_entropy(functional_call(self.model, self.unflatten(theta), (x,)), y)
-
-    def loss_grad(self, theta, x, y):
-        theta = theta.detach().requires_grad_(True)
-        loss = self.loss(theta, x, y)
-        (g,) = torch.autograd.grad(loss, theta)
-        return loss.detach(), g
-
-
-def project(delta, eps, norm, sizes):
-    """Lines 8-10 of Algorithm 1: if ||Delta||_2 > eps, Delta <- eps * Delta / ||Delta||_2."""
-    if norm == "global":
-        n = delta.norm()
-        return delta * (eps / n) if n > eps else delta
-    chunks = []
-    for c in delta.split(sizes):
-        n = c.norm()
-        chunks.append(c * (eps / n) if n > eps else c)
-    return torch.cat(chunks)
-
-
-def ref_sgd(theta, g, buf, lr, momentum=0.0, wd=0.0):
-    """torch.optim.SGD (dampening 0, no nesterov): d = g + wd*theta; buf = m*buf + d (buf = d first); theta -= lr*buf."""
-    d = g + wd * theta
-    buf = d.clone() if buf is None else momentum * buf + d
-    return theta - lr * buf, buf
-
-
 def ref_amp_grad(net, theta, x, y, eps, zeta, n_steps, norm):
     """Algorithm 1, lines 4-12: returns (loss at theta, gradient at theta + Delta)."""
     delta = torch.zeros_like(theta)
@@ -179,7 +85,7 @@ def test_amp_matches_algorithm1(epsilon, inner_lr, inner_steps, norm):
     assert_traj_close(traj, ref)
     # the returned loss is the clean loss at theta (first closure call), not the perturbed one
     for got, want in zip(losses, ref_losses):
-        assert abs(loss_value(got) - want) <= 1e-12
+        assert abs(float(got) - want) <= 1e-12
     assert calls == [inner_steps + 1] * len(batches)
     # the perturbation must actually matter here, otherwise the comparison proves nothing
     _, plain = ref_trajectory(ref_model, batches, lambda n, th, x, y: n.loss_grad(th, x, y), [LR] * len(batches))
@@ -200,7 +106,7 @@ def test_sam_matches_reference(rho, adaptive):
     ref_losses, ref = ref_trajectory(ref_model, batches, grad_fn, [LR] * len(batches))
     assert_traj_close(traj, ref)
     for got, want in zip(losses, ref_losses):
-        assert abs(loss_value(got) - want) <= 1e-12
+        assert abs(float(got) - want) <= 1e-12
     assert calls == [2] * len(batches)
     # SAM and ASAM are distinguishable on this problem (so `adaptive` is really tested)
     other = lambda net, th, x, y: ref_sam_grad(net, th, x, y, rho, not adaptive)
@@ -225,11 +131,7 @@ def test_asam_transform_conventions(convention):
     opt = advreg.SAM(model.named_parameters(), torch.optim.SGD, rho=0.5, adaptive=True, lr=LR, **kwargs)
     x, y = make_batches(1)[0]
     theta, seen = flat_params(model), []
-
-    def closure():
-        seen.append(flat_params(model))
-        return make_closure(opt, model, x, y)()
-    opt.step(closure)
+    opt.step(make_closure(opt, model, x, y, seen))
     model_at = copy.deepcopy(model)
     torch.nn.utils.vector_to_parameters(theta, model_at.parameters())
     model_at.zero_grad()
@@ -349,7 +251,7 @@ def test_trivial_amp_is_base_optimizer_bitwise(kwargs, dtype):
     amp_losses, calls, _ = run_opt(amp, amp_model, batches)
     assert calls == [1] * len(batches)
     assert params_equal(base_model, amp_model)
-    assert [loss_value(l) for l in base_losses] == [loss_value(l) for l in amp_losses]
+    assert base_losses == amp_losses
     assert not params_equal(base_model, make_model(4, dropout=0.3, dtype=dtype))
 
 
@@ -504,7 +406,7 @@ def test_float64_and_closure_call_count(make_opt, expected):
     assert calls == [expected] * 3
     assert all(p.dtype == torch.float64 for p in model.parameters())
     assert all(torch.is_tensor(l) and l.dtype == torch.float64 for l in losses)
-    assert all(math.isfinite(loss_value(l)) for l in losses)
+    assert all(math.isfinite(l) for l in losses)
 
 
 # ------------------------------------------------------------------------------------- 11. ValueErrors

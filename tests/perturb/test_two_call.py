@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from perturb_helpers import make_closure
 from torch import nn
 
 import advreg
@@ -43,12 +44,7 @@ def davda54_loop(model, optimizer, batches, loss_function=F.cross_entropy):
 
 def closure_loop(model, optimizer, batches):
     for inputs, targets in batches:
-        def closure():
-            optimizer.zero_grad()
-            loss = F.cross_entropy(model(inputs), targets)
-            loss.backward()
-            return loss
-        optimizer.step(closure)
+        optimizer.step(make_closure(optimizer, model, inputs, targets))
 
 
 def state_of(model):

@@ -3,7 +3,7 @@ import torch
 
 from advreg.perturb.amp import AMP
 from advreg.perturb.awp import AWP, RWP
-from advreg.perturb.engine import NonFiniteLossError, PerturbedOptimizer
+from advreg.perturb.engine import NonFiniteLossError, PerturbedOptimizer, StepPlan
 from advreg.perturb.rmp import RMP
 from advreg.perturb.sam import SAM
 from advreg.registry import Member, register
@@ -11,4 +11,4 @@ from advreg.registry import Member, register
 register(Member("perturbation", "none", lambda c, params, steps_per_epoch, sgd, engine: torch.optim.SGD(
     params, **sgd)))  # plain SGD: no engine
 
-__all__ = ["AMP", "AWP", "RMP", "RWP", "SAM", "NonFiniteLossError", "PerturbedOptimizer"]
+__all__ = ["AMP", "AWP", "RMP", "RWP", "SAM", "NonFiniteLossError", "PerturbedOptimizer", "StepPlan"]

@@ -16,6 +16,7 @@ from advreg.perturb.engine import (
     Closure,
     GroupSetting,
     PerturbedOptimizer,
+    StepPlan,
     check_nonnegative,
     global_norm,
     grads_of,
@@ -70,7 +71,6 @@ class AMP(PerturbedOptimizer):
                  alpha: float = 0.7, bn_stats: str = "clean", **base_kwargs: Any):
         self.norm, self.every, self.reuse, self.alpha = norm, every, reuse, alpha
         self.steps_taken = 0  # completed steps; saved in the state_dict (the refresh schedule)
-        self._step_fresh = True  # whether the step under way builds a fresh Δ
         self._validate()
         super().__init__(params, base_optimizer, bn_stats=bn_stats, **base_kwargs,
                          group_defaults={"epsilon": epsilon, "inner_lr": inner_lr, "inner_steps": inner_steps})
@@ -113,30 +113,28 @@ class AMP(PerturbedOptimizer):
             self._has_kept = self._has_kept and not fresh  # its Δ is half-built: the next step builds one afresh
             raise
 
-    def _begin_step(self) -> None:
-        self._step_fresh = self._fresh()
-
     def _end_step(self) -> None:
         self.steps_taken += 1
 
-    def _two_call_refusal(self) -> str | None:
-        if self.every > 1:
-            return "every > 1 takes one pass on the steps in between: call step(closure)"
-        return super()._two_call_refusal()
-
-    def _perturbs(self) -> bool:
+    def _is_active(self) -> bool:
         """Whether AMP is on at all (ε = 0 or N = 0 in every group is the base optimizer)."""
         return any(g["epsilon"] > 0 and g["inner_steps"] > 0 for g in self.param_groups)
 
-    def _is_active(self) -> bool:
-        return self._perturbs() and (self.reuse == "delta" or self._fresh())
+    def _plan(self) -> StepPlan:
+        """A fresh step is Algorithm 1 (with reuse="gradient" and ``every > 1`` it then keeps v̂); a step in between
+        makes one pass: at θ+Δ_kept (reuse="delta", no clean pass), or at θ and adds the reused gradient."""
+        refusal = "every > 1 takes one pass on the steps in between: call step(closure)" if self.every > 1 else None
+        fresh = self._fresh()
+        if not self._is_active():
+            return StepPlan(perturb=False, two_call_refusal=refusal)
+        if self.reuse == "delta" or self.every == 1:
+            return StepPlan(perturb=True, clean=fresh, two_call_refusal=refusal)
+        reuse = self._keep_orthogonal_gradient if fresh else self._add_reused_gradient
+        return StepPlan(perturb=fresh, before_base_step=reuse, two_call_refusal=refusal)
 
     def _hyperparameters(self) -> dict[str, Any]:
         return {"norm": self.norm, "every": self.every, "reuse": self.reuse, "alpha": self.alpha,
                 "steps_taken": self.steps_taken}
-
-    def _needs_clean_pass(self) -> bool:
-        return self._fresh()
 
     def _fresh(self) -> bool:
         """Whether this step builds a fresh Δ (Algorithm 1) rather than reusing the kept one."""
@@ -207,10 +205,6 @@ class AMP(PerturbedOptimizer):
         if self.grad_scaler is not None and self.reuse == "delta":
             self._has_kept = not bool(self._agree((~torch.isfinite(global_norm(kept))).to(torch.int32)))
 
-    def _before_base_step(self) -> None:
-        if self._step_fresh and self._has_kept and self.reuse == "gradient":
-            self._keep_orthogonal_gradient()
-
     def _keep_orthogonal_gradient(self) -> None:
         """At a fresh step with reuse="gradient": the kept clean gradient g = ∇J(θ) becomes v̂ = g_v/‖g_v‖ with
         g_v = g_s − (⟨g_s, g⟩/‖g‖²)·g and g_s = ∇J(θ+Δ), the gradient the base step takes (its scale under a grad
@@ -242,11 +236,9 @@ class AMP(PerturbedOptimizer):
         torch._foreach_copy_(tensors, [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]),
                                                                              tensors)])
 
-    def _correct_gradient(self) -> None:
-        """A step between refreshes with reuse="gradient": g ← g + α‖g‖·v̂ (scale-free, so a grad scaler's
-        scaled g is corrected alike)."""
-        if self.reuse != "gradient" or self._step_fresh or not self._perturbs():
-            return
+    def _add_reused_gradient(self) -> None:
+        """A step between refreshes with reuse="gradient", before the base step: g ← g + α‖g‖·v̂ (scale-free, so a
+        grad scaler's scaled g is corrected alike)."""
         pairs = [(p.grad, self._kept[p]) for p in self._all_params() if p.grad is not None]
         if not pairs:
             return

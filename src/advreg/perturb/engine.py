@@ -1,6 +1,7 @@
 """The weight-perturbation engine: one optimizer step = clean pass, perturb, gradient at θ+Δ, restore, base step.
 
-Shared by AMP, SAM (and every later weight perturbation); a subclass only decides Δ in ``_perturb``.
+Shared by AMP, SAM, RMP, AWP and RWP: a subclass decides Δ (``_perturb``) and, through one hook (``_plan``), what
+a step does; ``PerturbedOptimizer``'s docstring lists the subclass interface.
 """
 from __future__ import annotations
 
@@ -55,6 +56,25 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
     The two-call form (``first_step`` after the first backward, ``ascent_step`` after each further one of a
     multi-pass Δ, ``second_step`` after the last) takes the same step as ``step(closure)`` bit for bit, with the
     same restore, BatchNorm policy and grad scaler; see ``first_step`` for what it refuses.
+
+    Writing a perturbation (AMP, SAM, RMP, AWP and RWP are written so): a subclass defines these methods.
+
+    - ``_perturb(params, theta)``, required: move ``params`` from θ to θ+Δ. Called once per perturbed step with
+      ``params`` at θ (a copy in ``theta``) and, after a clean pass, ``.grad`` = ∇J(θ) unscaled. As a generator,
+      each ``yield`` asks for one more pass at the current ``params`` and resumes with its gradient in ``.grad``.
+      The engine restores θ after the step's last pass.
+    - ``_is_active()``, required: whether the perturbation is on; False makes the step the base optimizer's.
+    - ``group_keys`` with ``_validate_group(group)`` (called at construction, on loading and at each step), and
+      ``_validate()`` with ``_hyperparameters()`` (saved in ``state_dict``): the per-group and the common settings,
+      a ValueError for a bad one.
+    - ``uses_clean_gradient = False``: Δ needs no gradient at θ (one pass per step, at θ+Δ).
+    - ``_end_step()``: called after each base step (a failed step never reaches it), e.g. to count steps.
+    - ``_plan()``: called as each step starts (``step`` or ``first_step``, after the groups are checked), it returns
+      the step's :class:`StepPlan`; by default ``StepPlan(perturb=self._is_active(), clean=self.uses_clean_gradient)``.
+      A perturbation whose steps differ in shape overrides it (AMP's ``every``: a fresh Δ, or a reused one).
+
+    A step, in order: the plan; without ``perturb``, one pass at θ; with it, the pass at θ (``clean``), ``_perturb``
+    and its passes, the pass at θ+Δ, θ restored; then the plan's ``before_base_step``, the base step, ``_end_step``.
     """
 
     uses_clean_gradient = True
@@ -101,21 +121,17 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
     # -- what a subclass provides -------------------------------------------------------------
     @abc.abstractmethod
     def _is_active(self) -> bool:
-        """False when this step takes no pass at perturbed weights: one pass at θ, ``_correct_gradient``, then the
-        base step (the base optimizer's step, bit for bit, when Δ ≡ 0)."""
+        """Whether the perturbation is on; False: one pass at θ, then the base step (the base optimizer's step, bit
+        for bit, when Δ ≡ 0). The default ``_plan`` perturbs exactly when it is on."""
 
-    def _correct_gradient(self) -> None:
-        """Change the gradient of a step without a perturbed pass (``.grad`` = ∇J(θ), scaled under a grad scaler,
-        all-reduced under DDP) before the base step; by default it is left as it is."""
-
-    def _before_base_step(self) -> None:
-        """Called after a perturbed step's passes, with θ restored and ``.grad`` = ∇J(θ+Δ) as the base step will
-        take it (scaled under a grad scaler, all-reduced under DDP); by default nothing."""
+    def _plan(self) -> "StepPlan":
+        """What this step does, asked as it starts (``step`` or ``first_step``, after the groups are checked)."""
+        return StepPlan(perturb=self._is_active(), clean=self.uses_clean_gradient)
 
     @abc.abstractmethod
     def _perturb(self, params: list[Tensor], theta: list[Tensor]) -> Iterator[None] | None:
-        """Move ``params`` from θ to θ+Δ. On entry they hold θ (also in ``theta``) and ``.grad`` = ∇J(θ)
-        (unscaled). A Δ that needs more gradients is a generator: each ``yield`` asks for one more pass at the
+        """Move ``params`` from θ to θ+Δ. On entry they hold θ (also in ``theta``) and, after a clean pass,
+        ``.grad`` = ∇J(θ) (unscaled). A Δ that needs more gradients is a generator: each ``yield`` asks for one more pass at the
         current ``params`` (its gradient unscaled, not all-reduced under ``no_sync``) and resumes with it in
         ``.grad``. ``.grad`` may be overwritten: the final pass replaces it."""
 
@@ -126,24 +142,8 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
     def _validate_group(self, group: dict[str, Any]) -> None:
         """Raise ValueError on a group's bad ``group_keys`` values (at construction, on loading, at each step)."""
 
-    def _begin_step(self) -> None:
-        """Called as a step starts (``step`` or ``first_step``)."""
-
     def _end_step(self) -> None:
         """Called after a step's base step (``step`` or ``second_step``)."""
-
-    def _two_call_refusal(self) -> str | None:
-        """Why this optimizer, as configured, cannot take the two-call form (None: it can)."""
-        if not self.uses_clean_gradient:
-            return f"{type(self).__name__} takes one pass per step, at θ+Δ: call step(closure)"
-        if self.no_sync is not None and self.perturb_on == "local":
-            return ("under DDP a local Δ needs its first pass under no_sync, which the two-call form cannot enter: "
-                    "use step(closure), or perturb_on='global' (Δ from the all-reduced gradient)")
-        return None
-
-    def _needs_clean_pass(self) -> bool:
-        """Whether this step's Δ needs ∇J(θ) (one more pass, taken first)."""
-        return self.uses_clean_gradient
 
     # -- the step -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -153,17 +153,15 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
         run = _checked(closure, type(self).__name__, losses)
         self._refuse_pending("step(closure)")
         self._validate_groups()
-        self._begin_step()
-        if not self._is_active():
+        plan = self._plan()
+        if not plan.perturb:
             loss = run()
             _require_finite(losses, "at the weights θ", self._agreement())
-            self._correct_gradient()
-            self._base_step()
-            self._end_step()
+            self._finish(plan)
             return loss
         overflow = _Overflow(self.grad_scaler)
         ascent = self._ascent_pass(run, overflow)
-        clean = self._needs_clean_pass()
+        clean = plan.clean
         if clean:
             loss = ascent()
         params = self._step_params(clean)
@@ -172,10 +170,15 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
                 ascent()
             perturbed_loss = run()  # ∇J(θ+Δ) now in .grad (scaled, and all-reduced under DDP)
             self._check_passes(losses, clean, overflow, params)
-        self._before_base_step()
-        self._base_step()  # at θ, with the gradient taken at θ+Δ
-        self._end_step()
+        self._finish(plan)  # at θ, with the gradient taken at θ+Δ
         return loss if clean else perturbed_loss
+
+    def _finish(self, plan: "StepPlan") -> None:
+        """The plan's ``before_base_step``, the base step, ``_end_step``: θ restored, the passes checked."""
+        if plan.before_base_step is not None:
+            plan.before_base_step()
+        self._base_step()
+        self._end_step()
 
     def _step_params(self, clean: bool) -> list[Tensor]:
         """The tensors Δ moves: those with a gradient at θ, or (no clean pass) every trainable one."""
@@ -193,26 +196,37 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
         a local Δ under DDP (``no_sync`` with ``perturb_on="local"``), AMP's ``every > 1``. Supported: the grad
         scaler (the user scales both backwards; this unscales the first), DDP with ``perturb_on="global"``,
         N > 1 (one ``ascent_step`` after each of the N-1 extra backwards)."""
-        refusal = self._two_call_refusal()
-        if refusal is not None:
-            raise ValueError(f"the two-call form cannot run here: {refusal}")
         if self._pending is not None:
             self._pending.undo()
             self._pending = None
             raise ValueError("first_step was called twice without second_step; the pending step was undone "
                              "(weights back at θ): after first_step, run the backward at θ+Δ, then call second_step")
         self._validate_groups()
-        self._begin_step()
-        self._pending = self._start_pending()
+        plan = self._plan()
+        refusal = self._two_call_refusal(plan)
+        if refusal is not None:
+            raise ValueError(f"the two-call form cannot run here: {refusal}")
+        self._pending = self._start_pending(plan)
         if zero_grad:
             self.zero_grad()
 
-    def _start_pending(self) -> "_PendingStep":
+    def _two_call_refusal(self, plan: "StepPlan") -> str | None:
+        """Why the two-call form cannot take the step ``plan`` describes (None: it can)."""
+        if plan.two_call_refusal is not None:
+            return plan.two_call_refusal
+        if not plan.clean:
+            return f"{type(self).__name__} takes one pass per step, at θ+Δ: call step(closure)"
+        if self.no_sync is not None and self.perturb_on == "local":
+            return ("under DDP a local Δ needs its first pass under no_sync, which the two-call form cannot enter: "
+                    "use step(closure), or perturb_on='global' (Δ from the all-reduced gradient)")
+        return None
+
+    def _start_pending(self, plan: "StepPlan") -> "_PendingStep":
         overflow, stack = _Overflow(self.grad_scaler), ExitStack()
-        params = self._step_params(clean=True)
-        pending = _PendingStep(stack, overflow, params, iter(()), more=False, active=self._is_active())
+        params = self._step_params(clean=True)  # plan.clean: the two-call form refuses a step without it
+        pending = _PendingStep(stack, overflow, params, iter(()), more=False, plan=plan)
         stack.enter_context(self._frozen_running_stats(clean=True))  # the passes until second_step do not count
-        if not pending.active:  # the second pass is at θ too, and the base step takes its gradient
+        if not plan.perturb:  # the second pass is at θ too, and the base step takes its gradient
             return pending
         overflow.unscale([p.grad for p in params])
         theta = stack.enter_context(self._restoring(params))
@@ -250,12 +264,7 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
         self._pending = None
         with pending.stack:  # back to θ, and the running statistics as the clean pass left them
             self._check_gradients(pending)
-        if pending.active:
-            self._before_base_step()
-        else:
-            self._correct_gradient()
-        self._base_step()
-        self._end_step()
+        self._finish(pending.plan)
         if zero_grad:
             self.zero_grad()
 
@@ -623,17 +632,37 @@ def _tracks_stats(module: torch.nn.Module) -> bool:
     return isinstance(module, _NormBase) and module.training and module.track_running_stats
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """What one step does: a subclass's ``_plan`` says it as the step starts (see :class:`PerturbedOptimizer`).
+
+    - ``perturb``: take the passes at perturbed weights; False: one pass at θ, whose gradient the base step takes.
+    - ``clean``: with ``perturb``, the first pass is at θ and ``_perturb`` starts with its gradient ∇J(θ) in
+      ``.grad`` (and moves the tensors that have one); False: Δ needs no gradient, the pass at θ+Δ is the step's
+      only one (``_perturb`` gets every trainable tensor, ``step`` returns the loss at θ+Δ), and the two-call form
+      is refused.
+    - ``before_base_step``: called right before the base step, with θ restored and ``.grad`` the gradient that the
+      base step takes (scaled under a grad scaler, all-reduced under DDP); it may read or change ``.grad``.
+    - ``two_call_refusal``: why the two-call form cannot take this step, said by ``first_step``'s ValueError
+      (None: the engine's own checks decide).
+    """
+    perturb: bool
+    clean: bool = True
+    before_base_step: Callable[[], None] | None = None
+    two_call_refusal: str | None = None
+
+
 @dataclass
 class _PendingStep:
     """A two-call step between first_step and second_step: what restores θ and the statistics (``stack``), the
     grad scaler's overflow record, the tensors Δ moves, the rest of a multi-pass Δ (``more``: it awaits a pass), and
-    whether the step perturbs at all (``active``)."""
+    the step's plan."""
     stack: ExitStack
     overflow: _Overflow
     params: list[Tensor]
     passes: Iterator[None]
     more: bool
-    active: bool
+    plan: StepPlan
 
     def advance(self) -> None:
         """Run Δ's construction up to its next pass (or to its end)."""
