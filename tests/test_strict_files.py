@@ -112,6 +112,7 @@ def long_row(text):
 @pytest.mark.parametrize("corrupt, words", [
     (rename_column, ["has no column test_error"]),
     (word_in_a_cell, ["line 2, column test_error", "'n/a' is not a number"]),
+    (lambda text: word_in_a_cell(text).replace("\n", "\n\n", 1), ["line 3, column test_error"]),  # the file's line
     (lambda text: "", ["is empty"]),
     (lambda text: text.splitlines()[0] + "\n", ["has no epoch yet"]),
     (short_row, ["line 2", "header's"]),

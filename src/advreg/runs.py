@@ -305,7 +305,8 @@ def read_history_table(folder: str | Path, columns: Sequence[str]) -> dict[str, 
     try:
         with path.open(newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
-            rows, header = list(reader), reader.fieldnames or []
+            rows = [(reader.line_num, row) for row in reader]  # the file's line: blank lines are skipped
+            header = reader.fieldnames or []
     except (UnicodeDecodeError, csv.Error) as err:
         raise RunFolderError(f"{path} is not UTF-8 CSV ({err}); {REWRITE_HISTORY}") from None
     missing = [c for c in columns if c not in header]
@@ -314,14 +315,15 @@ def read_history_table(folder: str | Path, columns: Sequence[str]) -> dict[str, 
         raise RunFolderError(f"{path} {what}; {REWRITE_HISTORY}")
     if not rows:
         raise RunFolderError(f"{path} has no epoch yet; train the run for at least one epoch")
-    table: dict[str, list[float]] = {column: [] for column in header}
-    for line, row in enumerate(rows, start=2):  # line 1 is the header
-        if None in row or None in row.values():  # csv's marks of a row longer or shorter than the header
-            raise RunFolderError(f"{path} line {line} does not have the header's {len(header)} cells; "
-                                 f"{REWRITE_HISTORY}")
-        for column in header:
-            table[column].append(_history_number(row[column], path, line, column))
-    return table
+    numbers = [_history_row(row, header, path, line) for line, row in rows]
+    return {column: [row[i] for row in numbers] for i, column in enumerate(header)}
+
+
+def _history_row(row: dict[Any, Any], header: Sequence[str], path: Path, line: int) -> list[float]:
+    """The numbers of one row of history.csv, in the header's order (an empty cell: NaN)."""
+    if None in row or None in row.values():  # csv's marks of a row longer or shorter than the header
+        raise RunFolderError(f"{path} line {line} does not have the header's {len(header)} cells; {REWRITE_HISTORY}")
+    return [_history_number(row[column], path, line, column) for column in header]
 
 
 def _history_number(text: str, path: Path, line: int, column: str) -> float:
