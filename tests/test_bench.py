@@ -324,3 +324,7 @@ def test_a_run_that_raises_fails_alone_and_the_bench_goes_on(tmp_path, capsys):
     assert err.startswith(f"advreg: error: 1 of 2 runs failed ({out / 'runs/erm/seed0'}: RunFolderError: ")
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert "RunFolderError" in rows[0]["error"] and rows[1]["error"] == "" and float(rows[1]["test_error"]) >= 0
+    # the advice of a bench, which has no --out per run: the run's folder, the stray file, and what to do
+    assert (f"{out / 'runs/erm/seed0'} is not empty and holds no advreg run (it holds notes.txt); remove the stray "
+            "files from it, or rerun the bench with another --out") in rows[0]["error"]
+    assert "choose another --out" not in err

@@ -34,7 +34,7 @@ from advreg.io import atomic_write_bytes, read_json
 from advreg.methods import METHODS, resolve
 from advreg.recipes import with_recipe
 from advreg.registry import in_use, owner_of
-from advreg.runs import CONFIG, check_same_run
+from advreg.runs import CONFIG, check_same_run, load_metrics, refuse_foreign
 from advreg.runs import METRICS as METRICS_FILE
 
 METRICS = ("test_error", "test_nll", "test_ece", "test_margin", "val_error", "val_nll", "train_error", "seconds_per_epoch",
@@ -156,7 +156,7 @@ def execute(specs: list[RunSpec], jobs: int, progress: bool = True, attacks: tup
     raised (the other runs go on; a rerun resumes it)."""
     check_folders(specs)
     todo = [s for s in specs if not complete(s.folder, attacks, source)]
-    rows = [run_row(s, read_json(s.folder / METRICS_FILE)) for s in specs if s not in todo]
+    rows = [run_row(s, load_metrics(s.folder)) for s in specs if s not in todo]
     bar = tqdm(total=len(specs), initial=len(rows), unit="run", desc="bench", disable=not progress)
     threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
     with contextlib.closing(_run_all(todo, max(1, jobs), threads, (attacks, source))) as results:
@@ -188,7 +188,7 @@ def load_plan(out: Path) -> tuple[list[RunSpec], str]:
 
 def collect(specs: list[RunSpec]) -> list[dict[str, Any]]:
     """One row per planned run from whatever has finished; an unfinished run's row says so."""
-    return [run_row(s, read_json(s.folder / METRICS_FILE)) if complete(s.folder, ()) else
+    return [run_row(s, load_metrics(s.folder)) if complete(s.folder, ()) else
             {**run_row(s, None, "not finished yet"), "failed": True} for s in specs]
 
 
@@ -307,7 +307,7 @@ def watch_parent(parent: int, every: float = 0.2) -> None:
 def complete(folder: Path, attacks: tuple[str, ...], source: str | None = None) -> bool:
     if not (folder / METRICS_FILE).exists():
         return False
-    metrics = read_json(folder / METRICS_FILE)
+    metrics = load_metrics(folder)
     done = all(f"test_error_{a}" in metrics for a in attacks)
     return done and (source is None or (metrics.get("attack_source") == source
                                         and all(f"test_error_{a}_transfer" in metrics for a in attacks)))
@@ -325,10 +325,11 @@ def train_one(config: TrainConfig, folder: str, attacks: tuple[str, ...],
 
     try:
         if not (Path(folder) / METRICS_FILE).exists():
+            refuse_foreign(Path(folder), "remove the stray files from it, or rerun the bench with another --out")
             train(config, folder, resume=True, progress=False)
         if not complete(Path(folder), attacks, source):
             evaluate_run(folder, list(attacks), source=source)
-        return read_json(Path(folder) / METRICS_FILE), ""
+        return load_metrics(folder), ""
     except TrainingDiverged as err:
         return None, str(err)
 

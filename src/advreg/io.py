@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import re
 import warnings
@@ -41,7 +42,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    """``obj`` as strict JSON (RFC 8259, which jq, JavaScript and every JSON reader accept): a non-finite float
+    (the metric of an empty split) is written as null, which :func:`advreg.runs.load_metrics` reads back as NaN."""
+    text = json.dumps(_finite_or_null(obj), indent=2, sort_keys=True, allow_nan=False)
+    atomic_write_bytes(path, (text + "\n").encode())
+
+
+def _finite_or_null(obj: Any) -> Any:
+    """``obj`` with every NaN or infinity, in nested dicts, lists and tuples too, replaced by None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {key: _finite_or_null(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(value) for value in obj]
+    return obj
 
 
 def read_json(path: Path) -> Any:

@@ -21,7 +21,7 @@ from typing import Any
 
 from advreg.config import TrainConfig
 from advreg.io import atomic_write_bytes, read_json
-from advreg.runs import METRICS
+from advreg.runs import load_metrics
 
 REPLICAS = "replicas_per_node"  # ours, not submitit's: torchrun's processes per node (default: gpus_per_node)
 # --slurm KEY → submitit's AutoExecutor parameter (and the kind of its value)
@@ -198,7 +198,7 @@ def run_slurm(specs: list[Any], out: Path, parameters: dict[str, Any], attacks: 
     if not wait_for:
         return None
     status = wait(slurm, [s.folder for s in specs], lambda f: bench.complete(f, attacks, source), every, quiet)
-    return [bench.run_row(s, read_json(s.folder / METRICS)) if status[str(s.folder)] == "done" else
+    return [bench.run_row(s, load_metrics(s.folder)) if status[str(s.folder)] == "done" else
             {**bench.run_row(s, None, slurm.failure(s.folder)), "failed": True} for s in specs]
 
 

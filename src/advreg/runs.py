@@ -95,7 +95,7 @@ class RunFolder:
         """Write ``metrics`` over metrics.json, keeping the keys only the file has (robust errors that ``advreg
         evaluate`` added); return what was written."""
         path = self.path / METRICS
-        merged = {**(read_object(path) if path.exists() else {}), **metrics}
+        merged = {**(load_metrics(self.path) if path.exists() else {}), **metrics}
         write_json(path, merged)
         return merged
 
@@ -127,13 +127,17 @@ def _checkpoint_to_resume(out: Path, config: TrainConfig, resume: bool) -> dict[
     return read_checkpoint(out / CHECKPOINT) if (out / CHECKPOINT).exists() else None
 
 
-def refuse_foreign(out: Path) -> None:
-    """Raise RunFolderError if ``out`` holds files but no config.json (advreg's own lock and temporary files do
-    not count: what a killed start leaves behind starts afresh)."""
+def refuse_foreign(out: Path, advice: str = "choose another --out") -> None:
+    """Raise RunFolderError, naming the stray files and ending in ``advice``, if ``out`` holds files but no
+    config.json (advreg's own lock and temporary files do not count: what a killed start leaves behind starts
+    afresh)."""
     if not out.is_dir() or (out / CONFIG).exists():
         return
-    if not all(_is_advregs(p.name) for p in out.iterdir()):
-        raise RunFolderError(f"{out} is not empty and holds no advreg run; choose another --out")
+    stray = sorted(p.name for p in out.iterdir() if not _is_advregs(p.name))
+    if stray:
+        more = f" and {len(stray) - 3} more" if len(stray) > 3 else ""  # a mistyped --out may be a big folder
+        raise RunFolderError(f"{out} is not empty and holds no advreg run (it holds {', '.join(stray[:3])}{more}); "
+                             f"{advice}")
 
 
 def _is_advregs(name: str) -> bool:
@@ -268,10 +272,17 @@ def load_weights(model: nn.Module, weights: dict[str, Any], path: Path) -> None:
                              "restore the run's config.json, or delete the run folder to start over") from None
 
 
+def load_metrics(folder: str | Path) -> dict[str, Any]:
+    """metrics.json; a null, the strict JSON that :func:`advreg.io.write_json` writes for a NaN or infinity (a
+    metric of an empty split), is read back as NaN. A file from before strict JSON, with NaN tokens, loads too."""
+    metrics = read_object(Path(folder) / METRICS)
+    return {key: math.nan if value is None else value for key, value in metrics.items()}
+
+
 def read_metrics(folder: str | Path, keys: Sequence[str]) -> dict[str, Any]:
-    """metrics.json, with a number under each of ``keys``."""
+    """metrics.json (:func:`load_metrics`), with a number under each of ``keys``."""
     path = Path(folder) / METRICS
-    metrics = read_object(path)
+    metrics = load_metrics(folder)
     bad = [k for k in keys if not _is_number(metrics.get(k))]
     if bad:
         raise RunFolderError(f"{path} lacks a number for {', '.join(bad)}; resume the run with advreg train "
@@ -280,14 +291,47 @@ def read_metrics(folder: str | Path, keys: Sequence[str]) -> dict[str, Any]:
 
 
 def read_history(folder: str | Path, column: str) -> list[float]:
-    """One numeric column of history.csv, a value per epoch."""
+    """One numeric column of history.csv, a value per epoch (:func:`read_history_table`)."""
+    return read_history_table(folder, (column,))[column]
+
+
+REWRITE_HISTORY = "resume the run with advreg train --resume to rewrite it from the checkpoint"
+
+
+def read_history_table(folder: str | Path, columns: Sequence[str]) -> dict[str, list[float]]:
+    """history.csv as column -> a number per epoch (an empty cell: NaN), every column the file has; a
+    RunFolderError naming the file unless it is UTF-8 CSV with ``columns``, a number in every cell and an epoch."""
     path = Path(folder) / HISTORY
     try:
         with path.open(newline="", encoding="utf-8") as handle:
-            return [float(row[column]) for row in csv.DictReader(handle)]
-    except (KeyError, TypeError, ValueError) as err:  # no such column, a short row, a word where a number belongs
-        raise RunFolderError(f"{path} has no numeric column {column} ({type(err).__name__}: {err}); resume the run "
-                             "with advreg train --resume to rewrite it from the checkpoint") from None
+            reader = csv.DictReader(handle)
+            rows = [(reader.line_num, row) for row in reader]  # the file's line: blank lines are skipped
+            header = reader.fieldnames or []
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise RunFolderError(f"{path} is not UTF-8 CSV ({err}); {REWRITE_HISTORY}") from None
+    missing = [c for c in columns if c not in header]
+    if not header or missing:
+        what = "is empty" if not header else f"has no column {', '.join(missing)}"
+        raise RunFolderError(f"{path} {what}; {REWRITE_HISTORY}")
+    if not rows:
+        raise RunFolderError(f"{path} has no epoch yet; train the run for at least one epoch")
+    numbers = [_history_row(row, header, path, line) for line, row in rows]
+    return {column: [row[i] for row in numbers] for i, column in enumerate(header)}
+
+
+def _history_row(row: dict[Any, Any], header: Sequence[str], path: Path, line: int) -> list[float]:
+    """The numbers of one row of history.csv, in the header's order (an empty cell: NaN)."""
+    if None in row or None in row.values():  # csv's marks of a row longer or shorter than the header
+        raise RunFolderError(f"{path} line {line} does not have the header's {len(header)} cells; {REWRITE_HISTORY}")
+    return [_history_number(row[column], path, line, column) for column in header]
+
+
+def _history_number(text: str, path: Path, line: int, column: str) -> float:
+    try:
+        return float(text) if text.strip() else math.nan
+    except ValueError:
+        raise RunFolderError(f"{path} line {line}, column {column}: {text!r} is not a number; "
+                             f"{REWRITE_HISTORY}") from None
 
 
 def _is_number(value: Any) -> bool:

@@ -2,17 +2,19 @@
 from each run's history.csv, and the robust errors where the run tracked them (adversarial training)."""
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from advreg.runs import HISTORY, read_history_table
+
 # (column, panel title); a panel is drawn when at least one run has its column
 PANELS = (("train_loss", "Training loss"), ("test_loss", "Test loss"), ("train_error", "Training error (%)"),
           ("test_error", "Test error (%)"), ("val_robust_error", "Validation robust error (%)"),
           ("test_robust_error", "Test robust error (%)"))
+REQUIRED = ("epoch", *(column for column, _ in PANELS[:4]))  # every history's; the robust errors are optional
 
 
 @dataclass(frozen=True)
@@ -29,15 +31,12 @@ class CurvesResult:
 
 
 def read_history(folder: str | Path) -> dict[str, np.ndarray]:
-    """history.csv of a run folder as column -> float array (an empty cell is NaN)."""
-    path = Path(folder) / "history.csv"
-    if not path.exists():
+    """history.csv of a run folder as column -> float array (an empty cell is NaN), with epoch and the training and
+    test loss and error: a RunFolderError (a ValueError) names a file that lacks them or holds no number."""
+    if not (Path(folder) / HISTORY).exists():
         raise ValueError(f"{folder} has no history.csv; pass run folders written by advreg train or advreg bench")
-    with path.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows:
-        raise ValueError(f"{path} has no epoch yet; train the run for at least one epoch")
-    return {column: np.array([float(r[column]) if r[column] else np.nan for r in rows]) for column in rows[0]}
+    table = read_history_table(folder, REQUIRED)
+    return {column: np.array(values) for column, values in table.items()}
 
 
 def load_curves(run_folders: Sequence[str | Path]) -> CurvesResult:
