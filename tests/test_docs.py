@@ -137,16 +137,20 @@ def _shell_lines(block: str) -> list[str]:
     for line in block.replace("\\\n", " ").splitlines():
         names = [n for n in loops if f"${n}" in line]
         for values in itertools.product(*(loops[n] for n in names)):
-            lines.append(functools.reduce(lambda text, nv: text.replace(f"${nv[0]}", nv[1]), zip(names, values), line))
+            expanded = line
+            for name, value in zip(names, values):
+                expanded = expanded.replace(f"${name}", value)
+            lines.append(expanded)
     return lines
 
 
-def _snippets(text: str) -> list[tuple[str, bool]]:
-    """(command, complete) for each line of the bash blocks (complete) and each inline code span (a fragment)."""
+def _snippets(text: str, rows: bool = True) -> list[tuple[str, bool]]:
+    """(command, complete) for each line of the bash blocks (complete) and each inline code span (a fragment);
+    ``rows=False`` leaves out the spans in table rows."""
     blocks = [body for lang, body in FENCE.findall(text) if lang == "bash"]
-    prose = FENCE.sub("", text)
+    prose = [line for line in FENCE.sub("", text).splitlines() if rows or not line.startswith("|")]
     return [*((line, True) for block in blocks for line in _shell_lines(block)),
-            *((span, False) for line in prose.splitlines() if not line.startswith("|") for span in CODE_SPAN.findall(line))]
+            *((span, False) for line in prose for span in CODE_SPAN.findall(line))]
 
 
 def _after(tokens: list[str], program: str) -> list[str]:
@@ -196,12 +200,7 @@ def _example_parser(name: str) -> argparse.ArgumentParser:
 
 def _runs_validate(args: argparse.Namespace) -> None:
     """The runs a complete ``advreg train`` or ``bench`` command makes are valid (its --set, --grid, --variant and
-    --recipe among them): what the command checks before any work, as on a machine with CUDA (cluster.md's)."""
-    with mock.patch("torch.cuda.is_available", return_value=True):
-        _validate_runs(args)
-
-
-def _validate_runs(args: argparse.Namespace) -> None:
+    --recipe among them): what the command checks before any work."""
     if args.command == "train":
         validate(cli.make_config(args))
     elif args.command == "bench" and not args.collect:
@@ -235,20 +234,22 @@ def test_every_advreg_command_in_the_docs_parses():
 
 @pytest.mark.slow
 def test_every_whole_train_and_bench_command_in_the_docs_makes_valid_runs():
-    """Its --set, --grid, --variant and --recipe make runs that pass the checks the command makes before any work."""
-    for _, _, args, complete in _advreg_commands():
-        if complete:
-            _runs_validate(build_parser().parse_args(args))
+    """Its --set, --grid, --variant and --recipe make runs that pass the checks the command makes before any work,
+    as on a machine with CUDA (cluster.md's commands are for one)."""
+    with mock.patch("torch.cuda.is_available", return_value=True):
+        for _, _, args, complete in _advreg_commands():
+            if complete:
+                _runs_validate(build_parser().parse_args(args))
 
 
 def test_every_option_in_the_docs_text_is_a_real_one():
-    """An option in the text (```--set amp.every=k```) is one of a sub-command of advreg or of an example script; the
-    benchmark scripts' (benchmarks.md) and sbatch's (table rows) are other programs'."""
+    """An option in the text (``--set amp.every=k``) is one of a sub-command of advreg or of an example script; the
+    benchmark scripts' (benchmarks.md) and sbatch's (the table rows of cluster.md) are other programs'."""
     candidates = [*((build_parser, [name]) for name in hooks.subcommands(build_parser())),
                   *((functools.partial(_example_parser, name), []) for name in EXAMPLES)]
     checked = 0
     for page in _pages():
-        for snippet, complete in _snippets(page.read_text(encoding="utf-8")):
+        for snippet, complete in _snippets(page.read_text(encoding="utf-8"), rows=page.name != "cluster.md"):
             if complete or not snippet.startswith("--") or page.name == "benchmarks.md":
                 continue
             tokens = shlex.split(snippet)

@@ -7,7 +7,7 @@
   Accelerator a real ``torch.amp.GradScaler("cpu")`` as its ``scaler``: the run equals the loop with that scaler;
 - 2 processes under ``accelerate launch`` (gloo): Δ from the global batch (``perturb_on="global"``) equals the
   single-process run on the global batch; the default local Δ runs its ascent pass under ``no_sync`` (one gradient
-  all-reduce per step) and equals the per-replica SAM of ``test_integrations_lightning``.
+  all-reduce per step) and equals the per-replica SAM written out in ``integration_setup``.
 """
 from __future__ import annotations
 
