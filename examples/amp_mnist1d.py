@@ -1,6 +1,7 @@
 """Train the MNIST-1D MLP with AMP in a plain PyTorch loop, on one GPU if there is one, else on the CPU.
 
-    python examples/amp_mnist1d.py [--epochs 100] [--steps N] [--device cpu|cuda]
+    python examples/amp_mnist1d.py                          # --help lists the options
+    python examples/amp_mnist1d.py --steps 20 --device cpu   # a quick check
 
 A loop to copy: AMP wraps a base optimizer class, and ``opt.step(closure)`` calls the closure N+1 times a step
 (the clean pass, then N ascent passes at θ+Δ); each call clears the gradients, computes the loss and

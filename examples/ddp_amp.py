@@ -1,6 +1,6 @@
 """Train the MNIST-1D MLP with AMP under DistributedDataParallel.
 
-    torchrun --nproc_per_node=2 examples/ddp_amp.py [--epochs 5] [--global-batch 100] [--perturb-on local|global]
+    torchrun --nproc_per_node=2 examples/ddp_amp.py --perturb-on global   # --help lists the options
 
 Each epoch every rank draws the same permutation of the training set (a generator seeded by seed and epoch) and
 trains on its shard of every global batch. With ``--perturb-on local`` (the default) each replica perturbs the

@@ -1,22 +1,34 @@
 """The documentation cannot drift from the code: the generated CLI reference covers every option of the parser,
 every public object on the API pages has a docstring (and the check catches one that has none), every ``advreg``
-command the pages show parses, the README stays a short front door whose links resolve, and the example trains.
+command the pages show parses (whole commands in bash blocks, fragments and options in the text) and a whole train
+or bench command makes valid runs, every example command parses with the example's parser, the tables that explain
+each choice list the parser's choices, the README stays a short front door whose links resolve, and the example
+trains.
 
 ``mkdocs build --strict`` itself (broken links, anchors, the same docstring check) runs in scripts/test.sh.
 """
 from __future__ import annotations
 
+import argparse
+import ast
+import contextlib
 import dataclasses
+import functools
 import importlib.util
+import io
+import itertools
 import re
 import shlex
 import sys
 import types
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
+from advreg import bench, cli, launchers
 from advreg.cli import build_parser
+from advreg.train import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -110,26 +122,174 @@ def test_docstring_check_finds_what_mkdocstrings_would_omit(monkeypatch):
     assert hooks.missing_docstrings(["fake_api.documented", "fake_api.Engine.step"]) == []
 
 
-def _commands(markdown: str) -> list[list[str]]:
-    """The ``advreg`` command lines of the bash blocks, as argument lists. Lines with shell variables are skipped."""
+SHELL_LOOP = re.compile(r"for (\w+) in (.+?); do")
+FENCE = re.compile(r"```(\w*)\n(.*?)```", re.DOTALL)
+CODE_SPAN = re.compile(r"`([^`\n]+)`")
+PLACEHOLDER = re.compile(r"[A-Z][A-Z_]*")  # NAME, OUT, RUN: stands for any valid value
+EXAMPLES = {p.name: p for p in sorted((ROOT / "examples").glob("*.py"))}
+
+
+def _shell_lines(block: str) -> list[str]:
+    """The lines of a bash block, continuations joined; a line that uses a ``for`` loop's variable once for each of
+    its words."""
+    loops = {name: words.split() for name, words in SHELL_LOOP.findall(block)}
+    lines = []
+    for line in block.replace("\\\n", " ").splitlines():
+        names = [n for n in loops if f"${n}" in line]
+        for values in itertools.product(*(loops[n] for n in names)):
+            expanded = line
+            for name, value in zip(names, values):
+                expanded = expanded.replace(f"${name}", value)
+            lines.append(expanded)
+    return lines
+
+
+def _snippets(text: str, rows: bool = True) -> list[tuple[str, bool]]:
+    """(command, complete) for each line of the bash blocks (complete) and each inline code span (a fragment);
+    ``rows=False`` leaves out the spans in table rows."""
+    blocks = [body for lang, body in FENCE.findall(text) if lang == "bash"]
+    prose = [line for line in FENCE.sub("", text).splitlines() if rows or not line.startswith("|")]
+    return [*((line, True) for block in blocks for line in _shell_lines(block)),
+            *((span, False) for line in prose for span in CODE_SPAN.findall(line))]
+
+
+def _after(tokens: list[str], program: str) -> list[str]:
+    """The arguments after ``program`` up to the end of the shell command (``&&``, ``;``, ``|``, ``done``)."""
+    args = tokens[tokens.index(program) + 1:]
+    ends = [i for i, t in enumerate(args) if t in ("&&", ";", "|", "do", "done")]
+    return args[:ends[0]] if ends else args
+
+
+def _parses(parser: argparse.ArgumentParser, args: list[str], complete: bool) -> bool:
+    """Whether ``args`` parse (``--help`` does, exiting 0); a fragment is made whole first (``_whole``)."""
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            parser.parse_args(args if complete else _whole(parser, args))
+    except SystemExit as end:
+        return end.code == 0
+    return True
+
+
+def _whole(parser: argparse.ArgumentParser, args: list[str]) -> list[str]:
+    """A fragment (``advreg train ... --resume``, ``--set``) made parseable: nothing required, ``...`` dropped, a
+    placeholder (SUBCOMMAND, NAME) or a missing value replaced by a valid one (the first choice, else 1)."""
+    commands = hooks.subcommands(parser) if parser.prog == "advreg" else {}
+    actions = [a for sub in commands.values() for a in sub._actions] or parser._actions
+    for action in actions:
+        action.required = False
+    options = {s: a for a in actions for s in a.option_strings}
+    args = [a for a in args if a != "..."]
+    if commands and args and PLACEHOLDER.fullmatch(args[0]):
+        args[0] = next(iter(commands))
+    whole: list[str] = []
+    for arg, following in zip(args, [*args[1:], None]):
+        action = options.get(whole[-1]) if whole else None
+        whole.append(next(iter(action.choices)) if action and action.choices and PLACEHOLDER.fullmatch(arg) else arg)
+        action = options.get(arg)
+        if action is not None and action.nargs is None and (following is None or following.startswith("-")):
+            whole.append(str(next(iter(action.choices))) if action.choices else "1")
+    return whole
+
+
+def _example_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of ``examples/NAME``, caught as it parses."""
+    module = _load(EXAMPLES[name], f"example_{name[:-3]}")
+    with mock.patch.object(argparse.ArgumentParser, "parse_args", lambda self, *_: self):
+        return module.parse_args()
+
+
+def _runs_validate(args: argparse.Namespace) -> None:
+    """The runs a complete ``advreg train`` or ``bench`` command makes are valid (its --set, --grid, --variant and
+    --recipe among them): what the command checks before any work."""
+    if args.command == "train":
+        validate(cli.make_config(args))
+    elif args.command == "bench" and not args.collect:
+        methods = [m for m in args.methods.split(",") if m] + [bench.parse_variant(v) for v in args.variants]
+        specs = bench.plan(cli.base_config(args), methods, args.seeds, args.settings, bench.parse_grid(args.grid),
+                           Path(args.out), args.recipe)
+        for config in {dataclasses.replace(spec.config, seed=0) for spec in specs}:  # the seeds' runs differ by it only
+            validate(config)
+
+
+def _advreg_commands() -> list[tuple[str, str, list[str], bool]]:
+    """(page, snippet, arguments, complete) of each ``advreg`` command on the pages, whole in a bash block or a
+    fragment in the text."""
     found = []
-    for block in re.findall(r"```bash\n(.*?)```", markdown, re.DOTALL):
-        for line in block.replace("\\\n", " ").splitlines():
-            tokens = shlex.split(line, comments=True)
-            if "advreg" not in tokens or "$" in line:
-                continue
-            args = tokens[tokens.index("advreg") + 1:]
-            ends = [i for i, t in enumerate(args) if t in ("&&", ";", "|", "do", "done")]
-            found.append(args[:ends[0]] if ends else args)
+    for page in _pages():
+        for snippet, complete in _snippets(page.read_text(encoding="utf-8")):
+            tokens = shlex.split(snippet, comments=True)
+            args = _after(tokens, "advreg") if "advreg" in tokens else []
+            if args:  # not the program's name alone in the text
+                found.append((page.name, snippet, args, complete))
     return found
 
 
 def test_every_advreg_command_in_the_docs_parses():
-    commands = [c for page in _pages() for c in _commands(page.read_text(encoding="utf-8"))]
-    assert len(commands) >= 8
-    parser = build_parser()
-    for args in commands:
-        parser.parse_args(args)  # a wrong option or choice exits with status 2
+    """Each command parses with the real parser: its options exist and its values are valid."""
+    commands = _advreg_commands()
+    assert len(commands) >= 30 and sum(complete for *_, complete in commands) >= 10
+    for page, snippet, args, complete in commands:
+        assert "$" not in snippet and _parses(build_parser(), args, complete), f"{page}: {snippet}"
+
+
+@pytest.mark.slow
+def test_every_whole_train_and_bench_command_in_the_docs_makes_valid_runs():
+    """Its --set, --grid, --variant and --recipe make runs that pass the checks the command makes before any work,
+    as on a machine with CUDA (cluster.md's commands are for one)."""
+    with mock.patch("torch.cuda.is_available", return_value=True):
+        for _, _, args, complete in _advreg_commands():
+            if complete:
+                _runs_validate(build_parser().parse_args(args))
+
+
+def test_every_option_in_the_docs_text_is_a_real_one():
+    """An option in the text (``--set amp.every=k``) is one of a sub-command of advreg or of an example script; the
+    benchmark scripts' (benchmarks.md) and sbatch's (the table rows of cluster.md) are other programs'."""
+    candidates = [*((build_parser, [name]) for name in hooks.subcommands(build_parser())),
+                  *((functools.partial(_example_parser, name), []) for name in EXAMPLES)]
+    checked = 0
+    for page in _pages():
+        for snippet, complete in _snippets(page.read_text(encoding="utf-8"), rows=page.name != "cluster.md"):
+            if complete or not snippet.startswith("--") or page.name == "benchmarks.md":
+                continue
+            tokens = shlex.split(snippet)
+            assert any(_parses(make(), [*prefix, *tokens], False) for make, prefix in candidates), \
+                f"{page.name}: {snippet}"
+            checked += 1
+    assert checked >= 40
+
+
+def test_every_example_command_parses_with_the_examples_parser():
+    """``python examples/X.py ...`` and ``torchrun ... examples/X.py ...`` on the pages and in the examples'
+    docstrings: the example's own parser takes the arguments."""
+    snippets = [(p.name, snippet) for p in _pages() for snippet, _ in _snippets(p.read_text(encoding="utf-8"))]
+    for name, path in EXAMPLES.items():  # the docstring's indented command lines
+        doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
+        snippets += [(name, line) for line in doc.splitlines() if line.startswith("    ")]
+    checked = 0
+    for where, snippet in snippets:
+        tokens = shlex.split(snippet, comments=True)
+        for name in [n for n in EXAMPLES if f"examples/{n}" in tokens]:
+            assert _parses(_example_parser(name), _after(tokens, f"examples/{name}"), True), f"{where}: {snippet}"
+            checked += 1
+    assert checked >= 4
+
+
+def test_the_docs_tables_of_choices_list_the_parsers_choices():
+    """The hand-written tables that explain each choice: analyze's kinds (cli.md), the recipes (training.md) and the
+    --slurm keys (cluster.md) name exactly what the parser takes, in its order."""
+    commands = hooks.subcommands(build_parser())
+    (kind,) = [a for a in commands["analyze"]._actions if a.dest == "kind"]
+    (recipe,) = [a for a in commands["train"]._actions if a.dest == "recipe"]
+    assert _table_keys(DOCS / "cli.md", "| kind |") == list(kind.choices)
+    assert _table_keys(DOCS / "training.md", "| recipe |") == list(recipe.choices)
+    assert _table_keys(DOCS / "cluster.md", "| key |") == [*launchers.SLURM_KEYS, f"{launchers.EXTRA}NAME"]
+
+
+def _table_keys(page: Path, header: str) -> list[str]:
+    """The first column's code spans of the table with ``header``."""
+    table = page.read_text(encoding="utf-8").split(header, 1)[1].split("\n\n", 1)[0]
+    return re.findall(r"^\| `([^`]+)` \|", table, re.MULTILINE)
 
 
 def test_readme_is_a_front_door_whose_links_resolve():

@@ -89,9 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="White-box FGSM and PGD-10 at eps = 4/255 of the input range (AMP paper, Appendix F) unless "
                     "--eps is given in the data's units; --source crafts the examples on another run (black box).")
     evaluate.add_argument("run", help="a finished run folder")
-    evaluate.add_argument("--attacks", default="fgsm,pgd", help="comma-separated: fgsm, pgd, autoattack (the "
-                          "optional extra: pip install \"advreg[autoattack]\"); with several, test_error_worst "
-                          "counts a sample broken by any of them")
+    evaluate.add_argument("--attacks", default="fgsm,pgd", help=f"comma-separated, from: {', '.join(ATTACKS)} "
+                          "(autoattack is the optional extra: pip install \"advreg[autoattack]\"); with several, "
+                          "test_error_worst counts a sample broken by any of them")
     evaluate.add_argument("--eps", type=float, default=None, help="L-inf radius in the data's units")
     evaluate.add_argument("--source", default=None, help="run folder whose model crafts the examples (transfer)")
     evaluate.add_argument("--sanity", action="store_true",

@@ -1,6 +1,6 @@
 """The worker of ``tests/integrations/test_integrations_lightning.py``'s DDP test: under torchrun (2 processes, gloo), Lightning's
 ``strategy="ddp"`` trains ``PerturbedModule`` with SAM, each replica on its own shard of every global batch
-(``integrations_ddp`` holds the setting).
+(``integration_setup`` holds the setting).
 
 ``python -m torch.distributed.run --nproc_per_node=2 tests/integrations/lightning_ddp_worker.py OUT_DIR`` writes
 ``OUT_DIR/rank{r}.pt``: this replica's final parameters, its optimizer steps and its gradient all-reduces.
@@ -11,10 +11,9 @@ import os
 import sys
 from pathlib import Path
 
-import integrations_ddp as S
+import integration_setup as S
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 
 def main(out: Path) -> None:
@@ -32,8 +31,7 @@ def main(out: Path) -> None:
             self.net = S.make_model()
 
         def training_step(self, batch, batch_idx):
-            x, y = batch
-            return F.cross_entropy(self.net(x), y)
+            return S.cross_entropy(self.net, batch)
 
         def on_fit_start(self):  # Lightning registers ddp_comm_hook on CUDA only; the DDP model is there by now
             self.trainer.strategy.model.register_comm_hook(None, S.counting_hook(reduces))

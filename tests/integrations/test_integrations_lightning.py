@@ -10,21 +10,18 @@ scheduler stepped each epoch and the final gradient clipped before the base step
   checkpoint resumes with the scaler's state;
 - ``accumulate_grad_batches=2``: Δ from the accumulated batch's gradient, the loop's closure running over both batches;
 - ``strategy="ddp"`` with 2 gloo processes: one gradient all-reduce per step (a DDP comm hook counts them), and the
-  weights of SAM with each replica's own Δ, written out from the equations (``integrations_ddp``).
+  weights of SAM with each replica's own Δ, written out from the equations (``integration_setup``).
 """
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 pl = pytest.importorskip("lightning.pytorch")
-import integrations_ddp as S
+import integration_setup as S
 from test_ddp import free_port
 
 import advreg
@@ -32,36 +29,23 @@ from advreg.integrations.lightning import PerturbedModule
 
 WORKER = Path(__file__).with_name("lightning_ddp_worker.py")
 EPOCHS, BATCH, CLIP = 2, 16, 0.5
-KINDS = {"sam": (advreg.SAM, {"rho": 0.05}), "amp": (advreg.AMP, {"epsilon": 0.05, "inner_lr": 1.0, "inner_steps": 2}),
+KINDS = {**S.KINDS,
          # ζ‖g‖ < ε: Δ = ζ·g, which a clipped ∇J(θ) would shrink (‖g‖ ≈ 0.8-1.1 > CLIP), so only the final gradient
          # may be clipped for the runs to agree
          "amp_unprojected": (advreg.AMP, {"epsilon": 10.0, "inner_lr": 0.5, "inner_steps": 1})}
 
 
-def make_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
-                               torch.nn.Linear(16, 3))
-
-
-def make_data() -> torch.utils.data.TensorDataset:
-    generator = torch.Generator().manual_seed(1)
-    return torch.utils.data.TensorDataset(torch.randn(64, 6, generator=generator),
-                                          torch.randint(3, (64,), generator=generator))
-
-
 def loader() -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(make_data(), batch_size=BATCH)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*S.rows(64)), batch_size=BATCH)
 
 
 class Net(PerturbedModule):
     def __init__(self, kind: str):
         super().__init__()
-        self.kind, self.net = kind, make_model()
+        self.kind, self.net = kind, S.make_model(batch_norm=True)
 
     def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self.net(x), y)
+        loss = S.cross_entropy(self.net, batch)
         self.log("loss", loss)
         return loss
 
@@ -80,44 +64,23 @@ def fit(module: Net, root: Path, epochs: int = EPOCHS, ckpt: Path | None = None,
 
 
 def reference(kind: str, autocast: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
-              accumulate: int = 1):
-    """advreg's own loop: step(closure) per ``accumulate`` batches (each loss divided by it), the final gradient
-    clipped before the base step."""
-    model, (cls, kwargs) = make_model(), KINDS[kind]
-    opt = cls(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, model=model, grad_scaler=scaler, **kwargs)
-    opt.base_optimizer.register_step_pre_hook(
-        lambda *_: torch.nn.utils.clip_grad_norm_(list(model.parameters()), CLIP) and None)
+              accumulate: int = 1) -> torch.nn.Module:
+    """advreg's own loop: step(closure) per ``accumulate`` batches, the final gradient clipped before the base step,
+    the scheduler stepped each epoch."""
+    model, (cls, kwargs) = S.make_model(batch_norm=True), KINDS[kind]
+    opt = S.reference_optimizer(model, cls, clip=CLIP, lr=0.1, momentum=0.9, grad_scaler=scaler, **kwargs)
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     for _ in range(EPOCHS):
-        batches = list(loader())
-        for start in range(0, len(batches), accumulate):
-            def closure(window=batches[start:start + accumulate]):
-                opt.zero_grad()
-                total = 0.0
-                for x, y in window:
-                    with torch.autocast("cpu", autocast, enabled=autocast is not None):
-                        loss = F.cross_entropy(model(x), y) / accumulate
-                    (loss if scaler is None else scaler.scale(loss)).backward()
-                    total = total + loss.detach()
-                return total
-            opt.step(closure)
-            if scaler is not None:
-                scaler.update()
+        S.step_closure_loop(opt, model, S.windows(list(loader()), accumulate), autocast=autocast, scaler=scaler)
         scheduler.step()
     return model
-
-
-def assert_same(module: Net, model: torch.nn.Module, **tol) -> None:
-    tol = tol or {"rtol": 1e-5, "atol": 1e-6}
-    for (name, a), b in zip(module.net.state_dict().items(), model.state_dict().values()):
-        torch.testing.assert_close(a, b, **tol, msg=name)
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_lightning_matches_the_step_closure_loop(kind, tmp_path):
     module = Net(kind)
     fit(module, tmp_path)
-    assert_same(module, reference(kind))
+    S.assert_same(module.net, reference(kind))
     opt = module.trainer.optimizers[0]
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** EPOCHS)  # the scheduler ran on the advreg optimizer
 
@@ -130,14 +93,13 @@ def test_lightning_checkpoint_resumes_exactly(tmp_path):
     run.save_checkpoint(tmp_path / "one.ckpt")
     resumed = Net("amp")
     fit(resumed, tmp_path / "c", epochs=EPOCHS, ckpt=tmp_path / "one.ckpt")
-    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    S.assert_same(straight, resumed, rtol=0, atol=0)
 
 
 def test_lightning_bf16_mixed_matches_the_autocast_loop(tmp_path):
     module = Net("sam")
     fit(module, tmp_path, precision="bf16-mixed")
-    assert_same(module, reference("sam", autocast=torch.bfloat16), rtol=1e-4, atol=1e-5)
+    S.assert_same(module.net, reference("sam", autocast=torch.bfloat16), rtol=1e-4, atol=1e-5)
 
 
 def test_lightning_fp16_grad_scaler_path_matches_the_scaled_loop(tmp_path):
@@ -147,7 +109,7 @@ def test_lightning_fp16_grad_scaler_path_matches_the_scaled_loop(tmp_path):
     plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=scale))
     fit(module, tmp_path, plugins=[plugin])
     assert module._advreg_scaler is not None and plugin.scaler is None  # the optimizer drives the scaler
-    assert_same(module, reference("amp", autocast=torch.float16,
+    S.assert_same(module.net, reference("amp", autocast=torch.float16,
                                   scaler=torch.amp.GradScaler("cpu", init_scale=scale)), rtol=1e-4, atol=1e-5)
 
 
@@ -165,8 +127,7 @@ def test_lightning_fp16_checkpoint_resumes_with_the_scaler_state(tmp_path):
     resumed = Net("sam")
     fit(resumed, tmp_path / "c", ckpt=tmp_path / "one.ckpt", plugins=plugin())
     assert resumed._advreg_scaler.get_scale() == straight._advreg_scaler.get_scale() == 2.0 ** 12
-    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    S.assert_same(straight, resumed, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
@@ -174,19 +135,16 @@ def test_lightning_accumulation_takes_delta_on_the_accumulated_batch(kind, tmp_p
     module = Net(kind)
     fit(module, tmp_path, accumulate_grad_batches=2)
     assert module.trainer.global_step == EPOCHS * len(loader()) // 2
-    assert_same(module, reference(kind, accumulate=2))
+    S.assert_same(module.net, reference(kind, accumulate=2))
 
 
 
 def test_lightning_ddp_takes_one_all_reduce_per_step(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={S.WORLD}", "--nnodes=1",
                "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(WORKER), str(tmp_path)]
-    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=300, check=False)
-    assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    S.launch(command)
     expected = S.per_replica_sam()
     for rank in range(S.WORLD):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert result["steps"] == S.STEPS and result["reduces"] == S.STEPS  # one bucket, once a step
-        for a, b in zip(result["params"], expected):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        S.assert_same(result["params"], expected)

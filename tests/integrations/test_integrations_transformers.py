@@ -22,19 +22,20 @@ import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
+import integration_setup as S
+
 import advreg
 from advreg.integrations.transformers import PerturbedTrainer
 
 STEPS, BATCH, ACCUMULATE, LR, CLIP = 4, 8, 2, 0.1, 0.5
-KINDS = {"sam": (advreg.SAM, {"rho": 0.05}), "amp": (advreg.AMP, {"epsilon": 0.05, "inner_lr": 1.0, "inner_steps": 2})}
 
 
 class TinyConfig(transformers.PretrainedConfig):
     model_type = "advreg-tiny"
 
-    def __init__(self, n_in: int = 6, hidden: int = 16, n_out: int = 3, loss_factor: float = 1.0, **kwargs):
+    def __init__(self, loss_factor: float = 1.0, **kwargs):
         super().__init__(**kwargs)
-        self.n_in, self.hidden, self.n_out, self.loss_factor = n_in, hidden, n_out, loss_factor
+        self.loss_factor = loss_factor
 
 
 class TinyClassifier(transformers.PreTrainedModel):
@@ -42,8 +43,7 @@ class TinyClassifier(transformers.PreTrainedModel):
 
     def __init__(self, config: TinyConfig):
         super().__init__(config)
-        self.net = torch.nn.Sequential(torch.nn.Linear(config.n_in, config.hidden), torch.nn.BatchNorm1d(config.hidden),
-                                       torch.nn.ReLU(), torch.nn.Linear(config.hidden, config.n_out))
+        self.net = S.make_model(batch_norm=True)
 
     def forward(self, x, labels=None):
         logits = self.net(x)
@@ -51,15 +51,12 @@ class TinyClassifier(transformers.PreTrainedModel):
 
 
 def make_model(**config) -> TinyClassifier:
-    torch.manual_seed(0)
     return TinyClassifier(TinyConfig(**config))
 
 
 class Rows(torch.utils.data.Dataset):
     def __init__(self):
-        generator = torch.Generator().manual_seed(1)
-        self.x = torch.randn(STEPS * BATCH * ACCUMULATE, 6, generator=generator)
-        self.y = torch.randint(3, (len(self.x),), generator=generator)
+        self.x, self.y = S.rows(STEPS * BATCH * ACCUMULATE)
 
     def __len__(self):
         return len(self.x)
@@ -77,7 +74,7 @@ class Recording(PerturbedTrainer):
 
 
 def train(kind: str, out, resume=None, scaler=None, model=None, **args) -> Recording:
-    cls, kwargs = KINDS[kind]
+    cls, kwargs = S.KINDS[kind]
     arguments = transformers.TrainingArguments(**{
         "output_dir": str(out), "per_device_train_batch_size": BATCH, "gradient_accumulation_steps": ACCUMULATE,
         "max_steps": STEPS, "learning_rate": LR, "optim": "sgd", "lr_scheduler_type": "linear", "weight_decay": 0.0,
@@ -94,56 +91,36 @@ def train(kind: str, out, resume=None, scaler=None, model=None, **args) -> Recor
 
 def reference(kind: str, micro_batches: list[dict], autocast: torch.dtype | None = None,
               scaler: torch.amp.GradScaler | None = None) -> TinyClassifier:
-    model, (cls, kwargs) = make_model(), KINDS[kind]
+    """advreg's own loop on the Trainer's micro-batches: step(closure) per ACCUMULATE of them, the final gradient
+    clipped to max_grad_norm before the base step, the Trainer's "linear" schedule (no warmup) stepped each update."""
+    model, (cls, kwargs) = make_model(), S.KINDS[kind]
     model.train()
-    opt = cls(model.parameters(), torch.optim.SGD, lr=LR, model=model, grad_scaler=scaler, **kwargs)
-    opt.base_optimizer.register_step_pre_hook(
-        lambda *_: torch.nn.utils.clip_grad_norm_(list(model.parameters()), CLIP) and None)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: max(0.0, (STEPS - t) / STEPS))  # "linear", no warmup
-    for t in range(STEPS):
-        window = micro_batches[t * ACCUMULATE:(t + 1) * ACCUMULATE]
-
-        def closure():
-            opt.zero_grad()
-            total = 0.0
-            for batch in window:
-                with torch.autocast("cpu", autocast, enabled=autocast is not None):
-                    loss = model(**batch)["loss"] / ACCUMULATE
-                (loss if scaler is None else scaler.scale(loss)).backward()
-                total = total + loss.detach()
-            return total
-        opt.step(closure)
-        if scaler is not None:
-            scaler.update()
-        schedule.step()
+    opt = S.reference_optimizer(model, cls, clip=CLIP, lr=LR, grad_scaler=scaler, **kwargs)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: max(0.0, (STEPS - t) / STEPS))
+    S.step_closure_loop(opt, model, S.windows(micro_batches, ACCUMULATE), scaler=scaler, after_update=schedule.step,
+                        loss_of=lambda model, batch: model(**batch)["loss"], autocast=autocast)
     return model
 
 
-def assert_same(a: torch.nn.Module, b: torch.nn.Module, **tol) -> None:
-    tol = tol or {"rtol": 1e-5, "atol": 1e-6}
-    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
-        torch.testing.assert_close(x, y, **tol, msg=name)
-
-
-@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("kind", sorted(S.KINDS))
 def test_trainer_matches_the_step_closure_loop_with_accumulation(kind, tmp_path):
     trainer = train(kind, tmp_path)
     assert len(trainer.seen) == STEPS * ACCUMULATE and trainer.state.global_step == STEPS
-    assert_same(trainer.model, reference(kind, trainer.seen))
+    S.assert_same(trainer.model, reference(kind, trainer.seen))
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == STEPS and all(loss > 0 for loss in losses)  # the accumulated batch's loss at θ
 
 
 def test_trainer_bf16_matches_the_autocast_loop(tmp_path):
     trainer = train("sam", tmp_path, bf16=True)
-    assert_same(trainer.model, reference("sam", trainer.seen, autocast=torch.bfloat16), rtol=1e-4, atol=1e-5)
+    S.assert_same(trainer.model, reference("sam", trainer.seen, autocast=torch.bfloat16), rtol=1e-4, atol=1e-5)
 
 
 def test_trainer_grad_scaler_path_matches_the_scaled_loop(tmp_path):
     """fp16's scaler path: on the CPU the Trainer's Accelerator makes no scaler, so the test gives it a real one."""
     trainer = train("amp", tmp_path, fp16=True, scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))
     expected = reference("amp", trainer.seen, scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))
-    assert_same(trainer.model, expected, rtol=1e-5, atol=1e-6)
+    S.assert_same(trainer.model, expected, rtol=1e-5, atol=1e-6)
     assert trainer.accelerator.scaler.get_scale() == 2.0 ** 10  # one update a step, none overflowed
 
 
@@ -151,8 +128,8 @@ def test_trainer_overflow_skips_the_step_and_the_schedule(tmp_path):
     """A loss of ~1e30 is finite, scaled by 2^40 it is not: the step is skipped (θ as it was), the scale halves."""
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)
     trainer = train("sam", tmp_path, fp16=True, max_steps=1, scaler=scaler, model=make_model(loss_factor=1e30))
-    for p, q in zip(trainer.model.parameters(), make_model(loss_factor=1e30).parameters()):
-        torch.testing.assert_close(p, q, rtol=0, atol=0)  # θ restored, no base step (the clean pass's BN stats count)
+    # θ restored, no base step (the clean pass's BN statistics count, so the parameters only)
+    S.assert_same(list(trainer.model.parameters()), list(make_model(loss_factor=1e30).parameters()), rtol=0, atol=0)
     assert scaler.get_scale() == 2.0 ** 39  # one update, which saw the overflow
     assert trainer.lr_scheduler.last_epoch == 0  # the Trainer skipped its scheduler step
 
@@ -162,7 +139,7 @@ def test_trainer_checkpoint_resumes_exactly(tmp_path):
     straight = train("amp", tmp_path / "a", **momentum)  # saves checkpoint-2 (weights, optimizer, schedule, RNG)
     resumed = train("amp", tmp_path / "a", resume=str(tmp_path / "a" / "checkpoint-2"), **momentum)
     assert resumed.perturbed.state  # the momentum buffers came back from the checkpoint
-    assert_same(straight.model, resumed.model, rtol=0, atol=0)
+    S.assert_same(straight.model, resumed.model, rtol=0, atol=0)
 
 
 def test_trainer_refuses_a_ready_made_optimizer(tmp_path):
