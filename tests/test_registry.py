@@ -243,3 +243,30 @@ def test_a_member_declared_after_the_config_was_built_is_told_where_to_live():
             stages.section(TrainConfig(), late)
     finally:
         registry.unregister("transform", "late")
+
+
+@pytest.mark.parametrize("method, setting", [
+    ("amp", "amp.epsilon=-1"), ("amp", "amp.inner_steps=-1"), ("amp", "amp.every=0"), ("amp", "amp.reuse=both"),
+    ("amp", "amp.norm=l1"), ("sam", "sam.rho=-1"), ("sam", "sam.eta=-1"), ("rmp", "rmp.epsilon=-1"),
+    ("at_awp", "awp.gamma=-1"), ("at_awp", "awp.steps=0"), ("at_awp", "awp.warmup=-1"), ("at_rwp", "rwp.gamma=-1"),
+])
+def test_a_perturbation_checks_its_section_without_parameters_as_its_optimizer_does(method, setting):
+    config = resolve(TrainConfig(method=method), [setting])
+    with pytest.raises(ValueError) as checked:
+        stages.check_members(config)
+    with pytest.raises(ValueError) as built:
+        stages.build_optimizer(config, nn.Linear(2, 2).parameters())
+    key = setting.split("=")[0]
+    assert str(checked.value) == str(built.value) and key in str(checked.value)  # the --set key, named once
+
+
+def test_validate_builds_no_optimizer(monkeypatch):
+    import advreg.train as training
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("validate built an optimizer")
+    monkeypatch.setattr(training, "build_optimizer", refuse)
+    monkeypatch.setattr(stages, "build_optimizer", refuse)
+    training.validate(resolve(TrainConfig(method="amp"), []))
+    with pytest.raises(ValueError, match="optim.nesterov needs optim.momentum > 0"):
+        training.validate(resolve(TrainConfig(), ["optim.nesterov=true", "optim.momentum=0"]))

@@ -28,6 +28,8 @@ class Member:
     SGD's keywords and the engine's (``model``, ``grad_scaler``, ``no_sync``, ``perturb_on``; plain SGD leaves them).
     A loss declares what it needs of the batch: ``needs_clean`` (the clean inputs beside the transformed ones) and
     ``objective`` (the loss that adversarial examples maximize for it); a transform declares ``gives_clean``.
+    ``check(section)`` raises ValueError on the settings its optimizer would refuse, so that a run's config is checked
+    before any model exists (a transform or a loss is built for that: it needs nothing else).
     """
     stage: str  # transform | loss | perturbation
     name: str  # the value of stages.<stage>
@@ -38,6 +40,7 @@ class Member:
     needs_clean: bool = False
     objective: str = "ce"
     gives_clean: bool = False
+    check: Callable[[Any], None] | None = None  # a perturbation's check of its section, without parameters
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:

@@ -59,6 +59,18 @@ def validate_stages(config: TrainConfig) -> None:
                          f"add --set stages.transform={givers[0]} (or use --method {loss.name})")
 
 
+def check_members(config: TrainConfig) -> None:
+    """Raise ValueError, before any data or model exists, on a setting that the run's members refuse: the transform
+    and the loss are built (from their settings alone), the perturbation checks its section (``Member.check``)."""
+    validate_stages(config)
+    build_transform(config, (0.0, 1.0))  # the range only scales the sizes in pixel levels
+    build_loss(config)
+    member = chosen(config, "perturbation")
+    if member.check is not None:
+        with config_keys(member):
+            member.check(section(config, member))
+
+
 def build_transform(config: TrainConfig, input_range: tuple[float, float]) -> Transform:
     """The run's batch transform; sizes in pixel levels of ``input_range``, examples for the run's loss."""
     member = chosen(config, "transform")

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 import advreg
 from advreg import distributed, models
-from advreg.config import TrainConfig
+from advreg.config import OptimConfig, TrainConfig
 from advreg.data import DataSplits, TensorLoader, augment, load_dataset
 from advreg.evaluate import AttackSettings, evaluate, margin, robust_error
 from advreg.methods import check_preset, resolve
@@ -43,7 +43,7 @@ from advreg.runs import (  # noqa: F401
     read_checkpoint,
     same_config,
 )
-from advreg.stages import build_loss, build_optimizer, build_transform, validate_stages
+from advreg.stages import build_loss, build_optimizer, build_transform, check_members
 from advreg.step import PRECISIONS, Step
 
 REPLICA_SEED_STRIDE = 7919  # replica r > 0 draws from seed + stride·r; replica 0 from the one-process stream
@@ -134,19 +134,16 @@ def _train_in(out: Path, folder: RunFolder | None, config: TrainConfig, checkpoi
 def validate(config: TrainConfig) -> None:
     """Raise ValueError, before any work, on a setting that cannot run."""
     check_preset(config)
-    validate_stages(config)
+    check_members(config)
     if config.recipe:
         get_recipe(config.recipe)
     validate_speed(config)
-    build_loss(config)
-    build_transform(config, (0.0, 1.0))
     if not (isinstance(config.epochs, int) and config.epochs >= 1):
         raise ValueError(f"epochs must be an integer >= 1, got {config.epochs!r}")
     if not (0 < config.data.train_fraction <= 1 and 0 <= config.data.label_noise <= 1):
         raise ValueError(f"data.train_fraction must be in (0, 1] and data.label_noise in [0, 1], got "
                          f"{config.data.train_fraction!r} and {config.data.label_noise!r}")
-    if config.optim.batch_size < 1 or config.optim.lr <= 0 or config.optim.clip_grad < 0:
-        raise ValueError("optim.batch_size must be >= 1, optim.lr > 0 and optim.clip_grad >= 0 (0 is off)")
+    validate_optim(config.optim)
     r = config.robust
     if r.margin_samples < 0:
         raise ValueError(f"robust.margin_samples must be >= 0 (0 leaves test_margin out), got {r.margin_samples!r}")
@@ -161,8 +158,15 @@ def validate(config: TrainConfig) -> None:
         raise ValueError(f"model.norm must be one of {models.NORMS} and data.augment one of {tuple(augment.PRESETS)}, "
                          f"got {config.model.norm!r} and {config.data.augment!r}")
     models.check_options(config.model.hidden, config.model.dropout, config.model.dropout_layers)
-    build_optimizer(config, [nn.Parameter(torch.zeros(1))])  # the optimizer's own checks
     resolve_device(config.device)
+
+
+def validate_optim(o: OptimConfig) -> None:
+    if o.batch_size < 1 or o.lr <= 0 or o.clip_grad < 0:
+        raise ValueError("optim.batch_size must be >= 1, optim.lr > 0 and optim.clip_grad >= 0 (0 is off)")
+    if o.momentum < 0 or o.weight_decay < 0 or (o.nesterov and o.momentum == 0):
+        raise ValueError(f"optim.momentum and optim.weight_decay must be >= 0, and optim.nesterov needs "
+                         f"optim.momentum > 0, got {o.momentum!r}, {o.weight_decay!r}, {o.nesterov!r}")
 
 
 def validate_speed(config: TrainConfig) -> None:

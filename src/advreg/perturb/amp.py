@@ -78,28 +78,44 @@ class AMP(PerturbedOptimizer):
         self._kept: dict[Tensor, Tensor] = {}  # every > 1: Δ or v̂ of the last fresh step, one per parameter (state)
         self._has_kept = False
 
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        check_nonnegative("epsilon", group["epsilon"], "it is the radius of the L2 ball (0 turns AMP off)")
-        steps, inner_lr = group["inner_steps"], group["inner_lr"]
-        if not is_int(steps) or steps < 0:
-            raise ValueError(f"inner_steps must be an integer >= 0 (the paper uses N = 1), got {steps!r}")
-        if steps > 0 and not (is_number(inner_lr) and inner_lr > 0):
+    @staticmethod
+    def check_settings(epsilon: float, inner_lr: float, inner_steps: int = 1, norm: str = "global", every: int = 1,
+                       reuse: str = "delta", alpha: float = 0.7) -> None:
+        """Raise ValueError on settings the constructor refuses, without parameters (a run's config is checked so)."""
+        AMP.check_ball(epsilon, inner_lr, inner_steps)
+        AMP.check_schedule(norm, every, reuse, alpha)
+
+    @staticmethod
+    def check_ball(epsilon: float, inner_lr: float, inner_steps: int) -> None:
+        """The per-group settings: ε, ζ and N."""
+        check_nonnegative("epsilon", epsilon, "it is the radius of the L2 ball (0 turns AMP off)")
+        if not is_int(inner_steps) or inner_steps < 0:
+            raise ValueError(f"inner_steps must be an integer >= 0 (the paper uses N = 1), got {inner_steps!r}")
+        if inner_steps > 0 and not (is_number(inner_lr) and inner_lr > 0):
             raise ValueError(f"inner_lr (ζ) must be > 0 when inner_steps > 0, got {inner_lr!r}; "
                              "the paper uses ζ = 1 with ε = 0.5 for PreActResNet18")
 
-    def _validate(self) -> None:
-        if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
-        if not is_int(self.every) or self.every < 1:
-            raise ValueError(f"every must be an integer >= 1, got {self.every!r}: a fresh Δ every k steps and the "
+    @staticmethod
+    def check_schedule(norm: str, every: int, reuse: str, alpha: float) -> None:
+        """The common settings: the ball's norm and the efficient mode's period, reuse and α."""
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        if not is_int(every) or every < 1:
+            raise ValueError(f"every must be an integer >= 1, got {every!r}: a fresh Δ every k steps and the "
                              "last one reused in between (1 is the paper's AMP, a fresh Δ every step)")
-        if self.reuse not in REUSE:
-            raise ValueError(f"reuse must be one of {REUSE}, got {self.reuse!r}: between two fresh Δ, 'delta' takes "
+        if reuse not in REUSE:
+            raise ValueError(f"reuse must be one of {REUSE}, got {reuse!r}: between two fresh Δ, 'delta' takes "
                              "the pass at θ + the last Δ, 'gradient' the pass at θ plus LookSAM's reused gradient")
-        check_nonnegative("alpha", self.alpha, "it weighs the reused orthogonal gradient of reuse='gradient' "
+        check_nonnegative("alpha", alpha, "it weighs the reused orthogonal gradient of reuse='gradient' "
                           "(LookSAM uses 0.7)")
-        if math.isinf(self.alpha):
+        if math.isinf(alpha):
             raise ValueError("alpha must be finite: it weighs the reused orthogonal gradient (LookSAM uses 0.7)")
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        self.check_ball(group["epsilon"], group["inner_lr"], group["inner_steps"])
+
+    def _validate(self) -> None:
+        self.check_schedule(self.norm, self.every, self.reuse, self.alpha)
         if not is_int(self.steps_taken) or self.steps_taken < 0:
             raise ValueError(f"steps_taken must be an integer >= 0, got {self.steps_taken!r}; "
                              "load a state_dict saved by AMP")
@@ -304,4 +320,5 @@ class AMPConfig:
 
 
 register(Member("perturbation", "amp", lambda c, params, steps_per_epoch, sgd, engine: AMP(
-    params, torch.optim.SGD, **dataclasses.asdict(c), **sgd, **engine), AMPConfig))  # the section's keys are AMP's
+    params, torch.optim.SGD, **dataclasses.asdict(c), **sgd, **engine), AMPConfig,  # the section's keys are AMP's
+    check=lambda c: AMP.check_settings(**dataclasses.asdict(c))))

@@ -52,20 +52,36 @@ class AWP(PerturbedOptimizer):
                          group_defaults={"gamma": gamma, "step_size": step_size})
         self._delta: dict[Tensor, Tensor] = {}  # scratch: v during a step
 
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        check_nonnegative("gamma", group["gamma"], "it is the relative radius ‖v_l‖ ≤ γ‖w_l‖ (the paper uses "
+    @staticmethod
+    def check_settings(gamma: float = 0.01, steps: int = 1, step_size: float | None = None,
+                       warmup_steps: int = 0) -> None:
+        """Raise ValueError on settings the constructor refuses, without parameters (a run's config is checked so)."""
+        AWP.check_ball(gamma, step_size)
+        AWP.check_schedule(steps, warmup_steps)
+
+    @staticmethod
+    def check_ball(gamma: float, step_size: float | None) -> None:
+        """The per-group settings: γ and the ascent's step η2."""
+        check_nonnegative("gamma", gamma, "it is the relative radius ‖v_l‖ ≤ γ‖w_l‖ (the paper uses "
                           "5e-3 to 1e-2; 0 turns AWP off)")
-        step_size = group["step_size"]
         if step_size is not None and not (is_number(step_size) and step_size > 0):
             raise ValueError(f"step_size (η2) must be None (γ/steps, as in the paper) or a number > 0, "
                              f"got {step_size!r}")
 
-    def _validate(self) -> None:
-        if not is_int(self.steps) or self.steps < 1:
-            raise ValueError(f"steps (K2) must be an integer >= 1 (the paper uses K2 = 1), got {self.steps!r}")
-        if not is_int(self.warmup_steps) or self.warmup_steps < 0:
+    @staticmethod
+    def check_schedule(steps: int, warmup_steps: int) -> None:
+        """The common settings: the ascent steps K2 and the warm-up."""
+        if not is_int(steps) or steps < 1:
+            raise ValueError(f"steps (K2) must be an integer >= 1 (the paper uses K2 = 1), got {steps!r}")
+        if not is_int(warmup_steps) or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0 (0 perturbs from the first step), "
-                             f"got {self.warmup_steps!r}")
+                             f"got {warmup_steps!r}")
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        self.check_ball(group["gamma"], group["step_size"])
+
+    def _validate(self) -> None:
+        self.check_schedule(self.steps, self.warmup_steps)
         if not is_int(self.steps_taken) or self.steps_taken < 0:
             raise ValueError(f"steps_taken must be an integer >= 0, got {self.steps_taken!r}; "
                              "load a state_dict saved by AWP")
@@ -113,8 +129,13 @@ class RWP(PerturbedOptimizer):
                  **base_kwargs: Any):
         super().__init__(params, base_optimizer, bn_stats=bn_stats, group_defaults={"gamma": gamma}, **base_kwargs)
 
+    @staticmethod
+    def check_settings(gamma: float) -> None:
+        """Raise ValueError on settings the constructor refuses, without parameters (a run's config is checked so)."""
+        check_nonnegative("gamma", gamma, "it is the relative size ‖v_l‖ = γ‖w_l‖ (0 turns RWP off)")
+
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_nonnegative("gamma", group["gamma"], "it is the relative size ‖v_l‖ = γ‖w_l‖ (0 turns RWP off)")
+        self.check_settings(group["gamma"])
 
     def _is_active(self) -> bool:
         return any(group["gamma"] > 0 for group in self.param_groups)
@@ -156,9 +177,14 @@ def _project(delta: list[Tensor], radii: list[Tensor]) -> None:
     torch._foreach_mul_(delta, scales)
 
 
-def _build_awp(c: AWPConfig, params: Iterable, steps_per_epoch: int, sgd: dict, engine: dict) -> AWP:
+def _check_awp(c: AWPConfig) -> None:
     if not (isinstance(c.warmup, int) and c.warmup >= 0):
-        raise ValueError(f"awp.warmup is a number of epochs >= 0, got {c.warmup!r}")
+        raise ValueError(f"warmup is a number of epochs >= 0, got {c.warmup!r}")
+    AWP.check_settings(c.gamma, c.steps)
+
+
+def _build_awp(c: AWPConfig, params: Iterable, steps_per_epoch: int, sgd: dict, engine: dict) -> AWP:
+    _check_awp(c)
     return AWP(params, torch.optim.SGD, gamma=c.gamma, steps=c.steps, warmup_steps=c.warmup * steps_per_epoch,
                **sgd, **engine)
 
@@ -177,6 +203,6 @@ class RWPConfig:
     gamma: float = 0.01  # ‖v_l‖ = γ‖w_l‖, random direction (AWP paper, Sec. 5.3)
 
 
-register(Member("perturbation", "awp", _build_awp, AWPConfig))
+register(Member("perturbation", "awp", _build_awp, AWPConfig, check=_check_awp))
 register(Member("perturbation", "rwp", lambda c, params, steps_per_epoch, sgd, engine: RWP(
-    params, torch.optim.SGD, gamma=c.gamma, **sgd, **engine), RWPConfig))
+    params, torch.optim.SGD, gamma=c.gamma, **sgd, **engine), RWPConfig, check=lambda c: RWP.check_settings(c.gamma)))

@@ -31,8 +31,13 @@ class RMP(PerturbedOptimizer):
         super().__init__(params, base_optimizer, bn_stats=bn_stats, group_defaults={"epsilon": epsilon},
                          **base_kwargs)
 
+    @staticmethod
+    def check_settings(epsilon: float) -> None:
+        """Raise ValueError on settings the constructor refuses, without parameters (a run's config is checked so)."""
+        check_nonnegative("epsilon", epsilon, "it is the radius of the ball (the AMP paper uses 0.1)")
+
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_nonnegative("epsilon", group["epsilon"], "it is the radius of the ball (the AMP paper uses 0.1)")
+        self.check_settings(group["epsilon"])
 
     def _is_active(self) -> bool:
         return any(group["epsilon"] > 0 for group in self.param_groups)
@@ -61,4 +66,5 @@ class RMPConfig:
 
 
 register(Member("perturbation", "rmp", lambda c, params, steps_per_epoch, sgd, engine: RMP(
-    params, torch.optim.SGD, epsilon=c.epsilon, **sgd, **engine), RMPConfig))
+    params, torch.optim.SGD, epsilon=c.epsilon, **sgd, **engine), RMPConfig,
+    check=lambda c: RMP.check_settings(c.epsilon)))

@@ -41,16 +41,32 @@ class SAM(PerturbedOptimizer):
         super().__init__(params, base_optimizer, bn_stats=bn_stats, group_defaults={"rho": rho, "eta": eta},
                          **base_kwargs)
 
-    def _validate(self) -> None:
-        if not isinstance(self.adaptive, bool):
-            raise ValueError(f"adaptive must be True (ASAM) or False (SAM), got {self.adaptive!r}")
-        if self.adaptive_scope not in SCOPES:
-            raise ValueError(f"adaptive_scope must be one of {SCOPES}, got {self.adaptive_scope!r}: 'all' scales "
+    @staticmethod
+    def check_settings(rho: float, adaptive: bool = False, eta: float = 0.01, adaptive_scope: str = "all") -> None:
+        """Raise ValueError on settings the constructor refuses, without parameters (a run's config is checked so)."""
+        SAM.check_ball(rho, eta)
+        SAM.check_adaptive(adaptive, adaptive_scope)
+
+    @staticmethod
+    def check_ball(rho: float, eta: float) -> None:
+        """The per-group settings: ρ and ASAM's η."""
+        check_nonnegative("rho", rho, "it is the radius of the ascent step (0 turns SAM off)")
+        check_nonnegative("eta", eta, "ASAM adds it to |θ| so that zero weights are perturbed too")
+
+    @staticmethod
+    def check_adaptive(adaptive: bool, adaptive_scope: str) -> None:
+        """The common settings: SAM or ASAM, and ASAM's scope."""
+        if not isinstance(adaptive, bool):
+            raise ValueError(f"adaptive must be True (ASAM) or False (SAM), got {adaptive!r}")
+        if adaptive_scope not in SCOPES:
+            raise ValueError(f"adaptive_scope must be one of {SCOPES}, got {adaptive_scope!r}: 'all' scales "
                              "every tensor by |θ| + η, 'weight' only those named weight (SamsungLabs' ASAM)")
 
+    def _validate(self) -> None:
+        self.check_adaptive(self.adaptive, self.adaptive_scope)
+
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_nonnegative("rho", group["rho"], "it is the radius of the ascent step (0 turns SAM off)")
-        check_nonnegative("eta", group["eta"], "ASAM adds it to |θ| so that zero weights are perturbed too")
+        self.check_ball(group["rho"], group["eta"])
         if self.adaptive and self.adaptive_scope == "weight" and "param_names" not in group:
             raise ValueError("adaptive_scope='weight' scales the tensors named weight: pass the parameters with "
                              "their names, SAM(model.named_parameters(), ...)")
@@ -101,4 +117,5 @@ class SAMConfig:
 
 
 register(Member("perturbation", "sam", lambda c, params, steps_per_epoch, sgd, engine: SAM(
-    params, torch.optim.SGD, **dataclasses.asdict(c), **sgd, **engine), SAMConfig))  # the section's keys are SAM's
+    params, torch.optim.SGD, **dataclasses.asdict(c), **sgd, **engine), SAMConfig,  # the section's keys are SAM's
+    check=lambda c: SAM.check_settings(**dataclasses.asdict(c))))
