@@ -7,6 +7,7 @@ iteration (the done ones by 0) with a forward that checks them after each step. 
 and its backward for both codes, in alternating order; the medians and their ratio are measured in this run, with
 the largest difference of the two regularizer values. Usage: python benchmarks/amm_speed.py [--repeats 9] [--threads 1]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,9 @@ from advreg.losses import AMMLoss, cross_entropy
 from advreg.losses.amm import margin_terms, select_min
 
 
-def paper_deepfool(model: nn.Module, x: Tensor, label: Tensor | None, steps: int, overshoot: float,
-                   num_label: int, create_graph: bool) -> tuple[Tensor, Tensor]:
+def paper_deepfool(
+    model: nn.Module, x: Tensor, label: Tensor | None, steps: int, overshoot: float, num_label: int, create_graph: bool
+) -> tuple[Tensor, Tensor]:
     """DeepFool of the paper (Sec. 3.1): r (N, ...) and whether each sample reached its goal (N,)."""
     with torch.set_grad_enabled(create_graph):
         logits = model(x)  # (N, K), differentiable through r when create_graph
@@ -62,6 +64,7 @@ def paper_regularizer(stage: AMMLoss, model: nn.Module, x: Tensor, y: Tensor, nu
         index = group.nonzero().squeeze(1)
         if index.numel() == 0:
             continue
+
         def run(rows: Tensor, graph: bool, label: Tensor | None = label) -> tuple[Tensor, Tensor]:
             target = None if label is None else label[rows]
             return paper_deepfool(model, x[rows], target, stage.steps, stage.overshoot, num_label, graph)
@@ -75,17 +78,32 @@ def paper_regularizer(stage: AMMLoss, model: nn.Module, x: Tensor, y: Tensor, nu
                 continue
         r, ok = run(index, True)
         norms = r.flatten(1).norm(dim=1)
-        total = total + margin_terms(norms[ok], correct[index][ok], stage.lam, stage.c, stage.d, stage.shrinkage,
-                                     stage.clip_value).sum()
+        total = (
+            total
+            + margin_terms(
+                norms[ok], correct[index][ok], stage.lam, stage.c, stage.d, stage.shrinkage, stage.clip_value
+            ).sum()
+        )
     return total / len(x)
 
 
 def networks() -> dict[str, nn.Module]:
     torch.manual_seed(0)
-    mlp = nn.Sequential(nn.Flatten(), nn.Linear(784, 500), nn.ReLU(), nn.Linear(500, 150), nn.ReLU(),
-                        nn.Linear(150, 10))
-    conv = nn.Sequential(nn.Conv2d(1, 8, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 5), nn.ReLU(),
-                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(256, 100), nn.ReLU(), nn.Linear(100, 10))
+    mlp = nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 500), nn.ReLU(), nn.Linear(500, 150), nn.ReLU(), nn.Linear(150, 10)
+    )
+    conv = nn.Sequential(
+        nn.Conv2d(1, 8, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(256, 100),
+        nn.ReLU(),
+        nn.Linear(100, 10),
+    )
     return {"MLP 784-500-150-10": mlp, "conv 8-16-100-10": conv}
 
 
@@ -120,27 +138,33 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch} "
-          f"({args.wrong:.0%} misclassified), K = 10, {args.candidates} candidates, u = 6, λ = 1, "
-          f"median of {args.repeats} interleaved repeats, measured in this run")
+    print(
+        f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch} "
+        f"({args.wrong:.0%} misclassified), K = 10, {args.candidates} candidates, u = 6, λ = 1, "
+        f"median of {args.repeats} interleaved repeats, measured in this run"
+    )
     print(f"{'network':20s} {'agg':4s} {'advreg s':>9s} {'paper s':>9s} {'ratio':>6s} {'|Δ value|':>10s}")
     for name, model in networks().items():
         model = model.to(args.device).eval()
         x, y = batch(model, args.batch, args.wrong, args.device)
         for aggregation in ("min", "avg"):
             stage = AMMLoss(cross_entropy, lam=1.0, aggregation=aggregation, candidates=args.candidates)
-            codes = {"advreg": functools.partial(stage.regularizer, model, x, y),
-                     "paper": functools.partial(paper_regularizer, stage, model, x, y, args.candidates)}
+            codes = {
+                "advreg": functools.partial(stage.regularizer, model, x, y),
+                "paper": functools.partial(paper_regularizer, stage, model, x, y, args.candidates),
+            }
             times: dict[str, list[float]] = {"advreg": [], "paper": []}
             values: dict[str, float] = {}
             for repeat in range(args.repeats + 1):  # the first repeat warms up and is not counted
-                for code in (("advreg", "paper") if repeat % 2 else ("paper", "advreg")):
+                for code in ("advreg", "paper") if repeat % 2 else ("paper", "advreg"):
                     seconds, values[code] = timed(codes[code], model, args.device)
                     if repeat:
                         times[code].append(seconds)
             ours, theirs = statistics.median(times["advreg"]), statistics.median(times["paper"])
-            print(f"{name:20s} {aggregation:4s} {ours:9.4f} {theirs:9.4f} {ours / theirs:6.2f} "
-                  f"{abs(values['advreg'] - values['paper']):10.2e}")
+            print(
+                f"{name:20s} {aggregation:4s} {ours:9.4f} {theirs:9.4f} {ours / theirs:6.2f} "
+                f"{abs(values['advreg'] - values['paper']):10.2e}"
+            )
 
 
 if __name__ == "__main__":

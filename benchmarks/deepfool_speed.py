@@ -4,6 +4,7 @@ The loop is DeepFool as torchattacks and the original code run it: for each imag
 autograd call. Both must reach the same mean perturbation norm (checked and printed); the ratio of their
 wall times is measured in this run. Usage: python benchmarks/deepfool_speed.py [--samples 200] [--device cpu]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,8 +64,10 @@ def main() -> None:
     deepfool(model, x[:8], steps=args.steps)  # warm-up
     (_, batched_norms, _), batched_s = timed(lambda: deepfool(model, x, steps=args.steps))
     reference_norms, reference_s = timed(lambda: reference_deepfool(model, x, args.steps, 0.02))
-    print(f"device {args.device}, torch {torch.__version__}, MLP 40-100-100-10, {args.samples} samples, "
-          f"up to {args.steps} steps, measured in this run")
+    print(
+        f"device {args.device}, torch {torch.__version__}, MLP 40-100-100-10, {args.samples} samples, "
+        f"up to {args.steps} steps, measured in this run"
+    )
     print(f"{'method':28s} {'seconds':>9s} {'mean L2 norm':>13s}")
     print(f"{'batched (advreg)':28s} {batched_s:9.3f} {batched_norms.mean().item():13.5f}")
     print(f"{'per sample, per class loop':28s} {reference_s:9.3f} {reference_norms.mean().item():13.5f}")

@@ -6,6 +6,7 @@ refactor is checked bit for bit by diffing two outputs:
     python benchmarks/preset_fingerprint.py --out after.json     # on the new tree
     python benchmarks/preset_fingerprint.py --compare before.json after.json
 """
+
 from __future__ import annotations
 
 import argparse

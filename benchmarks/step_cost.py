@@ -72,6 +72,7 @@ many parameter-sized buffers a method needs beyond SGD (target for AMP N = 1: <=
 MLP has ~15k parameters, so its memory rise is mostly allocator and RSS noise (MiBs); read the
 wide MLP (``--mem-width`` hidden units, parameters dominate) for what the methods cost in memory.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -107,8 +108,10 @@ MIB = 2**20
 MODELS = ("mlp", "preact_resnet18")
 PRECISIONS = ("fp32", "bf16", "fp16")
 # per model: defaults of the options left out (on CPU one ResNet step at batch 128 takes seconds)
-MODEL_DEFAULTS = {"mlp": dict(batch_size=50, steps=200, warmup=20),
-                  "preact_resnet18": dict(batch_size=128, steps=10, warmup=3)}
+MODEL_DEFAULTS = {
+    "mlp": dict(batch_size=50, steps=200, warmup=20),
+    "preact_resnet18": dict(batch_size=128, steps=10, warmup=3),
+}
 TARGET_RATIO, TARGET_OUTSIDE_PCT, TARGET_EXTRA_BUFFERS = 2.0, 3.0, 2.0  # issue 11, AMP with N = 1
 TARGET_EVERY_RATIO = 1.25  # issue 11, the efficient mode: at most 1.25x ERM's time
 
@@ -127,8 +130,9 @@ def _sgd(params, model, scaler) -> torch.optim.Optimizer:
 
 
 def _perturbed(cls, **kwargs) -> Callable[..., torch.optim.Optimizer]:
-    return lambda params, model, scaler: cls(params, torch.optim.SGD, model=model, grad_scaler=scaler,
-                                             **kwargs, **SGD_KWARGS)
+    return lambda params, model, scaler: cls(
+        params, torch.optim.SGD, model=model, grad_scaler=scaler, **kwargs, **SGD_KWARGS
+    )
 
 
 def _amp(n: int) -> Method:
@@ -136,8 +140,11 @@ def _amp(n: int) -> Method:
 
 
 def _amp_every(k: int, reuse: str) -> Method:
-    return Method(f"AMP k={k} {reuse}", 1 + 1 / k,
-                  _perturbed(advreg.AMP, inner_steps=1, every=k, reuse=reuse, alpha=0.4, **AMP_KWARGS))
+    return Method(
+        f"AMP k={k} {reuse}",
+        1 + 1 / k,
+        _perturbed(advreg.AMP, inner_steps=1, every=k, reuse=reuse, alpha=0.4, **AMP_KWARGS),
+    )
 
 
 def timed_methods(args) -> list[Method]:
@@ -147,12 +154,16 @@ def timed_methods(args) -> list[Method]:
     return [m for m in METHODS + every if keep is None or m.name in keep]
 
 
-METHODS = [Method("SGD", 1, _sgd),
-           Method("passes", 1, _sgd, update=False),
-           _amp(1), _amp(2), _amp(3),
-           Method("SAM", 2, _perturbed(advreg.SAM, **SAM_KWARGS)),
-           Method("AWP K2=1", 2, _perturbed(advreg.AWP, gamma=0.01)),
-           Method("RWP", 1, _perturbed(advreg.RWP, gamma=0.01))]
+METHODS = [
+    Method("SGD", 1, _sgd),
+    Method("passes", 1, _sgd, update=False),
+    _amp(1),
+    _amp(2),
+    _amp(3),
+    Method("SAM", 2, _perturbed(advreg.SAM, **SAM_KWARGS)),
+    Method("AWP K2=1", 2, _perturbed(advreg.AWP, gamma=0.01)),
+    Method("RWP", 1, _perturbed(advreg.RWP, gamma=0.01)),
+]
 BY_NAME = {m.name: m for m in METHODS}
 OPTIMIZERS = [m for m in METHODS if m.update]  # what the memory tables list
 
@@ -163,20 +174,25 @@ def build_model(name: str, width: int) -> tuple[nn.Module, str]:
     builder if present) or PreActResNet18 for 32x32 RGB images."""
     if name == "preact_resnet18":
         from advreg.models import build
-        return build(name, NUM_CLASSES, input_shape=IMAGE_SHAPE), \
-            f'advreg.models.build("{name}", {NUM_CLASSES}, input_shape={IMAGE_SHAPE})'
+
+        return build(
+            name, NUM_CLASSES, input_shape=IMAGE_SHAPE
+        ), f'advreg.models.build("{name}", {NUM_CLASSES}, input_shape={IMAGE_SHAPE})'
     try:
         from advreg.models import build
     except ImportError:
         return _fallback_mlp(width), "nn.Sequential defined in this script (advreg.models.build not found)"
     model = build("mlp", num_classes=NUM_CLASSES, input_shape=(INPUT_DIM,), hidden=(width, width))
-    return model, f'advreg.models.build("mlp", num_classes={NUM_CLASSES}, input_shape=({INPUT_DIM},), ' \
-                  f'hidden=({width}, {width}))'
+    return (
+        model,
+        f'advreg.models.build("mlp", num_classes={NUM_CLASSES}, input_shape=({INPUT_DIM},), hidden=({width}, {width}))',
+    )
 
 
 def _fallback_mlp(width: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(INPUT_DIM, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-                         nn.Linear(width, NUM_CLASSES))
+    return nn.Sequential(
+        nn.Linear(INPUT_DIM, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, NUM_CLASSES)
+    )
 
 
 def make_batch(args, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,6 +233,7 @@ def make_setup(method: Method, args, width: int, device: torch.device) -> Setup:
             loss = F.cross_entropy(model(x), y)
         (loss if scaler is None else scaler.scale(loss)).backward()
         return loss
+
     return Setup(model, opt, closure)
 
 
@@ -242,7 +259,7 @@ def time_methods(args, device: torch.device) -> dict[str, list[float]]:
     samples: dict[str, list[float]] = {name: [] for name in setups}
     names = list(setups)
     for r in range(args.repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             sync(device)
             start = time.perf_counter()
             run_steps(setups[name], args.steps)
@@ -318,6 +335,7 @@ def _prime(method: Method, args, width: int, device: torch.device) -> None:
         loss = F.cross_entropy(tiny(x), y)
         loss.backward()
         return loss
+
     for _ in range(2):
         opt.step(closure)
     if device.type == "cuda":
@@ -327,8 +345,13 @@ def _prime(method: Method, args, width: int, device: torch.device) -> None:
 
 
 def _memory_result(peak_rise: int | None, source: str, setup: Setup) -> dict:
-    return {"peak_rise": peak_rise, "source": source, "state": state_bytes(setup.opt),
-            "params": param_bytes(setup.model), "n_params": n_params(setup.model)}
+    return {
+        "peak_rise": peak_rise,
+        "source": source,
+        "state": state_bytes(setup.opt),
+        "params": param_bytes(setup.model),
+        "n_params": n_params(setup.model),
+    }
 
 
 def measure_memory_cpu_here(method: Method, width: int, args) -> dict:
@@ -352,10 +375,26 @@ def measure_memory_cpu_here(method: Method, width: int, args) -> dict:
 
 def measure_memory_cpu(method: Method, width: int, args) -> dict:
     """Runs :func:`measure_memory_cpu_here` in a fresh interpreter (this script, hidden flags)."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--device", "cpu", "--model", args.model,
-           "--precision", args.precision, "--batch-size", str(args.batch_size),
-           "--mem-steps", str(args.mem_steps), "--threads", str(torch.get_num_threads()),
-           "--_mem-worker", method.name, "--_mem-worker-width", str(width)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--device",
+        "cpu",
+        "--model",
+        args.model,
+        "--precision",
+        args.precision,
+        "--batch-size",
+        str(args.batch_size),
+        "--mem-steps",
+        str(args.mem_steps),
+        "--threads",
+        str(torch.get_num_threads()),
+        "--_mem-worker",
+        method.name,
+        "--_mem-worker-width",
+        str(width),
+    ]
     cmd += ["--channels-last"] if args.channels_last else []
     # A fixed glibc mmap threshold (no dynamic raise) hands a freed tensor back to the OS at once, so
     # RSS follows the live tensors instead of heap fragmentation, which otherwise varies from run
@@ -408,14 +447,18 @@ def usable_cpus() -> int:
 
 def header(args, device: torch.device) -> str:
     model, source = build_model(args.model, args.width)
-    env = "".join(f"{k}={shlex.quote(os.environ[k])} " for k in ("PYTHONPATH", "CUDA_VISIBLE_DEVICES")
-                  if os.environ.get(k))
+    env = "".join(
+        f"{k}={shlex.quote(os.environ[k])} " for k in ("PYTHONPATH", "CUDA_VISIBLE_DEVICES") if os.environ.get(k)
+    )
     if device.type == "cuda":
         hw = torch.cuda.get_device_name(device) + f", cudnn.benchmark {torch.backends.cudnn.benchmark}"
     else:
         hw = _cpu_model() or platform.processor() or platform.machine()
-    data = (f"synthetic MNIST-1D batch ({args.batch_size}, {INPUT_DIM})" if args.model == "mlp" else
-            f"synthetic image batch ({args.batch_size}, {', '.join(map(str, IMAGE_SHAPE))})")
+    data = (
+        f"synthetic MNIST-1D batch ({args.batch_size}, {INPUT_DIM})"
+        if args.model == "mlp"
+        else f"synthetic image batch ({args.batch_size}, {', '.join(map(str, IMAGE_SHAPE))})"
+    )
     lines = [
         "advreg step cost -- every number below was measured in this run",
         f"command : {env}{shlex.join([sys.executable] + sys.argv)}",
@@ -435,8 +478,11 @@ def header(args, device: torch.device) -> str:
 
 
 def _precision(args) -> str:
-    kind = {"fp32": "float32, no autocast", "bf16": "autocast bfloat16 (forward and loss)",
-            "fp16": "autocast float16 (forward and loss) + GradScaler"}[args.precision]
+    kind = {
+        "fp32": "float32, no autocast",
+        "bf16": "autocast bfloat16 (forward and loss)",
+        "fp16": "autocast float16 (forward and loss) + GradScaler",
+    }[args.precision]
     return f"{args.precision} ({kind}); channels_last {args.channels_last}"
 
 
@@ -469,8 +515,10 @@ def outside_pct(t: float, passes: int, t_sgd: float, t_passes: float) -> float:
 def _outside(samples: dict[str, list[float]], m: Method) -> tuple[float, float, float]:
     """Outside % from the medians, and its min and max over the rounds (each round's own times)."""
     med = {name: statistics.median(s) for name, s in samples.items()}
-    per_round = [outside_pct(t, m.passes, sgd, passes) for t, sgd, passes in
-                 zip(samples[m.name], samples["SGD"], samples["passes"])]
+    per_round = [
+        outside_pct(t, m.passes, sgd, passes)
+        for t, sgd, passes in zip(samples[m.name], samples["SGD"], samples["passes"])
+    ]
     return outside_pct(med[m.name], m.passes, med["SGD"], med["passes"]), min(per_round), max(per_round)
 
 
@@ -478,23 +526,29 @@ def time_table(samples: dict[str, list[float]], args) -> str:
     med = {name: statistics.median(s) for name, s in samples.items()}
     base = med["SGD"]
     width = max(10, *(len(m.name) for m in timed_methods(args)))
-    rows = [f"Time per step: median of {args.repeats} round-robin rounds x {args.steps} steps "
-            f"(after {args.warmup} warm-up steps per method)",
-            f"{'method':<{width}} {'ms/step':>9} {'min-max over rounds':>21} {'ratio to SGD':>13} "
-            f"{'expected (passes)':>18} {'outside, % of SGD':>18} {'min..max over rounds':>21}"]
+    rows = [
+        f"Time per step: median of {args.repeats} round-robin rounds x {args.steps} steps "
+        f"(after {args.warmup} warm-up steps per method)",
+        f"{'method':<{width}} {'ms/step':>9} {'min-max over rounds':>21} {'ratio to SGD':>13} "
+        f"{'expected (passes)':>18} {'outside, % of SGD':>18} {'min..max over rounds':>21}",
+    ]
     for m in timed_methods(args):
         s = samples[m.name]
-        row = (f"{m.name:<{width}} {med[m.name]:>9.3f} {f'{min(s):.3f}-{max(s):.3f}':>21} "
-               f"{med[m.name] / base:>12.2f}x {f'{m.passes:.3g}x' if m.update else '-':>18}")
+        row = (
+            f"{m.name:<{width}} {med[m.name]:>9.3f} {f'{min(s):.3f}-{max(s):.3f}':>21} "
+            f"{med[m.name] / base:>12.2f}x {f'{m.passes:.3g}x' if m.update else '-':>18}"
+        )
         if m.update and m.name != "SGD":
             value, lo, hi = _outside(samples, m)
             row += f" {value:>17.1f}% {f'{lo:.1f}..{hi:.1f}%':>21}"
         rows.append(row)
     update = base - med["passes"]
-    rows += ["passes = the closure alone (zero_grad, forward, loss, backward), no update; "
-             f"SGD's update = SGD - passes = {update:.3f} ms ({100 * update / base:.1f}% of an SGD step)",
-             "outside = (T - T_SGD - (passes - 1) * T_passes) / T_SGD: what a method adds beyond its extra "
-             "passes (Delta, norms, projection, theta copy/restore, BatchNorm bookkeeping, syncs, Python)"]
+    rows += [
+        "passes = the closure alone (zero_grad, forward, loss, backward), no update; "
+        f"SGD's update = SGD - passes = {update:.3f} ms ({100 * update / base:.1f}% of an SGD step)",
+        "outside = (T - T_SGD - (passes - 1) * T_passes) / T_SGD: what a method adds beyond its extra "
+        "passes (Delta, norms, projection, theta copy/restore, BatchNorm bookkeeping, syncs, Python)",
+    ]
     return "\n".join(rows)
 
 
@@ -508,18 +562,22 @@ def time_verdict(samples: dict[str, list[float]], args, device: torch.device) ->
     ratios = [amp / sgd for amp, sgd in zip(samples["AMP N=1"], samples["SGD"])]
     ratio = med["AMP N=1"] / med["SGD"]
     outside, lo, hi = _outside(samples, BY_NAME["AMP N=1"])
-    return (f"Issue 11, AMP N=1 ({args.model}, {device.type}, {args.precision}, batch {args.batch_size}): "
-            f"ratio {ratio:.2f}x (rounds {min(ratios):.2f}..{max(ratios):.2f}x) <= {TARGET_RATIO:.1f}x: "
-            f"{_verdict(ratio, min(ratios), max(ratios), TARGET_RATIO)}; outside the passes {outside:.1f}% of an "
-            f"SGD step (rounds {lo:.1f}..{hi:.1f}%) <= {TARGET_OUTSIDE_PCT:.0f}%: "
-            f"{_verdict(outside, lo, hi, TARGET_OUTSIDE_PCT)}" + "".join("\n" + line for line in every))
+    return (
+        f"Issue 11, AMP N=1 ({args.model}, {device.type}, {args.precision}, batch {args.batch_size}): "
+        f"ratio {ratio:.2f}x (rounds {min(ratios):.2f}..{max(ratios):.2f}x) <= {TARGET_RATIO:.1f}x: "
+        f"{_verdict(ratio, min(ratios), max(ratios), TARGET_RATIO)}; outside the passes {outside:.1f}% of an "
+        f"SGD step (rounds {lo:.1f}..{hi:.1f}%) <= {TARGET_OUTSIDE_PCT:.0f}%: "
+        f"{_verdict(outside, lo, hi, TARGET_OUTSIDE_PCT)}" + "".join("\n" + line for line in every)
+    )
 
 
 def _every_verdict(samples: dict[str, list[float]], name: str) -> str:
     ratios = [t / sgd for t, sgd in zip(samples[name], samples["SGD"])]
     ratio = statistics.median(samples[name]) / statistics.median(samples["SGD"])
-    return (f"Issue 11, {name}: {ratio:.2f}x an SGD step (rounds {min(ratios):.2f}..{max(ratios):.2f}x) <= "
-            f"{TARGET_EVERY_RATIO:.2f}x: {_verdict(ratio, min(ratios), max(ratios), TARGET_EVERY_RATIO)}")
+    return (
+        f"Issue 11, {name}: {ratio:.2f}x an SGD step (rounds {min(ratios):.2f}..{max(ratios):.2f}x) <= "
+        f"{TARGET_EVERY_RATIO:.2f}x: {_verdict(ratio, min(ratios), max(ratios), TARGET_EVERY_RATIO)}"
+    )
 
 
 def _verdict(value: float, lo: float, hi: float, target: float) -> str:
@@ -534,16 +592,20 @@ def _pass(ok: bool) -> str:
 def memory_table(mem: dict[str, dict], title: str, steps: int) -> str:
     base, source, params = mem["SGD"]["peak_rise"], mem["SGD"]["source"], mem["SGD"]["params"]
     unit, scale = ("KiB", 1024) if params < 4 * MIB else ("MiB", MIB)
-    rows = [f"Peak memory, {title}, {mem['SGD']['n_params']:,} parameters = {params / scale:,.1f} {unit}; "
-            f"rise of {source} over {steps} step(s) from the first",
-            f"{'method':<10} {f'peak rise {unit}':>14} {'ratio to SGD':>13} {'extra buffers':>14} "
-            f"{f'opt.state {unit}':>14} {'state/params':>13}"]
+    rows = [
+        f"Peak memory, {title}, {mem['SGD']['n_params']:,} parameters = {params / scale:,.1f} {unit}; "
+        f"rise of {source} over {steps} step(s) from the first",
+        f"{'method':<10} {f'peak rise {unit}':>14} {'ratio to SGD':>13} {'extra buffers':>14} "
+        f"{f'opt.state {unit}':>14} {'state/params':>13}",
+    ]
     for m in OPTIMIZERS:
         r = mem[m.name]
         rise = "n/a" if r["peak_rise"] is None else f"{r['peak_rise'] / scale:,.1f}"
         ratio = "n/a" if r["peak_rise"] is None or not base else f"{r['peak_rise'] / base:.2f}x"
-        rows.append(f"{m.name:<10} {rise:>14} {ratio:>13} {_extra_buffers(mem, m.name):>14} "
-                    f"{r['state'] / scale:>14,.1f} {r['state'] / r['params']:>12.2f}x")
+        rows.append(
+            f"{m.name:<10} {rise:>14} {ratio:>13} {_extra_buffers(mem, m.name):>14} "
+            f"{r['state'] / scale:>14,.1f} {r['state'] / r['params']:>12.2f}x"
+        )
     rows.append("extra buffers = (peak rise - SGD's peak rise) / parameter bytes")
     return "\n".join(rows)
 
@@ -557,8 +619,10 @@ def memory_verdict(mem: dict[str, dict], title: str) -> str:
     extra = _extra_buffers(mem, "AMP N=1")
     verdict = "n/a" if extra == "n/a" else _pass(float(extra) <= TARGET_EXTRA_BUFFERS)
     noise = " (parameters < 1 MiB: RSS noise dominates)" if mem["SGD"]["params"] < MIB and verdict != "n/a" else ""
-    return (f"Issue 11, AMP N=1 memory ({title}): {extra} parameter-sized buffers beyond SGD's peak "
-            f"<= {TARGET_EXTRA_BUFFERS:.0f}: {verdict}{noise}")
+    return (
+        f"Issue 11, AMP N=1 memory ({title}): {extra} parameter-sized buffers beyond SGD's peak "
+        f"<= {TARGET_EXTRA_BUFFERS:.0f}: {verdict}{noise}"
+    )
 
 
 def memory_report(args, device: torch.device) -> tuple[str, str]:
@@ -582,29 +646,56 @@ def parse_args(argv=None) -> argparse.Namespace:
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", choices=MODELS, default="mlp", help="default: %(default)s")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=default_device,
-                   help="default here: %(default)s (cuda when available)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="autocast of forward and loss; fp16 adds a GradScaler (default: %(default)s)")
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default=default_device,
+        help="default here: %(default)s (cuda when available)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="autocast of forward and loss; fp16 adds a GradScaler (default: %(default)s)",
+    )
     p.add_argument("--channels-last", action="store_true", help="ResNet and input in torch.channels_last")
     p.add_argument("--batch-size", type=int, default=None, help="default: 50 (mlp), 128 (preact_resnet18)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="timed steps per method per round (default: 200 (mlp), 10 (preact_resnet18))")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="timed steps per method per round (default: 200 (mlp), 10 (preact_resnet18))",
+    )
     p.add_argument("--width", type=int, default=100, help="hidden units of the timed MLP (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=5,
-                   help="round-robin rounds; the median is reported (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=None,
-                   help="untimed steps per method before the rounds (default: 20 (mlp), 3 (preact_resnet18))")
-    p.add_argument("--mem-width", type=int, default=2048,
-                   help="MLP only: hidden units of the wide MLP whose memory is also measured; 0 skips it "
-                        "(default: %(default)s)")
+    p.add_argument(
+        "--repeats", type=int, default=5, help="round-robin rounds; the median is reported (default: %(default)s)"
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed steps per method before the rounds (default: 20 (mlp), 3 (preact_resnet18))",
+    )
+    p.add_argument(
+        "--mem-width",
+        type=int,
+        default=2048,
+        help="MLP only: hidden units of the wide MLP whose memory is also measured; 0 skips it (default: %(default)s)",
+    )
     p.add_argument("--mem-steps", type=int, default=3, help="steps per memory measurement (default: %(default)s)")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory measurements")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own choice)")
-    p.add_argument("--every", type=int, default=4,
-                   help="k of the rows AMP every k (reuse delta and gradient); 1 leaves them out (default: %(default)s)")
-    p.add_argument("--only", default=None,
-                   help="comma-separated rows to time (SGD and passes always run), e.g. 'AMP N=1,AMP k=4 delta'")
+    p.add_argument(
+        "--every",
+        type=int,
+        default=4,
+        help="k of the rows AMP every k (reuse delta and gradient); 1 leaves them out (default: %(default)s)",
+    )
+    p.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated rows to time (SGD and passes always run), e.g. 'AMP N=1,AMP k=4 delta'",
+    )
     p.add_argument("--_mem-worker", dest="mem_worker", choices=[m.name for m in OPTIMIZERS], help=argparse.SUPPRESS)
     p.add_argument("--_mem-worker-width", dest="mem_worker_width", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -643,8 +734,10 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     print(header(args, device), flush=True)
     if hasattr(os, "getloadavg") and os.getloadavg()[0] > usable_cpus():
-        print("WARNING : the machine is busy (1-min load above the usable CPUs): times are inflated and noisy;"
-              " rerun on an idle machine for numbers to quote")
+        print(
+            "WARNING : the machine is busy (1-min load above the usable CPUs): times are inflated and noisy;"
+            " rerun on an idle machine for numbers to quote"
+        )
     print()
     samples = time_methods(args, device)
     print(time_table(samples, args), flush=True)

@@ -6,7 +6,8 @@ Usage::
                                             [--precision fp32|bf16|fp16] [--channels-last] [--train-size N]
 
 For ERM and for AMP (N = 1, ε 0.5, ζ 1), it times one training epoch of ``advreg.train`` (``build_run`` and
-``train_epoch``, the loop of ``run_epoch``: the loader, the three stages, the optimizer, the running loss and error) against a loop written
+``train_epoch``, the loop of ``run_epoch``: the loader, the three stages, the optimizer, the running loss and error)
+against a loop written
 here with plain PyTorch on the same model, data, batch size and optimizer settings: shuffle, zero_grad,
 forward, cross-entropy, backward, SGD step (and for AMP the paper's step written out by hand: clean pass,
 Δ = min(ζ, ε/‖g‖)·g, pass at θ+Δ, restore θ, SGD step). Epochs alternate between the two for ``--rounds``
@@ -16,6 +17,7 @@ trainer's throughput relative to the bare loop (target: at least 0.95x).
 Data: ``mlp`` trains on MNIST-1D (generated offline by the mnist1d package); ``preact_resnet18`` on synthetic
 CIFAR-10 files of the real format and size written to a temporary folder (random pixels: the speed is what counts).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,9 +46,17 @@ EPSILON, ZETA = 0.5, 1.0
 
 def config_for(args, method: str, data_dir: str) -> TrainConfig:
     dataset = "mnist1d" if args.model == "mlp" else "cifar10"
-    settings = [f"data.name={dataset}", f"data.dir={data_dir}", f"model.name={args.model}", f"device={args.device}",
-                f"optim.batch_size={args.batch_size}", "robust.margin_samples=0", f"speed.precision={args.precision}",
-                f"speed.channels_last={args.channels_last}", "amp.epsilon=0.5" if method == "amp" else None]
+    settings = [
+        f"data.name={dataset}",
+        f"data.dir={data_dir}",
+        f"model.name={args.model}",
+        f"device={args.device}",
+        f"optim.batch_size={args.batch_size}",
+        "robust.margin_samples=0",
+        f"speed.precision={args.precision}",
+        f"speed.channels_last={args.channels_last}",
+        "amp.epsilon=0.5" if method == "amp" else None,
+    ]
     return methods.resolve(TrainConfig(method=method, epochs=1000), [s for s in settings if s])
 
 
@@ -71,8 +81,9 @@ class BareLoop:
         self.x, self.y = run.data.train
         self.batch, self.amp, self.device = args.batch_size, amp, run.device
         o = run.config.optim
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=o.lr, momentum=o.momentum,
-                                   weight_decay=o.weight_decay, nesterov=o.nesterov)
+        self.opt = torch.optim.SGD(
+            self.model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov
+        )
         self.params = list(self.model.parameters())
         self.theta = [torch.empty_like(p) for p in self.params]
         self.channels_last, self.precision = args.channels_last, args.precision
@@ -96,7 +107,7 @@ class BareLoop:
         self.model.train()
         order = torch.randperm(len(self.x), generator=self.generator).to(self.device)
         for start in range(0, len(self.x) - self.batch + 1, self.batch):
-            idx = order[start:start + self.batch]
+            idx = order[start : start + self.batch]
             x, y = self.x[idx], self.y[idx]
             if self.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -156,14 +167,17 @@ def header(args) -> str:
     device = torch.device(args.device)
     hw = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model()
     load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return "\n".join([
-        "advreg trainer vs bare PyTorch loop -- every number below was measured in this run",
-        f"command : {shlex.join([sys.executable] + sys.argv)}",
-        f"date    : {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
-        f"device  : {device} ({hw}); torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"python {platform.python_version()}; load {load}",
-        f"model   : {args.model}, batch {args.batch_size}, precision {args.precision}, "
-        f"channels_last {args.channels_last}; {args.rounds} rounds, median seconds per training epoch"])
+    return "\n".join(
+        [
+            "advreg trainer vs bare PyTorch loop -- every number below was measured in this run",
+            f"command : {shlex.join([sys.executable] + sys.argv)}",
+            f"date    : {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
+            f"device  : {device} ({hw}); torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"python {platform.python_version()}; load {load}",
+            f"model   : {args.model}, batch {args.batch_size}, precision {args.precision}, "
+            f"channels_last {args.channels_last}; {args.rounds} rounds, median seconds per training epoch",
+        ]
+    )
 
 
 def _cpu_model() -> str:
@@ -200,8 +214,10 @@ def main(argv=None) -> None:
         for method in ("erm", "amp"):
             trainer, bare = compare(method, args, tmp)
             verdict = "PASS" if bare / trainer >= 0.95 else "FAIL"
-            print(f"{method:<8} {trainer:>16.3f} {bare:>18.3f} {bare / trainer:>18.3f}x  {verdict} (target >= 0.95x)",
-                  flush=True)
+            print(
+                f"{method:<8} {trainer:>16.3f} {bare:>18.3f} {bare / trainer:>18.3f}x  {verdict} (target >= 0.95x)",
+                flush=True,
+            )
     print(f"advreg {advreg.__version__}")
 
 

@@ -10,6 +10,7 @@
 
 Pure functions (``cli_markdown``, ``missing_docstrings``) are imported by ``tests/test_docs.py`` as well.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,6 +31,7 @@ USAGE_WIDTH = 100
 
 # --- the CLI reference --------------------------------------------------------------------------------------------
 
+
 def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
     (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     return action
@@ -44,11 +46,20 @@ def cli_markdown(parser: argparse.ArgumentParser) -> str:
     """Markdown for one sub-command: its description, its usage line and one table row per argument."""
     parser.formatter_class = lambda prog: argparse.HelpFormatter(prog, width=USAGE_WIDTH)
     rows = [_argument_row(a) for a in parser._actions if not isinstance(a, argparse._HelpAction)]
-    return "\n".join([
-        parser.description or "", "",
-        "```text", parser.format_usage().strip(), "```", "",
-        "| argument | default | description |", "|---|---|---|", *rows, "",
-    ])
+    return "\n".join(
+        [
+            parser.description or "",
+            "",
+            "```text",
+            parser.format_usage().strip(),
+            "```",
+            "",
+            "| argument | default | description |",
+            "|---|---|---|",
+            *rows,
+            "",
+        ]
+    )
 
 
 def _argument_row(action: argparse.Action) -> str:
@@ -71,8 +82,10 @@ def _cell(text: str) -> str:
 
 def cli_overview(parser: argparse.ArgumentParser) -> str:
     """A table of the sub-commands with their one-line help, each linked to its section."""
-    rows = [f"| [`advreg {a.dest}`](#advreg-{a.dest}) | {_cell(a.help or '')} |"
-            for a in _subparsers(parser)._choices_actions]
+    rows = [
+        f"| [`advreg {a.dest}`](#advreg-{a.dest}) | {_cell(a.help or '')} |"
+        for a in _subparsers(parser)._choices_actions
+    ]
     return "\n".join(["| sub-command | what it does |", "|---|---|", *rows, ""])
 
 
@@ -91,24 +104,29 @@ def expand_cli_markers(markdown: str) -> str:
         if name == "overview":
             return cli_overview(parser)
         if name not in commands:
-            raise ValueError(f"docs: <!-- cli: {name} --> names no sub-command of advreg; use one of: "
-                             f"{', '.join(commands)}")
+            raise ValueError(
+                f"docs: <!-- cli: {name} --> names no sub-command of advreg; use one of: {', '.join(commands)}"
+            )
         return cli_markdown(commands[name])
+
     return CLI_MARKER.sub(render, markdown)
 
 
 def readme_for_site(readme: str) -> str:
     """README.md as a page of the site (whose root is docs/): ``docs/x`` links become ``x``, web links stay, and
     a link to another file of the repository keeps only its text."""
+
     def relink(match: re.Match) -> str:
         bang, text, target = match.groups()
         if target.startswith("docs/"):
-            return f"{bang}[{text}]({target[len('docs/'):]})"
+            return f"{bang}[{text}]({target[len('docs/') :]})"
         return match.group(0) if target.startswith(("http://", "https://", "#")) else text
+
     return LINK.sub(relink, readme)
 
 
 # --- the docstring check ------------------------------------------------------------------------------------------
+
 
 def resolve(path: str) -> Any:
     """The object at dotted ``path`` (``advreg.attacks.pgd``): the longest importable module, then attributes."""
@@ -137,13 +155,17 @@ def public_members(obj: Any) -> dict[str, Any]:
     """The members mkdocstrings renders with ``obj``: for a module its ``__all__`` (else the functions and classes
     it defines), for a class the public functions and properties of its own body (inherited ones are not shown)."""
     if inspect.ismodule(obj):
-        names = getattr(obj, "__all__", None) or [n for n, v in vars(obj).items()
-                                                  if getattr(v, "__module__", None) == obj.__name__]
+        names = getattr(obj, "__all__", None) or [
+            n for n, v in vars(obj).items() if getattr(v, "__module__", None) == obj.__name__
+        ]
         members = {n: getattr(obj, n) for n in names if not n.startswith("_")}
         return {n: v for n, v in members.items() if inspect.isroutine(v) or inspect.isclass(v)}
     if inspect.isclass(obj):
-        return {n: v for n, v in vars(obj).items() if not n.startswith("_")
-                and (inspect.isroutine(v) or isinstance(v, (property, classmethod, staticmethod)))}
+        return {
+            n: v
+            for n, v in vars(obj).items()
+            if not n.startswith("_") and (inspect.isroutine(v) or isinstance(v, (property, classmethod, staticmethod)))
+        }
     return {}
 
 
@@ -159,6 +181,7 @@ def missing_docstrings(paths: list[str]) -> list[str]:
             missing.append(path)
         for name, member in public_members(obj).items():
             visit(f"{path}.{name}", member)
+
     for path in paths:
         visit(path, resolve(path))
     return missing
@@ -171,13 +194,16 @@ def api_objects(markdown: str) -> list[str]:
 
 # --- MkDocs events ------------------------------------------------------------------------------------------------
 
+
 def on_page_markdown(markdown: str, page: Any, config: Any, **_: Any) -> str:
     from mkdocs.exceptions import PluginError
 
     missing = missing_docstrings(api_objects(markdown))
     if missing:
-        raise PluginError(f"{page.file.src_path}: these public objects have no docstring, so the API reference "
-                          f"would omit them; write one for each: {', '.join(missing)}")
+        raise PluginError(
+            f"{page.file.src_path}: these public objects have no docstring, so the API reference "
+            f"would omit them; write one for each: {', '.join(missing)}"
+        )
     if README_MARKER in markdown:
         readme = (Path(config["config_file_path"]).parent / "README.md").read_text(encoding="utf-8")
         markdown = markdown.replace(README_MARKER, readme_for_site(readme))

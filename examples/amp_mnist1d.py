@@ -9,6 +9,7 @@ back-propagates it. The settings are the AMP paper's (Sec. 5.1): SGD with lr 0.1
 batch 50, the learning rate divided by 10 at 50% and 75% of the epochs; AMP's ε = 0.5, ζ = 1, N = 1.
 ``--steps N`` stops after N optimizer steps (a quick check). Prints the training loss per epoch and the test error.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,19 +39,30 @@ def main(argv: list[str] | None = None) -> float:
     data = load_dataset("mnist1d", seed=args.seed)  # 4000/1000, 10% of the training set carved for validation
     x, y = (t.to(args.device) for t in data.train)  # x: (3600, 40), y: (3600,)
     model = build("mlp", data.num_classes, input_shape=data.input_shape).to(args.device)
-    opt = advreg.AMP(model.parameters(), torch.optim.SGD, epsilon=0.5, inner_lr=1.0, inner_steps=1,
-                     lr=0.1, momentum=0.9, weight_decay=1e-4, model=model)  # model=: BatchNorm sees clean passes only
+    opt = advreg.AMP(
+        model.parameters(),
+        torch.optim.SGD,
+        epsilon=0.5,
+        inner_lr=1.0,
+        inner_steps=1,
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=1e-4,
+        model=model,
+    )  # model=: BatchNorm sees clean passes only
     milestones = [args.epochs // 2, args.epochs * 3 // 4]
     scheduler = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
     steps = 0
     for epoch in range(args.epochs):
         model.train()
         for rows in torch.randperm(len(x), device=args.device).split(50):
+
             def closure() -> torch.Tensor:
                 opt.zero_grad()
                 loss = F.cross_entropy(model(x[rows]), y[rows])
                 loss.backward()
                 return loss
+
             loss = opt.step(closure)  # the loss at the unperturbed weights θ
             steps += 1
             if steps == args.steps:

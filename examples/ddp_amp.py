@@ -8,6 +8,7 @@ weights by its own shard's gradient, as the AMP paper's per-batch Δ, and a step
 takes Δ from the all-reduced gradient of the whole global batch (N+1 all-reduces a step). Uses gloo on CPU and
 nccl when LOCAL_RANK names a CUDA device. Rank 0 prints the training loss of each epoch and the final test error.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,9 @@ def evaluate_error(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ran
     """Each rank counts the mistakes on its share of the test set; the counts are summed over ranks."""
     model.eval()
     mine = slice(rank, None, world)
-    counts = torch.tensor([(model(x[mine]).argmax(1) != y[mine]).sum().item(), len(y[mine])],
-                          dtype=torch.float64, device=x.device)
+    counts = torch.tensor(
+        [(model(x[mine]).argmax(1) != y[mine]).sum().item(), len(y[mine])], dtype=torch.float64, device=x.device
+    )
     dist.all_reduce(counts)
     model.train()
     return (counts[0] / counts[1]).item()
@@ -76,15 +78,24 @@ def main() -> None:
     torch.manual_seed(args.seed)  # the same initial weights everywhere (DDP also broadcasts rank 0's)
     model = build("mlp", data.num_classes, input_shape=data.input_shape).to(device)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    opt = advreg.AMP(ddp.parameters(), torch.optim.SGD, epsilon=args.epsilon, inner_lr=args.inner_lr,
-                     inner_steps=args.inner_steps, lr=args.lr, momentum=0.9, weight_decay=1e-4,
-                     no_sync=ddp.no_sync, perturb_on=args.perturb_on)
+    opt = advreg.AMP(
+        ddp.parameters(),
+        torch.optim.SGD,
+        epsilon=args.epsilon,
+        inner_lr=args.inner_lr,
+        inner_steps=args.inner_steps,
+        lr=args.lr,
+        momentum=0.9,
+        weight_decay=1e-4,
+        no_sync=ddp.no_sync,
+        perturb_on=args.perturb_on,
+    )
 
     for epoch in range(args.epochs):
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
         total, steps = torch.zeros((), device=device), 0
         for start in range(0, len(y) - args.global_batch + 1, args.global_batch):  # full global batches only
-            rows = order[start + rank * local_batch:start + (rank + 1) * local_batch].to(device)
+            rows = order[start + rank * local_batch : start + (rank + 1) * local_batch].to(device)
             xb, yb = x[rows], y[rows]
 
             def closure():
@@ -101,8 +112,11 @@ def main() -> None:
 
     error = evaluate_error(model, x_test, y_test, rank, world)
     if rank == 0:
-        print(f"test error {100 * error:.2f}% (AMP under DDP, {world} processes, perturb_on={args.perturb_on}, "
-              f"global batch {args.global_batch})", flush=True)
+        print(
+            f"test error {100 * error:.2f}% (AMP under DDP, {world} processes, perturb_on={args.perturb_on}, "
+            f"global batch {args.global_batch})",
+            flush=True,
+        )
     dist.destroy_process_group()
 
 

@@ -4,6 +4,7 @@ Writes OUT/amm_toy.png (four panels: AVG+LIN, AVG+EXP, AVG+INV, MIN+LIN, with th
 OUT/margins.json (each boundary, its train/test accuracy and signed margin, and the widest possible margin).
 Usage: python experiments/amm_toy.py [--out runs/amm_toy] [--epochs 1000] [--seed 0]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,13 +38,24 @@ def main() -> None:
         model = train_linear(aggregation, shrinkage, *train, epochs=args.epochs, seed=args.seed)
         results.append(evaluate_linear(model, aggregation, shrinkage, train, test))
         r = results[-1]
-        print(f"{aggregation.upper()}+{shrinkage.upper()}: test accuracy {r.test_accuracy:.2f}%, "
-              f"train margin {r.train_margin:.4f}, test margin {r.test_margin:.4f}")
+        print(
+            f"{aggregation.upper()}+{shrinkage.upper()}: test accuracy {r.test_accuracy:.2f}%, "
+            f"train margin {r.train_margin:.4f}, test margin {r.test_margin:.4f}"
+        )
     best = optimal_margin(train[0].numpy(), train[1].numpy())
     print(f"widest margin on the training points: {best:.4f}")
-    (out / "margins.json").write_text(json.dumps(
-        {"epochs": args.epochs, "seed": args.seed, "optimal_train_margin": best,
-         "settings": [dataclasses.asdict(r) for r in results]}, indent=2) + "\n")
+    (out / "margins.json").write_text(
+        json.dumps(
+            {
+                "epochs": args.epochs,
+                "seed": args.seed,
+                "optimal_train_margin": best,
+                "settings": [dataclasses.asdict(r) for r in results],
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     plot(results, test, out / "amm_toy.png")
 
 
@@ -59,9 +71,13 @@ def plot(results: list, test: tuple[torch.Tensor, torch.Tensor], path: Path) -> 
             ax.plot(xs, -(w1 * xs + b) / w2, c="red")
         else:
             ax.axvline(-b / w1, c="red")
-        ax.set(xlim=(-2.5, 2.5), ylim=(-5, 5), aspect="equal",
-               title=f"{r.aggregation.upper()}+{r.shrinkage.upper()}: test acc {r.test_accuracy:.1f}%\n"
-                     f"margin {r.train_margin:.3f} (train), {r.test_margin:.3f} (test)")
+        ax.set(
+            xlim=(-2.5, 2.5),
+            ylim=(-5, 5),
+            aspect="equal",
+            title=f"{r.aggregation.upper()}+{r.shrinkage.upper()}: test acc {r.test_accuracy:.1f}%\n"
+            f"margin {r.train_margin:.3f} (train), {r.test_margin:.3f} (test)",
+        )
     axes[0].legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -1,9 +1,11 @@
-"""Suite-wide settings (one intra-op thread per test process) and shared fixtures (a module's dataset cache, an interrupted, resumed run).
+"""Suite-wide settings (one intra-op thread per test process) and shared fixtures (a module's dataset cache, an
+interrupted, resumed run).
 
 Every tensor in the suite is tiny, and two pytest workers on two cores with two threads each
 oversubscribe the CPU (measured: one test went from 4 s to 70 s under load). Subprocesses that the
 CLI tests start inherit OMP_NUM_THREADS. Results are identical with one or two threads.
 """
+
 import os
 
 import pytest
@@ -45,4 +47,5 @@ def interrupted_then_resumed(tmp_path, monkeypatch):
             training.train(config, tmp_path / "cut", progress=False)
         monkeypatch.setattr(training, "run_epoch", real_epoch)
         return training.train(config, tmp_path / "cut", resume=True, progress=False)
+
     return run

@@ -1,5 +1,6 @@
 """Run by tests/test_ddp_train.py under torchrun: ``advreg.train`` of each case of CASES into OUT/NAME; with a second
 argument ``taken``, one run into OUT/taken, a folder the test filled, and each replica's error into OUT/rankR.error."""
+
 import sys
 from pathlib import Path
 

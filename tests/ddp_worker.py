@@ -4,6 +4,7 @@
 for each case, this replica's final parameters and the number of gradient all-reduces of each step. The test
 imports this file for the shared setting (model, data, cases) and computes its references in one process.
 """
+
 from __future__ import annotations
 
 import gc
@@ -26,8 +27,10 @@ CASES = {  # name -> (perturbed optimizer or None for plain SGD, its keywords)
     "amp2_global": (advreg.AMP, {**AMP, "inner_steps": 2, "perturb_on": "global"}),
     "amp1_local": (advreg.AMP, {**AMP, "inner_steps": 1}),
     "amp2_local": (advreg.AMP, {**AMP, "inner_steps": 2}),
-    "amp1_global_gradient": (advreg.AMP, {**AMP, "inner_steps": 1, "perturb_on": "global", "every": 2,
-                                          "reuse": "gradient", "alpha": 0.7}),
+    "amp1_global_gradient": (
+        advreg.AMP,
+        {**AMP, "inner_steps": 1, "perturb_on": "global", "every": 2, "reuse": "gradient", "alpha": 0.7},
+    ),
     "amp1_local_gradient": (advreg.AMP, {**AMP, "inner_steps": 1, "every": 2, "reuse": "gradient", "alpha": 0.7}),
     "amp2_local_gradient": (advreg.AMP, {**AMP, "inner_steps": 2, "every": 2, "reuse": "gradient", "alpha": 0.7}),
     "sam_local": (advreg.SAM, {"rho": 0.05}),
@@ -47,12 +50,17 @@ def make_model() -> torch.nn.Module:
 def make_data() -> list[tuple[torch.Tensor, torch.Tensor]]:
     """STEPS global batches of WORLD·B rows; replica r trains on rows [r·B, (r+1)·B) of each."""
     generator = torch.Generator().manual_seed(1)
-    return [(torch.randn(WORLD * B, 5, generator=generator, dtype=torch.float64),
-             torch.randint(3, (WORLD * B,), generator=generator)) for _ in range(STEPS)]
+    return [
+        (
+            torch.randn(WORLD * B, 5, generator=generator, dtype=torch.float64),
+            torch.randint(3, (WORLD * B,), generator=generator),
+        )
+        for _ in range(STEPS)
+    ]
 
 
 def shard(t: torch.Tensor, rank: int) -> torch.Tensor:
-    return t[rank * B:(rank + 1) * B]
+    return t[rank * B : (rank + 1) * B]
 
 
 def make_optimizer(case: str, params, **engine) -> torch.optim.Optimizer:

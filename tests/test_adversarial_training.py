@@ -4,6 +4,7 @@ presets, robust errors each epoch, the best and last checkpoints and the robust 
 The losses' formulas are in test_at_losses.py and AWP's geometry in test_awp.py; here the wiring is checked against
 references written in the tests.
 """
+
 from __future__ import annotations
 
 import csv
@@ -41,8 +42,17 @@ def test_kl_pgd_is_trades_inner_maximization_step_by_step():
     """Eq. 16 written out: start x + 0.001·width·N(0, I), then x' ← Π(x' + α·sign ∇ KL(p(x) ‖ p(x'))), in the box."""
     model, x = mlp(), torch.rand(10, 6, dtype=torch.float64)
     eps, alpha, steps, box = 0.1, 0.03, 4, (0.0, 1.0)
-    got = pgd(model, x, torch.zeros(10, dtype=torch.long), eps, alpha, steps, box=box, objective="kl",
-              generator=torch.Generator().manual_seed(3))
+    got = pgd(
+        model,
+        x,
+        torch.zeros(10, dtype=torch.long),
+        eps,
+        alpha,
+        steps,
+        box=box,
+        objective="kl",
+        generator=torch.Generator().manual_seed(3),
+    )
     p = F.softmax(model(x), dim=1).detach()
     x_adv = (x + 0.001 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=x.dtype)).clamp(*box)
     for _ in range(steps):
@@ -97,8 +107,10 @@ def test_pair_losses_need_adversarial_examples_and_refuse_ignored_settings():
 
 # -- presets -----------------------------------------------------------------------------------------------
 def test_presets_carry_the_awp_papers_settings():
-    c = {name: resolve(TrainConfig(method=name), []) for name in
-         ("at", "trades", "mart", "at_awp", "trades_awp", "mart_awp", "at_rwp")}
+    c = {
+        name: resolve(TrainConfig(method=name), [])
+        for name in ("at", "trades", "mart", "at_awp", "trades_awp", "mart_awp", "at_rwp")
+    }
     for config in c.values():
         assert config.stages.transform == "pgd" and config.robust.track
         assert (config.pgd.pixels, config.pgd.step_pixels, config.pgd.steps, config.pgd.norm) == (8, 2, 10, "linf")
@@ -145,9 +157,12 @@ def test_history_tracks_robust_errors_and_best_is_chosen_on_validation(at_awp_ru
     assert metrics["best_test_robust_error"] == pytest.approx(test[best])  # the same seeded PGD
     assert metrics["last_test_robust_error"] == pytest.approx(test[-1])
     assert metrics["last_test_error"] == pytest.approx(metrics["test_error"])
-    assert metrics["robust_gap"] == pytest.approx(metrics["last_test_robust_error"] - metrics["last_train_robust_error"])
-    assert metrics["best_robust_gap"] == pytest.approx(metrics["best_test_robust_error"]
-                                                       - metrics["best_train_robust_error"])
+    assert metrics["robust_gap"] == pytest.approx(
+        metrics["last_test_robust_error"] - metrics["last_train_robust_error"]
+    )
+    assert metrics["best_robust_gap"] == pytest.approx(
+        metrics["best_test_robust_error"] - metrics["best_train_robust_error"]
+    )
     assert all(0 <= t <= 100 for t in test) and all(float(r["test_error"]) <= t for r, t in zip(rows, test))
 
 
@@ -161,9 +176,26 @@ def test_robust_errors_are_pgd20_of_the_threat_model_in_pixel_levels(at_awp_run)
     assert run.robust == settings
     x, y = run.data.test
     gen = torch.Generator().manual_seed(0)
-    wrong = sum(int((run.model.eval()(pgd(run.model, x[i:i + 500], y[i:i + 500], settings.eps, settings.alpha, 20,
-                                           box=(lo, hi), generator=gen)).argmax(1) != y[i:i + 500]).sum())
-                for i in range(0, len(y), 500))
+    wrong = sum(
+        int(
+            (
+                run.model.eval()(
+                    pgd(
+                        run.model,
+                        x[i : i + 500],
+                        y[i : i + 500],
+                        settings.eps,
+                        settings.alpha,
+                        20,
+                        box=(lo, hi),
+                        generator=gen,
+                    )
+                ).argmax(1)
+                != y[i : i + 500]
+            ).sum()
+        )
+        for i in range(0, len(y), 500)
+    )
     assert metrics["last_test_robust_error"] == pytest.approx(100 * wrong / len(y))
     assert robust_error(run.model, x, y, settings) == pytest.approx(100 * wrong / len(y))
 
@@ -183,8 +215,23 @@ def test_an_interrupted_run_resumes_to_the_same_best_and_last(at_awp_run, interr
 
 def test_cli_trains_mart_awp_and_writes_the_flat_keys(tmp_path, capsys):
     out = tmp_path / "run"
-    cli.main(["train", "--dataset", "digits", "--method", "mart_awp", "--epochs", "1", "--out", str(out),
-              "--set", "model.hidden=16", "--set", "optim.batch_size=256"])
+    cli.main(
+        [
+            "train",
+            "--dataset",
+            "digits",
+            "--method",
+            "mart_awp",
+            "--epochs",
+            "1",
+            "--out",
+            str(out),
+            "--set",
+            "model.hidden=16",
+            "--set",
+            "optim.batch_size=256",
+        ]
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("test_error", "best_test_robust_error", "last_test_robust_error", "robust_gap"):
         assert isinstance(metrics[key], float)

@@ -1,5 +1,6 @@
 """FGSM, PGD and batched DeepFool against closed forms on affine classifiers and reference loops, PGD's L2 starts
 against their norm distributions, and the attack contract."""
+
 import copy
 
 import pytest
@@ -77,8 +78,13 @@ def test_deepfool_on_an_affine_classifier_is_the_exact_distance(k):
     source = logits.argmax(1)
     w = model.weight
     # distance to the complement of the polyhedron {f_source ≥ f_j ∀j}: min over j of |f_j - f_s| / ‖w_j - w_s‖
-    dist = torch.stack([(logits[:, j] - logits.gather(1, source[:, None])[:, 0]).abs()
-                        / (w[j] - w[source]).norm(dim=1) for j in range(k)], 1)
+    dist = torch.stack(
+        [
+            (logits[:, j] - logits.gather(1, source[:, None])[:, 0]).abs() / (w[j] - w[source]).norm(dim=1)
+            for j in range(k)
+        ],
+        1,
+    )
     dist[torch.arange(len(x)), source] = float("inf")
     exact = dist.min(1).values
     _, norms, _ = deepfool(model, x, steps=5, overshoot=0.0)
@@ -107,11 +113,15 @@ def test_deepfool_create_graph_is_differentiable_in_the_weights():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("attack", [
-    lambda m, x, y: fgsm(m, x, y, 0.1),
-    lambda m, x, y: pgd(m, x, y, 0.1, 0.02, 5),
-    lambda m, x, y: deepfool(m, x, steps=3),
-], ids=["fgsm", "pgd", "deepfool"])
+@pytest.mark.parametrize(
+    "attack",
+    [
+        lambda m, x, y: fgsm(m, x, y, 0.1),
+        lambda m, x, y: pgd(m, x, y, 0.1, 0.02, 5),
+        lambda m, x, y: deepfool(m, x, steps=3),
+    ],
+    ids=["fgsm", "pgd", "deepfool"],
+)
 def test_attacks_leave_the_model_as_they_found_it(attack):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.ReLU(), nn.Linear(8, 4)).to(DT)
@@ -174,7 +184,7 @@ def deepfool_loop(model, x, steps, overshoot=0.02, candidates=None, box=None, la
     for i, x0 in enumerate(x):
         scores = model(x0[None])[0].detach()
         source = int(scores.argmax())
-        top = scores.argsort(descending=True)[:candidates or len(scores)].tolist()
+        top = scores.argsort(descending=True)[: candidates or len(scores)].tolist()
         label = None if labels is None or int(labels[i]) == source else int(labels[i])
         point = x0.clone()
         for _ in range(steps):
@@ -237,8 +247,7 @@ def test_deepfool_in_a_box_clips_every_iterate_as_torchattacks():
     torch.testing.assert_close(r, expected_r, rtol=1e-9, atol=1e-12)
     assert torch.equal(success, expected_success) and success.any()  # in the box, fewer samples get across
     assert (x + r).min() >= -1e-12 and (x + r).max() <= 1 + 1e-12
-    assert margin(model, x, steps=10, batch_size=16, box=box)["margin"] == pytest.approx(norms.mean().item(),
-                                                                                         rel=1e-12)
+    assert margin(model, x, steps=10, batch_size=16, box=box)["margin"] == pytest.approx(norms.mean().item(), rel=1e-12)
 
 
 def test_a_box_that_does_not_bind_leaves_deepfool_of_an_affine_classifier_unchanged():
@@ -266,6 +275,7 @@ def test_l2_random_starts_have_the_norm_distribution_of_their_rule(start, power)
     direction = delta / delta.norm(dim=1, keepdim=True)
     assert direction.mean(0).abs().max() < 0.05  # isotropic
     default = pgd(model, x, y, eps=0.3, alpha=0.1, steps=0, norm="l2", generator=torch.Generator().manual_seed(7))
-    ball = pgd(model, x, y, eps=0.3, alpha=0.1, steps=0, norm="l2", start="ball",
-               generator=torch.Generator().manual_seed(7))
+    ball = pgd(
+        model, x, y, eps=0.3, alpha=0.1, steps=0, norm="l2", start="ball", generator=torch.Generator().manual_seed(7)
+    )
     assert torch.equal(default, ball)  # the ball stays the default

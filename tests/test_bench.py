@@ -1,4 +1,5 @@
 """``advreg bench``: the plan, validation-only selection, resumption, and its files."""
+
 import contextlib
 import csv
 import os
@@ -19,8 +20,11 @@ def _plan(methods, grid, seeds=1, settings=()):
 
 
 def test_grid_keys_tune_only_the_methods_that_own_them():
-    specs = _plan(["erm", "label_smoothing", "amp"],
-                  ["loss.smoothing=0.1,0.2", "amp.epsilon=0.1,0.5,1", "optim.lr=0.05,0.1"], seeds=2)
+    specs = _plan(
+        ["erm", "label_smoothing", "amp"],
+        ["loss.smoothing=0.1,0.2", "amp.epsilon=0.1,0.5,1", "optim.lr=0.05,0.1"],
+        seeds=2,
+    )
     points = {(s.method, s.point) for s in specs}
     assert {p for m, p in points if m == "erm"} == {("optim.lr=0.05",), ("optim.lr=0.1",)}
     assert len({p for m, p in points if m == "label_smoothing"}) == 4
@@ -32,9 +36,20 @@ def test_grid_keys_tune_only_the_methods_that_own_them():
 
 
 def _row(method, point, seed, val, test):
-    return {"method": method, "point": point, "seed": seed, "folder": f"/b/{method}{point}/{seed}", "error": "",
-            "test_error": test, "test_nll": test / 10, "test_ece": 1.0, "val_error": val, "val_nll": 0.5,
-            "train_error": 0.0, "seconds_per_epoch": 1.0 if method == "erm" else 2.0}
+    return {
+        "method": method,
+        "point": point,
+        "seed": seed,
+        "folder": f"/b/{method}{point}/{seed}",
+        "error": "",
+        "test_error": test,
+        "test_nll": test / 10,
+        "test_ece": 1.0,
+        "val_error": val,
+        "val_nll": 0.5,
+        "train_error": 0.0,
+        "seconds_per_epoch": 1.0 if method == "erm" else 2.0,
+    }
 
 
 def test_selection_uses_validation_only_and_the_summary_reports_that_point():
@@ -59,8 +74,26 @@ def test_a_failed_run_never_wins_the_selection():
 
 def test_bench_cli_writes_its_files_and_resumes_without_retraining(tmp_path, capsys):
     out = tmp_path / "b"
-    argv = ["bench", "--dataset", "digits", "--methods", "erm,amp", "--seeds", "2", "--epochs", "2", "--out", str(out),
-            "--set", "model.hidden=16", "--grid", "amp.epsilon=0.05,0.5", "--jobs", "2", "--quiet"]
+    argv = [
+        "bench",
+        "--dataset",
+        "digits",
+        "--methods",
+        "erm,amp",
+        "--seeds",
+        "2",
+        "--epochs",
+        "2",
+        "--out",
+        str(out),
+        "--set",
+        "model.hidden=16",
+        "--grid",
+        "amp.epsilon=0.05,0.5",
+        "--jobs",
+        "2",
+        "--quiet",
+    ]
     cli.main(argv)
     printed = capsys.readouterr().out
     assert "| erm |" in printed and "| amp |" in printed
@@ -75,16 +108,19 @@ def test_bench_cli_writes_its_files_and_resumes_without_retraining(tmp_path, cap
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/metrics.json")} == stamps
     assert capsys.readouterr().out == printed
     with pytest.raises(SystemExit) as exit_info:  # same folder, other settings: refused, not read back
-        cli.main([*argv[:argv.index("--epochs") + 1], "3", *argv[argv.index("--epochs") + 2:]])
+        cli.main([*argv[: argv.index("--epochs") + 1], "3", *argv[argv.index("--epochs") + 2 :]])
     assert exit_info.value.code == 2 and "epochs: 2 there, 3 here" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["bench", "--methods", "erm,nope", "--out", "x"], "unknown method"),
-    (["bench", "--methods", "erm", "--grid", "amp.epsilon", "--out", "x"], "--grid expects"),
-    (["bench", "--methods", "erm", "--seeds", "0", "--out", "x"], "--seeds"),
-    (["bench", "--methods", "amp", "--grid", "amp.epsilon=-1,0.1", "--out", "x"], "epsilon must be"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["bench", "--methods", "erm,nope", "--out", "x"], "unknown method"),
+        (["bench", "--methods", "erm", "--grid", "amp.epsilon", "--out", "x"], "--grid expects"),
+        (["bench", "--methods", "erm", "--seeds", "0", "--out", "x"], "--seeds"),
+        (["bench", "--methods", "amp", "--grid", "amp.epsilon=-1,0.1", "--out", "x"], "epsilon must be"),
+    ],
+)
 def test_bench_bad_input_is_one_line(capsys, tmp_path, monkeypatch, argv, words):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
@@ -95,21 +131,28 @@ def test_bench_bad_input_is_one_line(capsys, tmp_path, monkeypatch, argv, words)
     assert not (tmp_path / "x").exists()
 
 
-BAD_NUMBERS = [(["--set", f"{key}={text}"], f"{key} must be a finite number")
-               for key in ("optim.lr", "optim.weight_decay", "optim.lr_decay", "amp.epsilon", "loss.flooding")
-               for text in ("nan", "inf", "-inf", "1e400", "1e39")]
-BAD_NUMBERS += [(["--set", "optim.milestones=0.5,inf"], "optim.milestones must be a finite number"),
-                (["--grid", "amp.epsilon=0.1,nan"], "amp.epsilon must be a finite number"),
-                (["--variant", "big=amp:amp.inner_lr=1e400"], "amp.inner_lr must be a finite number")]
+BAD_NUMBERS = [
+    (["--set", f"{key}={text}"], f"{key} must be a finite number")
+    for key in ("optim.lr", "optim.weight_decay", "optim.lr_decay", "amp.epsilon", "loss.flooding")
+    for text in ("nan", "inf", "-inf", "1e400", "1e39")
+]
+BAD_NUMBERS += [
+    (["--set", "optim.milestones=0.5,inf"], "optim.milestones must be a finite number"),
+    (["--grid", "amp.epsilon=0.1,nan"], "amp.epsilon must be a finite number"),
+    (["--variant", "big=amp:amp.inner_lr=1e400"], "amp.inner_lr must be a finite number"),
+]
 
 
 BAD_COMMANDS = [(command, *case) for command in ("train", "bench") for case in BAD_NUMBERS[:-2]]
 BAD_COMMANDS += [("bench", *case) for case in BAD_NUMBERS[-2:]]
-BAD_COMMANDS += [("train", ["--seed", str(2**64)], "seed must be in [-2**63, 2**63 - 1]"),
-                 ("train", ["--seed", str(-2**63 - 1)], "seed must be in"),
-                 ("bench", ["--jobs", "0"], "--jobs must be >= 1"), ("bench", ["--jobs", "-3"], "--jobs must be >= 1"),
-                 ("bench", ["--seeds", "0"], "--seeds must be >= 1"),
-                 ("bench", ["--seeds", str(2**63 + 1)], "at most 2**63")]
+BAD_COMMANDS += [
+    ("train", ["--seed", str(2**64)], "seed must be in [-2**63, 2**63 - 1]"),
+    ("train", ["--seed", str(-(2**63) - 1)], "seed must be in"),
+    ("bench", ["--jobs", "0"], "--jobs must be >= 1"),
+    ("bench", ["--jobs", "-3"], "--jobs must be >= 1"),
+    ("bench", ["--seeds", "0"], "--seeds must be >= 1"),
+    ("bench", ["--seeds", str(2**63 + 1)], "at most 2**63"),
+]
 
 
 @pytest.mark.parametrize("command, extra, words", BAD_COMMANDS)
@@ -128,15 +171,21 @@ def test_a_run_given_twice_is_planned_once():
         return [(s.method, s.point, s.seed) for s in _plan(methods, grid, seeds)]
 
     assert runs(["amp"], ["amp.epsilon=0.1,0.1"]) == [("amp", ("amp.epsilon=0.1",), 0)]
-    assert runs(["amp"], ["amp.epsilon=0.1,0.10,1e-1"], seeds=2) == [("amp", ("amp.epsilon=0.1",), 0),
-                                                                      ("amp", ("amp.epsilon=0.1",), 1)]
-    assert runs(["amp"], ["amp.epsilon=0.1", "amp.epsilon=0.5,0.1"]) == [("amp", ("amp.epsilon=0.1",), 0),
-                                                                         ("amp", ("amp.epsilon=0.5",), 0)]
+    assert runs(["amp"], ["amp.epsilon=0.1,0.10,1e-1"], seeds=2) == [
+        ("amp", ("amp.epsilon=0.1",), 0),
+        ("amp", ("amp.epsilon=0.1",), 1),
+    ]
+    assert runs(["amp"], ["amp.epsilon=0.1", "amp.epsilon=0.5,0.1"]) == [
+        ("amp", ("amp.epsilon=0.1",), 0),
+        ("amp", ("amp.epsilon=0.5",), 0),
+    ]
     assert runs(["erm", "amp", "erm"], []) == [("erm", (), 0), ("amp", (), 0)]
     twice = [bench.parse_variant("a=amp:amp.epsilon=0.2"), bench.parse_variant("a=amp:amp.epsilon=0.20")]
     assert runs(twice, []) == [("a", (), 0)]
-    assert runs([bench.parse_variant("m=amm:amm.lam=8|8.0|32")], []) == [("m", ("amm.lam=8",), 0),
-                                                                        ("m", ("amm.lam=32",), 0)]
+    assert runs([bench.parse_variant("m=amm:amm.lam=8|8.0|32")], []) == [
+        ("m", ("amm.lam=8",), 0),
+        ("m", ("amm.lam=32",), 0),
+    ]
     assert runs(["amp", bench.Variant("amp", "amp", ("amp.epsilon=0.5",))], []) == [("amp", (), 0)]  # the default
     with pytest.raises(ValueError, match="share a name"):  # one label, two settings: which one is meant?
         _plan([bench.parse_variant("a=amp:amp.epsilon=0.2"), bench.parse_variant("a=amp:amp.epsilon=0.3")], [])
@@ -144,8 +193,28 @@ def test_a_run_given_twice_is_planned_once():
 
 def test_bench_cli_trains_and_lists_a_repeated_run_once(tmp_path, capsys):
     out = tmp_path / "twice"
-    cli.main(["bench", "--dataset", "digits", "--methods", "amp,amp", "--seeds", "1", "--epochs", "1", "--out",
-              str(out), "--set", "model.hidden=8", "--grid", "amp.epsilon=0.1,0.10,0.1", "--jobs", "2", "--quiet"])
+    cli.main(
+        [
+            "bench",
+            "--dataset",
+            "digits",
+            "--methods",
+            "amp,amp",
+            "--seeds",
+            "1",
+            "--epochs",
+            "1",
+            "--out",
+            str(out),
+            "--set",
+            "model.hidden=8",
+            "--grid",
+            "amp.epsilon=0.1,0.10,0.1",
+            "--jobs",
+            "2",
+            "--quiet",
+        ]
+    )
     assert [r["point"] for r in csv.DictReader((out / "results.csv").open())] == ["amp.epsilon=0.1"]
     assert [p.name for p in (out / "runs").iterdir()] == ["amp__amp.epsilon=0.1"]
     assert capsys.readouterr().out.count("| amp |") == 1
@@ -153,8 +222,26 @@ def test_bench_cli_trains_and_lists_a_repeated_run_once(tmp_path, capsys):
 
 def test_bench_attacks_adds_robust_columns_and_keeps_them_on_rerun(tmp_path, capsys):
     out = tmp_path / "robust"
-    argv = ["bench", "--dataset", "digits", "--methods", "erm,amp", "--seeds", "1", "--epochs", "2",
-            "--out", str(out), "--set", "model.hidden=16", "--attacks", "fgsm,pgd", "--jobs", "2", "--quiet"]
+    argv = [
+        "bench",
+        "--dataset",
+        "digits",
+        "--methods",
+        "erm,amp",
+        "--seeds",
+        "1",
+        "--epochs",
+        "2",
+        "--out",
+        str(out),
+        "--set",
+        "model.hidden=16",
+        "--attacks",
+        "fgsm,pgd",
+        "--jobs",
+        "2",
+        "--quiet",
+    ]
     cli.main(argv)
     printed = capsys.readouterr().out
     assert "FGSM white-box error (%)" in printed and "PGD white-box error (%)" in printed
@@ -168,12 +255,47 @@ def test_bench_attacks_adds_robust_columns_and_keeps_them_on_rerun(tmp_path, cap
 
 def test_bench_attack_source_adds_black_box_columns(tmp_path, capsys):
     source = tmp_path / "erm_source"
-    cli.main(["train", "--dataset", "digits", "--seed", "100", "--epochs", "2", "--out", str(source), "--quiet",
-              "--set", "model.hidden=16"])
+    cli.main(
+        [
+            "train",
+            "--dataset",
+            "digits",
+            "--seed",
+            "100",
+            "--epochs",
+            "2",
+            "--out",
+            str(source),
+            "--quiet",
+            "--set",
+            "model.hidden=16",
+        ]
+    )
     out = tmp_path / "bb"
-    cli.main(["bench", "--dataset", "digits", "--methods", "mixup", "--seeds", "1", "--epochs", "2", "--out", str(out),
-              "--set", "model.hidden=16", "--attacks", "pgd", "--attack-source", str(source), "--jobs", "1",
-              "--quiet"])
+    cli.main(
+        [
+            "bench",
+            "--dataset",
+            "digits",
+            "--methods",
+            "mixup",
+            "--seeds",
+            "1",
+            "--epochs",
+            "2",
+            "--out",
+            str(out),
+            "--set",
+            "model.hidden=16",
+            "--attacks",
+            "pgd",
+            "--attack-source",
+            str(source),
+            "--jobs",
+            "1",
+            "--quiet",
+        ]
+    )
     assert "PGD black-box error (%)" in capsys.readouterr().out
     row = next(csv.DictReader((out / "results.csv").open()))
     assert float(row["test_error_pgd_transfer"]) >= 0
@@ -183,11 +305,15 @@ def test_bench_attack_source_adds_black_box_columns(tmp_path, capsys):
 
 def test_variants_are_rows_with_fixed_settings_tuned_by_their_method_grid():
     avg = bench.parse_variant("avg_lin=amm:amm.aggregation=avg;amm.shrinkage=lin;optim.milestones=0.5,0.8")
-    assert avg == bench.Variant("avg_lin", "amm", ("amm.aggregation=avg", "amm.shrinkage=lin",
-                                                   "optim.milestones=0.5,0.8"))
+    assert avg == bench.Variant(
+        "avg_lin", "amm", ("amm.aggregation=avg", "amm.shrinkage=lin", "optim.milestones=0.5,0.8")
+    )
     specs = bench.plan(TrainConfig(epochs=1), ["erm", avg], 1, [], {"amm.lam": ["1", "4"]}, Path("/b"))
-    assert [(s.method, s.point) for s in specs] == [("erm", ()), ("avg_lin", ("amm.lam=1",)),
-                                                    ("avg_lin", ("amm.lam=4",))]
+    assert [(s.method, s.point) for s in specs] == [
+        ("erm", ()),
+        ("avg_lin", ("amm.lam=1",)),
+        ("avg_lin", ("amm.lam=4",)),
+    ]
     config = specs[1].config
     assert config.method == "amm" and config.amm.aggregation == "avg" and config.amm.lam == 1
     assert config.optim.milestones == (0.5, 0.8)
@@ -202,17 +328,19 @@ def test_variants_are_rows_with_fixed_settings_tuned_by_their_method_grid():
 def test_a_variant_grid_is_chosen_per_row_and_overrides_the_shared_grid_for_its_key():
     row = bench.parse_variant("min_exp=amm:amm.lam=8|32;amm.c=2")
     assert row == bench.Variant("min_exp", "amm", ("amm.c=2",), (("amm.lam", ("8", "32")),))
-    specs = bench.plan(TrainConfig(epochs=1), ["erm", row, bench.Variant("plain", "amm")], 2, [],
-                       {"amm.lam": ["1"]}, Path("/b"))
+    specs = bench.plan(
+        TrainConfig(epochs=1), ["erm", row, bench.Variant("plain", "amm")], 2, [], {"amm.lam": ["1"]}, Path("/b")
+    )
     points = {(s.method, s.point) for s in specs}
-    assert points == {("erm", ()), ("min_exp", ("amm.lam=8",)), ("min_exp", ("amm.lam=32",)),
-                      ("plain", ("amm.lam=1",))}
+    assert points == {("erm", ()), ("min_exp", ("amm.lam=8",)), ("min_exp", ("amm.lam=32",)), ("plain", ("amm.lam=1",))}
     assert len(specs) == 2 * len(points)
     lam32 = next(s for s in specs if s.point == ("amm.lam=32",))
     assert lam32.config.amm.lam == 32 and lam32.config.amm.c == 2
     assert lam32.folder.parent.name == "min_exp__amm.lam=32"
-    rows = [{"method": s.method, "point": " ".join(s.point), "val_error": 10.0 if "=32" in " ".join(s.point) else 20.0}
-            for s in specs]
+    rows = [
+        {"method": s.method, "point": " ".join(s.point), "val_error": 10.0 if "=32" in " ".join(s.point) else 20.0}
+        for s in specs
+    ]
     assert bench.select(rows)["min_exp"] == "amm.lam=32"
     for bad in ("x=amm:amm.lam=8|", "x=amm:=1|2"):
         with pytest.raises(ValueError, match="V1\\|V2"):
@@ -220,12 +348,23 @@ def test_a_variant_grid_is_chosen_per_row_and_overrides_the_shared_grid_for_its_
 
 
 def test_adversarial_training_rows_are_chosen_by_the_best_checkpoints_validation_robust_error():
-    rows = [{"method": "at_awp", "point": p, "val_error": clean, "best_val_robust_error": robust}
-            for p, clean, robust in (("awp.gamma=0.01", 10.0, 50.0), ("awp.gamma=0.005", 20.0, 40.0))]
+    rows = [
+        {"method": "at_awp", "point": p, "val_error": clean, "best_val_robust_error": robust}
+        for p, clean, robust in (("awp.gamma=0.01", 10.0, 50.0), ("awp.gamma=0.005", 20.0, 40.0))
+    ]
     rows.append({"method": "erm", "point": "", "val_error": 5.0, "best_val_robust_error": None})
     assert bench.select(rows) == {"at_awp": "awp.gamma=0.005", "erm": ""}
-    at = [{**_row("at", "", s, val=30, test=30), "best_test_error": 31.0, "best_test_robust_error": 50.0 + s,
-           "last_test_robust_error": 60.0, "robust_gap": 12.0, "best_val_robust_error": 49.0} for s in range(2)]
+    at = [
+        {
+            **_row("at", "", s, val=30, test=30),
+            "best_test_error": 31.0,
+            "best_test_robust_error": 50.0 + s,
+            "last_test_robust_error": 60.0,
+            "robust_gap": 12.0,
+            "best_val_robust_error": 49.0,
+        }
+        for s in range(2)
+    ]
     summary = bench.summarize(at, {"at": ""}, "title")
     header, _, line = summary.splitlines()[2:5]
     assert "Best: PGD error (%)" in header and "Last: PGD error (%)" in header and "robust gap" in header
@@ -233,8 +372,27 @@ def test_adversarial_training_rows_are_chosen_by_the_best_checkpoints_validation
 
 
 def _bench_command(out, epochs, jobs):
-    return [sys.executable, "-m", "advreg.cli", "bench", "--dataset", "digits", "--methods", "erm", "--seeds", "2",
-            "--epochs", str(epochs), "--set", "model.hidden=16", "--jobs", str(jobs), "--quiet", "--out", str(out)]
+    return [
+        sys.executable,
+        "-m",
+        "advreg.cli",
+        "bench",
+        "--dataset",
+        "digits",
+        "--methods",
+        "erm",
+        "--seeds",
+        "2",
+        "--epochs",
+        str(epochs),
+        "--set",
+        "model.hidden=16",
+        "--jobs",
+        str(jobs),
+        "--quiet",
+        "--out",
+        str(out),
+    ]
 
 
 def _children(pid):
@@ -265,8 +423,10 @@ def _wait_until(condition, timeout=300.0):
 
 def _results(out):
     """results.csv without what differs between two benches of the same runs: folders and timings."""
-    return [{k: v for k, v in row.items() if k not in ("folder", "seconds_per_epoch")}
-            for row in csv.DictReader((out / "results.csv").open())]
+    return [
+        {k: v for k, v in row.items() if k not in ("folder", "seconds_per_epoch")}
+        for row in csv.DictReader((out / "results.csv").open())
+    ]
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc")
@@ -317,14 +477,34 @@ def test_a_run_that_raises_fails_alone_and_the_bench_goes_on(tmp_path, capsys):
     (out / "runs/erm/seed0").mkdir(parents=True)
     (out / "runs/erm/seed0/notes.txt").write_text("not a run")  # train refuses a folder that holds something else
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["bench", "--dataset", "digits", "--methods", "erm", "--seeds", "2", "--epochs", "1", "--out", str(out),
-                  "--set", "model.hidden=8", "--jobs", "1", "--quiet"])
+        cli.main(
+            [
+                "bench",
+                "--dataset",
+                "digits",
+                "--methods",
+                "erm",
+                "--seeds",
+                "2",
+                "--epochs",
+                "1",
+                "--out",
+                str(out),
+                "--set",
+                "model.hidden=8",
+                "--jobs",
+                "1",
+                "--quiet",
+            ]
+        )
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and err.count("\n") == 1
     assert err.startswith(f"advreg: error: 1 of 2 runs failed ({out / 'runs/erm/seed0'}: RunFolderError: ")
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert "RunFolderError" in rows[0]["error"] and rows[1]["error"] == "" and float(rows[1]["test_error"]) >= 0
     # the advice of a bench, which has no --out per run: the run's folder, the stray file, and what to do
-    assert (f"{out / 'runs/erm/seed0'} is not empty and holds no advreg run (it holds notes.txt); remove the stray "
-            "files from it, or rerun the bench with another --out") in rows[0]["error"]
+    assert (
+        f"{out / 'runs/erm/seed0'} is not empty and holds no advreg run (it holds notes.txt); remove the stray "
+        "files from it, or rerun the bench with another --out"
+    ) in rows[0]["error"]
     assert "choose another --out" not in err

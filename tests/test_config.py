@@ -1,4 +1,5 @@
 """Frozen configuration and ``--set key=value`` overrides."""
+
 import dataclasses
 import json
 import math
@@ -11,8 +12,17 @@ from advreg.train import REPLICA_SEED_STRIDE
 
 
 def test_override_parses_each_type():
-    c = override(TrainConfig(), ["amp.epsilon=0.2", "amp.inner_steps=3", "model.hidden=200, 50",
-                                 "optim.nesterov=true", "amp.norm=per_tensor", "optim.milestones="])
+    c = override(
+        TrainConfig(),
+        [
+            "amp.epsilon=0.2",
+            "amp.inner_steps=3",
+            "model.hidden=200, 50",
+            "optim.nesterov=true",
+            "amp.norm=per_tensor",
+            "optim.milestones=",
+        ],
+    )
     assert (c.amp.epsilon, c.amp.inner_steps, c.model.hidden) == (0.2, 3, (200, 50))
     assert c.optim.nesterov is True and c.amp.norm == "per_tensor" and c.optim.milestones == ()
     assert TrainConfig().amp.epsilon == 0.5  # defaults untouched: frozen, replaced not mutated
@@ -25,15 +35,18 @@ def test_json_round_trip():
     assert TrainConfig.from_dict(c.to_dict()) == c
 
 
-@pytest.mark.parametrize("bad, words", [
-    ("amp.eps=1", "unknown setting 'amp.eps'.*amp.epsilon"),
-    ("amp=1", "section"),
-    ("epsilon", "key=value"),
-    ("amp.epsilon=big", "float"),
-    ("amp.inner_steps=1.5", "int"),
-    ("optim.nesterov=maybe", "true or false"),
-    ("seed.x=1", "no sub-keys"),
-])
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        ("amp.eps=1", "unknown setting 'amp.eps'.*amp.epsilon"),
+        ("amp=1", "section"),
+        ("epsilon", "key=value"),
+        ("amp.epsilon=big", "float"),
+        ("amp.inner_steps=1.5", "int"),
+        ("optim.nesterov=maybe", "true or false"),
+        ("seed.x=1", "no sub-keys"),
+    ],
+)
 def test_bad_overrides_say_what_to_do(bad, words):
     with pytest.raises(ValueError, match=words):
         override(TrainConfig(), [bad])
@@ -74,8 +87,9 @@ def test_a_non_finite_value_is_refused_however_the_config_is_built():
     assert TrainConfig.from_dict(json.loads(json.dumps(TrainConfig().to_dict(), allow_nan=False))) == TrainConfig()
 
 
-@pytest.mark.parametrize("seed, ok", [(0, True), (-2**63, True), (2**63 - 1, True), (2**63, False), (2**64, False),
-                                      (-2**63 - 1, False)])
+@pytest.mark.parametrize(
+    "seed, ok", [(0, True), (-(2**63), True), (2**63 - 1, True), (2**63, False), (2**64, False), (-(2**63) - 1, False)]
+)
 def test_the_seed_is_a_signed_64_bit_integer(seed, ok):
     if not ok:
         with pytest.raises(ValueError, match=r"seed must be in \[-2\*\*63, 2\*\*63 - 1\]"):

@@ -9,6 +9,7 @@ gradient all-reduces per step; this file checks them against single-process refe
 - the two-call form (first_step / ascent_step / second_step) with ``perturb_on="global"`` equals ``step(closure)``
   on the global batch.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -39,8 +40,17 @@ def free_port() -> int:
 
 def launch(out: Path) -> list[dict]:
     """Run the worker once under torchrun; the results of rank 0 and rank 1."""
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={W.WORLD}", "--nnodes=1",
-               "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(WORKER_PATH), str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={W.WORLD}",
+        "--nnodes=1",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        str(WORKER_PATH),
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
@@ -53,11 +63,13 @@ def global_batch_reference(case: str) -> list[torch.Tensor]:
     model = W.make_model()
     opt = W.make_optimizer(case, model.parameters())
     for x, y in W.make_data():
+
         def closure():
             opt.zero_grad()
             loss = F.cross_entropy(model(x), y)
             loss.backward()
             return loss
+
         opt.step(closure)
     return [p.detach() for p in model.parameters()]
 
@@ -71,6 +83,7 @@ def gradient_function():
             for p, w in zip(probe.parameters(), weights):
                 p.copy_(w)
         return torch.autograd.grad(F.cross_entropy(probe(x), y), list(probe.parameters()))
+
     return grad_at
 
 
@@ -99,6 +112,7 @@ def norm(tensors) -> torch.Tensor:
 
 def amp_delta(epsilon, inner_lr, inner_steps):
     """AMP, Eq. 5: N steps Δ ← Π_ε(Δ + ζ∇J(θ+Δ)) from Δ = 0, on the global L2 ball."""
+
     def delta_of(grad, theta):
         delta = [torch.zeros_like(t) for t in theta]
         for _ in range(inner_steps):
@@ -108,20 +122,24 @@ def amp_delta(epsilon, inner_lr, inner_steps):
             if size > epsilon:
                 delta = [d * (epsilon / size) for d in delta]
         return delta
+
     return delta_of
 
 
 def sam_delta(rho):
     """SAM: Δ = ρ g/‖g‖ with g = ∇J(θ)."""
+
     def delta_of(grad, theta):
         g = grad(theta)
         return [rho * gi / norm(g) for gi in g]
+
     return delta_of
 
 
 def awp_delta(gamma, steps):
     """AWP, per weight tensor w_l with dim > 1 (v = 0 for biases): K2 steps
     v_l ← Π_{γ‖w_l‖}(v_l + η2‖w_l‖ g_l/‖g_l‖), η2 = γ/K2, g = ∇J(θ+v)."""
+
     def delta_of(grad, theta):
         delta = [torch.zeros_like(t) for t in theta]
         for _ in range(steps):
@@ -132,6 +150,7 @@ def awp_delta(gamma, steps):
                     radius = gamma * t.norm()
                     delta[i] = v * (radius / v.norm()) if v.norm() > radius else v
         return delta
+
     return delta_of
 
 
@@ -170,8 +189,9 @@ def gradient_reuse_local_reference(epsilon, inner_lr, inner_steps, every, alpha)
 def local_reference(case: str) -> list[torch.Tensor]:
     cls, kwargs = W.CASES[case]
     if kwargs.get("reuse") == "gradient":
-        return gradient_reuse_local_reference(kwargs["epsilon"], kwargs["inner_lr"], kwargs["inner_steps"],
-                                              kwargs["every"], kwargs["alpha"])
+        return gradient_reuse_local_reference(
+            kwargs["epsilon"], kwargs["inner_lr"], kwargs["inner_steps"], kwargs["every"], kwargs["alpha"]
+        )
     if cls.__name__ == "AMP":
         delta = amp_delta(kwargs["epsilon"], kwargs["inner_lr"], kwargs["inner_steps"])
     elif cls.__name__ == "SAM":
@@ -184,18 +204,26 @@ def local_reference(case: str) -> list[torch.Tensor]:
 # -- the test: one launch, every check (pytest-xdist would launch once per worker for several tests) ---------
 # gradient all-reduces of each step: N+1 under perturb_on="global" (the clean pass, N-1 inner passes, the final
 # pass), 1 otherwise; with every=2 the steps in between make one pass
-ALLREDUCES = {"amp1_global": [2] * W.STEPS, "amp2_global": [3] * W.STEPS, "amp1_global_gradient": [2, 1] * (W.STEPS // 2),
-              "amp2_global_two_call": [3] * W.STEPS, "sam_global_two_call": [2] * W.STEPS}
+ALLREDUCES = {
+    "amp1_global": [2] * W.STEPS,
+    "amp2_global": [3] * W.STEPS,
+    "amp1_global_gradient": [2, 1] * (W.STEPS // 2),
+    "amp2_global_two_call": [3] * W.STEPS,
+    "sam_global_two_call": [2] * W.STEPS,
+}
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                    reason="torch.distributed with the gloo backend is not available in this build of torch")
+@pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(),
+    reason="torch.distributed with the gloo backend is not available in this build of torch",
+)
 def test_ddp_matches_single_process_references(tmp_path):
     results = launch(tmp_path)
     for case, (cls, kwargs) in W.CASES.items():
         rank0, rank1 = (r[case] for r in results)
-        assert all(torch.equal(a, b) for a, b in zip(rank0["params"], rank1["params"], strict=True)), \
+        assert all(torch.equal(a, b) for a, b in zip(rank0["params"], rank1["params"], strict=True)), (
             f"{case}: the replicas diverged"
+        )
         for rank, r in enumerate((rank0, rank1)):
             assert r["allreduces"] == ALLREDUCES.get(case, [1] * W.STEPS), f"{case}: all-reduces per step, rank {rank}"
         local = cls is not None and kwargs.get("perturb_on", "local") == "local"

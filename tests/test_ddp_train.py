@@ -1,4 +1,5 @@
 """``advreg train`` under torchrun (2 gloo processes) trains what one process trains on the same global batches."""
+
 import contextlib
 import importlib.util
 import json
@@ -25,8 +26,9 @@ spec = importlib.util.spec_from_file_location("ddp_train_worker", WORKER)
 W = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(W)
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="needs torch.distributed with gloo")
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
+)
 
 
 def free_port() -> int:
@@ -42,16 +44,25 @@ def metrics(folder: Path) -> dict:
 def launch(*args: str) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           f"--master_port={free_port()}", str(WORKER), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        str(WORKER),
+        *args,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_two_replicas_train_what_one_process_trains(tmp_path):
     launch(str(tmp_path / "ddp"))
-    single = {name: train(W.config(name), tmp_path / "single" / name, progress=False)
-              for name in ("erm", "amp_global", "adv")}
+    single = {
+        name: train(W.config(name), tmp_path / "single" / name, progress=False) for name in ("erm", "amp_global", "adv")
+    }
     for name, one in single.items():
         two = metrics(tmp_path / "ddp" / name)
         assert two["world_size"] == 2
@@ -117,12 +128,14 @@ def test_a_local_pass_under_no_sync_is_not_weighted_by_the_slice():
     def no_sync():  # what the engine enters for a local pass (DistributedDataParallel.no_sync)
         local.append(True)
         yield
+
     opt = AMP(model.parameters(), torch.optim.SGD, lr=0.1, epsilon=100.0, inner_lr=0.5, no_sync=no_sync)
     Step(model, identity, OnLogits(torch.nn.functional.cross_entropy), opt, 2)(x, y, weight=1.5)
 
     def grad_at(weights):
         w = [t.clone().requires_grad_() for t in weights]
         return torch.autograd.grad(torch.nn.functional.cross_entropy(x @ w[0].T + w[1], y), w)
+
     g = grad_at(theta)
     g_up = grad_at([t + 0.5 * gi for t, gi in zip(theta, g)])
     assert local == [True] and not opt.local_pass

@@ -1,4 +1,5 @@
 """A NaN or inf loss mid-run: the engine says which pass was non-finite, the run's error names what to lower."""
+
 import pytest
 import torch
 from torch import nn
@@ -21,6 +22,7 @@ def _sam_step(rho, x):
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
         return loss
+
     with pytest.raises(NonFiniteLossError) as info:
         opt.step(closure)
     return info.value
@@ -33,14 +35,17 @@ def test_the_engine_tells_a_non_finite_perturbed_pass_from_a_non_finite_pass_at_
     assert not at_theta.perturbed and "at the weights θ" in str(at_theta)
 
 
-@pytest.mark.parametrize("method, settings, first, others", [
-    ("sam", ["sam.rho=1e38"], "lower sam.rho (now 1e+38) and start again", None),  # only θ+Δ was non-finite
-    ("amp", ["amp.epsilon=1e38", "amp.inner_lr=1e38"], "lower amp.epsilon (now 1e+38)", "amp.inner_lr (now 1e+38)"),
-    ("amp", ["optim.lr=1e30", "optim.momentum=0"], "lower optim.lr (now 1e+30)", "amp.epsilon (now 0.5)"),
-    ("rmp", ["rmp.epsilon=1e38"], "lower rmp.epsilon (now 1e+38)", "optim.lr (now 0.1)"),  # no pass at θ: by size
-    ("flooding", ["loss.flooding=3e38"], "lower loss.flooding (now 3e+38)", "optim.lr (now 0.1)"),
-    ("erm", ["optim.lr=1e30", "optim.momentum=0"], "lower optim.lr (now 1e+30) and start again", None),
-])
+@pytest.mark.parametrize(
+    "method, settings, first, others",
+    [
+        ("sam", ["sam.rho=1e38"], "lower sam.rho (now 1e+38) and start again", None),  # only θ+Δ was non-finite
+        ("amp", ["amp.epsilon=1e38", "amp.inner_lr=1e38"], "lower amp.epsilon (now 1e+38)", "amp.inner_lr (now 1e+38)"),
+        ("amp", ["optim.lr=1e30", "optim.momentum=0"], "lower optim.lr (now 1e+30)", "amp.epsilon (now 0.5)"),
+        ("rmp", ["rmp.epsilon=1e38"], "lower rmp.epsilon (now 1e+38)", "optim.lr (now 0.1)"),  # no pass at θ: by size
+        ("flooding", ["loss.flooding=3e38"], "lower loss.flooding (now 3e+38)", "optim.lr (now 0.1)"),
+        ("erm", ["optim.lr=1e30", "optim.momentum=0"], "lower optim.lr (now 1e+30) and start again", None),
+    ],
+)
 def test_a_diverged_run_names_the_setting_most_likely_at_fault_first(tmp_path, method, settings, first, others):
     config = resolve(TrainConfig(method=method, epochs=1), ["data.name=digits", "model.hidden=8", *settings])
     with pytest.raises(TrainingDiverged) as info:
@@ -52,8 +57,9 @@ def test_a_diverged_run_names_the_setting_most_likely_at_fault_first(tmp_path, m
 
 def test_the_suspects_are_the_settings_the_run_uses():
     smoothing = resolve(TrainConfig(method="label_smoothing"), [])
-    assert suspects(smoothing, perturbed=False) == ("lower optim.lr (now 0.1) and start again; "
-                                                    f"next suspects: loss.smoothing (now {smoothing.loss.smoothing})")
+    assert suspects(smoothing, perturbed=False) == (
+        f"lower optim.lr (now 0.1) and start again; next suspects: loss.smoothing (now {smoothing.loss.smoothing})"
+    )
     trades = resolve(TrainConfig(method="trades_awp"), ["trades.beta=600"])  # 100 times its default: first
     assert suspects(trades, perturbed=False).startswith("lower trades.beta (now 600.0)")
     assert suspects(trades, perturbed=True) == f"lower awp.gamma (now {trades.awp.gamma}) and start again"

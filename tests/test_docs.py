@@ -7,6 +7,7 @@ trains.
 
 ``mkdocs build --strict`` itself (broken links, anchors, the same docstring check) runs in scripts/test.sh.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,7 +70,10 @@ def test_cli_table_cells_escape_pipes_and_list_choices():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true")
     assert hooks.cli_markdown(parser).splitlines()[-3:] == [
-        "| `--norm NORM` | `linf` | a \\| b: `linf`, `l2` |", "| `--seed SEED` | `0` |  |", "| `--quiet` |  |  |"]
+        "| `--norm NORM` | `linf` | a \\| b: `linf`, `l2` |",
+        "| `--seed SEED` | `0` |  |",
+        "| `--quiet` |  |  |",
+    ]
 
 
 def test_unknown_cli_marker_is_an_error():
@@ -118,7 +122,12 @@ def test_docstring_check_finds_what_mkdocstrings_would_omit(monkeypatch):
         setattr(module, obj.__name__, obj)
     monkeypatch.setitem(sys.modules, "fake_api", module)
     assert hooks.missing_docstrings(["fake_api"]) == [
-        "fake_api", "fake_api.bare", "fake_api.Settings", "fake_api.Engine.state_dict", "fake_api.Engine.radius"]
+        "fake_api",
+        "fake_api.bare",
+        "fake_api.Settings",
+        "fake_api.Engine.state_dict",
+        "fake_api.Engine.radius",
+    ]
     assert hooks.missing_docstrings(["fake_api.documented", "fake_api.Engine.step"]) == []
 
 
@@ -149,15 +158,17 @@ def _snippets(text: str, rows: bool = True) -> list[tuple[str, bool]]:
     ``rows=False`` leaves out the spans in table rows."""
     blocks = [body for lang, body in FENCE.findall(text) if lang == "bash"]
     prose = [line for line in FENCE.sub("", text).splitlines() if rows or not line.startswith("|")]
-    return [*((line, True) for block in blocks for line in _shell_lines(block)),
-            *((span, False) for line in prose for span in CODE_SPAN.findall(line))]
+    return [
+        *((line, True) for block in blocks for line in _shell_lines(block)),
+        *((span, False) for line in prose for span in CODE_SPAN.findall(line)),
+    ]
 
 
 def _after(tokens: list[str], program: str) -> list[str]:
     """The arguments after ``program`` up to the end of the shell command (``&&``, ``;``, ``|``, ``done``)."""
-    args = tokens[tokens.index(program) + 1:]
+    args = tokens[tokens.index(program) + 1 :]
     ends = [i for i, t in enumerate(args) if t in ("&&", ";", "|", "do", "done")]
-    return args[:ends[0]] if ends else args
+    return args[: ends[0]] if ends else args
 
 
 def _parses(parser: argparse.ArgumentParser, args: list[str], complete: bool) -> bool:
@@ -205,8 +216,15 @@ def _runs_validate(args: argparse.Namespace) -> None:
         validate(cli.make_config(args))
     elif args.command == "bench" and not args.collect:
         methods = [m for m in args.methods.split(",") if m] + [bench.parse_variant(v) for v in args.variants]
-        specs = bench.plan(cli.base_config(args), methods, args.seeds, args.settings, bench.parse_grid(args.grid),
-                           Path(args.out), args.recipe)
+        specs = bench.plan(
+            cli.base_config(args),
+            methods,
+            args.seeds,
+            args.settings,
+            bench.parse_grid(args.grid),
+            Path(args.out),
+            args.recipe,
+        )
         for config in {dataclasses.replace(spec.config, seed=0) for spec in specs}:  # the seeds' runs differ by it only
             validate(config)
 
@@ -245,16 +263,19 @@ def test_every_whole_train_and_bench_command_in_the_docs_makes_valid_runs():
 def test_every_option_in_the_docs_text_is_a_real_one():
     """An option in the text (``--set amp.every=k``) is one of a sub-command of advreg or of an example script; the
     benchmark scripts' (benchmarks.md) and sbatch's (the table rows of cluster.md) are other programs'."""
-    candidates = [*((build_parser, [name]) for name in hooks.subcommands(build_parser())),
-                  *((functools.partial(_example_parser, name), []) for name in EXAMPLES)]
+    candidates = [
+        *((build_parser, [name]) for name in hooks.subcommands(build_parser())),
+        *((functools.partial(_example_parser, name), []) for name in EXAMPLES),
+    ]
     checked = 0
     for page in _pages():
         for snippet, complete in _snippets(page.read_text(encoding="utf-8"), rows=page.name != "cluster.md"):
             if complete or not snippet.startswith("--") or page.name == "benchmarks.md":
                 continue
             tokens = shlex.split(snippet)
-            assert any(_parses(make(), [*prefix, *tokens], False) for make, prefix in candidates), \
+            assert any(_parses(make(), [*prefix, *tokens], False) for make, prefix in candidates), (
                 f"{page.name}: {snippet}"
+            )
             checked += 1
     assert checked >= 40
 

@@ -1,4 +1,5 @@
 """The tests are laid out as src/advreg is: a folder of tests/ holds the tests of the subpackage of that name."""
+
 from __future__ import annotations
 
 from pathlib import Path

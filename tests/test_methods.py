@@ -3,6 +3,7 @@
 Contract: finite loss, weights restored, state_dict round trip, determinism for a seed. Then the stages
 compose (AMP on MixUp batches, AMP with flooding) and ``resolve`` refuses settings that would be ignored.
 """
+
 from __future__ import annotations
 
 import copy
@@ -75,8 +76,9 @@ def test_state_dict_round_trip(name):
     run = build_run(config)
     data = batches(run, k + m)
     train_on(run, data[:k])
-    saved = copy.deepcopy({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-                           "rng": torch.get_rng_state()})
+    saved = copy.deepcopy(
+        {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "rng": torch.get_rng_state()}
+    )
     train_on(run, data[k:])
     expected = params(run)
 
@@ -178,15 +180,28 @@ def test_amp_on_mixup_batches_transforms_once_and_passes_n_plus_one_times(inner_
         assert math.isfinite(loss.item())
         assert run.step.transform.calls == step
         assert run.step.loss_fn.calls == step * (inner_steps + 1)
-    targets = [args[1].target for args in run.step.loss_fn.seen[-(inner_steps + 1):]]
+    targets = [args[1].target for args in run.step.loss_fn.seen[-(inner_steps + 1) :]]
     assert targets[0].shape == (64, run.data.num_classes)  # soft MixUp targets
     assert all(t is targets[0] for t in targets)  # every pass of a step sees the same mixed batch
     assert not same(params(run), before)
 
 
 def test_flooding_composes_with_amp_through_the_command_line_setting():
-    args = build_parser().parse_args(["train", "--method", "amp", "--dataset", "digits", "--out", "unused",
-                                      "--set", "loss.flooding=0.02", "--set", "model.hidden=16"])
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--method",
+            "amp",
+            "--dataset",
+            "digits",
+            "--out",
+            "unused",
+            "--set",
+            "loss.flooding=0.02",
+            "--set",
+            "model.hidden=16",
+        ]
+    )
     config = make_config(args)
     assert config.stages.perturbation == "amp" and config.loss.flooding == 0.02
     run = build_run(config)
@@ -200,31 +215,37 @@ def test_flooding_composes_with_amp_through_the_command_line_setting():
 
 
 # -- resolve and validate refuse what would be ignored ------------------------------------------
-@pytest.mark.parametrize("method, setting", [
-    ("amp", "stages.perturbation=sam"),
-    ("amp", "stages.perturbation=none"),
-    ("mixup", "stages.transform=fgsm"),
-    ("erm", "amp.epsilon=0.1"),
-    ("erm", "mixup.alpha=0.4"),
-    ("erm", "fgsm.pixels=2"),
-    ("erm", "sam.rho=0.1"),
-    ("erm", "rmp.epsilon=0.2"),
-    ("sam", "amp.epsilon=0.1"),
-    ("amp", "mixup.alpha=0.4"),
-])
+@pytest.mark.parametrize(
+    "method, setting",
+    [
+        ("amp", "stages.perturbation=sam"),
+        ("amp", "stages.perturbation=none"),
+        ("mixup", "stages.transform=fgsm"),
+        ("erm", "amp.epsilon=0.1"),
+        ("erm", "mixup.alpha=0.4"),
+        ("erm", "fgsm.pixels=2"),
+        ("erm", "sam.rho=0.1"),
+        ("erm", "rmp.epsilon=0.2"),
+        ("sam", "amp.epsilon=0.1"),
+        ("amp", "mixup.alpha=0.4"),
+    ],
+)
 def test_resolve_rejects_contradicting_or_unused_settings(method, setting):
     with pytest.raises(ValueError):
         resolve(TrainConfig(method=method), [setting])
 
 
-@pytest.mark.parametrize("method, settings", [
-    ("amp", ["amp.epsilon=0.1"]),
-    ("amp", ["stages.perturbation=amp"]),  # agrees with the preset
-    ("erm", ["stages.perturbation=amp", "amp.epsilon=0.1"]),
-    ("amp", ["stages.transform=mixup", "mixup.alpha=0.4"]),
-    ("mixup", ["mixup.alpha=0.4"]),
-    ("label_smoothing", ["loss.smoothing=0.1"]),
-])
+@pytest.mark.parametrize(
+    "method, settings",
+    [
+        ("amp", ["amp.epsilon=0.1"]),
+        ("amp", ["stages.perturbation=amp"]),  # agrees with the preset
+        ("erm", ["stages.perturbation=amp", "amp.epsilon=0.1"]),
+        ("amp", ["stages.transform=mixup", "mixup.alpha=0.4"]),
+        ("mixup", ["mixup.alpha=0.4"]),
+        ("label_smoothing", ["loss.smoothing=0.1"]),
+    ],
+)
 def test_resolve_accepts_settings_of_stages_in_use(method, settings):
     config = resolve(TrainConfig(method=method), settings)
     validate(config)
@@ -246,8 +267,9 @@ def test_a_preset_built_without_resolve_is_refused():
     validate(resolve(TrainConfig(method="amp"), []))
 
 
-@pytest.mark.parametrize("name, key", [("dropout", "model.dropout"), ("label_smoothing", "loss.smoothing"),
-                                       ("flooding", "loss.flooding")])
+@pytest.mark.parametrize(
+    "name, key", [("dropout", "model.dropout"), ("label_smoothing", "loss.smoothing"), ("flooding", "loss.flooding")]
+)
 def test_a_preset_with_its_regularizer_off_is_refused(name, key):
     from advreg.train import validate
 

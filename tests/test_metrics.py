@@ -1,4 +1,5 @@
 """ECE (AMP paper, Appendix D), NLL and error against definitions written out in the test."""
+
 import math
 
 import pytest
@@ -46,8 +47,7 @@ def test_bin_edges_are_closed_on_the_right():
     correct = torch.tensor([True, False])
     assert calibration_error(conf, correct) == pytest.approx(brute_force_ece(conf.tolist(), [1, 0]))
     same_bin = torch.tensor([2 / 15, 2 / 15 - 1e-3], dtype=torch.float64)
-    assert calibration_error(same_bin, correct) == pytest.approx(
-        brute_force_ece(same_bin.tolist(), [1, 0]), abs=1e-12)
+    assert calibration_error(same_bin, correct) == pytest.approx(brute_force_ece(same_bin.tolist(), [1, 0]), abs=1e-12)
     assert calibration_error(same_bin, correct) == pytest.approx(abs(0.5 - (2 / 15 - 5e-4)), abs=1e-12)
 
 
@@ -67,8 +67,14 @@ def test_bad_bins_and_shapes_raise():
 def test_nll_and_error():
     logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 5.0]])
     targets = torch.tensor([0, 2, 2])
-    expected = -(math.log(math.exp(2) / (math.exp(2) + 2)) + math.log(1 / (2 + math.e))
-                 + math.log(math.exp(5) / (math.exp(5) + 2))) / 3
+    expected = (
+        -(
+            math.log(math.exp(2) / (math.exp(2) + 2))
+            + math.log(1 / (2 + math.e))
+            + math.log(math.exp(5) / (math.exp(5) + 2))
+        )
+        / 3
+    )
     assert nll(logits, targets) == pytest.approx(expected, rel=1e-6)
     assert nll(logits, targets) == pytest.approx(F.cross_entropy(logits, targets).item(), rel=1e-6)
     assert error_rate(logits, targets) == pytest.approx(1 / 3)

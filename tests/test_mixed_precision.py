@@ -1,5 +1,6 @@
 """The fast path: GradScaler inside the perturbation engine (unscale each pass, skip on overflow), BatchNorm
 bookkeeping given the model (torch.compile), and the trainer's speed.* options."""
+
 import copy
 import json
 
@@ -20,8 +21,9 @@ SGD = dict(lr=0.1, momentum=0.9, weight_decay=1e-4)
 OPTIMIZERS = {
     "amp1": lambda p, **kw: advreg.AMP(p, torch.optim.SGD, epsilon=0.5, inner_lr=1.0, **SGD, **kw),
     "amp2": lambda p, **kw: advreg.AMP(p, torch.optim.SGD, epsilon=0.05, inner_lr=0.1, inner_steps=2, **SGD, **kw),
-    "amp_tensor": lambda p, **kw: advreg.AMP(p, torch.optim.SGD, epsilon=0.5, inner_lr=1.0, norm="per_tensor",
-                                             **SGD, **kw),
+    "amp_tensor": lambda p, **kw: advreg.AMP(
+        p, torch.optim.SGD, epsilon=0.5, inner_lr=1.0, norm="per_tensor", **SGD, **kw
+    ),
     "sam": lambda p, **kw: advreg.SAM(p, torch.optim.SGD, rho=0.05, **SGD, **kw),
     "awp": lambda p, **kw: advreg.AWP(p, torch.optim.SGD, gamma=0.01, steps=2, **SGD, **kw),
 }
@@ -47,6 +49,7 @@ def make_closure(opt, model, x, y, scaler=None, inject_at=None, where="weight"):
             getattr(model[0], where).grad.view(-1)[0] = float("inf")
         calls.append(1)
         return loss
+
     return closure, calls
 
 
@@ -56,7 +59,7 @@ def test_a_power_of_two_loss_scale_changes_nothing(name):
     plain_model, x, y = problem()
     scaled_model = copy.deepcopy(plain_model)
     plain = OPTIMIZERS[name](plain_model.parameters())
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     scaled = OPTIMIZERS[name](scaled_model.parameters(), grad_scaler=scaler)
     for _ in range(3):
         plain.step(make_closure(plain, plain_model, x, y)[0])
@@ -64,7 +67,7 @@ def test_a_power_of_two_loss_scale_changes_nothing(name):
         scaler.update()
     for a, b in zip(plain_model.parameters(), scaled_model.parameters()):
         assert torch.equal(a, b)
-    assert scaler.get_scale() == 2.0 ** 10
+    assert scaler.get_scale() == 2.0**10
 
 
 @pytest.mark.parametrize("where", ["weight", "bias"])  # AWP leaves biases unperturbed: their overflow stays local
@@ -72,7 +75,7 @@ def test_a_power_of_two_loss_scale_changes_nothing(name):
 def test_an_overflow_in_any_pass_restores_theta_and_skips_the_step(name, passes, where):
     for inject_at in range(passes):
         model, x, y = problem()
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
         opt = OPTIMIZERS[name](model.parameters(), grad_scaler=scaler)
         closure, _ = make_closure(opt, model, x, y, scaler)
         opt.step(closure)  # one good step: momentum exists
@@ -85,7 +88,7 @@ def test_an_overflow_in_any_pass_restores_theta_and_skips_the_step(name, passes,
         assert len(calls) == passes and torch.isfinite(loss)
         assert all(torch.equal(p, t) for p, t in zip(model.parameters(), theta)), f"pass {inject_at}"
         assert all(torch.equal(opt.state[p]["momentum_buffer"], m) for p, m in zip(model.parameters(), momentum))
-        assert scaler.get_scale() == 2.0 ** 7  # the scaler saw the overflow and halved its scale
+        assert scaler.get_scale() == 2.0**7  # the scaler saw the overflow and halved its scale
         opt.step(make_closure(opt, model, x, y, scaler)[0])  # and the next step goes on
         assert not all(torch.equal(p, t) for p, t in zip(model.parameters(), theta))
 
@@ -156,10 +159,26 @@ def train_cli(tmp_path, name, *settings, method="amp", image=False):
     """``advreg train`` on digits (an MLP), or with ``image`` on small CIFAR-10 files written here (LeNet: 4-d
     weights and batches for channels_last)."""
     out = tmp_path / name
-    data = ["--dataset", "cifar10", "--data-dir", str(write_cifar(tmp_path)), "--model", "lenet"] if image else \
-        ["--dataset", "digits"]
-    argv = ["train", *data, "--method", method, "--epochs", "2", "--out", str(out), "--quiet",
-            "--set", "robust.margin_samples=0", "--set", "optim.lr=0.05"]
+    data = (
+        ["--dataset", "cifar10", "--data-dir", str(write_cifar(tmp_path)), "--model", "lenet"]
+        if image
+        else ["--dataset", "digits"]
+    )
+    argv = [
+        "train",
+        *data,
+        "--method",
+        method,
+        "--epochs",
+        "2",
+        "--out",
+        str(out),
+        "--quiet",
+        "--set",
+        "robust.margin_samples=0",
+        "--set",
+        "optim.lr=0.05",
+    ]
     for s in settings:
         argv += ["--set", s]
     cli.main(argv)
@@ -199,10 +218,13 @@ def test_channels_last_and_compile_keep_the_numbers(tmp_path, monkeypatch):
     assert compiled["train_nll"] == pytest.approx(base["train_nll"], rel=1e-4)
 
 
-@pytest.mark.parametrize("settings, words", [
-    ({"precision": "fp8"}, "speed.precision"),
-    ({"channels_last": 1}, "speed.channels_last"),
-])
+@pytest.mark.parametrize(
+    "settings, words",
+    [
+        ({"precision": "fp8"}, "speed.precision"),
+        ({"channels_last": 1}, "speed.channels_last"),
+    ],
+)
 def test_bad_speed_settings_are_refused(settings, words):
     with pytest.raises(ValueError, match=words):
         validate(TrainConfig(speed=SpeedConfig(**settings)))
@@ -219,13 +241,14 @@ def test_a_channels_last_network_under_a_scaler_steps_and_skips():
     model = bn_net().to(memory_format=torch.channels_last)
     x = torch.randn(8, 3, 8, 8).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 3, (8,))
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
-    opt = advreg.AMP(model.parameters(), torch.optim.SGD, epsilon=0.5, inner_lr=1.0, grad_scaler=scaler, model=model,
-                     **SGD)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    opt = advreg.AMP(
+        model.parameters(), torch.optim.SGD, epsilon=0.5, inner_lr=1.0, grad_scaler=scaler, model=model, **SGD
+    )
     assert not model[0].weight.is_contiguous()
     theta = [p.detach().clone() for p in model.parameters()]
     opt.step(make_closure(opt, model, x, y, scaler, inject_at=1, where="bias")[0])  # the final pass overflows
     scaler.update()
-    assert all(torch.equal(p, t) for p, t in zip(model.parameters(), theta)) and scaler.get_scale() == 2.0 ** 7
+    assert all(torch.equal(p, t) for p, t in zip(model.parameters(), theta)) and scaler.get_scale() == 2.0**7
     opt.step(make_closure(opt, model, x, y, scaler)[0])
     assert not all(torch.equal(p, t) for p, t in zip(model.parameters(), theta))

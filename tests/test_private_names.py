@@ -1,5 +1,6 @@
 """No test reaches into a private name of advreg: the suite tests the public API (``from advreg.x import _y``,
 ``advreg.x._y``, ``module._y`` on an advreg module, ``monkeypatch.setattr(module, "_y", ...)`` all count)."""
+
 from __future__ import annotations
 
 import ast
@@ -58,8 +59,12 @@ def private_uses(source: str) -> list[str]:
         elif isinstance(node, (ast.Attribute, ast.Call)):
             found += _private_chain(node, modules)
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
-            found += [f"{m}.{n.strip()}" for m, names in CODE_IMPORT.findall(node.value) for n in names.split(",")
-                      if _private(n.strip())]
+            found += [
+                f"{m}.{n.strip()}"
+                for m, names in CODE_IMPORT.findall(node.value)
+                for n in names.split(",")
+                if _private(n.strip())
+            ]
     return sorted(set(found))
 
 
@@ -68,8 +73,13 @@ def _private_chain(node: ast.AST, modules: dict[str, str]) -> list[str]:
         func = _dotted(node.func)
         if func and func[-1] in ("setattr", "getattr", "delattr") and len(node.args) >= 2:
             target, name = _dotted(node.args[0]), node.args[1]
-            if target and target[0] in modules and isinstance(name, ast.Constant) and isinstance(name.value, str) \
-                    and _private(name.value):
+            if (
+                target
+                and target[0] in modules
+                and isinstance(name, ast.Constant)
+                and isinstance(name.value, str)
+                and _private(name.value)
+            ):
                 return [".".join([modules[target[0]], *target[1:], name.value])]
         return []
     chain = _dotted(node)  # each attribute is its own node: look at its last name only
@@ -79,14 +89,31 @@ def _private_chain(node: ast.AST, modules: dict[str, str]) -> list[str]:
 
 
 def test_the_checker_finds_each_form():
-    source = "\n".join([
-        "import advreg.train as training", "import advreg", "from advreg import bench", "from advreg.x import ok, _y",
-        "import torch", "training._restore(1)", "advreg.perturb.engine._checked", "bench._finite(None)",
-        "monkeypatch.setattr(training, '_z', 1)", "torch._foreach_add_", "self._delta", "training.train",
-        "code = 'import os; from advreg.io import read_json, _w; _w()'"])
-    assert private_uses(source) == ["advreg.bench._finite", "advreg.io._w",
-                                    "advreg.perturb.engine._checked", "advreg.train._restore", "advreg.train._z",
-                                    "advreg.x._y"]
+    source = "\n".join(
+        [
+            "import advreg.train as training",
+            "import advreg",
+            "from advreg import bench",
+            "from advreg.x import ok, _y",
+            "import torch",
+            "training._restore(1)",
+            "advreg.perturb.engine._checked",
+            "bench._finite(None)",
+            "monkeypatch.setattr(training, '_z', 1)",
+            "torch._foreach_add_",
+            "self._delta",
+            "training.train",
+            "code = 'import os; from advreg.io import read_json, _w; _w()'",
+        ]
+    )
+    assert private_uses(source) == [
+        "advreg.bench._finite",
+        "advreg.io._w",
+        "advreg.perturb.engine._checked",
+        "advreg.train._restore",
+        "advreg.train._z",
+        "advreg.x._y",
+    ]
 
 
 def test_no_test_uses_a_private_name_of_advreg():

@@ -1,4 +1,5 @@
 """The AMP paper's training recipe (Sec. 5.1) as a preset under the method and the user's settings."""
+
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,9 @@ def test_the_paper_protocol_for_preactresnet18_and_vgg16():
     assert (amp.data.augment, amp.data.val_fraction, amp.model.normalize) == ("standard", 0.1, True)
     assert amp.amp == AMPConfig(epsilon=0.5, inner_lr=1.0, inner_steps=1, norm="per_tensor")
     vgg = config_of(["--dataset", "cifar100", "--recipe", "amp_vgg16", "--method", "amp"])
-    assert vgg.model.name == "vgg16" and vgg.amp == AMPConfig(epsilon=0.1, inner_lr=0.2, inner_steps=1, norm="per_tensor")
+    assert vgg.model.name == "vgg16" and vgg.amp == AMPConfig(
+        epsilon=0.1, inner_lr=0.2, inner_steps=1, norm="per_tensor"
+    )
     validate(amp)
     validate(vgg)
 
@@ -39,16 +42,39 @@ def test_baselines_share_the_protocol_without_amp_settings():
 
 
 def test_user_settings_and_flags_go_over_the_recipe():
-    c = config_of(["--dataset", "cifar10", "--recipe", "amp_vgg16", "--method", "amp", "--epochs", "3",
-                   "--model", "preact_resnet18", "--set", "amp.epsilon=0.3", "--set", "optim.nesterov=false"])
-    assert (c.epochs, c.model.name, c.amp.epsilon, c.amp.inner_lr, c.optim.nesterov) == (3, "preact_resnet18", 0.3,
-                                                                                          0.2, False)
+    c = config_of(
+        [
+            "--dataset",
+            "cifar10",
+            "--recipe",
+            "amp_vgg16",
+            "--method",
+            "amp",
+            "--epochs",
+            "3",
+            "--model",
+            "preact_resnet18",
+            "--set",
+            "amp.epsilon=0.3",
+            "--set",
+            "optim.nesterov=false",
+        ]
+    )
+    assert (c.epochs, c.model.name, c.amp.epsilon, c.amp.inner_lr, c.optim.nesterov) == (
+        3,
+        "preact_resnet18",
+        0.3,
+        0.2,
+        False,
+    )
     with pytest.raises(ValueError, match="does not use"):  # amp.* on ERM is still refused from the user
         config_of(["--dataset", "cifar10", "--recipe", "amp_vgg16", "--method", "erm", "--set", "amp.epsilon=0.3"])
 
 
-@pytest.mark.parametrize("dataset, augment", [("svhn", "digits"), ("gtsrb", "digits"), ("cifar100", "standard"),
-                                              ("tinyimagenet", "standard")])
+@pytest.mark.parametrize(
+    "dataset, augment",
+    [("svhn", "digits"), ("gtsrb", "digits"), ("cifar100", "standard"), ("tinyimagenet", "standard")],
+)
 def test_no_horizontal_flip_for_digits_and_traffic_signs(dataset, augment):
     assert config_of(["--dataset", dataset, "--recipe", "amp_preactresnet18"]).data.augment == augment
 
@@ -76,8 +102,9 @@ def test_unknown_recipe_is_refused(capsys):
 
 def test_bench_plans_every_row_under_the_recipe():
     base = TrainConfig(data=DataConfig(name="cifar10"), epochs=200)
-    specs = bench.plan(base, ["erm", "amp"], 1, [], {"amp.epsilon": ["0.1", "0.5"]}, Path("out"),
-                       recipe="amp_preactresnet18")
+    specs = bench.plan(
+        base, ["erm", "amp"], 1, [], {"amp.epsilon": ["0.1", "0.5"]}, Path("out"), recipe="amp_preactresnet18"
+    )
     by_row = {(s.method, s.point): s.config for s in specs}
     assert set(by_row) == {("erm", ()), ("amp", ("amp.epsilon=0.1",)), ("amp", ("amp.epsilon=0.5",))}
     assert all(c.optim.nesterov and c.recipe == "amp_preactresnet18" for c in by_row.values())
@@ -87,6 +114,7 @@ def test_bench_plans_every_row_under_the_recipe():
 
 def test_every_recipe_builds_its_network():
     from advreg import models
+
     for recipe in RECIPES.values():
         net = models.build(recipe.model, 10, input_shape=(3, 32, 32))
         assert net(torch.rand(2, 3, 32, 32)).shape == (2, 10)

@@ -1,5 +1,6 @@
 """The stage members declare themselves (advreg.registry): the name lists, the in-use check, the config sections and
 the builders come from the declarations, and a new member is one declaration plus one preset line."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,17 +60,23 @@ def test_a_loss_declares_what_it_needs_of_the_batch():
     assert registry.get("transform", "pgd").gives_clean and not registry.get("transform", "fgsm").gives_clean
 
 
-@pytest.mark.parametrize("method, setting, message", [
-    ("at", "pgd.steps=0", r"^pgd.pixels must be >= 0, pgd.step_pixels > 0 and pgd.steps an integer >= 1"),
-    ("amm", "amm.c=-1", r"^amm.lam must be >= 0 and amm.c, amm.d > 0, got amm.lam=32.0, amm.c=-1.0"),
-    ("amp", "amp.every=0", r"^amp.every must be an integer >= 1, got 0: a fresh Δ every k steps"),  # a word stays
-    ("mixup", "mixup.alpha=0", r"^mixup.alpha must be > 0"),
-])
+@pytest.mark.parametrize(
+    "method, setting, message",
+    [
+        ("at", "pgd.steps=0", r"^pgd.pixels must be >= 0, pgd.step_pixels > 0 and pgd.steps an integer >= 1"),
+        ("amm", "amm.c=-1", r"^amm.lam must be >= 0 and amm.c, amm.d > 0, got amm.lam=32.0, amm.c=-1.0"),
+        ("amp", "amp.every=0", r"^amp.every must be an integer >= 1, got 0: a fresh Δ every k steps"),  # a word stays
+        ("mixup", "mixup.alpha=0", r"^mixup.alpha must be > 0"),
+    ],
+)
 def test_a_member_names_its_parameter_and_the_config_layer_names_the_key(method, setting, message):
     config = resolve(TrainConfig(method=method), [setting])
     with pytest.raises(ValueError, match=message):
-        stages.build_transform(config, (0.0, 1.0)), stages.build_loss(config), stages.build_optimizer(
-            config, [nn.Parameter(torch.zeros(1))])
+        (
+            stages.build_transform(config, (0.0, 1.0)),
+            stages.build_loss(config),
+            stages.build_optimizer(config, [nn.Parameter(torch.zeros(1))]),
+        )
 
 
 def test_old_section_names_load_and_the_set_key_names_the_new_one():
@@ -83,6 +90,7 @@ def test_old_section_names_load_and_the_set_key_names_the_new_one():
 
 def test_a_run_folder_with_the_old_section_names_resumes(tmp_path, monkeypatch):
     import advreg.train as training
+
     config = resolve(TrainConfig(method="adv", epochs=2), SMALL)
     whole = train(config, tmp_path / "whole", progress=False)
     real_epoch = training.run_epoch
@@ -91,6 +99,7 @@ def test_a_run_folder_with_the_old_section_names_resumes(tmp_path, monkeypatch):
         if epoch == 1:
             raise KeyboardInterrupt
         return real_epoch(run, epoch)
+
     monkeypatch.setattr(training, "run_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train(config, tmp_path / "cut", progress=False)
@@ -123,10 +132,16 @@ class SignAscent(PerturbedOptimizer):
 
 @pytest.fixture
 def sign_ascent(monkeypatch):
-    registry.register(registry.Member("perturbation", "sign_ascent", lambda c, params, steps_per_epoch, sgd, engine:
-                                      SignAscent(params, torch.optim.SGD, **sgd, **engine)))
-    monkeypatch.setitem(METHODS, "sign_ascent", Method("sign_ascent", ("stages.perturbation=sign_ascent",), 2,
-                                                       "a test's perturbation"))
+    registry.register(
+        registry.Member(
+            "perturbation",
+            "sign_ascent",
+            lambda c, params, steps_per_epoch, sgd, engine: SignAscent(params, torch.optim.SGD, **sgd, **engine),
+        )
+    )
+    monkeypatch.setitem(
+        METHODS, "sign_ascent", Method("sign_ascent", ("stages.perturbation=sign_ascent",), 2, "a test's perturbation")
+    )
     yield
     registry.unregister("perturbation", "sign_ascent")
 
@@ -143,6 +158,7 @@ def test_a_new_perturbation_is_one_declaration_and_one_preset(sign_ascent, tmp_p
     def loss_at(weights):  # the step by hand: SGD (lr 0.1, weight decay 1e-4) with the gradient at θ+ρ·sign(g)
         w = [t.clone().requires_grad_() for t in weights]
         return nn.functional.cross_entropy(x @ w[0].T + w[1], y), w
+
     loss, w = loss_at(theta)
     g = torch.autograd.grad(loss, w)
     loss_up, w_up = loss_at([t + RHO * gi.sign() for t, gi in zip(theta, g)])
@@ -154,6 +170,7 @@ def test_a_new_perturbation_is_one_declaration_and_one_preset(sign_ascent, tmp_p
         out = nn.functional.cross_entropy(model(x), y)
         out.backward()
         return out
+
     opt.step(closure)
     for p, e in zip(model.parameters(), expected):
         torch.testing.assert_close(p.detach(), e)
@@ -193,7 +210,7 @@ register(Member("perturbation", "sign_step", lambda c, params, steps_per_epoch, 
     params, torch.optim.SGD, c.rho, **sgd, **engine), SignStepConfig))
 '''
 
-PROBE = '''import json, sys
+PROBE = """import json, sys
 import advreg.perturb
 advreg.perturb.__path__.append(sys.argv[1])  # the folder holds one more module of the perturbation stage
 import torch
@@ -209,13 +226,18 @@ except ValueError as err:
     refused = str(err)
 print(json.dumps({"optimizer": type(opt).__name__, "rho": opt.rho, "section": config.to_dict()["sign_step"],
                   "loaded": TrainConfig.from_dict(config.to_dict()) == config, "refused": refused}))
-'''
+"""
 
 
 def test_a_new_member_with_settings_is_one_module_and_the_config_gets_its_section(tmp_path):
     (tmp_path / "sign_step.py").write_text(NEW_MEMBER)
-    out = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path)], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     assert out.returncode == 0, out.stderr
     seen = json.loads(out.stdout)
     assert seen.pop("refused").startswith("sign_step.rho configures the sign_step perturbation")
@@ -224,8 +246,9 @@ def test_a_new_member_with_settings_is_one_module_and_the_config_gets_its_sectio
 
 
 def test_a_member_section_that_the_config_has_already_is_refused():
-    clash = registry.Member("loss", "clash", lambda c, ce, loss_config: None, section="optim",
-                            config=type(TrainConfig().optim))
+    clash = registry.Member(
+        "loss", "clash", lambda c, ce, loss_config: None, section="optim", config=type(TrainConfig().optim)
+    )
     registry.register(clash)
     try:
         with pytest.raises(ValueError, match="declares the section 'optim', which the run's config has already"):
@@ -238,18 +261,33 @@ def test_a_member_declared_after_the_config_was_built_is_told_where_to_live():
     late = registry.Member("transform", "late", lambda c, box, loss: None, config=type(TrainConfig().mixup))
     registry.register(late)
     try:
-        with pytest.raises(ValueError, match="declares the section 'late', which the run's config lacks: declare it "
-                                             "in a module of advreg.transforms"):
+        with pytest.raises(
+            ValueError,
+            match="declares the section 'late', which the run's config lacks: declare it "
+            "in a module of advreg.transforms",
+        ):
             stages.section(TrainConfig(), late)
     finally:
         registry.unregister("transform", "late")
 
 
-@pytest.mark.parametrize("method, setting", [
-    ("amp", "amp.epsilon=-1"), ("amp", "amp.inner_steps=-1"), ("amp", "amp.every=0"), ("amp", "amp.reuse=both"),
-    ("amp", "amp.norm=l1"), ("sam", "sam.rho=-1"), ("sam", "sam.eta=-1"), ("rmp", "rmp.epsilon=-1"),
-    ("at_awp", "awp.gamma=-1"), ("at_awp", "awp.steps=0"), ("at_awp", "awp.warmup=-1"), ("at_rwp", "rwp.gamma=-1"),
-])
+@pytest.mark.parametrize(
+    "method, setting",
+    [
+        ("amp", "amp.epsilon=-1"),
+        ("amp", "amp.inner_steps=-1"),
+        ("amp", "amp.every=0"),
+        ("amp", "amp.reuse=both"),
+        ("amp", "amp.norm=l1"),
+        ("sam", "sam.rho=-1"),
+        ("sam", "sam.eta=-1"),
+        ("rmp", "rmp.epsilon=-1"),
+        ("at_awp", "awp.gamma=-1"),
+        ("at_awp", "awp.steps=0"),
+        ("at_awp", "awp.warmup=-1"),
+        ("at_rwp", "rwp.gamma=-1"),
+    ],
+)
 def test_a_perturbation_checks_its_section_without_parameters_as_its_optimizer_does(method, setting):
     config = resolve(TrainConfig(method=method), [setting])
     with pytest.raises(ValueError) as checked:
@@ -265,6 +303,7 @@ def test_validate_builds_no_optimizer(monkeypatch):
 
     def refuse(*args, **kwargs):
         raise AssertionError("validate built an optimizer")
+
     monkeypatch.setattr(training, "build_optimizer", refuse)
     monkeypatch.setattr(stages, "build_optimizer", refuse)
     training.validate(resolve(TrainConfig(method="amp"), []))

@@ -1,4 +1,5 @@
 """``advreg evaluate``: robust test errors written into a run's metrics.json, transfer, and the sanity check."""
+
 import json
 
 import pytest
@@ -54,10 +55,13 @@ def test_transfer_crafts_on_the_source_and_scores_the_target(runs, capsys):
     assert not model.training
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--attacks", "cw"], "unknown attack"),
-    (["--eps", "-1"], "--eps must be"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--attacks", "cw"], "unknown attack"),
+        (["--eps", "-1"], "--eps must be"),
+    ],
+)
 def test_bad_evaluate_input_is_one_line(runs, capsys, args, words):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["evaluate", str(runs / "erm"), *args])
@@ -111,15 +115,18 @@ def test_autoattack_without_its_package_says_how_to_install_it(runs, monkeypatch
         evaluate_run(runs / "erm", ["autoattack"])
 
 
-@pytest.mark.parametrize("classes, features, attacks, targets", [
-    (10, 784, ("apgd-ce", "apgd-t", "fab-t", "square"), 9),  # the standard version as it is
-    (100, 3072, ("apgd-ce", "apgd-t", "fab-t", "square"), 9),
-    (4, 40, ("apgd-ce", "apgd-t", "fab-t", "square"), 3),  # 4 classes: the targeted DLR loss has its 4 logits
-    (3, 64, ("apgd-ce", "fab-t", "square"), 2),
-    (2, 64, ("apgd-ce", "fab-t", "square"), 1),
-    (3, 2, ("apgd-ce", "fab-t"), 2),  # the spiral: 2 features make no image
-    (10, 41, ("apgd-ce", "apgd-t", "fab-t"), 9),
-])
+@pytest.mark.parametrize(
+    "classes, features, attacks, targets",
+    [
+        (10, 784, ("apgd-ce", "apgd-t", "fab-t", "square"), 9),  # the standard version as it is
+        (100, 3072, ("apgd-ce", "apgd-t", "fab-t", "square"), 9),
+        (4, 40, ("apgd-ce", "apgd-t", "fab-t", "square"), 3),  # 4 classes: the targeted DLR loss has its 4 logits
+        (3, 64, ("apgd-ce", "fab-t", "square"), 2),
+        (2, 64, ("apgd-ce", "fab-t", "square"), 1),
+        (3, 2, ("apgd-ce", "fab-t"), 2),  # the spiral: 2 features make no image
+        (10, 41, ("apgd-ce", "apgd-t", "fab-t"), 9),
+    ],
+)
 def test_autoattack_plan_keeps_the_attacks_that_apply(classes, features, attacks, targets):
     plan = autoattack_plan(classes, features)
     assert plan.attacks == attacks and plan.target_classes == targets
@@ -133,8 +140,11 @@ def test_the_plan_starts_from_the_packages_standard_version():
 
     standard = AutoAttack(torch.nn.Linear(4, 10), eps=0.1, norm="Linf", version="standard")
     assert autoattack_plan(10, 784).attacks == tuple(standard.attacks_to_run)
-    assert autoattack_plan(10, 784).target_classes == standard.apgd_targeted.n_target_classes == \
-        standard.fab.n_target_classes
+    assert (
+        autoattack_plan(10, 784).target_classes
+        == standard.apgd_targeted.n_target_classes
+        == standard.fab.n_target_classes
+    )
 
 
 @pytest.mark.parametrize("classes", [2, 3, 4])
@@ -145,8 +155,14 @@ def test_autoattack_runs_its_plan_with_fewer_than_10_classes(classes, monkeypatc
     real = AutoAttack.run_standard_evaluation
 
     def spy(self, *args, **kwargs):  # what the package is about to run
-        seen.append((tuple(self.attacks_to_run), self.apgd_targeted.n_target_classes, self.fab.n_target_classes,
-                     self.apgd.n_restarts))
+        seen.append(
+            (
+                tuple(self.attacks_to_run),
+                self.apgd_targeted.n_target_classes,
+                self.fab.n_target_classes,
+                self.apgd.n_restarts,
+            )
+        )
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(AutoAttack, "run_standard_evaluation", spy)

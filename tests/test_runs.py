@@ -1,5 +1,6 @@
 """The run folder (advreg.runs): a kill or Ctrl-C at each moment of a run loses nothing and resumes bit for bit, one
 process writes a folder at a time, and a corrupt or foreign file is one line ``advreg: error:``, never a traceback."""
+
 import json
 import os
 import pickle
@@ -17,8 +18,22 @@ import torch
 from advreg import cli
 from advreg.runs import LOCK, RunFolder
 
-ARGS = ["train", "--method", "amp", "--epochs", "3", "--quiet", "--set", "model.hidden=32", "--set", "optim.batch_size=100",
-        "--set", "data.train_fraction=0.25", "--set", "robust.margin_samples=50"]  # 9 steps an epoch
+ARGS = [
+    "train",
+    "--method",
+    "amp",
+    "--epochs",
+    "3",
+    "--quiet",
+    "--set",
+    "model.hidden=32",
+    "--set",
+    "optim.batch_size=100",
+    "--set",
+    "data.train_fraction=0.25",
+    "--set",
+    "robust.margin_samples=50",
+]  # 9 steps an epoch
 EPOCHS = 3
 TRACKED = [*ARGS, "--set", "robust.track=true", "--set", "robust.steps=2"]  # best.pt after an epoch that improves
 
@@ -81,8 +96,13 @@ def whole(tmp_path_factory):
 
 
 def python(*args, timeout=300):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -123,14 +143,17 @@ def one_error_line(stderr, *words):
     return lines[0]
 
 
-@pytest.mark.parametrize("name, action, count, left", [
-    ("config.json", "mid", 1, 0),  # only .config.json.tmpPID (and the lock) left: a fresh start
-    ("checkpoint.pt", "mid", 2, 1),  # epoch 2's checkpoint half written: the resume redoes epoch 2
-    ("checkpoint.pt", "kill", 2, 2),  # right after a checkpoint, before its history row
-    ("checkpoint.pt", "kill", EPOCHS, EPOCHS),  # after the last checkpoint: no epoch left, history one row short
-    ("history.csv", "mid", EPOCHS, EPOCHS),
-    ("metrics.json", "mid", 1, EPOCHS),  # every epoch done, metrics.json half written
-])
+@pytest.mark.parametrize(
+    "name, action, count, left",
+    [
+        ("config.json", "mid", 1, 0),  # only .config.json.tmpPID (and the lock) left: a fresh start
+        ("checkpoint.pt", "mid", 2, 1),  # epoch 2's checkpoint half written: the resume redoes epoch 2
+        ("checkpoint.pt", "kill", 2, 2),  # right after a checkpoint, before its history row
+        ("checkpoint.pt", "kill", EPOCHS, EPOCHS),  # after the last checkpoint: no epoch left, history one row short
+        ("history.csv", "mid", EPOCHS, EPOCHS),
+        ("metrics.json", "mid", 1, EPOCHS),  # every epoch done, metrics.json half written
+    ],
+)
 def test_a_kill_at_each_moment_resumes_to_the_uninterrupted_run(tmp_path, whole, name, action, count, left):
     out = tmp_path / "run"
     killed = subprocess.run(child(out, name, action, count), capture_output=True, text=True, timeout=300)
@@ -181,8 +204,9 @@ def test_ctrl_c_while_starting_is_one_line_and_130(tmp_path):
 
 def test_one_writer_per_folder_and_the_kernel_frees_a_killed_one(tmp_path, whole):
     out, paused = tmp_path / "run", tmp_path / "paused"
-    first = subprocess.Popen(child(out, "checkpoint.pt", "pause", 1, paused), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        child(out, "checkpoint.pt", "pause", 1, paused), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.time() + 240
         while not paused.exists() and first.poll() is None and time.time() < deadline:
@@ -235,6 +259,7 @@ def save_checkpoint_with(**changes):
         state = checkpoint_of(folder)
         state.update(changes)
         torch.save(state, folder / "checkpoint.pt")
+
     return corrupt
 
 
@@ -275,6 +300,7 @@ def write(name, content):
     def corrupt(folder):
         path = folder / name
         path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+
     return corrupt
 
 
@@ -297,33 +323,44 @@ def drop_column(folder):
 RESUME = [*ARGS, "--out", "{run}", "--resume"]
 
 
-@pytest.mark.parametrize("corrupt, argv, status, words", [
-    (lambda f: torch.save(torch.zeros(3), f / "checkpoint.pt"), RESUME, 2, ["checkpoint.pt", "holds a Tensor"]),
-    (lambda f: torch.save([1, 2], f / "checkpoint.pt"), RESUME, 2, ["holds a list"]),
-    (lambda f: torch.save({"model": {}}, f / "checkpoint.pt"), RESUME, 2, ["lacks epoch"]),
-    (save_checkpoint_with(history=[]), RESUME, 2, ["epoch and history disagree"]),
-    (save_checkpoint_with(rng={}), RESUME, 2, ["rng"]),
-    (save_checkpoint_with(rng={"torch": torch.zeros(2), "loader": None}), RESUME, 2, ["random state"]),
-    (without_seconds, RESUME, 2, ["history row", "seconds"]),
-    (save_checkpoint_with(scheduler={"last_epoch": "x"}), RESUME, 2, ["schedule", "milestones"]),
-    (wrong_shape, RESUME, 2, ["do not fit the model", "size mismatch"]),
-    (foreign_optimizer, RESUME, 2, ["optimizer", "lacks"]),
-    (wrong_momentum, RESUME, 2, ["does not fit its shape"]),
-    (write("checkpoint.pt", b"PK\x03\x04 truncated"), RESUME, 2, ["corrupt"]),
-    (write("checkpoint.pt", pickle.dumps({"a": [1]}, protocol=4)), RESUME, 2,
-     ["weights_only", "arbitrary code execution", "trusted source"]),  # a pickle torch refuses: its advice in full
-    (write("config.json", "[1, 2]"), RESUME, 2, ["config.json", "not an object"]),
-    (write("config.json", b"\xff\xfe{}"), RESUME, 2, ["config.json", "UTF-8"]),
-    (config_folder, RESUME, 2, ["config.json", "is a folder"]),
-    (edited_config, [*RESUME, "--seed", "1"], 2, ["checkpoint.pt", "different configuration"]),
-    (write("metrics.json", "[]"), RESUME, 2, ["metrics.json", "not an object"]),
-    (drop_metric, ["report", "{run}", "--out", "{tmp}/report"], 2, ["metrics.json", "test_error"]),
-    (drop_column, ["report", "{run}", "--out", "{tmp}/report"], 2, ["history.csv", "test_error"]),
-    (write("config.json", '{"seed": 0}'), ["report", "{run}", "--out", "{tmp}/report"], 2, ["config.json"]),
-    (wrong_shape, ["evaluate", "{run}", "--attacks", "fgsm"], 2, ["do not fit the model"]),
-    (lambda f: torch.save(torch.zeros(3), f / "checkpoint.pt"), ["analyze", "curves", "{run}", "--out", "{tmp}/a"],
-     0, []),  # curves reads history.csv only
-])
+@pytest.mark.parametrize(
+    "corrupt, argv, status, words",
+    [
+        (lambda f: torch.save(torch.zeros(3), f / "checkpoint.pt"), RESUME, 2, ["checkpoint.pt", "holds a Tensor"]),
+        (lambda f: torch.save([1, 2], f / "checkpoint.pt"), RESUME, 2, ["holds a list"]),
+        (lambda f: torch.save({"model": {}}, f / "checkpoint.pt"), RESUME, 2, ["lacks epoch"]),
+        (save_checkpoint_with(history=[]), RESUME, 2, ["epoch and history disagree"]),
+        (save_checkpoint_with(rng={}), RESUME, 2, ["rng"]),
+        (save_checkpoint_with(rng={"torch": torch.zeros(2), "loader": None}), RESUME, 2, ["random state"]),
+        (without_seconds, RESUME, 2, ["history row", "seconds"]),
+        (save_checkpoint_with(scheduler={"last_epoch": "x"}), RESUME, 2, ["schedule", "milestones"]),
+        (wrong_shape, RESUME, 2, ["do not fit the model", "size mismatch"]),
+        (foreign_optimizer, RESUME, 2, ["optimizer", "lacks"]),
+        (wrong_momentum, RESUME, 2, ["does not fit its shape"]),
+        (write("checkpoint.pt", b"PK\x03\x04 truncated"), RESUME, 2, ["corrupt"]),
+        (
+            write("checkpoint.pt", pickle.dumps({"a": [1]}, protocol=4)),
+            RESUME,
+            2,
+            ["weights_only", "arbitrary code execution", "trusted source"],
+        ),  # a pickle torch refuses: its advice in full
+        (write("config.json", "[1, 2]"), RESUME, 2, ["config.json", "not an object"]),
+        (write("config.json", b"\xff\xfe{}"), RESUME, 2, ["config.json", "UTF-8"]),
+        (config_folder, RESUME, 2, ["config.json", "is a folder"]),
+        (edited_config, [*RESUME, "--seed", "1"], 2, ["checkpoint.pt", "different configuration"]),
+        (write("metrics.json", "[]"), RESUME, 2, ["metrics.json", "not an object"]),
+        (drop_metric, ["report", "{run}", "--out", "{tmp}/report"], 2, ["metrics.json", "test_error"]),
+        (drop_column, ["report", "{run}", "--out", "{tmp}/report"], 2, ["history.csv", "test_error"]),
+        (write("config.json", '{"seed": 0}'), ["report", "{run}", "--out", "{tmp}/report"], 2, ["config.json"]),
+        (wrong_shape, ["evaluate", "{run}", "--attacks", "fgsm"], 2, ["do not fit the model"]),
+        (
+            lambda f: torch.save(torch.zeros(3), f / "checkpoint.pt"),
+            ["analyze", "curves", "{run}", "--out", "{tmp}/a"],
+            0,
+            [],
+        ),  # curves reads history.csv only
+    ],
+)
 def test_a_corrupt_run_folder_is_one_line(tmp_path, whole, capsys, corrupt, argv, status, words):
     run = tmp_path / "run"
     shutil.copytree(whole, run)
@@ -349,12 +386,15 @@ def test_a_malicious_checkpoint_never_runs_and_the_line_keeps_torchs_advice(tmp_
         assert "arbitrary code execution" in line
 
 
-@pytest.mark.parametrize("command", [
-    [*ARGS, "--out", "{out}"],
-    ["bench", "--methods", "erm", "--seeds", "1", "--epochs", "1", "--quiet", "--out", "{out}"],
-    ["analyze", "curves", "{whole}", "--out", "{out}"],
-    ["report", "{whole}", "--out", "{out}"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        [*ARGS, "--out", "{out}"],
+        ["bench", "--methods", "erm", "--seeds", "1", "--epochs", "1", "--quiet", "--out", "{out}"],
+        ["analyze", "curves", "{whole}", "--out", "{out}"],
+        ["report", "{whole}", "--out", "{out}"],
+    ],
+)
 @pytest.mark.parametrize("out", ["file", "file/sub"])
 def test_an_out_that_is_or_lies_under_a_file_is_one_line(tmp_path, whole, capsys, command, out):
     (tmp_path / "file").write_text("mine")
@@ -376,10 +416,12 @@ def test_a_setting_refused_after_the_folder_is_made_leaves_no_config(tmp_path, c
     assert (out / "metrics.json").exists()
 
 
-@pytest.mark.parametrize("code, status, words", [(28, 1, "no space left"), (30, 1, "cannot write"),
-                                                 (13, 1, "cannot write")])  # ENOSPC, EROFS, EACCES
-def test_a_full_or_read_only_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, whole, capsys, monkeypatch,
-                                                                           code, status, words):
+@pytest.mark.parametrize(
+    "code, status, words", [(28, 1, "no space left"), (30, 1, "cannot write"), (13, 1, "cannot write")]
+)  # ENOSPC, EROFS, EACCES
+def test_a_full_or_read_only_disk_is_one_line_and_keeps_the_last_checkpoint(
+    tmp_path, whole, capsys, monkeypatch, code, status, words
+):
     import advreg.io
 
     out, opened = tmp_path / "run", []

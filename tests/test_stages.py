@@ -3,6 +3,7 @@
 Label smoothing (Szegedy et al. 2016), flooding (Ishida et al. 2020, Eq. 1), MixUp (Zhang et al. 2018,
 Eq. 1), FGSM (Goodfellow et al. 2015, Eq. 3) and RMP's uniform draw from the L2 ball (AMP paper, Sec. 5.1).
 """
+
 from __future__ import annotations
 
 import math
@@ -90,8 +91,9 @@ def test_label_smoothing_gradient_is_softmax_minus_smoothed_target(batch):
 
 def test_zero_smoothing_with_onehot_soft_targets_is_plain_cross_entropy(batch):
     logits, y, _ = batch
-    torch.testing.assert_close(cross_entropy(logits, onehot_by_hand(y, K), 0.0), F.cross_entropy(logits, y),
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        cross_entropy(logits, onehot_by_hand(y, K), 0.0), F.cross_entropy(logits, y), rtol=1e-12, atol=1e-12
+    )
     torch.testing.assert_close(cross_entropy(logits, y, 0.0), F.cross_entropy(logits, y), rtol=0, atol=0)
 
 
@@ -136,8 +138,12 @@ def test_flooding_through_make_loss_and_level_zero_is_the_loss(batch):
     J = F.cross_entropy(logits, y)
     b = J.item() + 0.3
     torch.testing.assert_close(make_loss(flooding=b)(logits, y), 2 * b - J, rtol=0, atol=1e-14)
-    torch.testing.assert_close(make_loss(smoothing=0.2, flooding=b)(logits, y),
-                               2 * b - smoothed_ce_by_hand(logits, onehot_by_hand(y, K), 0.2), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        make_loss(smoothing=0.2, flooding=b)(logits, y),
+        2 * b - smoothed_ce_by_hand(logits, onehot_by_hand(y, K), 0.2),
+        rtol=0,
+        atol=1e-12,
+    )
     assert torch.equal(flood(J, 0.0), J)
 
 
@@ -164,8 +170,9 @@ def test_mixup_mixes_inputs_and_targets_with_one_lambda_and_a_permutation():
     lam, partner = _recover(x_mixed, B)
     assert 0 < lam < 1 and sorted(partner.tolist()) == list(range(B)) and not torch.equal(partner, torch.arange(B))
     torch.testing.assert_close(x_mixed, lam * x + (1 - lam) * x[partner], rtol=0, atol=1e-15)
-    torch.testing.assert_close(target, lam * onehot_by_hand(y, K) + (1 - lam) * onehot_by_hand(y[partner], K),
-                               rtol=0, atol=1e-15)
+    torch.testing.assert_close(
+        target, lam * onehot_by_hand(y, K) + (1 - lam) * onehot_by_hand(y[partner], K), rtol=0, atol=1e-15
+    )
     torch.testing.assert_close(target.sum(dim=1), torch.ones(B, dtype=torch.float64), rtol=0, atol=1e-15)
 
     logits = model(x_mixed)
@@ -271,8 +278,9 @@ def _draws(d, radius, dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
     like = [torch.zeros(s, dtype=dtype) for s in SHAPES[d]]
     assert sum(t.numel() for t in like) == d
-    return torch.stack([torch.cat([t.flatten() for t in sample_ball(like, radius)]).double()
-                        for _ in range(N_DRAWS)])  # (n, d)
+    return torch.stack(
+        [torch.cat([t.flatten() for t in sample_ball(like, radius)]).double() for _ in range(N_DRAWS)]
+    )  # (n, d)
 
 
 @pytest.mark.parametrize("d", [3, 50])

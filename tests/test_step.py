@@ -1,4 +1,5 @@
 """advreg.Step: one batch through transform → loss → perturbation → optimizer, checked against steps by hand."""
+
 from __future__ import annotations
 
 import pytest
@@ -49,10 +50,15 @@ def test_sam_reports_the_logits_at_theta_not_those_at_theta_plus_delta():
     torch.testing.assert_close(out.loss, F.cross_entropy(at_theta, y))
 
 
-@pytest.mark.parametrize("make", [
-    lambda p: advreg.RMP(p, torch.optim.SGD, epsilon=0.5, lr=LR),  # one pass, at θ+Δ
-    lambda p: advreg.AMP(p, torch.optim.SGD, epsilon=0.5, inner_lr=1.0, every=2, lr=LR),  # step 2: the kept Δ, one pass
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: advreg.RMP(p, torch.optim.SGD, epsilon=0.5, lr=LR),  # one pass, at θ+Δ
+        lambda p: advreg.AMP(
+            p, torch.optim.SGD, epsilon=0.5, inner_lr=1.0, every=2, lr=LR
+        ),  # step 2: the kept Δ, one pass
+    ],
+)
 def test_without_a_clean_pass_the_reported_logits_are_those_of_the_returned_loss(make):
     model, x, y = setup()
     step = step_of(model, make(model.parameters()))
@@ -85,8 +91,8 @@ def test_float16_scaling_with_plain_sgd_takes_the_unscaled_step():
     twin = nn.Linear(4, 3)
     twin.load_state_dict(model.state_dict())
     step_of(twin, torch.optim.SGD(twin.parameters(), lr=LR))(x, y)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     step_of(model, torch.optim.SGD(model.parameters(), lr=LR), scaler=scaler)(x, y)  # fp32 passes, scaled loss
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q)
-    assert scaler.get_scale() == 2.0 ** 8  # updated after the step, no overflow
+    assert scaler.get_scale() == 2.0**8  # updated after the step, no overflow

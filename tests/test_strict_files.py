@@ -1,5 +1,6 @@
 """Strict run-folder files: metrics.json is RFC 8259 JSON (a NaN metric is null and reads back as NaN, old files
 with NaN tokens still load), and a corrupt history.csv or metrics.json is one line ``advreg: error:`` naming it."""
+
 import json
 import math
 import shutil
@@ -14,15 +15,38 @@ from advreg.train import train
 pytestmark = pytest.mark.usefixtures("data_cache")  # conftest.py: one cache for the module
 
 # adversarial training without a validation split: the best checkpoint's validation robust error is NaN
-BENCH = ["bench", "--dataset", "digits", "--methods", "at", "--seeds", "1", "--epochs", "1", "--jobs", "1", "--quiet",
-         "--set", "model.hidden=16", "--set", "data.val_fraction=0", "--set", "data.train_fraction=0.25",
-         "--set", "robust.steps=2", "--set", "robust.margin_samples=0"]
+BENCH = [
+    "bench",
+    "--dataset",
+    "digits",
+    "--methods",
+    "at",
+    "--seeds",
+    "1",
+    "--epochs",
+    "1",
+    "--jobs",
+    "1",
+    "--quiet",
+    "--set",
+    "model.hidden=16",
+    "--set",
+    "data.val_fraction=0",
+    "--set",
+    "data.train_fraction=0.25",
+    "--set",
+    "robust.steps=2",
+    "--set",
+    "robust.margin_samples=0",
+]
 
 
 def strict(text):
     """json.loads that refuses NaN and Infinity, as jq, JavaScript's JSON.parse and RFC 8259 do."""
+
     def refuse(token):
         raise ValueError(f"non-standard JSON token {token}")
+
     return json.loads(text, parse_constant=refuse)
 
 
@@ -51,8 +75,7 @@ def copy_of(bench, tmp_path):
 
 def test_write_json_is_strict_and_a_null_metric_reads_back_as_nan(tmp_path):
     write_json(tmp_path / "metrics.json", {"a": math.nan, "b": [math.inf, 1.5], "c": {"d": -math.inf}, "e": "at"})
-    assert strict((tmp_path / "metrics.json").read_text()) == {"a": None, "b": [None, 1.5], "c": {"d": None},
-                                                               "e": "at"}
+    assert strict((tmp_path / "metrics.json").read_text()) == {"a": None, "b": [None, 1.5], "c": {"d": None}, "e": "at"}
     metrics = load_metrics(tmp_path)
     assert math.isnan(metrics["a"]) and metrics["e"] == "at"
     (tmp_path / "metrics.json").write_text('{"a": NaN, "b": 2.0}')  # written before strict JSON: still loads
@@ -77,8 +100,9 @@ def test_a_nan_metric_is_null_in_the_file_and_the_tables_read_it_as_before(nan_b
     assert {name: (out / name).read_bytes() for name in tables} == tables
     cli.main(["report", str(run), "--out", str(tmp_path / "old")])
     assert (tmp_path / "old" / "report.md").read_text() == (tmp_path / "new" / "report.md").read_text()
-    assert strict((tmp_path / "old" / "report.json").read_text()) == strict((tmp_path / "new" / "report.json")
-                                                                              .read_text())
+    assert strict((tmp_path / "old" / "report.json").read_text()) == strict(
+        (tmp_path / "new" / "report.json").read_text()
+    )
 
 
 def test_train_returns_nan_where_the_file_holds_null(nan_bench, tmp_path):
@@ -109,18 +133,22 @@ def long_row(text):
     return "\n".join([header, first + ",7", *rest]) + "\n"
 
 
-@pytest.mark.parametrize("corrupt, words", [
-    (rename_column, ["has no column test_error"]),
-    (word_in_a_cell, ["line 2, column test_error", "'n/a' is not a number"]),
-    (lambda text: word_in_a_cell(text).replace("\n", "\n\n", 1), ["line 3, column test_error"]),  # the file's line
-    (lambda text: "", ["is empty"]),
-    (lambda text: text.splitlines()[0] + "\n", ["has no epoch yet"]),
-    (short_row, ["line 2", "header's"]),
-    (long_row, ["line 2", "header's"]),
-    (lambda text: b"\xff\xfe" + text.encode(), ["not UTF-8 CSV"]),
-])
-@pytest.mark.parametrize("command", [["analyze", "curves", "{run}", "--out", "{tmp}/a"],
-                                     ["report", "{run}", "--out", "{tmp}/r"]])
+@pytest.mark.parametrize(
+    "corrupt, words",
+    [
+        (rename_column, ["has no column test_error"]),
+        (word_in_a_cell, ["line 2, column test_error", "'n/a' is not a number"]),
+        (lambda text: word_in_a_cell(text).replace("\n", "\n\n", 1), ["line 3, column test_error"]),  # the file's line
+        (lambda text: "", ["is empty"]),
+        (lambda text: text.splitlines()[0] + "\n", ["has no epoch yet"]),
+        (short_row, ["line 2", "header's"]),
+        (long_row, ["line 2", "header's"]),
+        (lambda text: b"\xff\xfe" + text.encode(), ["not UTF-8 CSV"]),
+    ],
+)
+@pytest.mark.parametrize(
+    "command", [["analyze", "curves", "{run}", "--out", "{tmp}/a"], ["report", "{run}", "--out", "{tmp}/r"]]
+)
 def test_a_corrupt_history_is_one_line_naming_it(nan_bench, tmp_path, capsys, corrupt, words, command):
     _, run = copy_of(nan_bench, tmp_path)
     history = run / "history.csv"

@@ -1,4 +1,5 @@
 """``advreg train`` as a user runs it: the run folder, resume after a kill, and one-line errors."""
+
 import json
 import os
 import signal
@@ -22,8 +23,13 @@ pytestmark = pytest.mark.usefixtures("data_cache")  # conftest.py: one cache for
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "advreg.cli", *args], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "advreg.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
 
 
 def without_time(metrics):
@@ -32,16 +38,42 @@ def without_time(metrics):
 
 def test_train_amp_writes_the_run_folder(tmp_path):
     out = tmp_path / "amp0"
-    result = run_cli("train", "--dataset", "mnist1d", "--model", "mlp", "--method", "amp", "--seed", "0",
-                     "--epochs", "2", "--out", str(out), "--quiet", *FAST, "--set", "amp.epsilon=0.3")
+    result = run_cli(
+        "train",
+        "--dataset",
+        "mnist1d",
+        "--model",
+        "mlp",
+        "--method",
+        "amp",
+        "--seed",
+        "0",
+        "--epochs",
+        "2",
+        "--out",
+        str(out),
+        "--quiet",
+        *FAST,
+        "--set",
+        "amp.epsilon=0.3",
+    )
     assert result.returncode == 0, result.stderr
     assert "test" in result.stdout and "error %" in result.stdout  # the closing table
     config = json.loads((out / "config.json").read_text())
     assert config["method"] == "amp" and config["amp"]["epsilon"] == 0.3 and config["epochs"] == 2
     assert config["code_version"]["advreg"] and config["code_version"]["torch"] == torch.__version__
     rows = (out / "history.csv").read_text().splitlines()
-    assert rows[0].split(",") == ["epoch", "lr", "train_loss", "train_error", "val_loss", "val_error",
-                                  "test_loss", "test_error", "seconds"]
+    assert rows[0].split(",") == [
+        "epoch",
+        "lr",
+        "train_loss",
+        "train_error",
+        "val_loss",
+        "val_error",
+        "test_loss",
+        "test_error",
+        "seconds",
+    ]
     assert len(rows) == 3
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("test_error", "test_nll", "test_ece", "val_error"):
@@ -66,8 +98,11 @@ def test_a_killed_run_resumes_to_the_same_numbers(tmp_path):
     assert reference.returncode == 0, reference.stderr
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "advreg.cli", *args, "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "advreg.cli", *args, "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     history = out / "history.csv"
     deadline = time.time() + 240
     while proc.poll() is None and time.time() < deadline:  # kill once two epochs are on disk
@@ -88,8 +123,9 @@ def test_a_killed_run_resumes_to_the_same_numbers(tmp_path):
 
 
 def test_resume_in_process_after_an_interruption(tmp_path, interrupted_then_resumed):
-    config = resolve(TrainConfig(method="sam", epochs=4), ["model.hidden=16", "optim.batch_size=200",
-                                                            "model.dropout=0.1"])
+    config = resolve(
+        TrainConfig(method="sam", epochs=4), ["model.hidden=16", "optim.batch_size=200", "model.dropout=0.1"]
+    )
     whole = train(config, tmp_path / "whole", progress=False)
     assert without_time(interrupted_then_resumed(config)) == without_time(whole)
 
@@ -104,16 +140,19 @@ def expect_usage_error(capsys, argv, words):
     return err
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["train", "--method", "nope", "--out", "x"], "invalid choice: 'nope'"),
-    (["train", "--dataset", "cifar9", "--out", "x"], "invalid choice: 'cifar9'"),
-    (["train", "--model", "resnet1000", "--out", "x"], "invalid choice"),
-    (["train", "--out", "x", "--set", "amp.epsilon"], "key=value"),
-    (["train", "--out", "x", "--set", "amp.radius=1"], "unknown setting 'amp.radius'"),
-    (["train", "--out", "x", "--set", "amp.epsilon=-1", "--method", "amp"], "epsilon must be"),
-    (["train", "--out", "x", "--epochs", "0"], "epochs must be"),
-    (["train"], "--out"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["train", "--method", "nope", "--out", "x"], "invalid choice: 'nope'"),
+        (["train", "--dataset", "cifar9", "--out", "x"], "invalid choice: 'cifar9'"),
+        (["train", "--model", "resnet1000", "--out", "x"], "invalid choice"),
+        (["train", "--out", "x", "--set", "amp.epsilon"], "key=value"),
+        (["train", "--out", "x", "--set", "amp.radius=1"], "unknown setting 'amp.radius'"),
+        (["train", "--out", "x", "--set", "amp.epsilon=-1", "--method", "amp"], "epsilon must be"),
+        (["train", "--out", "x", "--epochs", "0"], "epochs must be"),
+        (["train"], "--out"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, monkeypatch, argv, words):
     monkeypatch.chdir(tmp_path)
     expect_usage_error(capsys, argv, words)
@@ -144,8 +183,22 @@ def test_a_finished_run_resumed_reports_the_same_metrics(capsys, tmp_path):
 
 def test_divergence_is_a_clear_error(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["train", "--method", "amp", "--epochs", "1", "--out", str(tmp_path / "nan"), "--quiet",
-                  "--set", "optim.lr=1e30", "--set", "optim.momentum=0"])
+        cli.main(
+            [
+                "train",
+                "--method",
+                "amp",
+                "--epochs",
+                "1",
+                "--out",
+                str(tmp_path / "nan"),
+                "--quiet",
+                "--set",
+                "optim.lr=1e30",
+                "--set",
+                "optim.momentum=0",
+            ]
+        )
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert "not finite" in err or "became" in err

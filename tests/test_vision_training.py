@@ -1,5 +1,6 @@
 """The image sets end to end: CIFAR-10 binary files written here, read by load_dataset, a LeNet trained from the
 CLI with augmentation and the in-model normalization, and the run reloaded for analysis with the same structure."""
+
 from __future__ import annotations
 
 import json
@@ -58,9 +59,28 @@ def test_the_model_normalizes_by_the_training_sets_channel_statistics(cifar):
 
 def test_a_lenet_trains_from_the_cli_with_augmentation_and_reloads(cifar, tmp_path):
     out = tmp_path / "run"
-    cli.main(["train", "--dataset", "cifar10", "--data-dir", str(cifar), "--model", "lenet", "--method", "amp",
-              "--epochs", "1", "--out", str(out), "--quiet", "--set", "data.augment=standard",
-              "--set", "optim.batch_size=64"])
+    cli.main(
+        [
+            "train",
+            "--dataset",
+            "cifar10",
+            "--data-dir",
+            str(cifar),
+            "--model",
+            "lenet",
+            "--method",
+            "amp",
+            "--epochs",
+            "1",
+            "--out",
+            str(out),
+            "--quiet",
+            "--set",
+            "data.augment=standard",
+            "--set",
+            "optim.batch_size=64",
+        ]
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 <= metrics["test_error"] <= 100
     config, data, model = load_run(out)
@@ -73,5 +93,18 @@ def test_augmentation_needs_images_and_a_known_preset(cifar):
     with pytest.raises(ValueError, match="leave data.augment=none"):
         build_run(resolve(TrainConfig(epochs=1), ["data.name=digits", "data.augment=standard"]))
     with pytest.raises(SystemExit):
-        cli.main(["train", "--dataset", "cifar10", "--data-dir", str(cifar), "--model", "lenet", "--out", "x",
-                  "--set", "data.augment=bogus"])
+        cli.main(
+            [
+                "train",
+                "--dataset",
+                "cifar10",
+                "--data-dir",
+                str(cifar),
+                "--model",
+                "lenet",
+                "--out",
+                "x",
+                "--set",
+                "data.augment=bogus",
+            ]
+        )

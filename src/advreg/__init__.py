@@ -7,6 +7,7 @@ optimizers built on one engine (:mod:`advreg.perturb`); :class:`Step`, one train
 
 The names below load on first use, so that ``import advreg.cli`` can install its Ctrl-C handler before torch loads.
 """
+
 import importlib
 from typing import TYPE_CHECKING, Any
 
@@ -17,9 +18,26 @@ if TYPE_CHECKING:  # what static readers (type checkers, the API docs) see; at r
     from advreg.transforms.alps import alps_label
 
 __version__ = "0.1.0"
-__all__ = ["AMP", "AWP", "Batch", "RMP", "RWP", "SAM", "PerturbedOptimizer", "Step", "StepOutput", "__version__", "alps_label"]
-_HOMES = {**{name: "advreg.perturb" for name in ("AMP", "AWP", "RMP", "RWP", "SAM", "PerturbedOptimizer")},
-          "Batch": "advreg.batch", "Step": "advreg.step", "StepOutput": "advreg.step", "alps_label": "advreg.transforms.alps"}
+__all__ = [
+    "AMP",
+    "AWP",
+    "Batch",
+    "RMP",
+    "RWP",
+    "SAM",
+    "PerturbedOptimizer",
+    "Step",
+    "StepOutput",
+    "__version__",
+    "alps_label",
+]
+_HOMES = {
+    **{name: "advreg.perturb" for name in ("AMP", "AWP", "RMP", "RWP", "SAM", "PerturbedOptimizer")},
+    "Batch": "advreg.batch",
+    "Step": "advreg.step",
+    "StepOutput": "advreg.step",
+    "alps_label": "advreg.transforms.alps",
+}
 
 
 def __getattr__(name: str) -> Any:

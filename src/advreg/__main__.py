@@ -1,4 +1,5 @@
 """``python -m advreg`` is the ``advreg`` command."""
+
 from advreg.cli import main
 
 main()

@@ -3,6 +3,7 @@
 
 Every attack runs in eval mode, restores the caller's mode, and never changes the model's parameters, buffers or .grad.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -29,9 +30,20 @@ def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, box: Box = None) ->
     return _clip(x.detach() + eps * grad.sign(), box)
 
 
-def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps: int, norm: str = "linf",
-        random_start: bool = True, box: Box = None, generator: torch.Generator | None = None,
-        objective: str = "ce", start: str = "ball") -> Tensor:
+def pgd(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    alpha: float,
+    steps: int,
+    norm: str = "linf",
+    random_start: bool = True,
+    box: Box = None,
+    generator: torch.Generator | None = None,
+    objective: str = "ce",
+    start: str = "ball",
+) -> Tensor:
     """``steps`` ascent steps of size α, each projected on the ε-ball around x (L∞ or L2) and on the box.
 
     ``objective="ce"`` ascends CE(f(x'), y) from a uniform start in the ball (Madry et al.; AWP's Algorithm 2);
@@ -44,8 +56,10 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps:
     if norm not in ("linf", "l2") or objective not in ("ce", "kl"):
         raise ValueError(f"norm must be 'linf' or 'l2' and objective 'ce' or 'kl', got {norm!r} and {objective!r}")
     if start not in ("ball", "radius") or (start == "radius" and norm != "l2"):
-        raise ValueError(f"start must be 'ball' or, for norm='l2', 'radius' (torchattacks' L2 start); got "
-                         f"start={start!r} with norm={norm!r}")
+        raise ValueError(
+            f"start must be 'ball' or, for norm='l2', 'radius' (torchattacks' L2 start); got "
+            f"start={start!r} with norm={norm!r}"
+        )
     if alpha <= 0 or not (isinstance(steps, int) and steps >= 0):
         raise ValueError(f"alpha must be > 0 and steps an integer >= 0, got alpha={alpha!r}, steps={steps!r}")
     x = x.detach()
@@ -59,9 +73,17 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps:
     return x_adv
 
 
-def deepfool(model: nn.Module, x: Tensor, steps: int = 50, overshoot: float = 0.02, create_graph: bool = False,
-             labels: Tensor | None = None, high_order: bool = True, candidates: int | None = None,
-             box: Box = None) -> tuple[Tensor, Tensor, Tensor]:
+def deepfool(
+    model: nn.Module,
+    x: Tensor,
+    steps: int = 50,
+    overshoot: float = 0.02,
+    create_graph: bool = False,
+    labels: Tensor | None = None,
+    high_order: bool = True,
+    candidates: int | None = None,
+    box: Box = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Minimal L2 perturbations that change each sample's predicted class, all samples at once.
 
     Returns ``(perturbation, norms, success)``: r with x + r past the nearest boundary (each linearized step
@@ -80,18 +102,27 @@ def deepfool(model: nn.Module, x: Tensor, steps: int = 50, overshoot: float = 0.
     (high-order gradients; the exact derivative, x + r is not detached inside ∇f), or with ``high_order=False``
     through the logits only, ∇f held constant (AMM's ablation, Sec. 4.3.1).
     """
-    perturbation, success, _ = deepfool_with_source(model, x, steps, overshoot, create_graph, labels, high_order,
-                                                    candidates, box)
+    perturbation, success, _ = deepfool_with_source(
+        model, x, steps, overshoot, create_graph, labels, high_order, candidates, box
+    )
     return perturbation, sample_norms(perturbation), success
 
 
 Forward = Callable[[Tensor, Tensor], Tensor]
 
 
-def deepfool_with_source(model: nn.Module, x: Tensor, steps: int = 50, overshoot: float = 0.02,
-                         create_graph: bool = False, labels: Tensor | None = None, high_order: bool = True,
-                         candidates: int | None = None, box: Box = None,
-                         forward: Forward | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def deepfool_with_source(
+    model: nn.Module,
+    x: Tensor,
+    steps: int = 50,
+    overshoot: float = 0.02,
+    create_graph: bool = False,
+    labels: Tensor | None = None,
+    high_order: bool = True,
+    candidates: int | None = None,
+    box: Box = None,
+    forward: Forward | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`deepfool`'s perturbation and success, and the prediction at x (B,) that the attack started from.
 
     ``forward(inputs, rows)`` computes the logits of ``inputs``, whose row i is a point of sample ``rows[i]`` of x
@@ -109,8 +140,9 @@ def deepfool_with_source(model: nn.Module, x: Tensor, steps: int = 50, overshoot
         goal = _Goal(source, labels)
         r = torch.zeros_like(x0)  # the iterates are clip_box(x0 + r)
         for _ in range(steps):
-            step = _deepfool_step(forward, _clip(x0[active] + r[active], box), logits, active, goal, top,
-                                  create_graph, high_order)
+            step = _deepfool_step(
+                forward, _clip(x0[active] + r[active], box), logits, active, goal, top, create_graph, high_order
+            )
             r_active = r[active] + (1 + overshoot) * step
             if box is not None:
                 r_active = _clip(x0[active] + r_active, box) - x0[active]
@@ -127,13 +159,16 @@ def deepfool_with_source(model: nn.Module, x: Tensor, steps: int = 50, overshoot
 
 def _check_deepfool(x: Tensor, steps: int, overshoot: float, labels: Tensor | None, candidates: int | None) -> None:
     if not (isinstance(steps, int) and steps >= 1) or overshoot < 0:
-        raise ValueError(f"steps must be an integer >= 1 and overshoot >= 0, got steps={steps!r}, "
-                         f"overshoot={overshoot!r}")
+        raise ValueError(
+            f"steps must be an integer >= 1 and overshoot >= 0, got steps={steps!r}, overshoot={overshoot!r}"
+        )
     if labels is not None and labels.shape != (len(x),):
         raise ValueError(f"labels must be class indices of shape ({len(x)},), got {tuple(labels.shape)}")
     if candidates is not None and not (isinstance(candidates, int) and candidates >= 2):
-        raise ValueError(f"candidates (the top classes at x DeepFool considers) must be an integer >= 2, or None "
-                         f"for all classes, got {candidates!r}")
+        raise ValueError(
+            f"candidates (the top classes at x DeepFool considers) must be an integer >= 2, or None "
+            f"for all classes, got {candidates!r}"
+        )
 
 
 class _Goal:
@@ -148,27 +183,40 @@ class _Goal:
         return torch.where(self.targeted, prediction == self.labels, prediction != self.source)
 
 
-def _deepfool_step(forward: Forward, point: Tensor, logits: Tensor, active: Tensor, goal: _Goal, top: Tensor,
-                   create_graph: bool, high_order: bool) -> Tensor:
+def _deepfool_step(
+    forward: Forward,
+    point: Tensor,
+    logits: Tensor,
+    active: Tensor,
+    goal: _Goal,
+    top: Tensor,
+    create_graph: bool,
+    high_order: bool,
+) -> Tensor:
     """The linearized step (A, ...) of the active samples from their iterates ``point`` (A, ...), logits (A, K).
 
     An untargeted sample considers its top classes at x (the source first, C copies of it); a targeted one its
     current prediction and its label (2 copies)."""
     targeted = goal.targeted[active]
     pair = torch.stack([logits.detach().argmax(dim=1), goal.labels[active]], dim=1)  # (A, 2)
-    groups = [(g, classes[g]) for g, classes in (((~targeted).nonzero().squeeze(1), top[active]),
-                                                   (targeted.nonzero().squeeze(1), pair)) if len(g)]
+    groups = [
+        (g, classes[g])
+        for g, classes in (((~targeted).nonzero().squeeze(1), top[active]), (targeted.nonzero().squeeze(1), pair))
+        if len(g)
+    ]
     rows = torch.cat([g.repeat_interleave(c.shape[1]) for g, c in groups])  # (R,) the sample of each copy
-    grads = _class_gradients(forward, point, rows, active, torch.cat([c.flatten() for _, c in groups]),
-                             create_graph, high_order)  # (R, D)
+    grads = _class_gradients(
+        forward, point, rows, active, torch.cat([c.flatten() for _, c in groups]), create_graph, high_order
+    )  # (R, D)
     step = point.new_zeros(len(point), grads.shape[1])
     for (g, c), w in zip(groups, grads.split([c.numel() for _, c in groups])):
         step = step.index_copy(0, g, _boundary_step(logits[g].gather(1, c), w.view(*c.shape, -1)))
     return step.view_as(point)
 
 
-def _class_gradients(forward: Forward, point: Tensor, rows: Tensor, active: Tensor, classes: Tensor,
-                     create_graph: bool, high_order: bool) -> Tensor:
+def _class_gradients(
+    forward: Forward, point: Tensor, rows: Tensor, active: Tensor, classes: Tensor, create_graph: bool, high_order: bool
+) -> Tensor:
     """∇ₓ f_classes[i] at point[rows[i]] for every copy i (R, D): one forward and one autograd call."""
     x_in = point if (create_graph and point.requires_grad) else point.detach().requires_grad_(True)
     with torch.enable_grad():
@@ -219,8 +267,16 @@ def _log_probs(model: nn.Module, x: Tensor) -> Tensor:
     return F.log_softmax(model(x), dim=1)  # (B, K), held fixed during the attack
 
 
-def _start(x: Tensor, eps: float, norm: str, objective: str, random_start: bool, box: Box,
-           generator: torch.Generator | None, start: str) -> Tensor:
+def _start(
+    x: Tensor,
+    eps: float,
+    norm: str,
+    objective: str,
+    random_start: bool,
+    box: Box,
+    generator: torch.Generator | None,
+    start: str,
+) -> Tensor:
     if not random_start:
         return torch.zeros_like(x)
     if objective == "kl":  # KL's gradient vanishes at x' = x: TRADES starts a hair away
@@ -241,8 +297,7 @@ def _project(delta: Tensor, eps: float, norm: str) -> Tensor:
     return delta * _per_sample(factor, delta)
 
 
-def _random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator | None,
-                  start: str) -> Tensor:
+def _random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator | None, start: str) -> Tensor:
     if norm == "linf":
         return (torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1) * eps
     direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -262,5 +317,6 @@ def _clip(x: Tensor, box: Box) -> Tensor:
 
 def _check_eps(eps: float) -> None:
     if not eps >= 0:
-        raise ValueError(f"eps must be >= 0 (in the data's units; 4/255 for '4 per pixel' on [0, 1] images), "
-                         f"got {eps!r}")
+        raise ValueError(
+            f"eps must be >= 0 (in the data's units; 4/255 for '4 per pixel' on [0, 1] images), got {eps!r}"
+        )

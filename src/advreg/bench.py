@@ -4,6 +4,7 @@ Each run is an ordinary run folder, so an interrupted bench resumes and skips fi
 is chosen per method by mean validation error over the seeds; the test figures of that point alone are
 reported. Nothing is ever selected on the test set.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,21 +38,43 @@ from advreg.registry import in_use, owner_of
 from advreg.runs import CONFIG, check_same_run, load_metrics, refuse_foreign
 from advreg.runs import METRICS as METRICS_FILE
 
-METRICS = ("test_error", "test_nll", "test_ece", "test_margin", "val_error", "val_nll", "train_error", "seconds_per_epoch",
-           "test_error_fgsm", "test_error_pgd", "test_error_fgsm_transfer", "test_error_pgd_transfer",
-           "best_test_error", "best_test_robust_error", "last_test_robust_error", "robust_gap", "best_robust_gap",
-           "best_val_robust_error", "best_epoch")
+METRICS = (
+    "test_error",
+    "test_nll",
+    "test_ece",
+    "test_margin",
+    "val_error",
+    "val_nll",
+    "train_error",
+    "seconds_per_epoch",
+    "test_error_fgsm",
+    "test_error_pgd",
+    "test_error_fgsm_transfer",
+    "test_error_pgd_transfer",
+    "best_test_error",
+    "best_test_robust_error",
+    "last_test_robust_error",
+    "robust_gap",
+    "best_robust_gap",
+    "best_val_robust_error",
+    "best_epoch",
+)
 PLAN = "bench.json"  # the planned runs, in the bench folder
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 # with robust tracking (adversarial training) the columns of the AWP paper's tables: best and last checkpoints
-ROBUST_COLUMNS = (("best_test_error", "Best: clean error (%)", 2), ("best_test_robust_error", "Best: PGD error (%)", 2),
-                  ("last_test_robust_error", "Last: PGD error (%)", 2), ("robust_gap", "Last: robust gap (%)", 2))
+ROBUST_COLUMNS = (
+    ("best_test_error", "Best: clean error (%)", 2),
+    ("best_test_robust_error", "Best: PGD error (%)", 2),
+    ("last_test_robust_error", "Last: PGD error (%)", 2),
+    ("robust_gap", "Last: robust gap (%)", 2),
+)
 
 
 @dataclass(frozen=True)
 class Variant:
     """A row of the table: a method's preset with fixed settings on top (``avg_lin=amm:amm.aggregation=avg``),
     and settings of its own to choose on validation (``amm.lam=8|32``, kept in ``grid``)."""
+
     name: str
     method: str
     settings: tuple[str, ...] = ()
@@ -64,8 +87,10 @@ def parse_variant(text: str) -> Variant:
     method, _, settings = rest.partition(":")
     label, method = label.strip(), method.strip()
     if not sep or not label or not method or any(c in label for c in "/\\ "):
-        raise ValueError(f"--variant expects LABEL=METHOD[:KEY=VALUE;...], got {text!r} (example: --variant "
-                         "'amm_avg_lin=amm:amm.aggregation=avg;amm.shrinkage=lin')")
+        raise ValueError(
+            f"--variant expects LABEL=METHOD[:KEY=VALUE;...], got {text!r} (example: --variant "
+            "'amm_avg_lin=amm:amm.aggregation=avg;amm.shrinkage=lin')"
+        )
     if method not in METHODS:
         raise ValueError(f"--variant {label}: unknown method {method!r}; choose from: {', '.join(METHODS)}")
     fixed, grid = [], []
@@ -102,8 +127,15 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
     return grid
 
 
-def plan(base: TrainConfig, methods: list[str | Variant], seeds: int, settings: list[str],
-         grid: dict[str, list[str]], out: Path, recipe: str | None = None) -> list[RunSpec]:
+def plan(
+    base: TrainConfig,
+    methods: list[str | Variant],
+    seeds: int,
+    settings: list[str],
+    grid: dict[str, list[str]],
+    out: Path,
+    recipe: str | None = None,
+) -> list[RunSpec]:
     """Every (method or variant, grid point, seed) run; a grid key of a stage a method does not use skips it.
     A variant's own grid (``amm.lam=8|32``) applies to that row, over the shared ``grid`` for the same key.
     A ``recipe`` (advreg.recipes) goes under every run's settings. A row or a point given twice (``erm,erm``,
@@ -114,14 +146,22 @@ def plan(base: TrainConfig, methods: list[str | Variant], seeds: int, settings: 
     for row in (m if isinstance(m, Variant) else Variant(m, m) for m in methods):
         specs = _row_specs(base, row, seeds, [*settings, *row.settings], grid, out, recipe)
         if row.name in planned and [s.config for s in planned[row.name]] != [s.config for s in specs]:
-            raise ValueError(f"two rows share a name ({row.name!r}) but not their settings; give each variant "
-                             "its own label")
+            raise ValueError(
+                f"two rows share a name ({row.name!r}) but not their settings; give each variant its own label"
+            )
         planned.setdefault(row.name, specs)
     return [spec for specs in planned.values() for spec in specs]
 
 
-def _row_specs(base: TrainConfig, row: Variant, seeds: int, fixed: list[str], grid: dict[str, list[str]],
-               out: Path, recipe: str | None) -> list[RunSpec]:
+def _row_specs(
+    base: TrainConfig,
+    row: Variant,
+    seeds: int,
+    fixed: list[str],
+    grid: dict[str, list[str]],
+    out: Path,
+    recipe: str | None,
+) -> list[RunSpec]:
     """A row's runs, grid points × seeds; a point whose runs are an earlier point's (0.1 and 0.10) is left out."""
     row_grid = {k: v for k, v in grid.items() if _applies(base, row.method, fixed, k)} | dict(row.grid)
     specs: list[RunSpec] = []
@@ -149,8 +189,9 @@ def _applies(base: TrainConfig, method: str, settings: list[str], key: str) -> b
     return not owners or any(m.name == method for m in owners)
 
 
-def execute(specs: list[RunSpec], jobs: int, progress: bool = True, attacks: tuple[str, ...] = (),
-            source: str | None = None) -> list[dict[str, Any]]:
+def execute(
+    specs: list[RunSpec], jobs: int, progress: bool = True, attacks: tuple[str, ...] = (), source: str | None = None
+) -> list[dict[str, Any]]:
     """Run (or read back) every spec, ``jobs`` processes at a time, then its ``attacks`` (white box, and
     transferred from the run folder ``source`` if given); one row per run, ``failed`` where its worker died or
     raised (the other runs go on; a rerun resumes it)."""
@@ -170,26 +211,42 @@ def execute(specs: list[RunSpec], jobs: int, progress: bool = True, attacks: tup
 
 def save_plan(out: Path, specs: list[RunSpec], title: str) -> None:
     """``bench.json``: every planned run and the table's title, so that ``--collect OUT`` needs nothing else."""
-    runs = [{"method": s.method, "point": list(s.point), "seed": s.seed, "folder": str(s.folder.relative_to(out)),
-             "config": s.config.to_dict()} for s in specs]
+    runs = [
+        {
+            "method": s.method,
+            "point": list(s.point),
+            "seed": s.seed,
+            "folder": str(s.folder.relative_to(out)),
+            "config": s.config.to_dict(),
+        }
+        for s in specs
+    ]
     atomic_write_bytes(out / PLAN, json.dumps({"title": title, "runs": runs}, indent=1).encode())
 
 
 def load_plan(out: Path) -> tuple[list[RunSpec], str]:
     """The runs and title that :func:`save_plan` wrote in the bench folder ``out``."""
     if not (out / PLAN).is_file():
-        raise ValueError(f"{out} has no {PLAN}, so it is not a bench folder (or one from an older advreg); "
-                         "run the bench command again to write it")
+        raise ValueError(
+            f"{out} has no {PLAN}, so it is not a bench folder (or one from an older advreg); "
+            "run the bench command again to write it"
+        )
     saved = read_json(out / PLAN)
-    specs = [RunSpec(r["method"], tuple(r["point"]), r["seed"], out / r["folder"], TrainConfig.from_dict(r["config"]))
-             for r in saved["runs"]]
+    specs = [
+        RunSpec(r["method"], tuple(r["point"]), r["seed"], out / r["folder"], TrainConfig.from_dict(r["config"]))
+        for r in saved["runs"]
+    ]
     return specs, saved["title"]
 
 
 def collect(specs: list[RunSpec]) -> list[dict[str, Any]]:
     """One row per planned run from whatever has finished; an unfinished run's row says so."""
-    return [run_row(s, load_metrics(s.folder)) if complete(s.folder, ()) else
-            {**run_row(s, None, "not finished yet"), "failed": True} for s in specs]
+    return [
+        run_row(s, load_metrics(s.folder))
+        if complete(s.folder, ())
+        else {**run_row(s, None, "not finished yet"), "failed": True}
+        for s in specs
+    ]
 
 
 def check_folders(specs: list[RunSpec]) -> None:
@@ -202,8 +259,7 @@ def check_folders(specs: list[RunSpec]) -> None:
 Reply = tuple[dict[str, Any] | None, str, bool]  # a worker's answer: metrics, error, failed
 
 
-def _run_all(todo: list[RunSpec], jobs: int, threads: int,
-             options: tuple[Any, ...]) -> Iterator[tuple[RunSpec, Reply]]:
+def _run_all(todo: list[RunSpec], jobs: int, threads: int, options: tuple[Any, ...]) -> Iterator[tuple[RunSpec, Reply]]:
     """Train ``todo`` on up to ``jobs`` worker processes, yielding each run's reply as it ends. A worker that
     dies (SIGKILL, the OOM killer) fails its own run only; a fresh worker takes the next one."""
     context = multiprocessing.get_context("spawn")  # a clean interpreter per worker: no forked torch state
@@ -309,12 +365,15 @@ def complete(folder: Path, attacks: tuple[str, ...], source: str | None = None) 
         return False
     metrics = load_metrics(folder)
     done = all(f"test_error_{a}" in metrics for a in attacks)
-    return done and (source is None or (metrics.get("attack_source") == source
-                                        and all(f"test_error_{a}_transfer" in metrics for a in attacks)))
+    return done and (
+        source is None
+        or (metrics.get("attack_source") == source and all(f"test_error_{a}_transfer" in metrics for a in attacks))
+    )
 
 
-def train_one(config: TrainConfig, folder: str, attacks: tuple[str, ...],
-               source: str | None = None) -> tuple[dict[str, Any] | None, str]:
+def train_one(
+    config: TrainConfig, folder: str, attacks: tuple[str, ...], source: str | None = None
+) -> tuple[dict[str, Any] | None, str]:
     """Train one run folder unless finished, then add the missing robust errors; (metrics, error).
 
     A diverged run is a result, not a crash. A finished run is not retrained: that would rewrite its
@@ -335,8 +394,13 @@ def train_one(config: TrainConfig, folder: str, attacks: tuple[str, ...],
 
 
 def run_row(spec: RunSpec, metrics: dict[str, Any] | None, error: str = "") -> dict[str, Any]:
-    row: dict[str, Any] = {"method": spec.method, "point": " ".join(spec.point), "seed": spec.seed,
-                           "folder": str(spec.folder), "error": error}
+    row: dict[str, Any] = {
+        "method": spec.method,
+        "point": " ".join(spec.point),
+        "seed": spec.seed,
+        "folder": str(spec.folder),
+        "error": error,
+    }
     metrics = metrics or {}
     seconds = metrics.get("train_seconds")
     metrics = {**metrics, "seconds_per_epoch": seconds / spec.config.epochs if seconds is not None else None}
@@ -349,10 +413,15 @@ def select(rows: list[dict[str, Any]]) -> dict[str, str]:
     validation robust error of the best checkpoint for runs that track it (adversarial training)."""
     chosen: dict[str, str] = {}
     for method, method_rows in _group(rows, "method").items():
-        key = "best_val_robust_error" if any(r.get("best_val_robust_error") is not None for r in method_rows) \
+        key = (
+            "best_val_robust_error"
+            if any(r.get("best_val_robust_error") is not None for r in method_rows)
             else "val_error"
-        scores = {point: statistics.mean(_finite(r[key]) for r in point_rows)
-                  for point, point_rows in _group(method_rows, "point").items()}
+        )
+        scores = {
+            point: statistics.mean(_finite(r[key]) for r in point_rows)
+            for point, point_rows in _group(method_rows, "point").items()
+        }
         chosen[method] = min(scores, key=scores.__getitem__)  # first point wins a tie
     return chosen
 
@@ -361,24 +430,36 @@ def summarize(rows: list[dict[str, Any]], chosen: dict[str, str], title: str) ->
     """The paper's Table 1 layout: mean ± std of test error, NLL and ECE per method; best in bold."""
     stats = {m: _stats([r for r in rows if r["method"] == m and r["point"] == p]) for m, p in chosen.items()}
     columns = [("test_error", "Test error (%)", 2), ("test_nll", "Test NLL", 3), ("test_ece", "Test ECE (%)", 2)]
-    columns += [(f"test_error_{a}{box}", f"{a.upper()} {name} error (%)", 2)
-                for box, name in (("", "white-box"), ("_transfer", "black-box")) for a in ("fgsm", "pgd")
-                if any(r.get(f"test_error_{a}{box}") is not None for r in rows)]
+    columns += [
+        (f"test_error_{a}{box}", f"{a.upper()} {name} error (%)", 2)
+        for box, name in (("", "white-box"), ("_transfer", "black-box"))
+        for a in ("fgsm", "pgd")
+        if any(r.get(f"test_error_{a}{box}") is not None for r in rows)
+    ]
     if any(r.get("test_margin") is not None for r in rows):
         columns.append(("test_margin", "Test margin (L2)", 3))
     columns += [c for c in ROBUST_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
-    best = {key: (max if key == "test_margin" else min)((s[key][0] for s in stats.values() if s[key]), default=None)
-            for key, _, _ in columns}
+    best = {
+        key: (max if key == "test_margin" else min)((s[key][0] for s in stats.values() if s[key]), default=None)
+        for key, _, _ in columns
+    }
     erm = stats.get("erm", {}).get("seconds_per_epoch")
-    lines = [title, "", "| method | " + " | ".join(t for _, t, _ in columns) + " | time × ERM | runs | setting |",
-             "|---" * (len(columns) + 4) + "|"]
+    lines = [
+        title,
+        "",
+        "| method | " + " | ".join(t for _, t, _ in columns) + " | time × ERM | runs | setting |",
+        "|---" * (len(columns) + 4) + "|",
+    ]
     for method, s in stats.items():
         cells = [_cell(s[key], digits, s[key] is not None and s[key][0] == best[key]) for key, _, digits in columns]
         time = s["seconds_per_epoch"]
         ratio = f"{time[0] / erm[0]:.2f}" if time and erm else "-"
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {ratio} | {s['runs']} | {chosen[method] or '-'} |")
-    lines += ["", "time × ERM: mean seconds per epoch relative to ERM's in this bench; with --jobs > 1 the runs "
-              "share the machine, so it is rough (benchmarks/step_cost.py measures the cost per step cleanly)."]
+    lines += [
+        "",
+        "time × ERM: mean seconds per epoch relative to ERM's in this bench; with --jobs > 1 the runs "
+        "share the machine, so it is rough (benchmarks/step_cost.py measures the cost per step cleanly).",
+    ]
     return "\n".join(lines) + "\n"
 
 

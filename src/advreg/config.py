@@ -2,6 +2,7 @@
 
 A :class:`TrainConfig` and its JSON form (``config.json``) hold everything needed to rerun a run.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,6 +15,7 @@ from typing import Any
 @dataclass(frozen=True)
 class DataConfig:
     """The data set and its split: validation share, training share, label noise, folder, augmentation."""
+
     name: str = "mnist1d"
     val_fraction: float = 0.1  # carved out of the training set; the papers tune on 10% of it
     train_fraction: float = 1.0  # train on a random share of the rest (AMM paper, Sec. 4.3.2)
@@ -25,6 +27,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     """The network: its name, hidden widths (MLP), dropout, normalization layers and input normalization."""
+
     name: str = "mlp"
     hidden: tuple[int, ...] = (100, 100)
     dropout: float = 0.0  # the Dropout baseline uses 0.1 after each ReLU
@@ -36,6 +39,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     """SGD with momentum and step decay (AMP paper, Sec. 5.1: lr 0.1, /10 at 50% and 75% of training)."""
+
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -49,14 +53,18 @@ class OptimConfig:
 @dataclass(frozen=True)
 class StagesConfig:
     """Which member of each stage a step uses (DESIGN §1)."""
+
     transform: str = "identity"  # identity | mixup | fgsm | alps | pgd (adversarial training's examples)
     perturbation: str = "none"  # none | amp | sam | rmp | awp | rwp
-    loss: str = "ce"  # ce (cross-entropy, with loss.smoothing and loss.flooding) | amm (CE + λ·margin term) | trades | mart
+    loss: str = (
+        "ce"  # ce (cross-entropy, with loss.smoothing and loss.flooding) | amm (CE + λ·margin term) | trades | mart
+    )
 
 
 @dataclass(frozen=True)
 class LossConfig:
     """The cross-entropy of the ``ce`` and ``amm`` losses: label smoothing α and flood level b."""
+
     smoothing: float = 0.0  # label smoothing α (AMP paper: 0.2)
     flooding: float = 0.0  # flood level b (AMP paper: 0.02); 0 is off
 
@@ -65,6 +73,7 @@ class LossConfig:
 class RobustConfig:
     """Robust errors each epoch (AWP paper: PGD-20 with the training threat model) and the best checkpoint by
     validation robust error beside the last; in pixel levels of the input range like ``pgd``."""
+
     track: bool = False  # the adversarial-training presets turn it on
     pixels: float = 8.0
     step_pixels: float = 2.0
@@ -77,7 +86,10 @@ class RobustConfig:
 class SpeedConfig:
     """How the passes run: beyond floating-point rounding, only ``perturb_on`` (which gradient builds Δ under DDP)
     and float16's skipped overflowing steps change what training computes."""
-    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast with a GradScaler: an overflowing step is skipped)
+
+    precision: str = (
+        "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast with a GradScaler: an overflowing step is skipped)
+    )
     channels_last: bool = False  # image networks and batches in channels-last memory format
     compile: bool = False  # torch.compile the model
     perturb_on: str = "local"  # under torchrun: Δ from each replica's slice of the batch (local) or the whole (global)
@@ -101,8 +113,10 @@ def with_member_sections(cls: type) -> type:
     declared, own = declared_members(), cls.__dict__.get("__annotations__", {})
     for member in declared:
         if member.section in own:
-            raise ValueError(f"the {member.stage} {member.name!r} declares the section {member.section!r}, which "
-                             "the run's config has already; give the member another name or section")
+            raise ValueError(
+                f"the {member.stage} {member.name!r} declares the section {member.section!r}, which "
+                "the run's config has already; give the member another name or section"
+            )
     annotations: dict[str, Any] = {}
     for name, kind in own.items():
         annotations[name] = kind
@@ -121,6 +135,7 @@ class TrainConfig:
     run (``data``, ``model``, ``optim``, ``stages``, ``loss``, then one per stage member that declares settings, named
     after it (``amp``, ``pgd``, ...; :func:`with_member_sections`), then ``robust``, ``speed``); each dotted key is a
     ``--set`` key. Checked as it is built: a float setting must be finite, the seed in range."""
+
     method: str = "erm"
     recipe: str = ""  # the training recipe the run was built with (advreg.recipes), for the record
     seed: int = 0
@@ -161,7 +176,7 @@ def __getattr__(name: str) -> type:
 # torch seeds from [-2^63, 2^64 - 1], negative ones taken mod 2^64 (-1 is 2^64 - 1), and replica r of a run draws
 # from seed + train.REPLICA_SEED_STRIDE·r: in the signed 64-bit range no two seeds share a stream and no replica's
 # seed leaves torch's range
-SEED_RANGE = (-2**63, 2**63 - 1)
+SEED_RANGE = (-(2**63), 2**63 - 1)
 FLOAT32_MAX = 3.4028234663852886e38  # a setting past it is inf in a float32 tensor (and 1e309 is inf already)
 
 
@@ -176,8 +191,10 @@ def check_numbers(config: Any, prefix: str = "") -> None:
             items = value if isinstance(value, tuple) else (value,)
             if any(isinstance(v, numbers.Real) and not abs(v) <= FLOAT32_MAX for v in items):  # NaN fails too
                 default = getattr(type(config)(), name)
-                raise ValueError(f"{key} must be a finite number, at most {FLOAT32_MAX:.4g} in size (the tensors' "
-                                 f"float32), got {value!r}; give one, e.g. --set {key}={_text(default)} (the default)")
+                raise ValueError(
+                    f"{key} must be a finite number, at most {FLOAT32_MAX:.4g} in size (the tensors' "
+                    f"float32), got {value!r}; give one, e.g. --set {key}={_text(default)} (the default)"
+                )
 
 
 def check_seed(seed: Any) -> None:
@@ -222,7 +239,7 @@ def _replace(config: Any, path: list[str], text: str, full_key: str) -> Any:
     hints = typing.get_type_hints(type(config))
     name = path[0]
     if name not in hints:
-        parents = full_key.split(".")[:-len(path)]
+        parents = full_key.split(".")[: -len(path)]
         prefix = ".".join(parents) + "." if parents else ""
         raise ValueError(f"unknown setting {full_key!r}; valid keys: {', '.join(keys(config, prefix))}")
     current = getattr(config, name)
@@ -269,4 +286,3 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
         else:
             values[name] = value
     return cls(**values)
-

@@ -7,6 +7,7 @@ all-reduce per step; ``speed.perturb_on``). Replicas r > 0 reseed their own rand
 partners, PGD starts), saved per replica in the checkpoint. Replica 0 writes the run folder; every replica evaluates
 the same weights, so all of them hold the same numbers.
 """
+
 from __future__ import annotations
 
 import gc
@@ -36,8 +37,10 @@ class Replicas:
         differ by one row at most; the weight is 1 when they are equal)."""
         n = len(y)
         if n < self.world:
-            raise ValueError(f"a batch of {n} rows cannot feed {self.world} replicas; choose an optim.batch_size "
-                             f"whose remainder in the training set is 0 or at least {self.world}")
+            raise ValueError(
+                f"a batch of {n} rows cannot feed {self.world} replicas; choose an optim.batch_size "
+                f"whose remainder in the training set is 0 or at least {self.world}"
+            )
         xs, ys = x.tensor_split(self.world), y.tensor_split(self.world)
         return xs[self.rank], ys[self.rank], len(ys[self.rank]) * self.world / n
 
@@ -79,8 +82,10 @@ def from_environment(device: str) -> Replicas | None:
     if not dist.is_available():
         raise ValueError("WORLD_SIZE > 1 but this torch has no torch.distributed; run a single process")
     if device.startswith("cuda:"):
-        raise ValueError(f"device={device} would put every replica on one GPU; use --set device=cuda, and each "
-                         "process takes the GPU of its LOCAL_RANK")
+        raise ValueError(
+            f"device={device} would put every replica on one GPU; use --set device=cuda, and each "
+            "process takes the GPU of its LOCAL_RANK"
+        )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if cuda:

@@ -2,6 +2,7 @@
 
 Checkpoints are read with ``torch.load(weights_only=True)``: never unpickle arbitrary objects.
 """
+
 from __future__ import annotations
 
 import csv
@@ -97,5 +98,7 @@ def load_checkpoint(path: Path) -> Any:
         raise  # unreadable (permissions, I/O): the command line names the file and the cause
     except Exception as err:  # torch raises several types for truncated or foreign files
         reason = " ".join(str(err).split())  # on one line, in full: a refused pickle keeps torch's security advice
-        raise ValueError(f"cannot read checkpoint {path} ({type(err).__name__}: {reason}); it is corrupt or "
-                         "not an advreg checkpoint: delete it to start over, or choose another --out") from None
+        raise ValueError(
+            f"cannot read checkpoint {path} ({type(err).__name__}: {reason}); it is corrupt or "
+            "not an advreg checkpoint: delete it to start over, or choose another --out"
+        ) from None

@@ -3,6 +3,7 @@
 batch transform → loss → weight perturbation: a preset is a few settings of the stages; any other
 combination is written with ``--set`` (e.g. ``--method amp --set stages.transform=mixup``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ class Method:
     """A named method of the papers: its settings of the stages (over the ERM defaults), the forward passes of the
     model per step (a count, a function of the run's config, or None where the data decide: AMM's DeepFool),
     where it comes from, and what the passes are."""
+
     name: str
     settings: tuple[str, ...]  # key=value overrides of the defaults (ERM)
     passes: int | Callable[[TrainConfig], int] | None
@@ -33,38 +35,75 @@ class Method:
         return self.passes(config) if callable(self.passes) else self.passes
 
 
-METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("erm", (), 1, "empirical risk minimization (AMP paper, Sec. 5.1)"),
-    Method("dropout", ("model.dropout=0.1",), 1, "Srivastava et al., JMLR 2014; 10% after each ReLU"),
-    Method("label_smoothing", ("loss.smoothing=0.2",), 1, "Szegedy et al., CVPR 2016; α = 0.2"),
-    Method("flooding", ("loss.flooding=0.02",), 1, "Ishida et al., ICML 2020; b = 0.02"),
-    Method("mixup", ("stages.transform=mixup",), 1, "Zhang et al., ICLR 2018; λ ~ Beta(1, 1)"),
-    Method("adv", ("stages.transform=fgsm",), 2, "Goodfellow et al., ICLR 2015; FGSM training, 1 pixel level",
-           "1 for the example"),
-    Method("alps", ("stages.transform=alps",), 2, "Guo et al., IJCAI 2021, Algorithm 1",
-           "1 without gradients, for k*"),
-    Method("rmp", ("stages.perturbation=rmp",), 1, "AMP paper's random model perturbation, radius 0.1"),
-    Method("amp", ("stages.perturbation=amp",), lambda c: c.amp.inner_steps + 1,
-           "Zheng et al., CVPR 2021, Algorithm 1"),
-    Method("sam", ("stages.perturbation=sam",), 2, "Foret et al., ICLR 2021"),
-    Method("amm", ("stages.loss=amm", "optim.clip_grad=10.0"), None,
-           "Yan, Guo & Zhang, TPAMI; MIN+EXP, λ = 32, c = 2, d = 1, gradients clipped at 10",
-           "1, then up to u passes of C copies and 1+u forwards with AVG, twice with MIN (DeepFool, u = 6, "
-           "C = amm.candidates, 2 copies for a misclassified sample)"),
-    Method("at", AT, lambda c: c.pgd.steps + 1, AT_PAPER, "pgd.steps for PGD"),
-    Method("trades", (*AT, "stages.loss=trades"), lambda c: c.pgd.steps + 3, "Zhang et al., ICML 2019; β = 6",
-           "pgd.steps + 1 for PGD (p(x) and the steps), 2 for the loss"),
-    Method("mart", (*AT, "stages.loss=mart"), lambda c: c.pgd.steps + 2, "Wang et al., ICLR 2020; β = 6",
-           "pgd.steps for PGD, 2 for the loss"),
-    Method("at_awp", (*AT, "stages.perturbation=awp"), lambda c: c.pgd.steps + 2,
-           f"{AWP_PAPER}; γ = 0.01 (Sec. 4.4)"),
-    Method("at_rwp", (*AT, "stages.perturbation=rwp"), lambda c: c.pgd.steps + 1,
-           "AWP paper's random weight perturbation; γ = 0.01"),
-    Method("trades_awp", (*AT, "stages.loss=trades", "stages.perturbation=awp", "awp.gamma=0.005"),
-           lambda c: c.pgd.steps + 5, f"{AWP_PAPER}, Eq. 16; γ = 0.005 (Sec. 5.1)"),
-    Method("mart_awp", (*AT, "stages.loss=mart", "stages.perturbation=awp", "awp.gamma=0.005"),
-           lambda c: c.pgd.steps + 4, f"{AWP_PAPER}, Eq. 17; γ = 0.005 (Sec. 5.1)"),
-)}
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("erm", (), 1, "empirical risk minimization (AMP paper, Sec. 5.1)"),
+        Method("dropout", ("model.dropout=0.1",), 1, "Srivastava et al., JMLR 2014; 10% after each ReLU"),
+        Method("label_smoothing", ("loss.smoothing=0.2",), 1, "Szegedy et al., CVPR 2016; α = 0.2"),
+        Method("flooding", ("loss.flooding=0.02",), 1, "Ishida et al., ICML 2020; b = 0.02"),
+        Method("mixup", ("stages.transform=mixup",), 1, "Zhang et al., ICLR 2018; λ ~ Beta(1, 1)"),
+        Method(
+            "adv",
+            ("stages.transform=fgsm",),
+            2,
+            "Goodfellow et al., ICLR 2015; FGSM training, 1 pixel level",
+            "1 for the example",
+        ),
+        Method(
+            "alps", ("stages.transform=alps",), 2, "Guo et al., IJCAI 2021, Algorithm 1", "1 without gradients, for k*"
+        ),
+        Method("rmp", ("stages.perturbation=rmp",), 1, "AMP paper's random model perturbation, radius 0.1"),
+        Method(
+            "amp", ("stages.perturbation=amp",), lambda c: c.amp.inner_steps + 1, "Zheng et al., CVPR 2021, Algorithm 1"
+        ),
+        Method("sam", ("stages.perturbation=sam",), 2, "Foret et al., ICLR 2021"),
+        Method(
+            "amm",
+            ("stages.loss=amm", "optim.clip_grad=10.0"),
+            None,
+            "Yan, Guo & Zhang, TPAMI; MIN+EXP, λ = 32, c = 2, d = 1, gradients clipped at 10",
+            "1, then up to u passes of C copies and 1+u forwards with AVG, twice with MIN (DeepFool, u = 6, "
+            "C = amm.candidates, 2 copies for a misclassified sample)",
+        ),
+        Method("at", AT, lambda c: c.pgd.steps + 1, AT_PAPER, "pgd.steps for PGD"),
+        Method(
+            "trades",
+            (*AT, "stages.loss=trades"),
+            lambda c: c.pgd.steps + 3,
+            "Zhang et al., ICML 2019; β = 6",
+            "pgd.steps + 1 for PGD (p(x) and the steps), 2 for the loss",
+        ),
+        Method(
+            "mart",
+            (*AT, "stages.loss=mart"),
+            lambda c: c.pgd.steps + 2,
+            "Wang et al., ICLR 2020; β = 6",
+            "pgd.steps for PGD, 2 for the loss",
+        ),
+        Method(
+            "at_awp", (*AT, "stages.perturbation=awp"), lambda c: c.pgd.steps + 2, f"{AWP_PAPER}; γ = 0.01 (Sec. 4.4)"
+        ),
+        Method(
+            "at_rwp",
+            (*AT, "stages.perturbation=rwp"),
+            lambda c: c.pgd.steps + 1,
+            "AWP paper's random weight perturbation; γ = 0.01",
+        ),
+        Method(
+            "trades_awp",
+            (*AT, "stages.loss=trades", "stages.perturbation=awp", "awp.gamma=0.005"),
+            lambda c: c.pgd.steps + 5,
+            f"{AWP_PAPER}, Eq. 16; γ = 0.005 (Sec. 5.1)",
+        ),
+        Method(
+            "mart_awp",
+            (*AT, "stages.loss=mart", "stages.perturbation=awp", "awp.gamma=0.005"),
+            lambda c: c.pgd.steps + 4,
+            f"{AWP_PAPER}, Eq. 17; γ = 0.005 (Sec. 5.1)",
+        ),
+    )
+}
 
 
 def get_method(name: str) -> Method:
@@ -85,8 +124,10 @@ def resolve(config: TrainConfig, user_settings: list[str]) -> TrainConfig:
         key, _, value = setting.partition("=")
         key = key.strip()
         if key.startswith("stages.") and key in preset and preset[key] != value.strip():
-            raise ValueError(f"--method {method.name} sets {key}={preset[key]}; use another --method "
-                             f"(or erm) with --set {key}={value.strip()} instead")
+            raise ValueError(
+                f"--method {method.name} sets {key}={preset[key]}; use another --method "
+                f"(or erm) with --set {key}={value.strip()} instead"
+            )
     resolved = override(override(config, list(method.settings)), user_settings)
     check_sections_in_use(resolved, [s.partition("=")[0].strip() for s in user_settings])
     return resolved
@@ -100,8 +141,10 @@ def check_sections_in_use(config: TrainConfig, keys: list[str]) -> None:
             member = registry.owner_of(key.split(".")[0])
             choice = f"stages.{member.stage}={member.name}"
             owner = next((m.name for m in METHODS.values() if choice in m.settings), None)
-            raise ValueError(f"{key} configures the {member.name} {member.stage}, which this run does not use; "
-                             f"add --set {choice}" + (f" (or use --method {owner})" if owner else ""))
+            raise ValueError(
+                f"{key} configures the {member.name} {member.stage}, which this run does not use; "
+                f"add --set {choice}" + (f" (or use --method {owner})" if owner else "")
+            )
 
 
 def check_preset(config: TrainConfig) -> None:
@@ -113,8 +156,12 @@ def check_preset(config: TrainConfig) -> None:
         section, name = key.split(".")
         have = getattr(getattr(config, section), name)
         if section == "stages" and have != value:
-            raise ValueError(f"method {config.method} needs {key}={value}, the config has {have}; "
-                             "build it with advreg.methods.resolve")
+            raise ValueError(
+                f"method {config.method} needs {key}={value}, the config has {have}; "
+                "build it with advreg.methods.resolve"
+            )
         if section not in TRAINER_SECTIONS and have == getattr(getattr(erm, section), name):
-            raise ValueError(f"method {config.method} with {key}={have} is ERM; use --method erm, or give "
-                             f"{key} a value that turns the regularizer on (the preset's is {value})")
+            raise ValueError(
+                f"method {config.method} with {key}={have} is ERM; use --method erm, or give "
+                f"{key} a value that turns the regularizer on (the preset's is {value})"
+            )

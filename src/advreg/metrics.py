@@ -1,7 +1,9 @@
 """Evaluation metrics: error, negative log-likelihood, and the expected calibration error of the AMP paper (Appendix D).
 
-ECE bins the top-label confidence into M equal bins I_m = ((m-1)/M, m/M], so a confidence of exactly 1.0 is counted (in the last bin).
+ECE bins the top-label confidence into M equal bins I_m = ((m-1)/M, m/M], so a confidence of exactly 1.0 is counted
+(in the last bin).
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,8 +33,10 @@ def calibration_error(confidence: Tensor, correct: Tensor, n_bins: int = 15) -> 
     if not (isinstance(n_bins, int) and n_bins >= 1):
         raise ValueError(f"n_bins must be an integer >= 1 (the paper uses 15), got {n_bins!r}")
     if confidence.shape != correct.shape or confidence.dim() != 1:
-        raise ValueError(f"confidence and correct must be 1-D of equal length, got {tuple(confidence.shape)} "
-                         f"and {tuple(correct.shape)}")
+        raise ValueError(
+            f"confidence and correct must be 1-D of equal length, got {tuple(confidence.shape)} "
+            f"and {tuple(correct.shape)}"
+        )
     confidence = confidence.double()
     upper = torch.arange(1, n_bins + 1, dtype=torch.float64, device=confidence.device) / n_bins  # m/M
     bins = torch.bucketize(confidence, upper, right=False).clamp(max=n_bins - 1)  # upper[m-1] < c <= upper[m]

@@ -10,6 +10,7 @@ ball of radius ε, not the whole Δ on one ball as Eq. 4-5 write. The recipes th
 the paper's numbers mean that. Set ``amp.norm=global`` for the paper's equations; its ε then needs tuning (a
 global ball of radius ε is far smaller than k per-tensor balls of radius ε for a network of k tensors).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,15 +21,23 @@ from advreg.methods import resolve
 from advreg.registry import in_use
 
 AMP_PAPER_SGD = (  # AMP paper, Sec. 5.1; Nesterov momentum as the authors' code
-    "optim.lr=0.1", "optim.momentum=0.9", "optim.nesterov=true", "optim.weight_decay=0.0001",
-    "optim.batch_size=50", "optim.milestones=0.5,0.75", "optim.lr_decay=0.1",  # /10 after 100 and 150 of 200
-    "data.val_fraction=0.1", "model.normalize=true")
+    "optim.lr=0.1",
+    "optim.momentum=0.9",
+    "optim.nesterov=true",
+    "optim.weight_decay=0.0001",
+    "optim.batch_size=50",
+    "optim.milestones=0.5,0.75",
+    "optim.lr_decay=0.1",  # /10 after 100 and 150 of 200
+    "data.val_fraction=0.1",
+    "model.normalize=true",
+)
 NO_FLIP = ("svhn", "gtsrb")  # digits and traffic signs change meaning when mirrored
 
 
 @dataclass(frozen=True)
 class Recipe:
     """A paper's training protocol by name: its network, epochs, ``--set`` settings and where they come from."""
+
     name: str
     model: str
     epochs: int
@@ -36,17 +45,32 @@ class Recipe:
     source: str
 
 
-RECIPES: dict[str, Recipe] = {r.name: r for r in (
-    Recipe("amp_preactresnet18", "preact_resnet18", 200,
-           (*AMP_PAPER_SGD, "amp.epsilon=0.5", "amp.inner_lr=1.0", "amp.inner_steps=1", "amp.norm=per_tensor"),
-           "AMP paper, Sec. 5.1: ε = 0.5, ζ = 1, N = 1 (per-tensor ball, as the authors' code)"),
-    Recipe("amp_vgg16", "vgg16", 200,
-           (*AMP_PAPER_SGD, "amp.epsilon=0.1", "amp.inner_lr=0.2", "amp.inner_steps=1", "amp.norm=per_tensor"),
-           "AMP paper, Sec. 5.1: ε = 0.1, ζ = 0.2, N = 1 (per-tensor ball, as the authors' code)"),
-    Recipe("amp_wrn28_10", "wrn28_10", 200,
-           (*AMP_PAPER_SGD, "amp.epsilon=0.5", "amp.inner_lr=1.0", "amp.inner_steps=1", "amp.norm=per_tensor"),
-           "the reproduction report: WideResNet with PreActResNet18's settings (\"the same set of hyperparameters\")"),
-)}
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe(
+            "amp_preactresnet18",
+            "preact_resnet18",
+            200,
+            (*AMP_PAPER_SGD, "amp.epsilon=0.5", "amp.inner_lr=1.0", "amp.inner_steps=1", "amp.norm=per_tensor"),
+            "AMP paper, Sec. 5.1: ε = 0.5, ζ = 1, N = 1 (per-tensor ball, as the authors' code)",
+        ),
+        Recipe(
+            "amp_vgg16",
+            "vgg16",
+            200,
+            (*AMP_PAPER_SGD, "amp.epsilon=0.1", "amp.inner_lr=0.2", "amp.inner_steps=1", "amp.norm=per_tensor"),
+            "AMP paper, Sec. 5.1: ε = 0.1, ζ = 0.2, N = 1 (per-tensor ball, as the authors' code)",
+        ),
+        Recipe(
+            "amp_wrn28_10",
+            "wrn28_10",
+            200,
+            (*AMP_PAPER_SGD, "amp.epsilon=0.5", "amp.inner_lr=1.0", "amp.inner_steps=1", "amp.norm=per_tensor"),
+            'the reproduction report: WideResNet with PreActResNet18\'s settings ("the same set of hyperparameters")',
+        ),
+    )
+}
 
 
 def get_recipe(name: str) -> Recipe:
@@ -60,8 +84,10 @@ def recipe_settings(name: str, config: TrainConfig, user_settings: list[str]) ->
     ``user_settings``: the augmentation for the dataset, and a stage member's keys only where the run uses it."""
     recipe = get_recipe(name)
     if config.data.name not in vision.READERS:
-        raise ValueError(f"recipe {name} is the protocol of an image network; use it with one of "
-                         f"{', '.join(vision.READERS)}, not {config.data.name}")
+        raise ValueError(
+            f"recipe {name} is the protocol of an image network; use it with one of "
+            f"{', '.join(vision.READERS)}, not {config.data.name}"
+        )
     used = resolve(config, user_settings)
     augment = "digits" if config.data.name in NO_FLIP else "standard"  # crop, and flip where it keeps the label
     settings = [f"recipe={name}", f"data.augment={augment}", *recipe.settings]
@@ -71,8 +97,9 @@ def recipe_settings(name: str, config: TrainConfig, user_settings: list[str]) ->
 def with_recipe(config: TrainConfig, name: str | None, user_settings: list[str]) -> TrainConfig:
     """``config`` (method, dataset, model, epochs set) under recipe ``name`` (None: none), then ``user_settings``."""
     if any(s.partition("=")[0].strip() == "recipe" for s in user_settings):
-        raise ValueError("recipe records the --recipe a run was built with; pass --recipe NAME instead of "
-                         "--set recipe=NAME")
+        raise ValueError(
+            "recipe records the --recipe a run was built with; pass --recipe NAME instead of --set recipe=NAME"
+        )
     if not name:
         return resolve(config, user_settings)
     return resolve(config, [*recipe_settings(name, config, user_settings), *user_settings])

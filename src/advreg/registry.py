@@ -6,6 +6,7 @@ its "is this member in use?" check and its builders (:mod:`advreg.stages`) are r
 Adding a member is one new module in its stage's package that registers itself, plus a preset line in
 :mod:`advreg.methods`.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -31,6 +32,7 @@ class Member:
     ``check(section)`` raises ValueError on the settings its optimizer would refuse, so that a run's config is checked
     before any model exists (a transform or a loss is built for that: it needs nothing else).
     """
+
     stage: str  # transform | loss | perturbation
     name: str  # the value of stages.<stage>
     build: Callable[..., Any]

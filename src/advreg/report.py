@@ -4,6 +4,7 @@ The table has one row per run (dataset, model, method, seed, epochs, test and tr
 percent, from ``metrics.json``); the figure draws the test accuracy per epoch of every run (``history.csv``).
 Written as ``report.md`` and ``report.png`` (atomically), beside ``report.json`` with the same numbers.
 """
+
 from __future__ import annotations
 
 import io
@@ -33,32 +34,52 @@ def summarize_run(folder: str | Path) -> RunSummary:
     folder = Path(folder)
     missing = [name for name in (CONFIG, METRICS, HISTORY) if not (folder / name).exists()]
     if missing:
-        raise ValueError(f"{folder} lacks {', '.join(missing)}: pass folders of finished runs "
-                         "(advreg train or advreg bench writes them)")
+        raise ValueError(
+            f"{folder} lacks {', '.join(missing)}: pass folders of finished runs "
+            "(advreg train or advreg bench writes them)"
+        )
     config, metrics = _described(folder), read_metrics(folder, ("test_error", "train_error"))
     curve = tuple(100.0 - e for e in read_history(folder, "test_error"))
-    return RunSummary(str(folder), config["data"]["name"], config["model"]["name"], config["method"],
-                      config["seed"], config["epochs"], 100.0 - metrics["test_error"],
-                      100.0 - metrics["train_error"], curve)
+    return RunSummary(
+        str(folder),
+        config["data"]["name"],
+        config["model"]["name"],
+        config["method"],
+        config["seed"],
+        config["epochs"],
+        100.0 - metrics["test_error"],
+        100.0 - metrics["train_error"],
+        curve,
+    )
 
 
 def _described(folder: Path) -> dict[str, Any]:
     """config.json, with the fields the report's row names."""
     config = read_config(folder)
     data, model = config.get("data"), config.get("model")
-    if not (isinstance(data, dict) and isinstance(model, dict) and isinstance(data.get("name"), str)
-            and isinstance(model.get("name"), str) and isinstance(config.get("method"), str)
-            and all(isinstance(config.get(k), int) for k in ("seed", "epochs"))):
-        raise RunFolderError(f"{folder / CONFIG} lacks data.name, model.name, method, seed or epochs; pass folders "
-                             "that advreg train wrote")
+    if not (
+        isinstance(data, dict)
+        and isinstance(model, dict)
+        and isinstance(data.get("name"), str)
+        and isinstance(model.get("name"), str)
+        and isinstance(config.get("method"), str)
+        and all(isinstance(config.get(k), int) for k in ("seed", "epochs"))
+    ):
+        raise RunFolderError(
+            f"{folder / CONFIG} lacks data.name, model.name, method, seed or epochs; pass folders "
+            "that advreg train wrote"
+        )
     return config
 
 
 def markdown(runs: Sequence[RunSummary]) -> str:
     """The reproduction report's table, with the method and seed beside dataset and model."""
     lines = ["| Dataset | Model | Method | Seed | Epochs | Test Accuracy | Train Accuracy |", "|---" * 7 + "|"]
-    lines += [f"| {r.dataset} | {r.model} | {r.method} | {r.seed} | {r.epochs} | {r.test_accuracy:.2f} | "
-              f"{r.train_accuracy:.2f} |" for r in runs]
+    lines += [
+        f"| {r.dataset} | {r.model} | {r.method} | {r.seed} | {r.epochs} | {r.test_accuracy:.2f} | "
+        f"{r.train_accuracy:.2f} |"
+        for r in runs
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -3,6 +3,7 @@
 Defaults follow the AMP paper (Appendix F): ε = 4 pixel levels, PGD with step 1 level and 10 steps, where a level is
 1/255 of the data's input range; the sanity check (ALPS §5) is PGD without a ball, 200 steps of 0.01 of that range.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,10 @@ def load_run(folder: str | Path) -> tuple[TrainConfig, DataSplits, nn.Module]:
 def finished_run(folder: str | Path) -> Path:
     folder = Path(folder)
     if not (folder / METRICS).is_file() or not (folder / CHECKPOINT).exists():
-        raise ValueError(f"{folder} holds no finished advreg run (config.json, checkpoint.pt, metrics.json); "
-                         "train it first with advreg train")
+        raise ValueError(
+            f"{folder} holds no finished advreg run (config.json, checkpoint.pt, metrics.json); "
+            "train it first with advreg train"
+        )
     return folder
 
 
@@ -54,8 +57,15 @@ def default_settings(data: DataSplits, eps: float | None = None) -> AttackSettin
     return AttackSettings(eps=eps, alpha=alpha, steps=10, box=(lo, hi))
 
 
-def robust_errors(target: nn.Module, x: Tensor, y: Tensor, attacks: list[str], settings: AttackSettings,
-                  source: nn.Module | None = None, batch_size: int = 500) -> dict[str, float]:
+def robust_errors(
+    target: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    attacks: list[str],
+    settings: AttackSettings,
+    source: nn.Module | None = None,
+    batch_size: int = 500,
+) -> dict[str, float]:
     """Test error (%) of ``target`` on examples crafted on ``source`` (itself if None), per attack, and the
     point-wise worst case over them (``_worst``: a sample counts as broken if any attack breaks it)."""
     suffix = "" if source is None else "_transfer"
@@ -63,10 +73,10 @@ def robust_errors(target: nn.Module, x: Tensor, y: Tensor, attacks: list[str], s
     gen = torch.Generator().manual_seed(0)  # PGD's random start: the same examples on every call
     broken = {a: torch.zeros(len(y), dtype=torch.bool) for a in attacks}
     for i in range(0, len(y), batch_size):
-        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        xb, yb = x[i : i + batch_size], y[i : i + batch_size]
         for attack in attacks:
             adv = _craft(attack, crafter, xb, yb, settings, gen)
-            broken[attack][i:i + batch_size] = (predict_logits(target, adv).argmax(1) != yb).cpu()
+            broken[attack][i : i + batch_size] = (predict_logits(target, adv).argmax(1) != yb).cpu()
     errors = {f"test_error_{a}{suffix}": 100.0 * b.double().mean().item() for a, b in broken.items()}
     if len(attacks) > 1:
         worst = torch.stack(list(broken.values())).any(dim=0)
@@ -74,8 +84,9 @@ def robust_errors(target: nn.Module, x: Tensor, y: Tensor, attacks: list[str], s
     return errors
 
 
-def _craft(attack: str, model: nn.Module, x: Tensor, y: Tensor, s: AttackSettings,
-           generator: torch.Generator) -> Tensor:
+def _craft(
+    attack: str, model: nn.Module, x: Tensor, y: Tensor, s: AttackSettings, generator: torch.Generator
+) -> Tensor:
     if attack == "fgsm":
         return fgsm(model, x, y, s.eps, box=s.box)
     if attack == "autoattack":
@@ -124,8 +135,9 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, box: tuple[fl
     try:
         from pyautoattack import AutoAttack
     except ImportError:
-        raise ValueError('the autoattack attack needs the optional package pyautoattack: '
-                         'pip install "advreg[autoattack]"') from None
+        raise ValueError(
+            'the autoattack attack needs the optional package pyautoattack: pip install "advreg[autoattack]"'
+        ) from None
     lo, hi = box
     plan = plan_for(model, x)
     scaled = _UnitBox(model, lo, hi, x.shape[1:]).eval()
@@ -150,12 +162,13 @@ class _UnitBox(nn.Module):
         return self.model(self.lo + self.scale * u.reshape(len(u), *self.sample_shape))
 
 
-def sanity_accuracy(model: nn.Module, x: Tensor, y: Tensor, steps: int = 200, alpha: float = 0.01,
-                    batch_size: int = 500) -> float:
+def sanity_accuracy(
+    model: nn.Module, x: Tensor, y: Tensor, steps: int = 200, alpha: float = 0.01, batch_size: int = 500
+) -> float:
     """Accuracy (%) left after unbounded PGD: far above 0 means the gradients are masked, not the model robust."""
     right = 0
     for i in range(0, len(y), batch_size):
-        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        xb, yb = x[i : i + batch_size], y[i : i + batch_size]
         adv = pgd(model, xb, yb, eps=math.inf, alpha=alpha, steps=steps, norm="linf", random_start=False)
         right += (predict_logits(model, adv).argmax(1) == yb).sum().item()
     return 100.0 * right / len(y)
@@ -170,13 +183,21 @@ def attack_record(attacks: list[str], settings: AttackSettings, model: nn.Module
     record["attack_norm"] = "linf"
     if "autoattack" in attacks:
         plan = plan_for(model, x)
-        record.update(autoattack_attacks=list(plan.attacks), autoattack_target_classes=plan.target_classes,
-                      autoattack_left_out=plan.left_out)
+        record.update(
+            autoattack_attacks=list(plan.attacks),
+            autoattack_target_classes=plan.target_classes,
+            autoattack_left_out=plan.left_out,
+        )
     return record
 
 
-def evaluate_run(folder: str | Path, attacks: list[str], eps: float | None = None, source: str | Path | None = None,
-                 sanity: bool = False) -> dict[str, Any]:
+def evaluate_run(
+    folder: str | Path,
+    attacks: list[str],
+    eps: float | None = None,
+    source: str | Path | None = None,
+    sanity: bool = False,
+) -> dict[str, Any]:
     """Add robust test errors (and the attack settings) to the run's metrics.json; return the new keys. The run
     folder stays locked meanwhile: a ``train --resume`` of it waits for none of this and is refused instead."""
     unknown = [a for a in attacks if a not in ATTACKS]
@@ -186,8 +207,9 @@ def evaluate_run(folder: str | Path, attacks: list[str], eps: float | None = Non
         return _evaluate_locked(run_folder, attacks, eps, source, sanity)
 
 
-def _evaluate_locked(run_folder: RunFolder, attacks: list[str], eps: float | None, source: str | Path | None,
-                     sanity: bool) -> dict[str, Any]:
+def _evaluate_locked(
+    run_folder: RunFolder, attacks: list[str], eps: float | None, source: str | Path | None, sanity: bool
+) -> dict[str, Any]:
     config, data, model = load_run(run_folder.path)
     settings = default_settings(data, eps)
     x, y = data.test
@@ -195,8 +217,10 @@ def _evaluate_locked(run_folder: RunFolder, attacks: list[str], eps: float | Non
     if source is not None:
         source_config, _, source_model = load_run(source)
         if source_config.data.name != config.data.name:
-            raise ValueError(f"the source run was trained on {source_config.data.name}, the target on "
-                             f"{config.data.name}; transfer needs the same dataset")
+            raise ValueError(
+                f"the source run was trained on {source_config.data.name}, the target on "
+                f"{config.data.name}; transfer needs the same dataset"
+            )
         results.update(robust_errors(model, x, y, attacks, settings, source=source_model))
         results["attack_source"] = str(source)
     if sanity:

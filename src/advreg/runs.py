@@ -9,6 +9,7 @@ One process writes a folder at a time: :class:`RunFolder` holds an exclusive ``f
 kernel releases when the process ends, however it ends. Every file read is checked before it is used, so a corrupt
 or foreign file ends in a :class:`RunFolderError` (a ValueError) that names it and says what to do.
 """
+
 from __future__ import annotations
 
 import csv
@@ -27,8 +28,17 @@ BEST = "best.pt"  # with robust.track: the weights of the epoch with the lowest 
 LOCK = ".lock"  # flock'ed by the one process that writes the folder; never removed (see RunFolder.lock)
 FILES = (CONFIG, CHECKPOINT, HISTORY, METRICS, BEST)
 CHECKPOINT_KEYS = ("epoch", "config", "model", "optimizer", "scheduler", "rng", "history")
-HISTORY_KEYS = ("epoch", "lr", "train_loss", "train_error", "val_loss", "val_error", "test_loss", "test_error",
-                "seconds")  # every row's; with robust.track also val_robust_error and test_robust_error
+HISTORY_KEYS = (
+    "epoch",
+    "lr",
+    "train_loss",
+    "train_error",
+    "val_loss",
+    "val_error",
+    "test_loss",
+    "test_error",
+    "seconds",
+)  # every row's; with robust.track also val_robust_error and test_robust_error
 
 
 class RunFolderError(ValueError):
@@ -51,8 +61,10 @@ class RunFolder:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.close()
-            raise RunFolderError(f"{self.path} is in use by another advreg process (train or evaluate); wait for "
-                                 "it to finish, or choose another folder") from None
+            raise RunFolderError(
+                f"{self.path} is in use by another advreg process (train or evaluate); wait for "
+                "it to finish, or choose another folder"
+            ) from None
         self._handle = handle
         try:
             self._remove_stale()
@@ -136,8 +148,9 @@ def refuse_foreign(out: Path, advice: str = "choose another --out") -> None:
     stray = sorted(p.name for p in out.iterdir() if not _is_advregs(p.name))
     if stray:
         more = f" and {len(stray) - 3} more" if len(stray) > 3 else ""  # a mistyped --out may be a big folder
-        raise RunFolderError(f"{out} is not empty and holds no advreg run (it holds {', '.join(stray[:3])}{more}); "
-                             f"{advice}")
+        raise RunFolderError(
+            f"{out} is not empty and holds no advreg run (it holds {', '.join(stray[:3])}{more}); {advice}"
+        )
 
 
 def _is_advregs(name: str) -> bool:
@@ -169,8 +182,10 @@ def read_object(path: Path) -> dict[str, Any]:
     """A JSON file that must hold an object (config.json, metrics.json)."""
     value = read_json(path)
     if not isinstance(value, dict):
-        raise RunFolderError(f"{path} holds a JSON {type(value).__name__}, not an object; it is not advreg's: "
-                             "delete it (train --resume rewrites metrics.json) or choose another folder")
+        raise RunFolderError(
+            f"{path} holds a JSON {type(value).__name__}, not an object; it is not advreg's: "
+            "delete it (train --resume rewrites metrics.json) or choose another folder"
+        )
     return value
 
 
@@ -196,8 +211,10 @@ def check_same_run(out: str | Path, config: TrainConfig) -> None:
     """Raise RunFolderError unless the run folder ``out`` was made with ``config``."""
     saved = read_config(out)
     if _normalized(saved) != config.to_dict():
-        raise RunFolderError(f"{out} holds a different run ({_difference(saved, config.to_dict())}); "
-                             "choose another --out, or pass the same settings to resume it")
+        raise RunFolderError(
+            f"{out} holds a different run ({_difference(saved, config.to_dict())}); "
+            "choose another --out, or pass the same settings to resume it"
+        )
 
 
 def same_config(saved: Any, config: TrainConfig) -> bool:
@@ -227,8 +244,10 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     state = load_checkpoint(path)
     problem = _checkpoint_problem(state)
     if problem:
-        raise RunFolderError(f"{path} is not an advreg checkpoint ({problem}); delete the run folder to start over, "
-                             "or choose another --out")
+        raise RunFolderError(
+            f"{path} is not an advreg checkpoint ({problem}); delete the run folder to start over, "
+            "or choose another --out"
+        )
     return state
 
 
@@ -240,8 +259,13 @@ def _checkpoint_problem(state: Any) -> str:
     if missing:
         return f"it lacks {', '.join(missing)}"
     epoch, history = state["epoch"], state["history"]
-    if not (isinstance(epoch, int) and epoch >= 0 and isinstance(history, list) and len(history) == epoch
-            and all(isinstance(row, dict) and row.get("epoch") == i + 1 for i, row in enumerate(history))):
+    if not (
+        isinstance(epoch, int)
+        and epoch >= 0
+        and isinstance(history, list)
+        and len(history) == epoch
+        and all(isinstance(row, dict) and row.get("epoch") == i + 1 for i, row in enumerate(history))
+    ):
         return "its epoch and history disagree"
     if not all(isinstance(row.get(key), (int, float)) for row in history for key in HISTORY_KEYS):
         return f"a history row lacks a number for one of {', '.join(HISTORY_KEYS)}"
@@ -255,10 +279,16 @@ def _checkpoint_problem(state: Any) -> str:
 def read_best(path: Path, epochs: int) -> dict[str, Any]:
     """best.pt: the epoch (1..epochs) and the weights chosen on validation."""
     state = load_checkpoint(path)
-    if not (isinstance(state, dict) and isinstance(state.get("epoch"), int) and 1 <= state["epoch"] <= epochs
-            and isinstance(state.get("model"), dict)):
-        raise RunFolderError(f"{path} is not advreg's best.pt (an epoch in 1..{epochs} and the weights); delete the "
-                             "run folder to start over")
+    if not (
+        isinstance(state, dict)
+        and isinstance(state.get("epoch"), int)
+        and 1 <= state["epoch"] <= epochs
+        and isinstance(state.get("model"), dict)
+    ):
+        raise RunFolderError(
+            f"{path} is not advreg's best.pt (an epoch in 1..{epochs} and the weights); delete the "
+            "run folder to start over"
+        )
     return state
 
 
@@ -268,8 +298,10 @@ def load_weights(model: nn.Module, weights: dict[str, Any], path: Path) -> None:
         model.load_state_dict(weights)
     except (RuntimeError, TypeError, KeyError, ValueError) as err:
         reason = " ".join(str(err).split())
-        raise RunFolderError(f"the weights in {path} do not fit the model config.json describes ({reason}); "
-                             "restore the run's config.json, or delete the run folder to start over") from None
+        raise RunFolderError(
+            f"the weights in {path} do not fit the model config.json describes ({reason}); "
+            "restore the run's config.json, or delete the run folder to start over"
+        ) from None
 
 
 def load_metrics(folder: str | Path) -> dict[str, Any]:
@@ -285,8 +317,9 @@ def read_metrics(folder: str | Path, keys: Sequence[str]) -> dict[str, Any]:
     metrics = load_metrics(folder)
     bad = [k for k in keys if not _is_number(metrics.get(k))]
     if bad:
-        raise RunFolderError(f"{path} lacks a number for {', '.join(bad)}; resume the run with advreg train "
-                             "--resume to rewrite it")
+        raise RunFolderError(
+            f"{path} lacks a number for {', '.join(bad)}; resume the run with advreg train --resume to rewrite it"
+        )
     return metrics
 
 
@@ -330,8 +363,9 @@ def _history_number(text: str, path: Path, line: int, column: str) -> float:
     try:
         return float(text) if text.strip() else math.nan
     except ValueError:
-        raise RunFolderError(f"{path} line {line}, column {column}: {text!r} is not a number; "
-                             f"{REWRITE_HISTORY}") from None
+        raise RunFolderError(
+            f"{path} line {line}, column {column}: {text!r} is not a number; {REWRITE_HISTORY}"
+        ) from None
 
 
 def _is_number(value: Any) -> bool:

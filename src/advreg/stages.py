@@ -3,6 +3,7 @@
 Each stage's members declare themselves (:mod:`advreg.registry`); this module reads the run's choice of each stage
 (``stages.*``), checks that the choices fit together, and builds them from their config sections.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,9 +24,11 @@ def section(config: TrainConfig, member: registry.Member) -> Any:
     if member.config is None:
         return None
     if not hasattr(config, member.section):  # declared after advreg.config was loaded: TrainConfig has no field
-        raise ValueError(f"the {member.stage} {member.name!r} declares the section {member.section!r}, which the run's "
-                         f"config lacks: declare it in a module of {registry.PACKAGES[member.stage]}, which "
-                         "advreg.config loads")
+        raise ValueError(
+            f"the {member.stage} {member.name!r} declares the section {member.section!r}, which the run's "
+            f"config lacks: declare it in a module of {registry.PACKAGES[member.stage]}, which "
+            "advreg.config loads"
+        )
     return getattr(config, member.section)
 
 
@@ -55,8 +58,10 @@ def validate_stages(config: TrainConfig) -> None:
     chosen(config, "perturbation")
     if loss.needs_clean and not transform.gives_clean:
         givers = [m.name for m in registry.members("transform").values() if m.gives_clean]
-        raise ValueError(f"stages.loss={loss.name} needs adversarial examples beside the clean batch; "
-                         f"add --set stages.transform={givers[0]} (or use --method {loss.name})")
+        raise ValueError(
+            f"stages.loss={loss.name} needs adversarial examples beside the clean batch; "
+            f"add --set stages.transform={givers[0]} (or use --method {loss.name})"
+        )
 
 
 def check_members(config: TrainConfig) -> None:
@@ -86,8 +91,9 @@ def build_loss(config: TrainConfig) -> LossStage:
         return member.build(section(config, member), criterion, config.loss)
 
 
-def build_optimizer(config: TrainConfig, params: Iterable[torch.Tensor], steps_per_epoch: int = 1,
-                    **engine: Any) -> torch.optim.Optimizer:
+def build_optimizer(
+    config: TrainConfig, params: Iterable[torch.Tensor], steps_per_epoch: int = 1, **engine: Any
+) -> torch.optim.Optimizer:
     """SGD, or SGD wrapped by the configured weight perturbation (AWP's warm-up counts ``steps_per_epoch``);
     ``engine`` holds the perturbation engine's options (``model``, ``grad_scaler``, ``no_sync``), unused by SGD."""
     o = config.optim

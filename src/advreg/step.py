@@ -10,6 +10,7 @@ The loss and the logits it returns are those of the pass that the optimizer's ``
 is the closure's own tensor): the pass at θ where there is one, at θ+Δ for a perturbation without a clean pass
 (RMP, RWP, AMP's steps between refreshes with ``every``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,6 +30,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 @dataclass(frozen=True)
 class StepOutput:
     """What a step reports: the mean loss of the reported pass (0-d) and that pass's logits (B, K), detached."""
+
     loss: Tensor
     logits: Tensor
 
@@ -42,6 +44,7 @@ class Step:
     ``transform_model`` is the module the transform may run (adversarial examples); by default ``model``. Under
     DDP, give the bare module there (input gradients need no all-reduce) and the wrapper as ``model``.
     """
+
     model: nn.Module
     transform: Transform
     loss_fn: LossStage

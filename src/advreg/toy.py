@@ -6,6 +6,7 @@ minimize λ·L_DD with λ = c = d = 1: SGD, batch 20, 1000 epochs, lr 0.1 halved
 weight decay 1e-4. The widest separating margin is 0.99 (the line x₁ = 0); AVG+LIN settles near the normal of
 the line between the class centres (-1, -1) and (1, 1), MIN should approach the widest margin.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,19 +53,30 @@ def signed_margin(w: np.ndarray, b: float, x: np.ndarray, y: np.ndarray) -> floa
 
 def optimal_margin(x: np.ndarray, y: np.ndarray) -> float:
     """The widest margin of any line (the hard-margin SVM's), by a 1-D search over the normal's angle."""
+
     def negative_margin(angle: float) -> float:
         w = np.array([math.cos(angle), math.sin(angle)])
         return -(((x[y == 1] @ w).min() - (x[y == 0] @ w).max()) / 2)  # the best offset centres the gap
 
     angles = np.linspace(-math.pi / 2, math.pi / 2, 3601)
     start = angles[int(np.argmin([negative_margin(a) for a in angles]))]
-    best = minimize_scalar(negative_margin, bounds=(start - 1e-3, start + 1e-3), method="bounded",
-                           options={"xatol": 1e-12})
+    best = minimize_scalar(
+        negative_margin, bounds=(start - 1e-3, start + 1e-3), method="bounded", options={"xatol": 1e-12}
+    )
     return float(-best.fun)
 
 
-def train_linear(aggregation: str, shrinkage: str, x: Tensor, y: Tensor, epochs: int = 1000, seed: int = 0,
-                 lam: float = 1.0, c: float = 1.0, d: float = 1.0) -> nn.Linear:
+def train_linear(
+    aggregation: str,
+    shrinkage: str,
+    x: Tensor,
+    y: Tensor,
+    epochs: int = 1000,
+    seed: int = 0,
+    lam: float = 1.0,
+    c: float = 1.0,
+    d: float = 1.0,
+) -> nn.Linear:
     """The paper's toy training: the margin term alone (no cross-entropy), SGD as described above."""
     torch.manual_seed(seed)
     model = nn.Linear(2, 2).double()
@@ -83,8 +95,9 @@ def train_linear(aggregation: str, shrinkage: str, x: Tensor, y: Tensor, epochs:
     return model
 
 
-def evaluate_linear(model: nn.Linear, aggregation: str, shrinkage: str, train: tuple[Tensor, Tensor],
-                    test: tuple[Tensor, Tensor]) -> ToyResult:
+def evaluate_linear(
+    model: nn.Linear, aggregation: str, shrinkage: str, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor]
+) -> ToyResult:
     weight, bias = model.weight.detach().numpy(), model.bias.detach().numpy()
     w, b = weight[1] - weight[0], float(bias[1] - bias[0])
     (x_tr, y_tr), (x_te, y_te) = ((x.numpy(), y.numpy()) for x, y in (train, test))
@@ -92,5 +105,13 @@ def evaluate_linear(model: nn.Linear, aggregation: str, shrinkage: str, train: t
     def accuracy(x: np.ndarray, y: np.ndarray) -> float:
         return float(100.0 * ((x @ w + b > 0) == (y == 1)).mean())
 
-    return ToyResult(aggregation, shrinkage, w.tolist(), b, accuracy(x_tr, y_tr), accuracy(x_te, y_te),
-                     signed_margin(w, b, x_tr, y_tr), signed_margin(w, b, x_te, y_te))
+    return ToyResult(
+        aggregation,
+        shrinkage,
+        w.tolist(),
+        b,
+        accuracy(x_tr, y_tr),
+        accuracy(x_te, y_te),
+        signed_margin(w, b, x_tr, y_tr),
+        signed_margin(w, b, x_te, y_te),
+    )

@@ -4,6 +4,7 @@ The checkpoint, written atomically after every epoch, holds the model, optimizer
 states, so ``resume=True`` continues an interrupted run to the numbers of an uninterrupted one (CPU).
 The folder itself (lock, checks, files) is :mod:`advreg.runs`; this module builds the run and loops.
 """
+
 from __future__ import annotations
 
 import copy
@@ -57,6 +58,7 @@ class TrainingDiverged(RuntimeError):
 @dataclass
 class Run:
     """Everything a configuration builds; the training state lives in these objects."""
+
     config: TrainConfig
     data: DataSplits
     model: nn.Module
@@ -93,8 +95,9 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, progres
             replicas.close()
 
 
-def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
-           replicas: distributed.Replicas | None) -> dict[str, Any]:
+def _train(
+    config: TrainConfig, out: Path, resume: bool, progress: bool, replicas: distributed.Replicas | None
+) -> dict[str, Any]:
     if replicas is None:
         folder, checkpoint = open_run(out, config, resume)
     else:
@@ -106,16 +109,29 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
             folder.release()
 
 
-def _train_in(out: Path, folder: RunFolder | None, config: TrainConfig, checkpoint: dict[str, Any] | None,
-              progress: bool, replicas: distributed.Replicas | None) -> dict[str, Any]:
+def _train_in(
+    out: Path,
+    folder: RunFolder | None,
+    config: TrainConfig,
+    checkpoint: dict[str, Any] | None,
+    progress: bool,
+    replicas: distributed.Replicas | None,
+) -> dict[str, Any]:
     run = build_run(config, replicas)
     start, history = restore(run, checkpoint, out / CHECKPOINT) if checkpoint else (0, [])
     if folder is not None and not (out / CONFIG).exists():  # only now: a setting that cannot build leaves no
         folder.write_config(config, code_version())  # config.json that would block the corrected command
     if folder is not None and checkpoint:  # derived from the checkpoint: complete, whenever the last run was killed
         folder.write_history(history)
-    bar = tqdm(range(start, config.epochs), initial=start, total=config.epochs, unit="epoch",
-               desc=f"{config.method} seed {config.seed}", disable=not (progress and folder is not None), leave=False)
+    bar = tqdm(
+        range(start, config.epochs),
+        initial=start,
+        total=config.epochs,
+        unit="epoch",
+        desc=f"{config.method} seed {config.seed}",
+        disable=not (progress and folder is not None),
+        leave=False,
+    )
     for epoch in bar:
         history.append(run_epoch(run, epoch))
         snapshot = _snapshot(run, epoch + 1, history)
@@ -141,22 +157,28 @@ def validate(config: TrainConfig) -> None:
     if not (isinstance(config.epochs, int) and config.epochs >= 1):
         raise ValueError(f"epochs must be an integer >= 1, got {config.epochs!r}")
     if not (0 < config.data.train_fraction <= 1 and 0 <= config.data.label_noise <= 1):
-        raise ValueError(f"data.train_fraction must be in (0, 1] and data.label_noise in [0, 1], got "
-                         f"{config.data.train_fraction!r} and {config.data.label_noise!r}")
+        raise ValueError(
+            f"data.train_fraction must be in (0, 1] and data.label_noise in [0, 1], got "
+            f"{config.data.train_fraction!r} and {config.data.label_noise!r}"
+        )
     validate_optim(config.optim)
     r = config.robust
     if r.margin_samples < 0:
         raise ValueError(f"robust.margin_samples must be >= 0 (0 leaves test_margin out), got {r.margin_samples!r}")
     if r.norm not in ("linf", "l2") or r.pixels < 0 or r.step_pixels <= 0 or r.steps < 1:
-        raise ValueError(f"robust.norm must be linf or l2, robust.pixels >= 0, robust.step_pixels > 0 and "
-                         f"robust.steps >= 1, got {r.norm!r}, {r.pixels!r}, {r.step_pixels!r}, {r.steps!r}")
+        raise ValueError(
+            f"robust.norm must be linf or l2, robust.pixels >= 0, robust.step_pixels > 0 and "
+            f"robust.steps >= 1, got {r.norm!r}, {r.pixels!r}, {r.step_pixels!r}, {r.steps!r}"
+        )
     if any(not 0 < f <= 1 for f in config.optim.milestones):
         raise ValueError(f"optim.milestones are fractions of the epochs in (0, 1], got {config.optim.milestones}")
     if config.model.name not in models.MODELS:
         raise ValueError(f"unknown model {config.model.name!r}; choose one of: {', '.join(models.MODELS)}")
     if config.model.norm not in models.NORMS or config.data.augment not in augment.PRESETS:
-        raise ValueError(f"model.norm must be one of {models.NORMS} and data.augment one of {tuple(augment.PRESETS)}, "
-                         f"got {config.model.norm!r} and {config.data.augment!r}")
+        raise ValueError(
+            f"model.norm must be one of {models.NORMS} and data.augment one of {tuple(augment.PRESETS)}, "
+            f"got {config.model.norm!r} and {config.data.augment!r}"
+        )
     models.check_options(config.model.hidden, config.model.dropout, config.model.dropout_layers)
     resolve_device(config.device)
 
@@ -165,8 +187,10 @@ def validate_optim(o: OptimConfig) -> None:
     if o.batch_size < 1 or o.lr <= 0 or o.clip_grad < 0:
         raise ValueError("optim.batch_size must be >= 1, optim.lr > 0 and optim.clip_grad >= 0 (0 is off)")
     if o.momentum < 0 or o.weight_decay < 0 or (o.nesterov and o.momentum == 0):
-        raise ValueError(f"optim.momentum and optim.weight_decay must be >= 0, and optim.nesterov needs "
-                         f"optim.momentum > 0, got {o.momentum!r}, {o.weight_decay!r}, {o.nesterov!r}")
+        raise ValueError(
+            f"optim.momentum and optim.weight_decay must be >= 0, and optim.nesterov needs "
+            f"optim.momentum > 0, got {o.momentum!r}, {o.weight_decay!r}, {o.nesterov!r}"
+        )
 
 
 def validate_speed(config: TrainConfig) -> None:
@@ -174,8 +198,10 @@ def validate_speed(config: TrainConfig) -> None:
     if sp.precision not in PRECISIONS:
         raise ValueError(f"speed.precision must be one of {PRECISIONS}, got {sp.precision!r}")
     if sp.precision == "fp16" and config.optim.clip_grad > 0:
-        raise ValueError("optim.clip_grad clips each pass's gradient, which float16 training keeps scaled; "
-                         "use speed.precision=bf16 (no loss scale) or optim.clip_grad=0")
+        raise ValueError(
+            "optim.clip_grad clips each pass's gradient, which float16 training keeps scaled; "
+            "use speed.precision=bf16 (no loss scale) or optim.clip_grad=0"
+        )
     if sp.perturb_on not in PERTURB_ON:
         raise ValueError(f"speed.perturb_on must be local or global, got {sp.perturb_on!r}")
     for name in ("channels_last", "compile"):
@@ -208,9 +234,11 @@ def build_run(config: TrainConfig, replicas: distributed.Replicas | None = None)
     loader = TensorLoader(*data.train, config.optim.batch_size, shuffle=True, generator=generator)
     last = len(data.train[1]) % config.optim.batch_size
     if replicas is not None and 0 < last < replicas.world:
-        raise ValueError(f"the last batch of each epoch has {last} rows, fewer than the {replicas.world} replicas; "
-                         f"choose an optim.batch_size whose remainder in the {len(data.train[1])} training rows is 0 "
-                         f"or at least {replicas.world}")
+        raise ValueError(
+            f"the last batch of each epoch has {last} rows, fewer than the {replicas.world} replicas; "
+            f"choose an optim.batch_size whose remainder in the {len(data.train[1])} training rows is 0 "
+            f"or at least {replicas.world}"
+        )
     scaler = torch.amp.GradScaler(device.type) if config.speed.precision == "fp16" else None
     # the scaler: unscale each pass that builds Δ, skip an overflowing step; the model: BatchNorm bookkeeping
     # without hooks, which torch.compile needs
@@ -226,11 +254,34 @@ def build_run(config: TrainConfig, replicas: distributed.Replicas | None = None)
     box = data.box()  # the input range: the attacks' clip and the unit of their sizes
     if replicas is not None and replicas.rank > 0:  # its own dropout masks, MixUp partners, PGD starts (not rank 0's)
         torch.manual_seed(config.seed + REPLICA_SEED_STRIDE * replicas.rank)
-    step = Step(model if train_model is None else train_model, build_transform(config, box),
-                build_loss(config), optimizer, data.num_classes, config.speed.precision, scaler,
-                config.optim.clip_grad, transform_model=model if replicas is not None else None)
-    return Run(config, data, model, optimizer, scheduler, loader, generator, device, box, step,
-               _robust_settings(config, box), _augmentation(config, data), scaler, train_model, replicas)
+    step = Step(
+        model if train_model is None else train_model,
+        build_transform(config, box),
+        build_loss(config),
+        optimizer,
+        data.num_classes,
+        config.speed.precision,
+        scaler,
+        config.optim.clip_grad,
+        transform_model=model if replicas is not None else None,
+    )
+    return Run(
+        config,
+        data,
+        model,
+        optimizer,
+        scheduler,
+        loader,
+        generator,
+        device,
+        box,
+        step,
+        _robust_settings(config, box),
+        _augmentation(config, data),
+        scaler,
+        train_model,
+        replicas,
+    )
 
 
 def milestone_epochs(config: TrainConfig) -> list[int]:
@@ -245,8 +296,17 @@ def build_model(config: TrainConfig, data: DataSplits) -> nn.Module:
     mean = std = None
     if m.normalize and len(data.input_shape) == 3:
         mean, std = (t.tolist() for t in augment.channel_stats(data.train[0].cpu()))
-    return models.build(m.name, data.num_classes, input_shape=data.input_shape, hidden=m.hidden, dropout=m.dropout,
-                        dropout_layers=m.dropout_layers, norm=m.norm, mean=mean, std=std)
+    return models.build(
+        m.name,
+        data.num_classes,
+        input_shape=data.input_shape,
+        hidden=m.hidden,
+        dropout=m.dropout,
+        dropout_layers=m.dropout_layers,
+        norm=m.norm,
+        mean=mean,
+        std=std,
+    )
 
 
 def _augmentation(config: TrainConfig, data: DataSplits) -> augment.Augment | None:
@@ -254,8 +314,10 @@ def _augmentation(config: TrainConfig, data: DataSplits) -> augment.Augment | No
     if name not in augment.PRESETS:
         raise ValueError(f"unknown data.augment {name!r}; choose one of: {', '.join(augment.PRESETS)}")
     if name != "none" and len(data.input_shape) != 3:
-        raise ValueError(f"data.augment={name} crops and flips images; {data.name} has inputs of shape "
-                         f"{data.input_shape}: leave data.augment=none")
+        raise ValueError(
+            f"data.augment={name} crops and flips images; {data.name} has inputs of shape "
+            f"{data.input_shape}: leave data.augment=none"
+        )
     return None if name == "none" else augment.PRESETS[name]
 
 
@@ -267,8 +329,14 @@ def _robust_settings(config: TrainConfig, box: tuple[float, float]) -> AttackSet
 def load_data(config: TrainConfig) -> DataSplits:
     """The splits of ``config``'s run (its seed picks the validation rows, the training share and the noise)."""
     d = config.data
-    return load_dataset(d.name, seed=config.seed, val_fraction=d.val_fraction, train_fraction=d.train_fraction,
-                        label_noise=d.label_noise, data_dir=d.dir or None)
+    return load_dataset(
+        d.name,
+        seed=config.seed,
+        val_fraction=d.val_fraction,
+        train_fraction=d.train_fraction,
+        label_noise=d.label_noise,
+        data_dir=d.dir or None,
+    )
 
 
 def run_epoch(run: Run, epoch: int) -> dict[str, float]:
@@ -278,11 +346,21 @@ def run_epoch(run: Run, epoch: int) -> dict[str, float]:
     run.scheduler.step()
     seconds = time.perf_counter() - start  # training only: the evaluation below is not counted
     val, test = evaluate(run.model, *run.data.val), evaluate(run.model, *run.data.test)
-    row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_error": train_error,
-           "val_loss": val["nll"], "val_error": val["error"], "test_loss": test["nll"], "test_error": test["error"]}
+    row = {
+        "epoch": epoch + 1,
+        "lr": lr,
+        "train_loss": train_loss,
+        "train_error": train_error,
+        "val_loss": val["nll"],
+        "val_error": val["error"],
+        "test_loss": test["nll"],
+        "test_error": test["error"],
+    }
     if run.robust is not None:
-        row.update(val_robust_error=robust_error(run.model, *run.data.val, run.robust),
-                   test_robust_error=robust_error(run.model, *run.data.test, run.robust))
+        row.update(
+            val_robust_error=robust_error(run.model, *run.data.val, run.robust),
+            test_robust_error=robust_error(run.model, *run.data.test, run.robust),
+        )
     return {**row, "seconds": seconds}
 
 
@@ -305,12 +383,15 @@ def train_epoch(run: Run, epoch: int) -> tuple[float, float]:
     loss_sum, wrong_count, n = totals.tolist()  # one host synchronisation per epoch
     train_loss = loss_sum / n
     if not math.isfinite(train_loss):
-        raise TrainingDiverged(f"the training loss became {train_loss} in epoch {epoch + 1}; "
-                               f"{suspects(run.config, perturbed=False)}")
+        raise TrainingDiverged(
+            f"the training loss became {train_loss} in epoch {epoch + 1}; {suspects(run.config, perturbed=False)}"
+        )
     if run.scaler is not None and run.scaler.get_scale() < MIN_LOSS_SCALE:  # every step overflows: none is taken
-        raise TrainingDiverged(f"float16 training skipped its steps until the loss scale fell to "
-                               f"{run.scaler.get_scale():.3g} in epoch {epoch + 1}: the passes overflow float16 "
-                               "whatever the scale. Use speed.precision=bf16 or fp32, or lower the perturbation radius")
+        raise TrainingDiverged(
+            f"float16 training skipped its steps until the loss scale fell to "
+            f"{run.scaler.get_scale():.3g} in epoch {epoch + 1}: the passes overflow float16 "
+            "whatever the scale. Use speed.precision=bf16 or fp32, or lower the perturbation radius"
+        )
     return train_loss, 100.0 * wrong_count / n
 
 
@@ -329,8 +410,9 @@ def train_step(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     try:
         out = run.step(x, y, weight)
     except NonFiniteLossError as err:
-        raise TrainingDiverged(f"training {run.config.method} diverged: {err}; in this run, "
-                               f"{suspects(run.config, err.perturbed)}") from None
+        raise TrainingDiverged(
+            f"training {run.config.method} diverged: {err}; in this run, {suspects(run.config, err.perturbed)}"
+        ) from None
     return out.loss, out.logits, y
 
 
@@ -347,10 +429,19 @@ def _batch(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, float]:
     return x, y, weight
 
 
-RADIUS_KEYS = {"amp": ("amp.epsilon", "amp.inner_lr"), "sam": ("sam.rho",), "awp": ("awp.gamma",),
-               "rmp": ("rmp.epsilon",), "rwp": ("rwp.gamma",)}  # the size of each weight perturbation's Δ
-LOSS_KEYS = {"ce": ("loss.flooding", "loss.smoothing"), "amm": ("amm.lam",), "trades": ("trades.beta",),
-             "mart": ("mart.beta",)}  # what scales each loss stage (a 0 is off)
+RADIUS_KEYS = {
+    "amp": ("amp.epsilon", "amp.inner_lr"),
+    "sam": ("sam.rho",),
+    "awp": ("awp.gamma",),
+    "rmp": ("rmp.epsilon",),
+    "rwp": ("rwp.gamma",),
+}  # the size of each weight perturbation's Δ
+LOSS_KEYS = {
+    "ce": ("loss.flooding", "loss.smoothing"),
+    "amm": ("amm.lam",),
+    "trades": ("trades.beta",),
+    "mart": ("mart.beta",),
+}  # what scales each loss stage (a 0 is off)
 
 
 def suspects(config: TrainConfig, perturbed: bool) -> str:
@@ -379,14 +470,17 @@ def _setting(config: TrainConfig, key: str) -> Any:
 def final_metrics(run: Run, history: list[dict[str, float]], best: Path | None = None) -> dict[str, Any]:
     """Flat metrics of the final weights: errors and ECE in percent, NLL in nats, the test margin (DeepFool L2);
     with robust tracking, also the robust errors of the last and the ``best`` checkpoint (:func:`robust_metrics`)."""
-    metrics: dict[str, Any] = {"method": run.config.method, "seed": run.config.seed, "epochs": run.config.epochs,
-                               "train_seconds": sum(row["seconds"] for row in history)}
+    metrics: dict[str, Any] = {
+        "method": run.config.method,
+        "seed": run.config.seed,
+        "epochs": run.config.epochs,
+        "train_seconds": sum(row["seconds"] for row in history),
+    }
     for split in ("train", "val", "test"):
         for key, value in evaluate(run.model, *getattr(run.data, split)).items():
             metrics[f"{split}_{key}"] = None if math.isnan(value) else value
     if run.config.robust.margin_samples > 0:  # DeepFool: K-fold batches for up to 50 steps, costly on big networks
-        for key, value in margin(run.model, run.data.test[0][:run.config.robust.margin_samples],
-                                 box=run.box).items():
+        for key, value in margin(run.model, run.data.test[0][: run.config.robust.margin_samples], box=run.box).items():
             metrics[f"test_{key}"] = None if math.isnan(value) else value
     if run.robust is not None and best is not None:
         metrics.update(robust_metrics(run, history, best))
@@ -399,20 +493,28 @@ def robust_metrics(run: Run, history: list[dict[str, float]], best: Path) -> dic
     best_state = read_best(best, run.config.epochs)
     best_model = copy.deepcopy(run.model)
     load_weights(best_model, best_state["model"], best)
-    out: dict[str, Any] = {"best_epoch": best_state["epoch"],
-                           "best_val_robust_error": history[best_state["epoch"] - 1]["val_robust_error"]}
+    out: dict[str, Any] = {
+        "best_epoch": best_state["epoch"],
+        "best_val_robust_error": history[best_state["epoch"] - 1]["val_robust_error"],
+    }
     for tag, model in (("last", run.model), ("best", best_model)):
         test = robust_error(model, *run.data.test, run.robust)
         train = robust_error(model, *run.data.train, run.robust)
-        out.update({f"{tag}_test_error": evaluate(model, *run.data.test)["error"], f"{tag}_test_robust_error": test,
-                    f"{tag}_train_robust_error": train})
+        out.update(
+            {
+                f"{tag}_test_error": evaluate(model, *run.data.test)["error"],
+                f"{tag}_test_robust_error": test,
+                f"{tag}_train_robust_error": train,
+            }
+        )
         out["robust_gap" if tag == "last" else "best_robust_gap"] = test - train
     return out
 
 
 # -- the run folder and the checkpoint -----------------------------------------------------------
-def _open_together(out: Path, config: TrainConfig, resume: bool,
-                   replicas: distributed.Replicas) -> tuple[RunFolder | None, dict[str, Any] | None]:
+def _open_together(
+    out: Path, config: TrainConfig, resume: bool, replicas: distributed.Replicas
+) -> tuple[RunFolder | None, dict[str, Any] | None]:
     """Replica 0 checks, prepares and locks the folder; every replica learns whether it could (so that none waits
     for a replica that failed) and then reads the checkpoint to resume from."""
     failure, folder, checkpoint = None, None, None
@@ -439,29 +541,41 @@ def _snapshot(run: Run, epochs_done: int, history: list[dict[str, float]]) -> di
         rng["cuda"] = torch.cuda.get_rng_state(run.device)
     if run.replicas is not None:  # one stream per replica, in rank order; the loader's is shared
         rng.update({key: run.replicas.gather(rng[key]) for key in ("torch", "cuda") if key in rng})
-    return {"epoch": epochs_done, "config": run.config.to_dict(), "model": run.model.state_dict(),
-            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-            "rng": rng, "history": history, "scaler": run.scaler.state_dict() if run.scaler is not None else None,
-            "world_size": _world(run)}
+    return {
+        "epoch": epochs_done,
+        "config": run.config.to_dict(),
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "rng": rng,
+        "history": history,
+        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+        "world_size": _world(run),
+    }
 
 
-def restore(run: Run, checkpoint: dict[str, Any],
-            path: Path = Path(CHECKPOINT)) -> tuple[int, list[dict[str, float]]]:
+def restore(run: Run, checkpoint: dict[str, Any], path: Path = Path(CHECKPOINT)) -> tuple[int, list[dict[str, float]]]:
     """Load a checkpoint (of read_checkpoint's shape) into ``run``; a state that does not fit the run is a
     RunFolderError naming ``path``."""
     if not same_config(checkpoint["config"], run.config) or checkpoint["epoch"] > run.config.epochs:
-        raise RunFolderError(f"{path} belongs to a different configuration than config.json (was config.json "
-                             "edited?); restore config.json, or delete the folder to start over")
+        raise RunFolderError(
+            f"{path} belongs to a different configuration than config.json (was config.json "
+            "edited?); restore config.json, or delete the folder to start over"
+        )
     if checkpoint.get("world_size", 1) != _world(run):  # local Δ, the slices and the random draws depend on it
-        raise RunFolderError(f"the checkpoint was written by {checkpoint.get('world_size', 1)} process(es) and this "
-                             f"run has {_world(run)}; resume with the same torchrun --nproc_per_node")
+        raise RunFolderError(
+            f"the checkpoint was written by {checkpoint.get('world_size', 1)} process(es) and this "
+            f"run has {_world(run)}; resume with the same torchrun --nproc_per_node"
+        )
     load_weights(run.model, checkpoint["model"], path)
     try:
         _load_training_state(run, checkpoint)
     except (RuntimeError, TypeError, KeyError, ValueError, IndexError, AttributeError) as err:
         reason = " ".join(str(err).split())
-        raise RunFolderError(f"{path} holds an optimizer, schedule or random state that does not fit this run "
-                             f"({type(err).__name__}: {reason}); delete the run folder to start over") from None
+        raise RunFolderError(
+            f"{path} holds an optimizer, schedule or random state that does not fit this run "
+            f"({type(err).__name__}: {reason}); delete the run folder to start over"
+        ) from None
     return checkpoint["epoch"], list(checkpoint["history"])
 
 
@@ -492,8 +606,11 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, saved: Any) -> None:
             raise ValueError(f"a parameter group lacks {', '.join(missing)}: another optimizer saved it")
     shapes = {i: p.shape for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
     for index, entry in saved["state"].items():
-        if index not in shapes or not isinstance(entry, dict) or any(
-                isinstance(v, Tensor) and v.dim() > 0 and v.shape != shapes[index] for v in entry.values()):
+        if (
+            index not in shapes
+            or not isinstance(entry, dict)
+            or any(isinstance(v, Tensor) and v.dim() > 0 and v.shape != shapes[index] for v in entry.values())
+        ):
             raise ValueError(f"the state of parameter {index} does not fit its shape")
 
 
@@ -514,20 +631,28 @@ def _world(run: Run) -> int:
 
 def _to_device(data: DataSplits, device: torch.device) -> DataSplits:
     move = lambda pair: (pair[0].to(device), pair[1].to(device))  # noqa: E731
-    return DataSplits(data.name, move(data.train), move(data.val), move(data.test), data.num_classes,
-                      data.input_shape)
+    return DataSplits(data.name, move(data.train), move(data.val), move(data.test), data.num_classes, data.input_shape)
 
 
 def code_version() -> dict[str, Any]:
     """The advreg version, its git commit (and whether the tree had changes), torch and Python."""
-    version: dict[str, Any] = {"advreg": advreg.__version__, "torch": torch.__version__,
-                               "python": platform.python_version()}
+    version: dict[str, Any] = {
+        "advreg": advreg.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
     root = Path(__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "."], capture_output=True,
-                               text=True, timeout=10, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--", "."],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
         version.update(git_commit=commit, git_dirty=bool(dirty))
     except (OSError, subprocess.SubprocessError):
         version.update(git_commit=None, git_dirty=None)  # installed from a wheel: the version says it

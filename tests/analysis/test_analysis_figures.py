@@ -4,6 +4,7 @@
 Each is checked against a reference written here: the paper's formulas evaluated by hand, brute-force maxima,
 ``model(grid).argmax`` and the numbers the runs themselves wrote.
 """
+
 import copy
 import csv
 import json
@@ -42,9 +43,19 @@ torch.set_num_threads(1)
 
 # (β, r, ε²/2σ₁², inside?) computed by hand from Eq. (15): ratio 1: exp(-1) = 0.3679, and at β = 0.5 the bound
 # is 1/(1 + ln 0.5) = 3.2589; ratio 0.5: exp(-0.5) = 0.6065, at β = 0.9 the bound is 1/(1 + 2 ln 0.9) = 1.2670
-HAND_POINTS = [(0.5, 3.30, 1.0, True), (0.5, 3.22, 1.0, False), (0.3, 100.0, 1.0, False), (0.38, 100.0, 1.0, True),
-               (0.9, 1.28, 0.5, True), (0.9, 1.25, 0.5, False), (0.6, 50.0, 0.5, False), (0.62, 50.0, 0.5, True),
-               (0.99, 1.03, 0.5, True), (0.99, 1.01, 0.5, False), (1.2, 10.0, 1.0, False)]
+HAND_POINTS = [
+    (0.5, 3.30, 1.0, True),
+    (0.5, 3.22, 1.0, False),
+    (0.3, 100.0, 1.0, False),
+    (0.38, 100.0, 1.0, True),
+    (0.9, 1.28, 0.5, True),
+    (0.9, 1.25, 0.5, False),
+    (0.6, 50.0, 0.5, False),
+    (0.62, 50.0, 0.5, True),
+    (0.99, 1.03, 0.5, True),
+    (0.99, 1.01, 0.5, False),
+    (1.2, 10.0, 1.0, False),
+]
 
 
 @pytest.mark.parametrize("beta, r, ratio, inside", HAND_POINTS)
@@ -78,13 +89,15 @@ def test_region_grid_is_nested_in_the_ratio_and_plots():
 
 # ---------------------------------------------------------------- Fig. 1
 
+
 def test_amp_loss_1d_is_the_max_over_the_window():
     eps = 0.5
     for theta in (-2.0, -1.5, -1.1, 0.0, 1.4, 3.0):
         window = np.linspace(theta - eps, theta + eps, 200_001)  # brute force, independent of the δ grid
-        assert amp_loss_1d(sharp_flat_loss, np.array([theta]), eps)[0] == pytest.approx(sharp_flat_loss(window).max(),
-                                                                                       abs=1e-6)
-    quadratic = amp_loss_1d(lambda t: t ** 2, np.array([0.0, 0.3, -1.0]), 0.2)
+        assert amp_loss_1d(sharp_flat_loss, np.array([theta]), eps)[0] == pytest.approx(
+            sharp_flat_loss(window).max(), abs=1e-6
+        )
+    quadratic = amp_loss_1d(lambda t: t**2, np.array([0.0, 0.3, -1.0]), 0.2)
     assert quadratic == pytest.approx([0.04, 0.25, 1.44])
 
 
@@ -97,6 +110,7 @@ def test_amp_1d_prefers_the_flat_minimum():
 
 
 # ---------------------------------------------------------------- Fig. 9
+
 
 def _g(z):
     return np.where(z >= 0, z, -2 * z)
@@ -120,6 +134,7 @@ def test_scalar_objectives_match_closed_forms():
 
 
 # ---------------------------------------------------------------- spiral
+
 
 def test_spiral_shapes_balance_and_determinism():
     x, y = spiral.make_spiral(50, 3, 0.2, seed=4)
@@ -153,6 +168,7 @@ def test_load_spiral_splits():
 
 # ---------------------------------------------------------------- decision regions
 
+
 def test_decision_regions_match_argmax_and_leave_the_model_alone():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
@@ -178,13 +194,32 @@ def test_decision_regions_match_argmax_and_leave_the_model_alone():
 
 # ---------------------------------------------------------------- calibration and curves on a tiny bench
 
+
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     from advreg.cli import main
 
     out = tmp_path_factory.mktemp("bench")
-    main(["bench", "--dataset", "digits", "--methods", "erm", "--seeds", "2", "--epochs", "1", "--out", str(out),
-          "--set", "model.hidden=8", "--jobs", "1", "--quiet"])
+    main(
+        [
+            "bench",
+            "--dataset",
+            "digits",
+            "--methods",
+            "erm",
+            "--seeds",
+            "2",
+            "--epochs",
+            "1",
+            "--out",
+            str(out),
+            "--set",
+            "model.hidden=8",
+            "--jobs",
+            "1",
+            "--quiet",
+        ]
+    )
     return out
 
 
@@ -227,8 +262,9 @@ def test_curves_are_the_history(bench, tmp_path):
             assert history[column].tolist() == [float(r[column]) for r in rows]
     robust = tmp_path / "robust"
     robust.mkdir()
-    (robust / "history.csv").write_text("epoch,train_loss,train_error,test_loss,test_error,test_robust_error\n"
-                                        "1,2.0,50,2.1,55,90\n2,1.0,30,1.5,40,80\n")
+    (robust / "history.csv").write_text(
+        "epoch,train_loss,train_error,test_loss,test_error,test_robust_error\n1,2.0,50,2.1,55,90\n2,1.0,30,1.5,40,80\n"
+    )
     mixed = load_curves([*folders, robust])
     assert "test_robust_error" in [c for c, _ in mixed.panels()]
     assert mixed.histories[-1]["test_robust_error"].tolist() == [90.0, 80.0]
@@ -238,8 +274,11 @@ def test_curves_are_the_history(bench, tmp_path):
 
 
 def test_saving_the_model_free_figures(tmp_path):
-    for name, result, plot in [("region", region_grid((0.5, 1.0)), plot_region), ("amp1d", amp_1d(), plot_amp_1d),
-                               ("scalar", scalar_example(0.3), plot_scalar_example)]:
+    for name, result, plot in [
+        ("region", region_grid((0.5, 1.0)), plot_region),
+        ("amp1d", amp_1d(), plot_amp_1d),
+        ("scalar", scalar_example(0.3), plot_scalar_example),
+    ]:
         paths = save(tmp_path, name, plot(result), result.arrays(), {"name": name})
         loaded = np.load(paths["npz"], allow_pickle=False)
         assert all(np.array_equal(loaded[k], v) for k, v in result.arrays().items())

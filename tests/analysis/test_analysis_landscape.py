@@ -1,6 +1,7 @@
 """The landscape, radius and Hessian analyses, each against something computed independently here: an exact Hessian
 from torch.autograd.functional.hessian, a hand-written loop over α, norms measured directly; and the contract of
 every analysis: the model comes back bit for bit (also after an error midway), a seed fixes the numbers."""
+
 import copy
 import math
 
@@ -49,8 +50,11 @@ def reference_loss(model, x, y):
 
 
 def snapshot(model):
-    return ({k: v.detach().clone() for k, v in model.state_dict().items()}, [m.training for m in model.modules()],
-            [None if p.grad is None else p.grad.clone() for p in model.parameters()])
+    return (
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
+        [m.training for m in model.modules()],
+        [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+    )
 
 
 def assert_same(model, snap):
@@ -65,13 +69,15 @@ def assert_same(model, snap):
 SMALL = {
     "landscape": lambda m, d: L.landscape(m, d, L.LandscapeConfig(steps=5, samples=60, batch_size=25)),
     "landscape2d": lambda m, d: L.landscape(m, d, L.LandscapeConfig(dims=2, steps=3, samples=60, batch_size=25)),
-    "radius": lambda m, d: R.radius_sweep(m, d, R.RadiusConfig(radii=(0.0, 0.5), directions=3, worst_steps=3,
-                                                               samples=60, batch_size=25)),
+    "radius": lambda m, d: R.radius_sweep(
+        m, d, R.RadiusConfig(radii=(0.0, 0.5), directions=3, worst_steps=3, samples=60, batch_size=25)
+    ),
     "hessian": lambda m, d: H.hessian(m, d, H.HessianConfig(iterations=5, probes=4, samples=60, batch_size=25)),
 }
 
 
 # ---- shared helpers ---------------------------------------------------------------------------------------------
+
 
 def test_eval_subset_is_a_seeded_sample_of_the_split():
     data = toy_data()
@@ -86,15 +92,21 @@ def test_eval_subset_is_a_seeded_sample_of_the_split():
 
 
 def test_configs_reject_bad_values_with_a_sentence():
-    for make in (lambda: L.LandscapeConfig(dims=3), lambda: L.LandscapeConfig(split="val"),
-                 lambda: L.LandscapeConfig(span=0), lambda: R.RadiusConfig(radii=(-0.1,)),
-                 lambda: R.RadiusConfig(splits=("val",)), lambda: H.HessianConfig(probes=1),
-                 lambda: H.HessianConfig(tol=0)):
+    for make in (
+        lambda: L.LandscapeConfig(dims=3),
+        lambda: L.LandscapeConfig(split="val"),
+        lambda: L.LandscapeConfig(span=0),
+        lambda: R.RadiusConfig(radii=(-0.1,)),
+        lambda: R.RadiusConfig(splits=("val",)),
+        lambda: H.HessianConfig(probes=1),
+        lambda: H.HessianConfig(tol=0),
+    ):
         with pytest.raises(ValueError, match="must"):
             make()
 
 
 # ---- landscape --------------------------------------------------------------------------------------------------
+
 
 def test_random_direction_is_filter_normalised():
     torch.manual_seed(0)
@@ -135,8 +147,7 @@ def test_landscape_1d_matches_a_hand_written_loop_and_2d_contains_it():
                 p.add_(float(a) * t)
         loss, error = reference_loss(moved, x, y)
         assert math.isclose(result.loss[k], loss, rel_tol=1e-5) and math.isclose(result.error[k], error)
-    surface = L.landscape(model, data, L.LandscapeConfig(dims=2, steps=5, span=0.8, samples=60, batch_size=25,
-                                                         seed=2))
+    surface = L.landscape(model, data, L.LandscapeConfig(dims=2, steps=5, span=0.8, samples=60, batch_size=25, seed=2))
     assert surface.loss.shape == surface.error.shape == (5, 5) and surface.betas.shape == (5,)
     np.testing.assert_allclose(surface.loss[:, 2], result.loss, rtol=1e-6)  # β = 0: the 1-D curve along d
     assert not np.allclose(surface.loss[2, :], result.loss)  # along e: another direction
@@ -149,6 +160,7 @@ def test_landscape_cost_is_one_line():
 
 
 # ---- radius -----------------------------------------------------------------------------------------------------
+
 
 def test_sphere_directions_have_norm_exactly_r():
     model = bn_model()
@@ -189,6 +201,7 @@ class _NoBar:
 
 
 # ---- Hessian ----------------------------------------------------------------------------------------------------
+
 
 def tiny_problem():
     """A 31-parameter tanh MLP in float64 and its exact Hessian at θ (torch.autograd.functional.hessian)."""
@@ -248,7 +261,8 @@ def close_top_eigenvalues():
     a = torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=torch.float64) / 4
     exact = torch.kron(a, torch.diag(torch.tensor(SIGMA, dtype=torch.float64)))  # vec(W) row by row: (2d, 2d)
     brute = torch.autograd.functional.hessian(
-        lambda w: F.cross_entropy(functional_call(model, {"weight": w.view(2, d)}, (x,)), y), model.weight.flatten())
+        lambda w: F.cross_entropy(functional_call(model, {"weight": w.view(2, d)}, (x,)), y), model.weight.flatten()
+    )
     torch.testing.assert_close(brute, exact)
     return model, data, exact
 
@@ -266,7 +280,7 @@ def test_power_iteration_stops_on_the_residual_when_the_top_eigenvalues_are_clos
     assert result.residual <= tol * abs(result.eigenvalue)
     error = top - result.eigenvalue  # ≥ 0: a Rayleigh quotient never exceeds the top eigenvalue
     assert 0 <= error <= result.residual  # the eigenvalue within the residual is the top one
-    assert error <= result.residual ** 2 / (result.eigenvalue - second)  # Kato-Temple: the error is O(r²)
+    assert error <= result.residual**2 / (result.eigenvalue - second)  # Kato-Temple: the error is O(r²)
     # the rule it replaces, λ's relative change below tol, was met long before, with an error above tol·λ
     h = result.history
     first = next(k for k in range(1, len(h)) if abs(h[k] - h[k - 1]) < tol * abs(h[k - 1]))
@@ -279,7 +293,9 @@ def test_a_capped_power_iteration_reports_the_residual_of_its_last_iterate():
     result = H.top_eigenvalue(model, data, config)
     assert not result.converged and result.iterations == 10
     v = torch.cat([t.flatten() for t in result.eigenvector])  # the iterate λ and the residual belong to
-    assert math.isclose(result.eigenvalue, result.history[-1]) and math.isclose(result.eigenvalue, (v @ exact @ v).item())
+    assert math.isclose(result.eigenvalue, result.history[-1]) and math.isclose(
+        result.eigenvalue, (v @ exact @ v).item()
+    )
     assert math.isclose(result.residual, (exact @ v - result.eigenvalue * v).norm().item(), rel_tol=1e-9)
     assert result.residual > 1e-4 * abs(result.eigenvalue)
     both = H.hessian(model, data, config)
@@ -294,11 +310,12 @@ def test_hutchinson_matches_the_exact_trace():
     many = H.trace(model, data, H.HessianConfig(probes=2000, samples=40, seed=1))
     assert abs(many.mean - exact) < 3 * many.stderr and many.stderr < 0.25 * few.stderr
     off = hess - torch.diag(torch.diag(hess))  # Rademacher: Var(zᵀHz) = 2 Σ_{i≠j} H_ij²
-    assert math.isclose(many.stderr, math.sqrt(2 * (off ** 2).sum().item() / 2000), rel_tol=0.15)
+    assert math.isclose(many.stderr, math.sqrt(2 * (off**2).sum().item() / 2000), rel_tol=0.15)
     assert math.isclose(many.history[-1], many.mean) and len(many.history) == 2000
 
 
 # ---- the contract of every analysis -----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_analysis_leaves_the_model_bit_for_bit(name):
@@ -360,6 +377,7 @@ def test_different_seeds_draw_different_directions():
 
 
 # ---- plots and files --------------------------------------------------------------------------------------------
+
 
 def test_plots_have_the_expected_axes_and_save_writes_three_files(tmp_path):
     model, data = bn_model(), toy_data()

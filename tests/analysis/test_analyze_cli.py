@@ -3,6 +3,7 @@
 The analyses' numbers are checked against references in test_analysis_landscape.py and test_analysis_figures.py;
 here: the files, the printed cost, reproducibility for a seed, the runs left untouched, and clear errors.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,10 +22,29 @@ def runs(tmp_path_factory):
     """Two spiral runs (ERM, AMP) and a digits bench folder."""
     root = tmp_path_factory.mktemp("analyze")
     for method in ("erm", "amp"):
-        cli.main(["train", "--dataset", "spiral", "--method", method, "--epochs", "3", "--out", str(root / method),
-                  *SMALL])
-    cli.main(["bench", "--dataset", "digits", "--methods", "erm", "--seeds", "1", "--epochs", "1",
-              "--out", str(root / "bench"), "--set", "model.hidden=8", "--jobs", "1", "--quiet"])
+        cli.main(
+            ["train", "--dataset", "spiral", "--method", method, "--epochs", "3", "--out", str(root / method), *SMALL]
+        )
+    cli.main(
+        [
+            "bench",
+            "--dataset",
+            "digits",
+            "--methods",
+            "erm",
+            "--seeds",
+            "1",
+            "--epochs",
+            "1",
+            "--out",
+            str(root / "bench"),
+            "--set",
+            "model.hidden=8",
+            "--jobs",
+            "1",
+            "--quiet",
+        ]
+    )
     return root
 
 
@@ -34,14 +54,17 @@ def analyze(runs, kind, *args, inputs=("erm", "amp")):
     return out
 
 
-@pytest.mark.parametrize("kind, settings", [
-    ("landscape", ["--set", "steps=5", "--set", "samples=50"]),
-    ("awp-landscape", ["--set", "steps=3", "--set", "samples=30"]),
-    ("radius", ["--set", "radii=0,0.5", "--set", "directions=2", "--set", "worst_steps=2", "--set", "samples=50"]),
-    ("hessian", ["--set", "iterations=5", "--set", "probes=4", "--set", "samples=50"]),
-    ("boundary", ["--set", "resolution=20"]),
-    ("curves", []),
-])
+@pytest.mark.parametrize(
+    "kind, settings",
+    [
+        ("landscape", ["--set", "steps=5", "--set", "samples=50"]),
+        ("awp-landscape", ["--set", "steps=3", "--set", "samples=30"]),
+        ("radius", ["--set", "radii=0,0.5", "--set", "directions=2", "--set", "worst_steps=2", "--set", "samples=50"]),
+        ("hessian", ["--set", "iterations=5", "--set", "probes=4", "--set", "samples=50"]),
+        ("boundary", ["--set", "resolution=20"]),
+        ("curves", []),
+    ],
+)
 def test_each_kind_writes_its_figure_numbers_and_settings(runs, kind, settings, capsys):
     before = {m: (runs / m / "checkpoint.pt").read_bytes() for m in ("erm", "amp")}
     out = analyze(runs, kind, *settings)
@@ -80,19 +103,21 @@ def test_calibration_of_a_bench_and_the_operational_region(runs):
     assert minimizers["amp"] == pytest.approx(0.5 / 3, abs=1e-3)  # Fig. 9: θ*_AMP = ε/3 (ε = 0.5)
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["analyze", "nope", "x", "--out", "o"], "invalid choice: 'nope'"),
-    (["analyze", "landscape", "{erm}", "--out", "o", "--set", "bogus=1"], "unknown setting 'bogus'"),
-    (["analyze", "landscape", "{erm}", "--out", "o", "--set", "dims=3"], "dims must be 1"),
-    (["analyze", "boundary", "{bench}/runs/erm/seed0", "--out", "o"], "--dataset spiral"),
-    (["analyze", "landscape", "--out", "o"], "needs run folders"),
-    (["analyze", "landscape", "{erm}", "{amp}", "--out", "o", "--labels", "a"], "one per run"),
-    (["analyze", "operational-region", "{erm}", "--out", "o"], "takes no folders"),
-    (["analyze", "landscape", "{missing}", "--out", "o"], "holds no finished advreg run"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["analyze", "nope", "x", "--out", "o"], "invalid choice: 'nope'"),
+        (["analyze", "landscape", "{erm}", "--out", "o", "--set", "bogus=1"], "unknown setting 'bogus'"),
+        (["analyze", "landscape", "{erm}", "--out", "o", "--set", "dims=3"], "dims must be 1"),
+        (["analyze", "boundary", "{bench}/runs/erm/seed0", "--out", "o"], "--dataset spiral"),
+        (["analyze", "landscape", "--out", "o"], "needs run folders"),
+        (["analyze", "landscape", "{erm}", "{amp}", "--out", "o", "--labels", "a"], "one per run"),
+        (["analyze", "operational-region", "{erm}", "--out", "o"], "takes no folders"),
+        (["analyze", "landscape", "{missing}", "--out", "o"], "holds no finished advreg run"),
+    ],
+)
 def test_bad_input_is_one_line_that_says_what_to_do(runs, argv, words, capsys):
-    argv = [a.format(erm=runs / "erm", amp=runs / "amp", bench=runs / "bench", missing=runs / "missing")
-            for a in argv]
+    argv = [a.format(erm=runs / "erm", amp=runs / "amp", bench=runs / "bench", missing=runs / "missing") for a in argv]
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
     assert exit_info.value.code == 2
@@ -101,8 +126,16 @@ def test_bad_input_is_one_line_that_says_what_to_do(runs, argv, words, capsys):
 
 
 def test_every_kind_is_reachable_from_the_cli():
-    assert set(KINDS) == {"landscape", "awp-landscape", "radius", "hessian", "boundary", "curves", "calibration",
-                          "operational-region"}
+    assert set(KINDS) == {
+        "landscape",
+        "awp-landscape",
+        "radius",
+        "hessian",
+        "boundary",
+        "curves",
+        "calibration",
+        "operational-region",
+    }
 
 
 def test_report_tables_and_plots_finished_runs(runs, capsys):
@@ -112,8 +145,9 @@ def test_report_tables_and_plots_finished_runs(runs, capsys):
     assert table.startswith("| Dataset | Model | Method |") and capsys.readouterr().out.startswith(table)
     metrics = json.loads((runs / "amp" / "metrics.json").read_text())
     amp_row = next(line for line in table.splitlines() if "| amp |" in line)
-    assert amp_row == (f"| spiral | mlp | amp | 0 | 3 | {100 - metrics['test_error']:.2f} | "
-                       f"{100 - metrics['train_error']:.2f} |")
+    assert amp_row == (
+        f"| spiral | mlp | amp | 0 | 3 | {100 - metrics['test_error']:.2f} | {100 - metrics['train_error']:.2f} |"
+    )
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
     saved = json.loads((out / "report.json").read_text())
     history = (runs / "amp" / "history.csv").read_text().splitlines()

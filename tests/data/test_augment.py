@@ -5,6 +5,7 @@ Tolerances (uint8 levels): equalize, invert, solarize, posterize exact; autocont
 within 1 (Pillow truncates, we round); geometric ops with NEAREST exact on all but ≤ 1% of the pixels
 (Pillow's 16.16 fixed point can fall on the other side of an exact tie), BILINEAR / BICUBIC within 1.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,6 +58,7 @@ X = _tensor(ARR)
 
 # ------------------------------------------------------------------------------------ crop, flip, cutout
 
+
 def test_crop_is_a_window_of_the_zero_padded_input_and_every_offset_is_reachable():
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(1, 256, (3000, 1, 6, 6), dtype=torch.uint8, generator=gen)  # no zeros: windows unique
@@ -65,7 +67,7 @@ def test_crop_is_a_window_of_the_zero_padded_input_and_every_offset_is_reachable
     found = torch.full((len(x),), -1)
     for k in range(81):
         oy, ox = divmod(k, 9)
-        match = (out == padded[:, :, oy:oy + 6, ox:ox + 6]).flatten(1).all(1)
+        match = (out == padded[:, :, oy : oy + 6, ox : ox + 6]).flatten(1).all(1)
         assert not (match & (found >= 0)).any()  # exactly one window matches
         found[match] = k
     assert (found >= 0).all()
@@ -81,7 +83,7 @@ def test_crop_keeps_dtype_and_pads_with_fill():
     assert out.dtype == torch.float64 and out.shape == x.shape
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2), value=0.5)
     for i in range(len(x)):
-        assert any(torch.equal(out[i], padded[i, :, a:a + 8, b:b + 8]) for a in range(5) for b in range(5))
+        assert any(torch.equal(out[i], padded[i, :, a : a + 8, b : b + 8]) for a in range(5) for b in range(5))
     assert torch.equal(A.random_crop(x, 0, torch.Generator()), x)
     with pytest.raises(ValueError):
         A.random_crop(x, -1)
@@ -121,10 +123,14 @@ def test_cutout_zeroes_exactly_one_clipped_square(size):
 
 # ------------------------------------------------------------------------------------ ops vs Pillow
 
-@pytest.mark.parametrize("name, ours, reference", [
-    ("equalize", A.equalize, ImageOps.equalize),
-    ("invert", A.invert, ImageOps.invert),
-])
+
+@pytest.mark.parametrize(
+    "name, ours, reference",
+    [
+        ("equalize", A.equalize, ImageOps.equalize),
+        ("invert", A.invert, ImageOps.invert),
+    ],
+)
 def test_exact_ops_match_pillow(name, ours, reference):
     ref = np.stack([_array(reference(_pil(a))) for a in ARR])
     assert _diff(ours(X), ref).max() == 0
@@ -141,7 +147,7 @@ def test_solarize_and_posterize_match_pillow_exactly():
         assert _diff(A.posterize(X.double() / 255, bits), ref).max() == 0
     per_image = A.posterize(X, torch.tensor([1, 4, 6, 8]))
     for i, bits in enumerate((1, 4, 6, 8)):
-        assert _diff(per_image[i:i + 1], _array(ImageOps.posterize(_pil(ARR[i]), bits))[None]).max() == 0
+        assert _diff(per_image[i : i + 1], _array(ImageOps.posterize(_pil(ARR[i]), bits))[None]).max() == 0
 
 
 def test_equalize_matches_pillow_on_sparse_and_flat_histograms():
@@ -207,8 +213,7 @@ def test_geometric_ops_match_pillow_transform(interpolation):
 @pytest.mark.parametrize("interpolation", ["nearest", "bilinear"])
 def test_rotate_matches_pillow_rotate(interpolation):
     for degrees in (-30, -20 / 3, 13.3, 27, 30):
-        ref = np.stack([_array(_pil(a).rotate(degrees, resample=RESAMPLE[interpolation], fillcolor=GRAY))
-                        for a in ARR])
+        ref = np.stack([_array(_pil(a).rotate(degrees, resample=RESAMPLE[interpolation], fillcolor=GRAY)) for a in ARR])
         d = _diff(A.rotate(X, degrees, interpolation=interpolation), ref)
         assert (d > 0).mean() <= 0.01 if interpolation == "nearest" else d.max() <= 1, degrees
 
@@ -217,9 +222,8 @@ def test_geometric_ops_take_one_argument_per_image_and_a_per_channel_fill():
     shears = torch.tensor([-0.3, -0.1, 0.1, 0.3])
     out = A.shear_x(X, shears, fill=(0.0, 0.5, 1.0))
     for i, s in enumerate(shears.tolist()):
-        img = _pil(ARR[i]).transform((32, 32), Image.AFFINE, (1, s, 0, 0, 1, 0), Image.NEAREST,
-                                     fillcolor=(0, 128, 255))
-        assert (_diff(out[i:i + 1], _array(img)[None]) > 0).mean() <= 0.01
+        img = _pil(ARR[i]).transform((32, 32), Image.AFFINE, (1, s, 0, 0, 1, 0), Image.NEAREST, fillcolor=(0, 128, 255))
+        assert (_diff(out[i : i + 1], _array(img)[None]) > 0).mean() <= 0.01
     with pytest.raises(ValueError):
         A.shear_x(X, torch.tensor([0.1, 0.2]))
 
@@ -239,6 +243,7 @@ def test_grayscale_ops_match_pillow_mode_l():
 
 
 # ------------------------------------------------------------------------------------ policy and mapping
+
 
 def test_cifar10_policy_table():
     policy = A.CIFAR10_POLICY
@@ -274,6 +279,7 @@ def test_magnitude_mappings():
 
 
 # ------------------------------------------------------------------------------------ AutoAugment
+
 
 def test_autoaugment_applies_each_image_one_sub_policy_in_order():
     policy = ((("Invert", 1.0, 0), ("Equalize", 1.0, 0)), (("Solarize", 1.0, 4), ("Posterize", 1.0, 9)))
@@ -313,6 +319,7 @@ def test_autoaugment_cifar_is_seeded_and_keeps_dtype(scheme):
 
 
 # ------------------------------------------------------------------------------------ Augment, dtypes
+
 
 def test_augment_order_is_autoaugment_crop_flip_cutout():
     x = _tensor(_images(16, seed=6))
@@ -374,6 +381,7 @@ def test_cuda_matches_cpu_with_a_cpu_generator():
 
 
 # ------------------------------------------------------------------------------------ channel statistics
+
 
 def test_channel_stats_match_numpy():
     rng = np.random.default_rng(0)

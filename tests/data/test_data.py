@@ -1,4 +1,5 @@
 """Tests of advreg.data: dataset sizes and dtypes, the validation carve, the MNIST-1D cache, TensorLoader."""
+
 from __future__ import annotations
 
 import random
@@ -13,8 +14,11 @@ import torch
 from advreg.data import DATASETS, DataSplits, TensorLoader, digits, load_dataset, mnist1d, spiral
 from advreg.data.splits import carve_counts
 
-SIZES = {"mnist1d": (4000, 1000, (40,)), "digits": (1438, 359, (64,)),  # n_train (with val), n_test, shape
-         "spiral": (300, 300, (2,))}
+SIZES = {
+    "mnist1d": (4000, 1000, (40,)),
+    "digits": (1438, 359, (64,)),  # n_train (with val), n_test, shape
+    "spiral": (300, 300, (2,)),
+}
 CLASSES = {"mnist1d": 10, "digits": 10, "spiral": 3}
 OFFLINE = tuple(SIZES)  # the sets made without files; the image readers are in test_vision_readers.py
 assert set(OFFLINE) < set(DATASETS)
@@ -41,12 +45,18 @@ def rows(x, y):
 def fake_make_dataset(data, calls):
     def make(args):
         calls.append(args)
-        return {"x": data[0][0].double().numpy(), "y": data[0][1].numpy(),
-                "x_test": data[1][0].double().numpy(), "y_test": data[1][1].numpy()}
+        return {
+            "x": data[0][0].double().numpy(),
+            "y": data[0][1].numpy(),
+            "x_test": data[1][0].double().numpy(),
+            "y_test": data[1][1].numpy(),
+        }
+
     return make
 
 
 # --- load_dataset: sizes, dtypes, the carve --------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", OFFLINE)
 def test_shapes_dtypes_sizes(name, cache):
@@ -145,6 +155,7 @@ def test_bad_arguments_raise(cache):
 
 # --- MNIST-1D generation and cache ----------------------------------------------------------------
 
+
 def test_cache_is_written_and_reused(cache, raw, monkeypatch):
     path = mnist1d.cache_path(cache)
     assert path.is_file() and path.suffix == ".npz" and path.name.startswith("mnist1d-")
@@ -152,6 +163,7 @@ def test_cache_is_written_and_reused(cache, raw, monkeypatch):
 
     def boom(args):
         raise AssertionError("make_dataset called although the cache is valid")
+
     monkeypatch.setattr(mnist1d_pkg, "make_dataset", boom)
     (x, y), (x_test, y_test) = mnist1d.load(cache)
     assert torch.equal(x, raw["mnist1d"][0][0]) and torch.equal(y_test, raw["mnist1d"][1][1])
@@ -177,15 +189,30 @@ def test_corrupt_cache_warns_and_regenerates_leaving_global_rngs_alone(tmp_path,
         mnist1d.load(tmp_path)  # the rewritten file is good
 
 
-@pytest.mark.parametrize("bad", [
-    {"x": np.zeros((3, 40), np.float32)},  # keys missing
-    {"x": np.zeros((4000, 39), np.float32), "y": np.zeros(4000, np.int64),
-     "x_test": np.zeros((1000, 40), np.float32), "y_test": np.zeros(1000, np.int64)},  # shape
-    {"x": np.zeros((4000, 40), np.float64), "y": np.zeros(4000, np.int64),
-     "x_test": np.zeros((1000, 40), np.float32), "y_test": np.zeros(1000, np.int64)},  # dtype
-    {"x": np.zeros((4000, 40), np.float32), "y": np.full(4000, 10, np.int64),
-     "x_test": np.zeros((1000, 40), np.float32), "y_test": np.zeros(1000, np.int64)},  # labels
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"x": np.zeros((3, 40), np.float32)},  # keys missing
+        {
+            "x": np.zeros((4000, 39), np.float32),
+            "y": np.zeros(4000, np.int64),
+            "x_test": np.zeros((1000, 40), np.float32),
+            "y_test": np.zeros(1000, np.int64),
+        },  # shape
+        {
+            "x": np.zeros((4000, 40), np.float64),
+            "y": np.zeros(4000, np.int64),
+            "x_test": np.zeros((1000, 40), np.float32),
+            "y_test": np.zeros(1000, np.int64),
+        },  # dtype
+        {
+            "x": np.zeros((4000, 40), np.float32),
+            "y": np.full(4000, 10, np.int64),
+            "x_test": np.zeros((1000, 40), np.float32),
+            "y_test": np.zeros(1000, np.int64),
+        },  # labels
+    ],
+)
 def test_wrong_cache_contents_warn_and_regenerate(bad, tmp_path, raw, monkeypatch):
     np.savez(mnist1d.cache_path(tmp_path), **bad)
     calls = []
@@ -222,18 +249,27 @@ def test_cache_name_depends_on_args():
 
 # --- TensorLoader -----------------------------------------------------------------------------------
 
+
 def data(n=10):
     return torch.arange(n * 2, dtype=torch.float32).reshape(n, 2), torch.arange(n)
 
 
-@pytest.mark.parametrize("n,batch,drop_last,sizes", [
-    (10, 3, False, [3, 3, 3, 1]), (10, 3, True, [3, 3, 3]), (9, 3, False, [3, 3, 3]),
-    (2, 5, False, [2]), (2, 5, True, []), (0, 4, False, []),
-])
+@pytest.mark.parametrize(
+    "n,batch,drop_last,sizes",
+    [
+        (10, 3, False, [3, 3, 3, 1]),
+        (10, 3, True, [3, 3, 3]),
+        (9, 3, False, [3, 3, 3]),
+        (2, 5, False, [2]),
+        (2, 5, True, []),
+        (0, 4, False, []),
+    ],
+)
 def test_loader_batches(n, batch, drop_last, sizes):
     for shuffle in (False, True):
-        loader = TensorLoader(*data(n), batch, shuffle=shuffle, drop_last=drop_last,
-                              generator=torch.Generator().manual_seed(0))
+        loader = TensorLoader(
+            *data(n), batch, shuffle=shuffle, drop_last=drop_last, generator=torch.Generator().manual_seed(0)
+        )
         batches = list(loader)
         assert len(loader) == len(sizes) and [len(b[1]) for b in batches] == sizes
         assert all(torch.equal(xb[:, 0], 2 * yb.float()) for xb, yb in batches)  # x and y stay paired
@@ -285,6 +321,7 @@ def test_loader_rejects_bad_arguments():
 
 
 # --- fewer samples and noisy labels (AMM paper, Sec. 4.3.2-4.3.3) ----------------------------------
+
 
 def test_train_fraction_keeps_a_seeded_share_of_the_training_rows(cache):
     full = load_dataset("mnist1d", seed=2, cache_dir=cache)

@@ -1,4 +1,5 @@
 """advreg.data.vision: each official format written by an independent writer here, a few images each."""
+
 import os
 import pickle
 import struct
@@ -109,8 +110,9 @@ def test_cifar100_binary_uses_fine_labels(tmp_path):
 def test_cifar_missing_folder_names_both_versions(tmp_path):
     with pytest.raises(ValueError) as excinfo:
         vision.read_cifar10(tmp_path)
-    one_line_error(excinfo, "cifar-10-batches-bin", "cifar-10-batches-py",
-                   "https://www.cs.toronto.edu/~kriz/cifar.html")
+    one_line_error(
+        excinfo, "cifar-10-batches-bin", "cifar-10-batches-py", "https://www.cs.toronto.edu/~kriz/cifar.html"
+    )
 
 
 # ------------------------------------------------------------------------------------------ CIFAR python
@@ -120,13 +122,25 @@ def python2_pickle(batch_label: bytes, data: np.ndarray, labels: list[int], labe
     """What Python 2's ``cPickle.dump(batch, f, 2)`` writes, as in the official files: str (bytes) strings and
     numpy.core names, opcode by opcode."""
     n = len(data)
-    array = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87R("  # _reconstruct(...)
-             b"K\x01M" + struct.pack("<H", n) + b"M\x00\x0c\x86"  # version 1, shape (n, 3072)
-             b"cnumpy\ndtype\nU\x02u1K\x00K\x01\x87R(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
-             b"\x89T" + struct.pack("<i", data.nbytes) + data.tobytes() + b"tb")
+    array = (
+        b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87R("  # _reconstruct(...)
+        b"K\x01M" + struct.pack("<H", n) + b"M\x00\x0c\x86"  # version 1, shape (n, 3072)
+        b"cnumpy\ndtype\nU\x02u1K\x00K\x01\x87R(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+        b"\x89T" + struct.pack("<i", data.nbytes) + data.tobytes() + b"tb"
+    )
     label_list = b"](" + b"".join(b"K" + bytes([v]) for v in labels) + b"e"
-    return (b"\x80\x02}(U\x0bbatch_labelU" + bytes([len(batch_label)]) + batch_label +
-            b"U" + bytes([len(label_key)]) + label_key + label_list + b"U\x04data" + array + b"u.")
+    return (
+        b"\x80\x02}(U\x0bbatch_labelU"
+        + bytes([len(batch_label)])
+        + batch_label
+        + b"U"
+        + bytes([len(label_key)])
+        + label_key
+        + label_list
+        + b"U\x04data"
+        + array
+        + b"u."
+    )
 
 
 def test_python2_pickle_writer_is_a_valid_pickle():
@@ -147,8 +161,12 @@ def test_cifar10_python_round_trip(tmp_path, style):
         if style == "python2":
             (folder / name).write_bytes(python2_pickle(b"training batch", data, labels, b"labels"))
             continue
-        batch = {b"batch_label": b"training batch", b"labels": labels, b"data": data,
-                 b"filenames": [f"img_{i}.png".encode() for i in range(n)]}
+        batch = {
+            b"batch_label": b"training batch",
+            b"labels": labels,
+            b"data": data,
+            b"filenames": [f"img_{i}.png".encode() for i in range(n)],
+        }
         if style == "str_keys":
             batch = {k.decode(): v for k, v in batch.items()}
         protocol = {"protocol2": 2, "protocol5": 5}.get(style, pickle.DEFAULT_PROTOCOL)
@@ -199,9 +217,11 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, payload):
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
     marker = tmp_path / "pwned"
-    evil = {"os.system": RunsCommand(f"echo pwned > {marker}"),
-            "builtins.eval": CallsEval(f"open({str(marker)!r}, 'w')"),
-            "nested": {b"data": np.zeros((1, 3072), np.uint8), b"labels": [RunsCommand(f"touch {marker}")]}}[payload]
+    evil = {
+        "os.system": RunsCommand(f"echo pwned > {marker}"),
+        "builtins.eval": CallsEval(f"open({str(marker)!r}, 'w')"),
+        "nested": {b"data": np.zeros((1, 3072), np.uint8), b"labels": [RunsCommand(f"touch {marker}")]},
+    }[payload]
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         with open(folder / name, "wb") as f:
             pickle.dump(evil, f, protocol=2 if payload == "os.system" else pickle.DEFAULT_PROTOCOL)
@@ -251,8 +271,13 @@ def test_svhn_mat_round_trip(tmp_path, compressed, in_subfolder):
         images = RNG.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
         digits = np.array([0, 1, 9, 0, 5][:n])
         labels = np.where(digits == 0, 10, digits).astype(np.float64 if split == "train" else np.uint8)
-        mat = {"X": images.transpose(2, 3, 1, 0), "y": labels.reshape(n, 1),  # X(row, col, channel, n)
-               "note": "cropped digits", "cell": np.array([1, "a"], dtype=object), "W": np.eye(2)}
+        mat = {
+            "X": images.transpose(2, 3, 1, 0),
+            "y": labels.reshape(n, 1),  # X(row, col, channel, n)
+            "note": "cropped digits",
+            "cell": np.array([1, "a"], dtype=object),
+            "W": np.eye(2),
+        }
         scipy_io.savemat(folder / f"{split}_32x32.mat", mat, do_compression=compressed)
         expected[split] = images, digits
     data = read("svhn", tmp_path)
@@ -265,8 +290,9 @@ def test_svhn_bad_files(tmp_path):
     scipy_io = pytest.importorskip("scipy.io")
     with pytest.raises(ValueError) as excinfo:
         vision.read_svhn(tmp_path)
-    one_line_error(excinfo, tmp_path / "svhn" / "train_32x32.mat", "no such file",
-                   "http://ufldl.stanford.edu/housenumbers/")
+    one_line_error(
+        excinfo, tmp_path / "svhn" / "train_32x32.mat", "no such file", "http://ufldl.stanford.edu/housenumbers/"
+    )
 
     path = tmp_path / "train_32x32.mat"
     scipy_io.savemat(path, {"X": np.zeros((32, 32, 3, 4), np.uint8), "y": np.ones((4, 1))})
@@ -345,7 +371,7 @@ def reference_resize(image, roi=None):
     chw = torch.from_numpy(image).permute(2, 0, 1).float()
     if roi is not None:
         x1, y1, x2, y2 = roi
-        chw = chw[:, y1:y2 + 1, x1:x2 + 1]
+        chw = chw[:, y1 : y2 + 1, x1 : x2 + 1]
     out = F.interpolate(chw[None], size=(32, 32), mode="bilinear", antialias=True, align_corners=False)[0]
     return out.round().clamp(0, 255).to(torch.uint8)
 
@@ -369,10 +395,16 @@ def test_gtsrb_missing_or_bad_files(tmp_path):
     (tmp_path / "GTSRB" / "Final_Training" / "Images" / "00002" / "00000_00000.ppm").unlink()
     with pytest.raises(ValueError) as excinfo:
         vision.read_gtsrb(tmp_path)
-    one_line_error(excinfo, tmp_path / "GTSRB" / "Final_Training" / "Images" / "00002" / "00000_00000.ppm",
-                   "no such file", "PPM", "GTSRB_Final_Training_Images.zip")
-    write_ppm(tmp_path / "GTSRB" / "Final_Training" / "Images" / "00002" / "00000_00000.ppm",
-              np.zeros((29, 28, 3), np.uint8))
+    one_line_error(
+        excinfo,
+        tmp_path / "GTSRB" / "Final_Training" / "Images" / "00002" / "00000_00000.ppm",
+        "no such file",
+        "PPM",
+        "GTSRB_Final_Training_Images.zip",
+    )
+    write_ppm(
+        tmp_path / "GTSRB" / "Final_Training" / "Images" / "00002" / "00000_00000.ppm", np.zeros((29, 28, 3), np.uint8)
+    )
     with pytest.raises(ValueError) as excinfo:
         vision.read_gtsrb(tmp_path)
     one_line_error(excinfo, "00000_00000.ppm", "28×29")
@@ -414,7 +446,8 @@ def test_tinyimagenet_round_trip(tmp_path):
             image = smooth_image(k + i)
             mode = "L" if (k, i) == (1, 1) else "RGB"  # some official images are grayscale
             Image.fromarray(image[..., 0] if mode == "L" else image, mode).save(
-                folder / f"{wnid}_{i}.JPEG", quality=100, subsampling=0)
+                folder / f"{wnid}_{i}.JPEG", quality=100, subsampling=0
+            )
             train.append((np.repeat(image[..., :1], 3, 2) if mode == "L" else image, k))
     val, lines = [], []
     for i, wnid in enumerate(["n02000000", "n03000000", "n01000000"]):

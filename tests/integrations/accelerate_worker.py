@@ -1,11 +1,14 @@
-"""The worker of ``tests/integrations/test_integrations_accelerate.py``: under ``accelerate launch`` (2 CPU processes, gloo),
+"""The worker of ``tests/integrations/test_integrations_accelerate.py``: under ``accelerate launch`` (2 CPU
+processes, gloo),
 trains SAM through ``advreg.integrations.accelerate``, each replica on its own shard of every global batch
 (``integration_setup`` holds the setting); ``train`` is the single-process run of the tests as well.
 
-``accelerate launch --multi_gpu --num_processes 2 tests/integrations/accelerate_worker.py OUT_DIR`` writes ``OUT_DIR/rank{r}.pt``:
+``accelerate launch --multi_gpu --num_processes 2 tests/integrations/accelerate_worker.py OUT_DIR`` writes
+``OUT_DIR/rank{r}.pt``:
 for each ``perturb_on`` (Δ from the global batch's gradient, or each replica's own), the final parameters and the
 run's gradient all-reduces.
 """
+
 from __future__ import annotations
 
 import sys
@@ -26,8 +29,11 @@ def train(accelerator, batches, counts: list[int] | None = None, **options) -> l
     model = accelerator.prepare(S.make_model())
     if counts is not None:
         model.register_comm_hook(None, S.counting_hook(counts))  # prepare wrapped it in DDP
-    opt = accelerator.prepare(perturbed_optimizer(accelerator, model, advreg.SAM, torch.optim.SGD, rho=S.RHO,
-                                                  lr=S.LR, momentum=S.MOMENTUM, **options))
+    opt = accelerator.prepare(
+        perturbed_optimizer(
+            accelerator, model, advreg.SAM, torch.optim.SGD, rho=S.RHO, lr=S.LR, momentum=S.MOMENTUM, **options
+        )
+    )
     for batch in batches:
         step(accelerator, opt, S.closure(opt, model, [batch], backward=accelerator.backward))
     return [p.detach().clone() for p in model.parameters()]
@@ -35,6 +41,7 @@ def train(accelerator, batches, counts: list[int] | None = None, **options) -> l
 
 def main(out: Path) -> None:
     import accelerate
+
     accelerator = accelerate.Accelerator(cpu=True)
     shards = [S.shard(batch, accelerator.process_index) for batch in S.make_data()]
     results = {}

@@ -3,6 +3,7 @@
 compared against, and for the 2-process runs each replica's shard, a DDP comm hook that counts the gradient
 all-reduces, and SAM with each replica's own Δ written out from the equations.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,7 +46,7 @@ def cross_entropy(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tenso
 
 def windows(batches: list[Batch], k: int) -> list[list[Batch]]:
     """The micro-batches of each update: k consecutive batches (gradient accumulation over k)."""
-    return [batches[start:start + k] for start in range(0, len(batches), k)]
+    return [batches[start : start + k] for start in range(0, len(batches), k)]
 
 
 def reference_optimizer(model: torch.nn.Module, kind: type, clip: float | None = None, **kwargs: Any):
@@ -54,16 +55,24 @@ def reference_optimizer(model: torch.nn.Module, kind: type, clip: float | None =
     opt = kind(model.parameters(), torch.optim.SGD, model=model, **kwargs)
     if clip is not None:
         opt.base_optimizer.register_step_pre_hook(
-            lambda *_: torch.nn.utils.clip_grad_norm_(list(model.parameters()), clip) and None)
+            lambda *_: torch.nn.utils.clip_grad_norm_(list(model.parameters()), clip) and None
+        )
     return opt
 
 
-def closure(opt, model: torch.nn.Module, window: list[Batch], loss_of: Callable = cross_entropy,
-            autocast: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
-            backward: Callable[[torch.Tensor], None] | None = None) -> Callable[[], torch.Tensor]:
+def closure(
+    opt,
+    model: torch.nn.Module,
+    window: list[Batch],
+    loss_of: Callable = cross_entropy,
+    autocast: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    backward: Callable[[torch.Tensor], None] | None = None,
+) -> Callable[[], torch.Tensor]:
     """The closure of one update: zero the gradients, back-propagate each of the k micro-batches' loss/k (under
     ``autocast``, scaled by ``scaler``, or through a framework's ``backward`` such as ``accelerator.backward``) and
     return the summed loss."""
+
     def run() -> torch.Tensor:
         opt.zero_grad()
         total = 0.0
@@ -76,11 +85,18 @@ def closure(opt, model: torch.nn.Module, window: list[Batch], loss_of: Callable 
                 (loss if scaler is None else scaler.scale(loss)).backward()
             total = total + loss.detach()
         return total
+
     return run
 
 
-def step_closure_loop(opt, model: torch.nn.Module, updates: list[list[Batch]], scaler=None,
-                      after_update: Callable[[], Any] = lambda: None, **closure_options: Any) -> None:
+def step_closure_loop(
+    opt,
+    model: torch.nn.Module,
+    updates: list[list[Batch]],
+    scaler=None,
+    after_update: Callable[[], Any] = lambda: None,
+    **closure_options: Any,
+) -> None:
     """advreg's own loop: ``opt.step(closure)`` per update's micro-batches, then the scaler's update and
     ``after_update`` (a per-update schedule's step)."""
     for window in updates:
@@ -101,13 +117,14 @@ def assert_same(a, b, **tol: float) -> None:
 
 def launch(command: list[str]) -> None:
     """Run a launcher of the 2-process workers (one thread a process); a failure shows the end of their output."""
-    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=300, check=False)
+    done = subprocess.run(
+        command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300, check=False
+    )
     assert done.returncode == 0, f"{command[2]} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
 
 
 def shard(batch: tuple[torch.Tensor, torch.Tensor], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return tuple(t[rank * B:(rank + 1) * B] for t in batch)
+    return tuple(t[rank * B : (rank + 1) * B] for t in batch)
 
 
 def counting_hook(counts: list[int]) -> Callable[[Any, Any], Any]:
@@ -117,6 +134,7 @@ def counting_hook(counts: list[int]) -> Callable[[Any, Any], Any]:
     def hook(state, bucket):
         counts.append(bucket.index())
         return allreduce_hook(state, bucket)
+
     return hook
 
 

@@ -1,10 +1,12 @@
-"""The worker of ``tests/integrations/test_integrations_lightning.py``'s DDP test: under torchrun (2 processes, gloo), Lightning's
+"""The worker of ``tests/integrations/test_integrations_lightning.py``'s DDP test: under torchrun (2 processes,
+gloo), Lightning's
 ``strategy="ddp"`` trains ``PerturbedModule`` with SAM, each replica on its own shard of every global batch
 (``integration_setup`` holds the setting).
 
 ``python -m torch.distributed.run --nproc_per_node=2 tests/integrations/lightning_ddp_worker.py OUT_DIR`` writes
 ``OUT_DIR/rank{r}.pt``: this replica's final parameters, its optimizer steps and its gradient all-reduces.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,13 +42,27 @@ def main(out: Path) -> None:
             return self.perturbed_optimizer(advreg.SAM, torch.optim.SGD, rho=S.RHO, lr=S.LR, momentum=S.MOMENTUM)
 
     module = Net()
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=S.WORLD, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
-                         strategy=DDPStrategy(process_group_backend="gloo"))
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=S.WORLD,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        strategy=DDPStrategy(process_group_backend="gloo"),
+    )
     shards = [S.shard(batch, rank) for batch in S.make_data()]
     trainer.fit(module, torch.utils.data.DataLoader(shards, batch_size=None))
-    torch.save({"params": [p.detach() for p in module.net.parameters()], "steps": trainer.global_step,
-                "reduces": len(reduces)}, out / f"rank{rank}.pt")
+    torch.save(
+        {
+            "params": [p.detach() for p in module.net.parameters()],
+            "steps": trainer.global_step,
+            "reduces": len(reduces),
+        },
+        out / f"rank{rank}.pt",
+    )
     dist.barrier()
 
 

@@ -9,6 +9,7 @@
   single-process run on the global batch; the default local Δ runs its ascent pass under ``no_sync`` (one gradient
   all-reduce per step) and equals the per-replica SAM written out in ``integration_setup``.
 """
+
 from __future__ import annotations
 
 import sys
@@ -31,8 +32,9 @@ WORKER = Path(__file__).with_name("accelerate_worker.py")
 def reference(batches, max_grad_norm=None, scaler=None) -> torch.nn.Module:
     """advreg's own loop on the same model: SAM step(closure) per batch."""
     model = S.make_model()
-    opt = S.reference_optimizer(model, advreg.SAM, clip=max_grad_norm, rho=S.RHO, lr=S.LR, momentum=S.MOMENTUM,
-                                grad_scaler=scaler)
+    opt = S.reference_optimizer(
+        model, advreg.SAM, clip=max_grad_norm, rho=S.RHO, lr=S.LR, momentum=S.MOMENTUM, grad_scaler=scaler
+    )
     S.step_closure_loop(opt, model, S.windows(batches, 1), scaler=scaler)
     return model
 
@@ -44,11 +46,11 @@ def test_accelerate_matches_the_step_closure_loop():
 
 def test_accelerate_grad_scaler_path_matches_the_scaled_loop():
     accelerator = accelerate.Accelerator(cpu=True)
-    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     got = train(accelerator, S.make_data())
-    expected = reference(S.make_data(), scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))
+    expected = reference(S.make_data(), scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))
     S.assert_same(got, expected.parameters(), rtol=1e-6, atol=1e-7)
-    assert accelerator.scaler.get_scale() == 2.0 ** 10  # no overflow, and fewer steps than the growth interval
+    assert accelerator.scaler.get_scale() == 2.0**10  # no overflow, and fewer steps than the growth interval
 
 
 def test_accelerate_refuses_gradient_accumulation():
@@ -58,9 +60,19 @@ def test_accelerate_refuses_gradient_accumulation():
 
 
 def test_accelerate_launch_two_processes_match_the_single_process_run(tmp_path):
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={S.WORLD}",
-               "--num_machines=1", f"--main_process_port={free_port()}", "--mixed_precision=no", "--dynamo_backend=no",
-               str(WORKER), str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        f"--num_processes={S.WORLD}",
+        "--num_machines=1",
+        f"--main_process_port={free_port()}",
+        "--mixed_precision=no",
+        "--dynamo_backend=no",
+        str(WORKER),
+        str(tmp_path),
+    ]
     S.launch(command)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(S.WORLD)]
     single = list(reference(S.make_data()).parameters())

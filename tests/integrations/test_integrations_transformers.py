@@ -12,6 +12,7 @@ The refusal of a ready-made ``optimizers=`` is checked too.
   test gives it a real ``torch.amp.GradScaler("cpu")``: the run equals the loop with that scaler, and an overflowed
   step is skipped with θ as it was, the scale halved once and the Trainer's scheduler step skipped.
 """
+
 from __future__ import annotations
 
 import os
@@ -75,13 +76,35 @@ class Recording(PerturbedTrainer):
 
 def train(kind: str, out, resume=None, scaler=None, model=None, **args) -> Recording:
     cls, kwargs = S.KINDS[kind]
-    arguments = transformers.TrainingArguments(**{
-        "output_dir": str(out), "per_device_train_batch_size": BATCH, "gradient_accumulation_steps": ACCUMULATE,
-        "max_steps": STEPS, "learning_rate": LR, "optim": "sgd", "lr_scheduler_type": "linear", "weight_decay": 0.0,
-        "max_grad_norm": CLIP, "use_cpu": True, "report_to": [], "save_strategy": "steps", "save_steps": 2,
-        "logging_steps": 1, "seed": 0, "dataloader_num_workers": 0, "disable_tqdm": True, **args})
-    trainer = Recording(model=make_model() if model is None else model, args=arguments, train_dataset=Rows(), perturbation=cls,
-                        perturbation_kwargs=kwargs)
+    arguments = transformers.TrainingArguments(
+        **{
+            "output_dir": str(out),
+            "per_device_train_batch_size": BATCH,
+            "gradient_accumulation_steps": ACCUMULATE,
+            "max_steps": STEPS,
+            "learning_rate": LR,
+            "optim": "sgd",
+            "lr_scheduler_type": "linear",
+            "weight_decay": 0.0,
+            "max_grad_norm": CLIP,
+            "use_cpu": True,
+            "report_to": [],
+            "save_strategy": "steps",
+            "save_steps": 2,
+            "logging_steps": 1,
+            "seed": 0,
+            "dataloader_num_workers": 0,
+            "disable_tqdm": True,
+            **args,
+        }
+    )
+    trainer = Recording(
+        model=make_model() if model is None else model,
+        args=arguments,
+        train_dataset=Rows(),
+        perturbation=cls,
+        perturbation_kwargs=kwargs,
+    )
     trainer.seen = []
     if scaler is not None:  # on the CPU the Trainer's Accelerator makes none; prepare() hands this one on
         trainer.accelerator.scaler = scaler
@@ -89,16 +112,27 @@ def train(kind: str, out, resume=None, scaler=None, model=None, **args) -> Recor
     return trainer
 
 
-def reference(kind: str, micro_batches: list[dict], autocast: torch.dtype | None = None,
-              scaler: torch.amp.GradScaler | None = None) -> TinyClassifier:
+def reference(
+    kind: str,
+    micro_batches: list[dict],
+    autocast: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> TinyClassifier:
     """advreg's own loop on the Trainer's micro-batches: step(closure) per ACCUMULATE of them, the final gradient
     clipped to max_grad_norm before the base step, the Trainer's "linear" schedule (no warmup) stepped each update."""
     model, (cls, kwargs) = make_model(), S.KINDS[kind]
     model.train()
     opt = S.reference_optimizer(model, cls, clip=CLIP, lr=LR, grad_scaler=scaler, **kwargs)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: max(0.0, (STEPS - t) / STEPS))
-    S.step_closure_loop(opt, model, S.windows(micro_batches, ACCUMULATE), scaler=scaler, after_update=schedule.step,
-                        loss_of=lambda model, batch: model(**batch)["loss"], autocast=autocast)
+    S.step_closure_loop(
+        opt,
+        model,
+        S.windows(micro_batches, ACCUMULATE),
+        scaler=scaler,
+        after_update=schedule.step,
+        loss_of=lambda model, batch: model(**batch)["loss"],
+        autocast=autocast,
+    )
     return model
 
 
@@ -118,19 +152,19 @@ def test_trainer_bf16_matches_the_autocast_loop(tmp_path):
 
 def test_trainer_grad_scaler_path_matches_the_scaled_loop(tmp_path):
     """fp16's scaler path: on the CPU the Trainer's Accelerator makes no scaler, so the test gives it a real one."""
-    trainer = train("amp", tmp_path, fp16=True, scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))
-    expected = reference("amp", trainer.seen, scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))
+    trainer = train("amp", tmp_path, fp16=True, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))
+    expected = reference("amp", trainer.seen, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))
     S.assert_same(trainer.model, expected, rtol=1e-5, atol=1e-6)
-    assert trainer.accelerator.scaler.get_scale() == 2.0 ** 10  # one update a step, none overflowed
+    assert trainer.accelerator.scaler.get_scale() == 2.0**10  # one update a step, none overflowed
 
 
 def test_trainer_overflow_skips_the_step_and_the_schedule(tmp_path):
     """A loss of ~1e30 is finite, scaled by 2^40 it is not: the step is skipped (θ as it was), the scale halves."""
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)
     trainer = train("sam", tmp_path, fp16=True, max_steps=1, scaler=scaler, model=make_model(loss_factor=1e30))
     # θ restored, no base step (the clean pass's BN statistics count, so the parameters only)
     S.assert_same(list(trainer.model.parameters()), list(make_model(loss_factor=1e30).parameters()), rtol=0, atol=0)
-    assert scaler.get_scale() == 2.0 ** 39  # one update, which saw the overflow
+    assert scaler.get_scale() == 2.0**39  # one update, which saw the overflow
     assert trainer.lr_scheduler.last_epoch == 0  # the Trainer skipped its scheduler step
 
 
@@ -145,6 +179,9 @@ def test_trainer_checkpoint_resumes_exactly(tmp_path):
 def test_trainer_refuses_a_ready_made_optimizer(tmp_path):
     model = make_model()
     with pytest.raises(ValueError, match="optimizers="):
-        PerturbedTrainer(model=model, args=transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
-                                                                        report_to=[]),
-                         optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None), perturbation=advreg.SAM)
+        PerturbedTrainer(
+            model=model,
+            args=transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]),
+            optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),
+            perturbation=advreg.SAM,
+        )

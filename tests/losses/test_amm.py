@@ -3,6 +3,7 @@ differentiable margin against finite differences, the ∇f-detached ablation aga
 against a literal loop, the shrinkages and truncation against math, frozen dropout masks, sample independence
 under BatchNorm, the errors, and the training integration (gradient clipping included).
 """
+
 from __future__ import annotations
 
 import copy
@@ -54,8 +55,10 @@ def pair_distance(weight, bias, x, a: int, b: int):
 
 def nearest_boundary(weight, bias, x, source: int):
     """min over k ≠ s of the pair distance, by a loop: (distance, k)."""
-    best = min(((pair_distance(weight, bias, x, k, source), k) for k in range(len(weight)) if k != source),
-               key=lambda t: t[0].item())
+    best = min(
+        ((pair_distance(weight, bias, x, k, source), k) for k in range(len(weight)) if k != source),
+        key=lambda t: t[0].item(),
+    )
     return best
 
 
@@ -196,7 +199,8 @@ def test_margin_gradient_of_a_tanh_mlp_matches_finite_differences_of_deepfool(st
     _, norms, _ = deepfool(model, x, steps=steps, overshoot=0.02, create_graph=True, labels=labels)
     grads = torch.autograd.grad(norms.sum(), params)
     expected = finite_differences(
-        lambda: deepfool(model, x, steps=steps, overshoot=0.02, labels=labels)[1].sum().item(), params)
+        lambda: deepfool(model, x, steps=steps, overshoot=0.02, labels=labels)[1].sum().item(), params
+    )
     for g, e in zip(grads, expected):
         assert torch.isfinite(g).all()
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
@@ -214,7 +218,8 @@ def test_margin_gradient_over_the_top_candidates_matches_finite_differences():
     assert success.sum() >= 4
     grads = torch.autograd.grad(norms.sum(), params)
     expected = finite_differences(
-        lambda: deepfool(model, x, steps=3, labels=labels, candidates=2)[1].sum().item(), params)
+        lambda: deepfool(model, x, steps=3, labels=labels, candidates=2)[1].sum().item(), params
+    )
     for g, e in zip(grads, expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
 
@@ -238,7 +243,7 @@ def test_detached_ablation_on_an_affine_model_is_the_closed_form_with_a_constant
         g_w_det[s] -= (1 + o) * sign * x[i] / norm
         g_b_det[kk] += (1 + o) * sign / norm
         g_b_det[s] -= (1 + o) * sign / norm
-        dfactor = -(1 + o) * f_diff.abs() * (w[kk] - w[s]) / norm ** 3  # ∂/∂w_k of |f_diff|·‖w_k − w_s‖⁻¹
+        dfactor = -(1 + o) * f_diff.abs() * (w[kk] - w[s]) / norm**3  # ∂/∂w_k of |f_diff|·‖w_k − w_s‖⁻¹
         g_w_diff[kk] += dfactor
         g_w_diff[s] -= dfactor
     grads = {}
@@ -261,13 +266,15 @@ def test_detached_ablation_on_a_tanh_mlp_holds_the_input_gradient_constant():
     pred = model(x).argmax(1)
     total = 0.0
     for i in range(6):  # one step: (1+o)·|f_k − f_s|/C with C = ‖∇ₓ(f_k − f_s)‖ a constant
-        xi = x[i:i + 1].clone().requires_grad_(True)
+        xi = x[i : i + 1].clone().requires_grad_(True)
         logits = model(xi)[0]
         jac = torch.stack([torch.autograd.grad(logits[c], xi, retain_graph=True)[0][0] for c in range(3)]).detach()
         s = int(pred[i])
         if int(labels[i]) == s:
-            kk = min((c for c in range(3) if c != s),
-                     key=lambda c: (logits[c] - logits[s]).abs().item() / (jac[c] - jac[s]).norm().item())
+            kk = min(
+                (c for c in range(3) if c != s),
+                key=lambda c: (logits[c] - logits[s]).abs().item() / (jac[c] - jac[s]).norm().item(),
+            )
         else:
             kk = int(labels[i])
         total = total + (1 + o) * (logits[kk] - logits[s]).abs() / (jac[kk] - jac[s]).norm()
@@ -411,8 +418,7 @@ def test_min_exp_regularizer_is_the_brute_force_selection(steps):
     gen = torch.Generator().manual_seed(9)
     x = 1.5 * torch.randn(30, 5, generator=gen, dtype=DT)
     labels = torch.randint(0, 3, (30,), generator=gen)
-    stage = AMMLoss(cross_entropy, lam=lam, c=c, d=d, aggregation="min", shrinkage="exp", steps=steps,
-                    clip_value=clip)
+    stage = AMMLoss(cross_entropy, lam=lam, c=c, d=d, aggregation="min", shrinkage="exp", steps=steps, clip_value=clip)
     params = list(model.parameters())
     reg = stage.regularizer(model, x, labels)
     g_reg = torch.autograd.grad(reg, params)
@@ -422,8 +428,9 @@ def test_min_exp_regularizer_is_the_brute_force_selection(steps):
     keep = select_min_by_hand(r.flatten(1).norm(dim=1), labels, correct, success, 30)
     assert (keep & correct).any() and (keep & ~correct).any()
     if steps == 1:  # some attacks fail in one step, and leaving them out changes the selection
-        assert not torch.equal(keep, select_min_by_hand(r.flatten(1).norm(dim=1), labels, correct,
-                                                        torch.ones_like(success), 30))
+        assert not torch.equal(
+            keep, select_min_by_hand(r.flatten(1).norm(dim=1), labels, correct, torch.ones_like(success), 30)
+        )
     rows = keep.nonzero().squeeze(1)
     r2, success2, source2 = deepfool_with_source(model, x[rows], steps, 0.02, create_graph=True, labels=labels[rows])
     norms = r2.flatten(1).norm(dim=1)
@@ -460,8 +467,7 @@ def test_avg_regularizer_leaves_out_the_samples_deepfool_did_not_move(kind):
         if success[i]:
             n = r[i].norm().item()
             total += lam * R(-c * n) if source[i] == labels[i] else lam * R(d * min(n, tau))
-    stage = AMMLoss(cross_entropy, lam=lam, c=c, d=d, aggregation="avg", shrinkage=kind, steps=steps,
-                    clip_value=clip)
+    stage = AMMLoss(cross_entropy, lam=lam, c=c, d=d, aggregation="avg", shrinkage=kind, steps=steps, clip_value=clip)
     assert stage.regularizer(model, x, labels).item() == pytest.approx(total / 30, rel=1e-10)
 
 
@@ -473,12 +479,16 @@ def test_the_regularizer_considers_the_top_candidates():
     labels = torch.randint(0, 6, (30,), generator=gen)
     values = {}
     for candidates in (0, 2):
-        stage = AMMLoss(cross_entropy, lam=lam, c=c, d=d, aggregation="avg", shrinkage="lin", steps=4,
-                        candidates=candidates)
+        stage = AMMLoss(
+            cross_entropy, lam=lam, c=c, d=d, aggregation="avg", shrinkage="lin", steps=4, candidates=candidates
+        )
         values[candidates] = stage.regularizer(model, x, labels).item()
         r, success, source = deepfool_with_source(model, x, 4, 0.02, labels=labels, candidates=candidates or None)
-        total = sum((lam * -c * r[i].norm() if source[i] == labels[i] else lam * d * r[i].norm()).item()
-                    for i in range(30) if success[i])
+        total = sum(
+            (lam * -c * r[i].norm() if source[i] == labels[i] else lam * d * r[i].norm()).item()
+            for i in range(30)
+            if success[i]
+        )
         assert values[candidates] == pytest.approx(total / 30, rel=1e-10)
     assert abs(values[0] - values[2]) > 1e-3
 
@@ -569,8 +579,14 @@ def test_margins_are_per_sample_with_batchnorm_and_frozen_dropout():
 
         def attack(rows, inputs=None):  # DeepFool of the batch's rows, their masks kept
             inputs = x[rows] if inputs is None else inputs
-            return deepfool_with_source(model, inputs, steps, 0.02, labels=labels[rows],
-                                        forward=lambda z, sub: frozen.forward(model, z, rows[sub]))
+            return deepfool_with_source(
+                model,
+                inputs,
+                steps,
+                0.02,
+                labels=labels[rows],
+                forward=lambda z, sub: frozen.forward(model, z, rows[sub]),
+            )
 
         everyone = torch.arange(10)
         r, success, source = attack(everyone)
@@ -616,23 +632,26 @@ def test_the_regularizer_leaves_batchnorm_statistics_to_the_cross_entropy_pass()
 
 
 # -- 9. errors ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs, words", [
-    (dict(aggregation="max"), "aggregation"),
-    (dict(shrinkage="log"), "shrinkage"),
-    (dict(c=0.0), "^lam must be >= 0 and c, d > 0"),
-    (dict(c=-1.0), "^lam must be >= 0 and c, d > 0"),
-    (dict(d=0.0), "^lam must be >= 0 and c, d > 0"),
-    (dict(lam=-1.0), "^lam must be >= 0 and c, d > 0"),
-    (dict(steps=0), "steps"),
-    (dict(steps=2.5), "steps"),
-    (dict(overshoot=-0.1), "overshoot"),
-    (dict(top_fraction=0.0), "top_fraction"),
-    (dict(top_fraction=1.5), "top_fraction"),
-    (dict(lam=50.0, clip_value=50.0), "clip_value"),  # EXP, the default
-    (dict(lam=32.0, clip_value=10.0, shrinkage="inv"), "clip_value"),
-    (dict(candidates=1), "candidates"),
-    (dict(candidates=-3), "candidates"),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(aggregation="max"), "aggregation"),
+        (dict(shrinkage="log"), "shrinkage"),
+        (dict(c=0.0), "^lam must be >= 0 and c, d > 0"),
+        (dict(c=-1.0), "^lam must be >= 0 and c, d > 0"),
+        (dict(d=0.0), "^lam must be >= 0 and c, d > 0"),
+        (dict(lam=-1.0), "^lam must be >= 0 and c, d > 0"),
+        (dict(steps=0), "steps"),
+        (dict(steps=2.5), "steps"),
+        (dict(overshoot=-0.1), "overshoot"),
+        (dict(top_fraction=0.0), "top_fraction"),
+        (dict(top_fraction=1.5), "top_fraction"),
+        (dict(lam=50.0, clip_value=50.0), "clip_value"),  # EXP, the default
+        (dict(lam=32.0, clip_value=10.0, shrinkage="inv"), "clip_value"),
+        (dict(candidates=1), "candidates"),
+        (dict(candidates=-3), "candidates"),
+    ],
+)
 def test_bad_amm_settings_are_value_errors(kwargs, words):
     with pytest.raises(ValueError, match=words):
         AMMLoss(cross_entropy, **kwargs)
@@ -657,25 +676,67 @@ def test_amm_settings_without_the_amm_loss_are_refused():
 
 
 def test_the_amm_section_reaches_the_loss_stage():
-    settings = ["amm.lam=3", "amm.c=4", "amm.d=0.5", "amm.aggregation=avg", "amm.shrinkage=inv", "amm.steps=2",
-                "amm.overshoot=0.05", "amm.high_order=false", "amm.top_fraction=0.3", "amm.clip_value=9",
-                "amm.candidates=10"]
+    settings = [
+        "amm.lam=3",
+        "amm.c=4",
+        "amm.d=0.5",
+        "amm.aggregation=avg",
+        "amm.shrinkage=inv",
+        "amm.steps=2",
+        "amm.overshoot=0.05",
+        "amm.high_order=false",
+        "amm.top_fraction=0.3",
+        "amm.clip_value=9",
+        "amm.candidates=10",
+    ]
     config = resolve(TrainConfig(method="amm"), settings)
     assert config.stages.loss == "amm" and config.optim.clip_grad == 10.0
     stage = build_loss(config)
     assert isinstance(stage, AMMLoss)
-    assert (stage.lam, stage.c, stage.d, stage.aggregation, stage.shrinkage, stage.steps, stage.overshoot,
-            stage.high_order, stage.top_fraction, stage.clip_value, stage.candidates) == (
-        3.0, 4.0, 0.5, "avg", "inv", 2, 0.05, False, 0.3, 9.0, 10)
+    assert (
+        stage.lam,
+        stage.c,
+        stage.d,
+        stage.aggregation,
+        stage.shrinkage,
+        stage.steps,
+        stage.overshoot,
+        stage.high_order,
+        stage.top_fraction,
+        stage.clip_value,
+        stage.candidates,
+    ) == (3.0, 4.0, 0.5, "avg", "inv", 2, 0.05, False, 0.3, 9.0, 10)
     default = build_loss(resolve(TrainConfig(method="amm"), []))
-    assert (default.lam, default.c, default.d, default.aggregation, default.shrinkage, default.steps,
-            default.high_order, default.candidates) == (32.0, 2.0, 1.0, "min", "exp", 6, True, 0)
+    assert (
+        default.lam,
+        default.c,
+        default.d,
+        default.aggregation,
+        default.shrinkage,
+        default.steps,
+        default.high_order,
+        default.candidates,
+    ) == (32.0, 2.0, 1.0, "min", "exp", 6, True, 0)
 
 
 # -- 10. training ---------------------------------------------------------------------------------------
 def test_amm_trains_from_the_cli(tmp_path):
-    cli.main(["train", "--method", "amm", "--dataset", "digits", "--epochs", "1", "--out", str(tmp_path / "a"),
-              "--quiet", "--set", "model.hidden=16"])
+    cli.main(
+        [
+            "train",
+            "--method",
+            "amm",
+            "--dataset",
+            "digits",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "a"),
+            "--quiet",
+            "--set",
+            "model.hidden=16",
+        ]
+    )
     metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert metrics["method"] == "amm" and math.isfinite(metrics["test_error"]) and 0 <= metrics["test_error"] <= 100
     config = json.loads((tmp_path / "a" / "config.json").read_text())
@@ -696,6 +757,7 @@ def test_clip_grad_bounds_the_gradient_the_step_takes():
             value = closure()
             seen.append(global_norm(run.model.parameters()))
             return value
+
         return step(wrapped)
 
     run.optimizer.step = inspecting_step

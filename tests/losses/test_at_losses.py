@@ -2,6 +2,7 @@
 in math.log, gradients against finite differences (the clean side of the KL and MART's (1 − p_y(x)) weight
 included), the max over wrong classes when the label is the top class, the reference codes' expressions, errors.
 """
+
 from __future__ import annotations
 
 import math
@@ -59,6 +60,7 @@ def mart_loop(logits, logits_adv, target, beta: float, exact: bool = True) -> fl
 
 # --- TRADES -----------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("beta", [0.0, 1.0, 6.0])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_trades_matches_loop(seed, beta):
@@ -79,14 +81,15 @@ def test_trades_kl_term_is_nonnegative_per_sample():
     for seed in range(5):
         logits, logits_adv, target = batch(seed, scale=4.0)
         for i in range(len(target)):
-            one = (logits[i:i + 1], logits_adv[i:i + 1], target[i:i + 1])
+            one = (logits[i : i + 1], logits_adv[i : i + 1], target[i : i + 1])
             assert trades_loss(*one, beta=1.0).item() - trades_loss(*one, beta=0.0).item() >= 0.0
 
 
 def test_trades_default_beta_is_6():
     logits, logits_adv, target = batch(4)
     assert trades_loss(logits, logits_adv, target).item() == pytest.approx(
-        trades_loop(logits, logits_adv, target, 6.0), rel=1e-12)
+        trades_loop(logits, logits_adv, target, 6.0), rel=1e-12
+    )
 
 
 def test_trades_gradcheck_both_logits():
@@ -105,6 +108,7 @@ def central_differences(fn, logits, h=1e-6):
             down[i, k] -= h
             fd[i, k] = (fn(up) - fn(down)) / (2 * h)
     return fd
+
 
 def test_trades_clean_gradient_includes_the_kl():
     """Autograd on the clean logits against central differences of the loop; and it is not the gradient with
@@ -126,7 +130,8 @@ def test_trades_matches_the_reference_code_expression_and_gradients():
     a2, b2 = logits.clone().requires_grad_(), logits_adv.clone().requires_grad_()
     ours = trades_loss(a1, b1, target, 6.0)
     ref = F.cross_entropy(a2, target) + 6.0 / len(target) * F.kl_div(
-        F.log_softmax(b2, dim=1), F.softmax(a2, dim=1), reduction="sum")
+        F.log_softmax(b2, dim=1), F.softmax(a2, dim=1), reduction="sum"
+    )
     ours.backward()
     ref.backward()
     torch.testing.assert_close(ours, ref)
@@ -135,6 +140,7 @@ def test_trades_matches_the_reference_code_expression_and_gradients():
 
 
 # --- MART -------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("beta", [0.0, 1.0, 6.0])
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -155,7 +161,8 @@ def test_mart_is_the_plain_formula_up_to_the_constants():
 def test_mart_default_beta_is_6():
     logits, logits_adv, target = batch(4)
     assert mart_loss(logits, logits_adv, target).item() == pytest.approx(
-        mart_loop(logits, logits_adv, target, 6.0), rel=1e-12)
+        mart_loop(logits, logits_adv, target, 6.0), rel=1e-12
+    )
 
 
 def test_mart_wrong_class_max_skips_the_label_when_it_is_on_top():
@@ -165,7 +172,7 @@ def test_mart_wrong_class_max_skips_the_label_when_it_is_on_top():
     torch.testing.assert_close(top_wrong_prob(q, target), torch.stack([q[0, 2], q[1, 0]]))
     logits = torch.zeros_like(logits_adv)
     for i in range(2):
-        one = (logits[i:i + 1], logits_adv[i:i + 1], target[i:i + 1])
+        one = (logits[i : i + 1], logits_adv[i : i + 1], target[i : i + 1])
         got = mart_loss(*one, beta=0.0).item()
         assert got == pytest.approx(mart_loop(*one, 0.0), rel=1e-12)
         expected = -math.log(q[i, target[i]].item()) - math.log(1.0001 - q[i, 2 if i == 0 else 0].item() + 1e-12)
@@ -206,8 +213,11 @@ def test_mart_matches_the_reference_code_expression_and_gradients():
     new_y = torch.where(top2[:, -1] == target, top2[:, -2], top2[:, -1])
     p = F.softmax(a2, dim=1)
     kl = F.kl_div(torch.log(q + 1e-12), p, reduction="none").sum(dim=1)
-    ref = F.cross_entropy(b2, target) + F.nll_loss(torch.log(1.0001 - q + 1e-12), new_y) \
+    ref = (
+        F.cross_entropy(b2, target)
+        + F.nll_loss(torch.log(1.0001 - q + 1e-12), new_y)
         + 6.0 * (kl * (1.0000001 - p.gather(1, target[:, None]).squeeze(1))).mean()
+    )
     ours.backward()
     ref.backward()
     torch.testing.assert_close(ours, ref)
@@ -216,6 +226,7 @@ def test_mart_matches_the_reference_code_expression_and_gradients():
 
 
 # --- errors -----------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("loss", [trades_loss, mart_loss])
 def test_bad_inputs_raise(loss):

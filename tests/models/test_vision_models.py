@@ -3,6 +3,7 @@
 Exact counts are those of the reference CIFAR code (kuangliu VGG, xternalz/Zagoruyko WRN, Rice et al.
 PreActResNet, dyhan PyramidNet); each is also checked against the number the papers quote.
 """
+
 import pytest
 import torch
 from torch import nn
@@ -167,16 +168,19 @@ def test_dropout_is_used_by_the_cnns():
     assert not any(isinstance(m, nn.Dropout) for m in built("wrn28_2").modules())
 
 
-@pytest.mark.parametrize("name, kwargs, words", [
-    ("resnet50", {}, "choose one of"),
-    ("vgg16", {"input_shape": (3072,)}, "(C, H, W)"),
-    ("wrn28_2", {"input_shape": (32, 32)}, "(C, H, W)"),
-    ("vgg16", {"input_shape": (3, 16, 16)}, "at least 32x32"),
-    ("lenet", {"input_shape": (1, 8, 8)}, "at least 16x16"),
-    ("wrn28_2", {"norm": "layer"}, "'batch'"),
-    ("wrn28_2", {"mean": (0.5, 0.5)}, "1 or 3 values"),
-    ("wrn28_2", {"std": 0.0}, "std finite and > 0"),
-])
+@pytest.mark.parametrize(
+    "name, kwargs, words",
+    [
+        ("resnet50", {}, "choose one of"),
+        ("vgg16", {"input_shape": (3072,)}, "(C, H, W)"),
+        ("wrn28_2", {"input_shape": (32, 32)}, "(C, H, W)"),
+        ("vgg16", {"input_shape": (3, 16, 16)}, "at least 32x32"),
+        ("lenet", {"input_shape": (1, 8, 8)}, "at least 16x16"),
+        ("wrn28_2", {"norm": "layer"}, "'batch'"),
+        ("wrn28_2", {"mean": (0.5, 0.5)}, "1 or 3 values"),
+        ("wrn28_2", {"std": 0.0}, "std finite and > 0"),
+    ],
+)
 def test_bad_names_and_shapes_raise_helpful_errors(name, kwargs, words):
     kwargs = {"input_shape": CIFAR, **kwargs}
     with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):

@@ -3,6 +3,7 @@ model as a function of one flat parameter vector (the papers' θ ∈ R^K), on wh
 
 Float64 unless told: the references match the optimizers to ~1e-10.
 """
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,12 +28,15 @@ def make_model(seed=0, *, dropout=0.0, batchnorm=False, dtype=DT, hidden=7):
 def make_batches(n_steps, batch_size=16, seed=1, dtype=DT):
     """A different fixed batch for every step."""
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch_size, 5, generator=gen, dtype=dtype),
-             torch.randint(0, 3, (batch_size,), generator=gen)) for _ in range(n_steps)]
+    return [
+        (torch.randn(batch_size, 5, generator=gen, dtype=dtype), torch.randint(0, 3, (batch_size,), generator=gen))
+        for _ in range(n_steps)
+    ]
 
 
 def make_closure(opt, model, x, y, seen=None):
     """The torch.optim closure on (x, y); ``seen`` (a list) gets the flat weights of each pass, one per call."""
+
     def closure():
         if seen is not None:
             seen.append(flat_params(model))
@@ -40,6 +44,7 @@ def make_closure(opt, model, x, y, seen=None):
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         return loss
+
     return closure
 
 

@@ -5,6 +5,7 @@ The reference is written here from the equations on a flat float64 parameter vec
 with PyTorch's SGD (momentum, weight decay) by hand. ``every=1`` is compared bit for bit with a frozen copy of AMP's
 step as it was before the mode existed (on the same engine).
 """
+
 import copy
 import functools
 
@@ -25,8 +26,15 @@ LR, MOMENTUM, WD = 0.1, 0.9, 1e-3
 
 
 def amp(model, every, **kw):
-    settings = {"epsilon": 0.5, "inner_lr": 1.0, "inner_steps": 1, "norm": "global", "lr": LR, "momentum": MOMENTUM,
-                    "weight_decay": WD}
+    settings = {
+        "epsilon": 0.5,
+        "inner_lr": 1.0,
+        "inner_steps": 1,
+        "norm": "global",
+        "lr": LR,
+        "momentum": MOMENTUM,
+        "weight_decay": WD,
+    }
     settings.update(kw)
     return advreg.AMP(model.parameters(), torch.optim.SGD, every=every, **settings)
 
@@ -39,6 +47,7 @@ def flat_problem(model, norm, epsilon):
 
     def chunks(v):
         return [v] if norm == "global" else list(v.split(net.sizes))
+
     return net.loss_grad, chunks, lambda delta: project(delta, epsilon, norm, net.sizes)
 
 
@@ -138,8 +147,9 @@ def test_every_1_is_amp_bit_for_bit(inner_steps, norm, dtype, reuse):
     model_a = make_model(1, dtype=dtype)
     model_b = copy.deepcopy(model_a)
     kw = {"inner_steps": inner_steps, "norm": norm, "inner_lr": 3.0}
-    plain = FrozenAMP(model_a.parameters(), torch.optim.SGD, epsilon=0.5, lr=LR, momentum=MOMENTUM,
-                      weight_decay=WD, **kw)
+    plain = FrozenAMP(
+        model_a.parameters(), torch.optim.SGD, epsilon=0.5, lr=LR, momentum=MOMENTUM, weight_decay=WD, **kw
+    )
     losses_a, calls_a, traj_a = run_opt(plain, model_a, batches)
     losses_b, calls_b, traj_b = run_opt(amp(model_b, 1, reuse=reuse, **kw), model_b, batches)
     assert losses_a == losses_b and calls_a == calls_b == [inner_steps + 1] * 6
@@ -162,7 +172,9 @@ def test_every_3_matches_the_reference(inner_steps, norm, reuse):
     ref_losses, ref = run_reference(every=3)
     for t, (a, b) in enumerate(zip(traj, ref)):
         assert (a - b).abs().max().item() <= 1e-10, f"step {t}"
-    assert [float(loss) for loss in losses] == pytest.approx(ref_losses, abs=1e-12)  # θ+Δ_kept's loss (delta) or θ's (gradient) in between
+    assert [float(loss) for loss in losses] == pytest.approx(
+        ref_losses, abs=1e-12
+    )  # θ+Δ_kept's loss (delta) or θ's (gradient) in between
     assert calls == [inner_steps + 1 if t % 3 == 0 else 1 for t in range(8)]
     # the mode matters here: AMP itself (k = 1), or for the gradient the steps in between without v̂ (α = 0),
     # end elsewhere
@@ -203,7 +215,7 @@ def test_a_parameter_without_gradient_at_the_refresh_has_zero_delta():
     trunk, head_a, head_b = nn.Linear(5, 4).double(), nn.Linear(4, 3).double(), nn.Linear(4, 3).double()
     modules = nn.ModuleList([trunk, head_a, head_b])
     opt = advreg.AMP(modules.parameters(), torch.optim.SGD, epsilon=0.5, inner_lr=1.0, every=2, lr=0.0)
-    (x, y), = make_batches(1, seed=6)
+    ((x, y),) = make_batches(1, seed=6)
     head_b_theta = [p.detach().clone() for p in head_b.parameters()]
     seen = {}
 
@@ -216,7 +228,9 @@ def test_a_parameter_without_gradient_at_the_refresh_has_zero_delta():
             loss = F.cross_entropy(out, y)
             loss.backward()
             return loss
+
         return run
+
     a_theta = [p.detach().clone() for p in head_a.parameters()]
     opt.step(closure(use_b=False))  # refresh: head_b has no gradient
     opt.step(closure(use_b=True))  # in between: head_b takes part, at Δ = 0
@@ -286,6 +300,7 @@ def scaled_closure(opt, model, x, y, scaler, calls, inf_at=None):
             model[0].weight.grad.view(-1)[0] = float("inf")
         calls.append(1)
         return loss
+
     return closure
 
 
@@ -294,21 +309,21 @@ def scaled_closure(opt, model, x, y, scaler, calls, inf_at=None):
 def test_under_a_grad_scaler_the_steps_are_unchanged_and_an_overflowed_refresh_is_redone(reuse, inf_at):
     model = make_model(8, dtype=torch.float32)
     twin = copy.deepcopy(model)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     scaled, plain = amp(model, 3, grad_scaler=scaler, reuse=reuse), amp(twin, 3, reuse=reuse)
     for x, y in make_batches(5, seed=10, dtype=torch.float32):  # a power-of-two scale changes nothing
         scaled.step(scaled_closure(scaled, model, x, y, scaler, []))
         scaler.update()
         run_opt(plain, twin, [(x, y)])
     assert torch.equal(flat_params(model), flat_params(twin))
-    (x, y), = make_batches(1, seed=11, dtype=torch.float32)
+    ((x, y),) = make_batches(1, seed=11, dtype=torch.float32)
     calls = [[] for _ in range(4)]
     scaled.step(scaled_closure(scaled, model, x, y, scaler, calls[0]))  # step 5: in between
     scaler.update()
     theta = flat_params(model)
     scaled.step(scaled_closure(scaled, model, x, y, scaler, calls[1], inf_at=inf_at))  # step 6: refresh, overflows
     scaler.update()
-    assert torch.equal(flat_params(model), theta) and scaler.get_scale() == 2.0 ** 9  # skipped
+    assert torch.equal(flat_params(model), theta) and scaler.get_scale() == 2.0**9  # skipped
     for c in calls[2:]:
         scaled.step(scaled_closure(scaled, model, x, y, scaler, c))
         scaler.update()
@@ -316,7 +331,7 @@ def test_under_a_grad_scaler_the_steps_are_unchanged_and_an_overflowed_refresh_i
     # a Δ from a finite clean pass is good (only the final gradient overflowed), so the step after reuses it
     redone = reuse == "gradient" or inf_at == 0
     assert [len(c) for c in calls] == [1, 2, 2 if redone else 1, 1]
-    assert scaler.get_scale() == 2.0 ** 9 and torch.isfinite(flat_params(model)).all()  # no further skip
+    assert scaler.get_scale() == 2.0**9 and torch.isfinite(flat_params(model)).all()  # no further skip
 
 
 @pytest.mark.parametrize("every", [0, -1, 1.5, 2.0, "2", True, None])
@@ -336,9 +351,8 @@ def test_config_key_reaches_the_optimizer():
 @pytest.mark.parametrize("inner_steps", [1, 2])
 def test_gradient_reuse_keeps_a_unit_vector_orthogonal_to_the_clean_gradient(inner_steps, norm):
     model = make_model(10)
-    opt = amp(model, 4, reuse="gradient", inner_steps=inner_steps, norm=norm, lr=0.0, momentum=0.0,
-              weight_decay=0.0)
-    (x, y), = make_batches(1, seed=13)
+    opt = amp(model, 4, reuse="gradient", inner_steps=inner_steps, norm=norm, lr=0.0, momentum=0.0, weight_decay=0.0)
+    ((x, y),) = make_batches(1, seed=13)
     loss = F.cross_entropy(model(x), y)
     clean = torch.autograd.grad(loss, list(model.parameters()))
     run_opt(opt, model, [(x, y)])
@@ -357,9 +371,10 @@ def test_gradient_reuse_in_half_precision_is_finite_and_orthogonal(dtype):
     clean gradient's direction nor overflows."""
     model = make_model(11, dtype=dtype)
     opt = amp(model, 4, reuse="gradient", inner_lr=1e6, lr=0.0, momentum=0.0, weight_decay=0.0)  # ‖Δ‖ = ε
-    (x, y), = make_batches(1, seed=14, dtype=dtype)
+    ((x, y),) = make_batches(1, seed=14, dtype=dtype)
     clean = None
     for scale in (1e-3, 1e-5):
+
         def closure():
             nonlocal clean
             opt.zero_grad()
@@ -368,6 +383,7 @@ def test_gradient_reuse_in_half_precision_is_finite_and_orthogonal(dtype):
             if clean is None:
                 clean = torch.cat([p.grad.float().reshape(-1) for p in model.parameters()])
             return loss
+
         clean, opt.steps_taken = None, 0
         opt.step(closure)
         unit = torch.cat([k.float().reshape(-1) for k in opt.state_dict()["perturbation"]["kept"]])
@@ -384,8 +400,9 @@ def test_a_state_saved_before_reuse_existed_loads_as_the_kept_delta():
     del old["perturbation"]["reuse"], old["perturbation"]["alpha"]
     fresh = amp(copy.deepcopy(model), 3, reuse="gradient")
     fresh.load_state_dict(old)
-    assert fresh.reuse == "delta" and torch.equal(fresh.state_dict()["perturbation"]["kept"][0],
-                                                 opt.state_dict()["perturbation"]["kept"][0])
+    assert fresh.reuse == "delta" and torch.equal(
+        fresh.state_dict()["perturbation"]["kept"][0], opt.state_dict()["perturbation"]["kept"][0]
+    )
 
 
 @pytest.mark.parametrize("reuse", ["delta", "gradient"])
@@ -401,10 +418,15 @@ def test_a_parameter_group_added_mid_cycle_starts_a_fresh_delta(reuse):
     assert calls == [2]
 
 
-@pytest.mark.parametrize("setting,message", [({"reuse": "theta"}, "reuse must be one of"),
-                                             ({"reuse": "gradient", "alpha": -0.1}, "alpha must be a number >= 0"),
-                                             ({"alpha": float("nan")}, "alpha must be a number >= 0"),
-                                             ({"alpha": float("inf")}, "alpha must be finite")])
+@pytest.mark.parametrize(
+    "setting,message",
+    [
+        ({"reuse": "theta"}, "reuse must be one of"),
+        ({"reuse": "gradient", "alpha": -0.1}, "alpha must be a number >= 0"),
+        ({"alpha": float("nan")}, "alpha must be a number >= 0"),
+        ({"alpha": float("inf")}, "alpha must be finite"),
+    ],
+)
 def test_bad_reuse_settings_raise(setting, message):
     with pytest.raises(ValueError, match=message):
         amp(make_model(0), 4, **setting)
@@ -413,8 +435,10 @@ def test_bad_reuse_settings_raise(setting, message):
 @pytest.mark.parametrize("reuse", ["delta", "gradient"])
 def test_an_interrupted_run_resumes_mid_cycle_to_the_same_numbers(tmp_path, interrupted_then_resumed, reuse):
     """18 steps an epoch with k = 5: the run is cut at step 36, one step after a refresh."""
-    config = resolve(TrainConfig(method="amp", epochs=4), ["model.hidden=16", "optim.batch_size=200",
-                                                            "amp.every=5", f"amp.reuse={reuse}"])
+    config = resolve(
+        TrainConfig(method="amp", epochs=4),
+        ["model.hidden=16", "optim.batch_size=200", "amp.every=5", f"amp.reuse={reuse}"],
+    )
     whole = train(config, tmp_path / "whole", progress=False)
     drop = lambda m: {k: v for k, v in m.items() if "seconds" not in k}
     assert drop(interrupted_then_resumed(config)) == drop(whole)

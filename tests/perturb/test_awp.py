@@ -4,6 +4,7 @@ The references below are written from the paper on plain tensors (per-layer norm
 η2 = γ/K2, SGD with momentum and weight decay by hand); nothing of ``advreg.perturb.awp`` but the two
 classes is used.
 """
+
 import copy
 
 import pytest
@@ -43,12 +44,15 @@ def make_model(seed=0, dropout=0.0):
 
 def make_batches(n, batch_size=12, seed=1):
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch_size, 2, 5, generator=gen, dtype=DT),
-             torch.randint(0, 3, (batch_size,), generator=gen)) for _ in range(n)]
+    return [
+        (torch.randn(batch_size, 2, 5, generator=gen, dtype=DT), torch.randint(0, 3, (batch_size,), generator=gen))
+        for _ in range(n)
+    ]
 
 
 def make_closure(opt, model, x, y, seen=None, fail_at=None):
     """Records the parameters at every call in ``seen``; raises on call number ``fail_at`` (1-based)."""
+
     def closure():
         if seen is not None:
             seen.append([p.detach().clone() for p in model.parameters()])
@@ -58,6 +62,7 @@ def make_closure(opt, model, x, y, seen=None, fail_at=None):
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         return loss
+
     return closure
 
 
@@ -86,7 +91,7 @@ def awp(model, **kw):
 def test_one_step_is_layer_normalized_gradient_on_the_sphere():
     gamma = 0.05
     model = make_model(0)
-    (x, y), = make_batches(1)
+    ((x, y),) = make_batches(1)
     w = params_of(model)
     g = grad_at(copy.deepcopy(model), w, x, y)
     opt = awp(model, gamma=gamma, lr=0.0)
@@ -157,7 +162,7 @@ def test_matches_algorithm2_three_ascent_steps(gamma):
 def test_ascent_steps_stay_in_the_layer_balls(step_size, on_sphere):
     gamma, k2 = 0.05, 4
     model = make_model(2)
-    (x, y), = make_batches(1, seed=3)
+    ((x, y),) = make_batches(1, seed=3)
     w = params_of(model)
     opt = awp(model, gamma=gamma, steps=k2, step_size=step_size, lr=0.0)
     seen = []
@@ -177,7 +182,7 @@ def test_ascent_steps_stay_in_the_layer_balls(step_size, on_sphere):
 # ------------------------------------------------------------------------------------- 4. exact restore
 def test_step_applies_gradient_at_perturbed_weights_at_w():
     model = make_model(3)
-    (x, y), = make_batches(1, seed=4)
+    ((x, y),) = make_batches(1, seed=4)
     base_model = copy.deepcopy(model)
     opt = awp(model, gamma=0.1, momentum=MOMENTUM, weight_decay=WD)
     seen = []
@@ -194,7 +199,7 @@ def test_step_applies_gradient_at_perturbed_weights_at_w():
 @pytest.mark.parametrize("steps,fail_at", [(1, 2), (3, 2), (3, 3), (3, 4)])
 def test_failing_closure_leaves_w_bit_for_bit(steps, fail_at):
     model = make_model(4)
-    (x, y), = make_batches(1, seed=5)
+    ((x, y),) = make_batches(1, seed=5)
     w = params_of(model)
     opt = awp(model, gamma=0.2, steps=steps, momentum=MOMENTUM)
     with pytest.raises(RuntimeError, match="closure failed"):
@@ -217,9 +222,14 @@ def equal_models(a, b):
     return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
-@pytest.mark.parametrize("ctor", [lambda p: AWP(p, torch.optim.SGD, gamma=0.0, steps=3, lr=LR, momentum=MOMENTUM),
-                                  lambda p: RWP(p, torch.optim.SGD, gamma=0.0, lr=LR, momentum=MOMENTUM)],
-                         ids=["awp", "rwp"])
+@pytest.mark.parametrize(
+    "ctor",
+    [
+        lambda p: AWP(p, torch.optim.SGD, gamma=0.0, steps=3, lr=LR, momentum=MOMENTUM),
+        lambda p: RWP(p, torch.optim.SGD, gamma=0.0, lr=LR, momentum=MOMENTUM),
+    ],
+    ids=["awp", "rwp"],
+)
 def test_gamma_zero_is_the_base_optimizer_bit_for_bit(ctor):
     """With dropout, an extra closure call would draw other masks: this also checks there is one call."""
     batches = make_batches(4, seed=6)
@@ -278,8 +288,9 @@ def rwp_perturbations(seed, gamma=0.1, n_steps=2):
         calls.append(len(seen))
         vs.append([p - w_l for p, w_l in zip(seen[0], w)])
         # the returned loss is the one at w+v (the only pass)
-        at = F.cross_entropy(functional_call(copy.deepcopy(model), dict(zip(
-            [n for n, _ in model.named_parameters()], seen[0])), (x,)), y)
+        at = F.cross_entropy(
+            functional_call(copy.deepcopy(model), dict(zip([n for n, _ in model.named_parameters()], seen[0])), (x,)), y
+        )
         torch.testing.assert_close(loss, at, rtol=1e-14, atol=0)
     return model, w, vs, calls
 
@@ -304,16 +315,20 @@ def test_rwp_random_direction_with_layer_relative_size():
 
 
 # ---------------------------------------------------------------------------------------- 7. ValueErrors
-@pytest.mark.parametrize("ctor,match", [
-    (lambda p: AWP(p, torch.optim.SGD, gamma=-0.01, lr=LR), "gamma"),
-    (lambda p: AWP(p, torch.optim.SGD, gamma=float("nan"), lr=LR), "gamma"),
-    (lambda p: AWP(p, torch.optim.SGD, steps=0, lr=LR), "steps"),
-    (lambda p: AWP(p, torch.optim.SGD, steps=1.5, lr=LR), "steps"),
-    (lambda p: AWP(p, torch.optim.SGD, step_size=0.0, lr=LR), "step_size"),
-    (lambda p: AWP(p, torch.optim.SGD, step_size=-1e-3, lr=LR), "step_size"),
-    (lambda p: AWP(p, torch.optim.SGD, warmup_steps=-1, lr=LR), "warmup_steps"),
-    (lambda p: RWP(p, torch.optim.SGD, gamma=-0.5, lr=LR), "gamma"),
-], ids=["gamma<0", "gamma_nan", "steps0", "steps_float", "step_size0", "step_size<0", "warmup<0", "rwp_gamma<0"])
+@pytest.mark.parametrize(
+    "ctor,match",
+    [
+        (lambda p: AWP(p, torch.optim.SGD, gamma=-0.01, lr=LR), "gamma"),
+        (lambda p: AWP(p, torch.optim.SGD, gamma=float("nan"), lr=LR), "gamma"),
+        (lambda p: AWP(p, torch.optim.SGD, steps=0, lr=LR), "steps"),
+        (lambda p: AWP(p, torch.optim.SGD, steps=1.5, lr=LR), "steps"),
+        (lambda p: AWP(p, torch.optim.SGD, step_size=0.0, lr=LR), "step_size"),
+        (lambda p: AWP(p, torch.optim.SGD, step_size=-1e-3, lr=LR), "step_size"),
+        (lambda p: AWP(p, torch.optim.SGD, warmup_steps=-1, lr=LR), "warmup_steps"),
+        (lambda p: RWP(p, torch.optim.SGD, gamma=-0.5, lr=LR), "gamma"),
+    ],
+    ids=["gamma<0", "gamma_nan", "steps0", "steps_float", "step_size0", "step_size<0", "warmup<0", "rwp_gamma<0"],
+)
 def test_bad_arguments_raise(ctor, match):
     with pytest.raises(ValueError, match=match):
         ctor(make_model(0).parameters())

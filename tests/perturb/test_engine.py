@@ -1,4 +1,5 @@
 """The engine's own contract: construction checks, foreign state, BatchNorm freezing, saved settings."""
+
 import copy
 
 import pytest
@@ -49,6 +50,7 @@ def _two_models_closure(opt, owned, other, x, y):
         loss = F.cross_entropy(owned(x), y)
         loss.backward()
         return loss
+
     return closure
 
 
@@ -78,8 +80,15 @@ def test_a_frozen_norm_layer_keeps_the_clean_pass_statistics(given_model):
     clean = copy.deepcopy(model)
     x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
     clean(x)  # the one pass at θ whose statistics count
-    opt = advreg.AMP(model.parameters(), torch.optim.SGD, epsilon=0.5, inner_lr=1.0, inner_steps=3, lr=0.1,
-                     **({"model": model} if given_model else {}))
+    opt = advreg.AMP(
+        model.parameters(),
+        torch.optim.SGD,
+        epsilon=0.5,
+        inner_lr=1.0,
+        inner_steps=3,
+        lr=0.1,
+        **({"model": model} if given_model else {}),
+    )
     _step(opt, model, x, y)
     assert model[1].num_batches_tracked.item() == 1  # 4 passes, 1 counted
     assert torch.equal(model[1].running_mean, clean[1].running_mean)
@@ -130,6 +139,7 @@ def _linear_problem():
         theta = [t.detach().requires_grad_(True) for t in theta]
         loss = F.cross_entropy(x @ theta[0].T + theta[1], y)
         return loss.detach(), torch.autograd.grad(loss, theta)
+
     return model, x, y, loss_grad
 
 
@@ -182,5 +192,6 @@ def test_the_two_call_form_follows_the_plan_as_step_closure_does():
         F.cross_entropy(twin(x), y).backward()
         by_two_calls.second_step(zero_grad=True)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
-    assert all(torch.equal(a, b) for seen_a, seen_b in zip(by_closure.seen, by_two_calls.seen)
-               for a, b in zip(seen_a, seen_b))
+    assert all(
+        torch.equal(a, b) for seen_a, seen_b in zip(by_closure.seen, by_two_calls.seen) for a, b in zip(seen_a, seen_b)
+    )

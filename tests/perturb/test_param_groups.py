@@ -5,6 +5,7 @@ The references are written here on one flat float64 parameter vector: with ``nor
 on (ε, ζ, N) share one ball, each ball is Algorithm 1 of the AMP paper on its own part of Δ (N_B ascent steps,
 then it keeps its Δ), and the gradient of the outer step is taken at θ+Δ of all balls together.
 """
+
 import copy
 
 import pytest
@@ -27,7 +28,7 @@ def group_masks(model):
     """The flat positions of the first and of the second layer."""
     sizes = [sum(p.numel() for p in model[0].parameters()), sum(p.numel() for p in model[2].parameters())]
     first = torch.zeros(sum(sizes), dtype=torch.bool)
-    first[:sizes[0]] = True
+    first[: sizes[0]] = True
     return [first, ~first]
 
 
@@ -56,12 +57,15 @@ def ref_run(model, batches, gradient):
 
 
 # ---------------------------------------------------------------------------------- AMP per group
-@pytest.mark.parametrize("first, second", [
-    ({"epsilon": 0.02}, {}),  # own ε, the default ζ and N
-    ({"epsilon": 0.02, "inner_steps": 3, "inner_lr": 0.5}, {"inner_steps": 2}),  # own N each
-    ({"inner_steps": 0}, {"inner_steps": 2}),  # the first layer not perturbed
-    ({"epsilon": 0.0}, {}),
-])
+@pytest.mark.parametrize(
+    "first, second",
+    [
+        ({"epsilon": 0.02}, {}),  # own ε, the default ζ and N
+        ({"epsilon": 0.02, "inner_steps": 3, "inner_lr": 0.5}, {"inner_steps": 2}),  # own N each
+        ({"inner_steps": 0}, {"inner_steps": 2}),  # the first layer not perturbed
+        ({"epsilon": 0.0}, {}),
+    ],
+)
 def test_amp_groups_are_balls_of_their_own_settings(first, second):
     model = make_model()
     ref_model, batches = copy.deepcopy(model), make_batches(4)
@@ -89,15 +93,19 @@ def test_groups_that_share_the_settings_share_one_ball_bit_for_bit(inner_steps):
     _, _, traj_b = run_opt(split, model_b, batches)
     assert all(torch.equal(a, b) for a, b in zip(traj_a, traj_b))
     # and it is one ball: two balls of ε each would move further than ε in total
-    ref = ref_run(copy.deepcopy(make_model()), batches, lambda th, x, y: ref_balls_gradient(
-        FlatNet(model_a).loss_grad, th, x, y, [(torch.ones_like(th, dtype=torch.bool), 0.3, 2.0, inner_steps)]))
+    ref = ref_run(
+        copy.deepcopy(make_model()),
+        batches,
+        lambda th, x, y: ref_balls_gradient(
+            FlatNet(model_a).loss_grad, th, x, y, [(torch.ones_like(th, dtype=torch.bool), 0.3, 2.0, inner_steps)]
+        ),
+    )
     torch.testing.assert_close(traj_b[-1], ref[-1], atol=1e-10, rtol=0)
 
 
 def test_a_group_with_a_tiny_epsilon_barely_moves():
     model = make_model()
-    opt = advreg.AMP(two_groups(model, {"epsilon": 1e-6}, {}), torch.optim.SGD, epsilon=0.5, inner_lr=10.0,
-                     lr=LR)
+    opt = advreg.AMP(two_groups(model, {"epsilon": 1e-6}, {}), torch.optim.SGD, epsilon=0.5, inner_lr=10.0, lr=LR)
     x, y = make_batches(1)[0]
     theta, seen = flat_params(model), []
     opt.step(make_closure(opt, model, x, y, seen))
@@ -109,8 +117,14 @@ def test_a_group_with_a_tiny_epsilon_barely_moves():
 def test_all_groups_off_is_the_base_optimizer_bit_for_bit():
     model_a = make_model()
     model_b, batches = copy.deepcopy(model_a), make_batches(3)
-    opt = advreg.AMP(two_groups(model_a, {"epsilon": 0.0}, {"inner_steps": 0}), torch.optim.SGD, epsilon=0.5,
-                     inner_lr=1.0, lr=LR, momentum=MOMENTUM)
+    opt = advreg.AMP(
+        two_groups(model_a, {"epsilon": 0.0}, {"inner_steps": 0}),
+        torch.optim.SGD,
+        epsilon=0.5,
+        inner_lr=1.0,
+        lr=LR,
+        momentum=MOMENTUM,
+    )
     sgd = torch.optim.SGD(model_b.parameters(), lr=LR, momentum=MOMENTUM)
     _, calls, traj = run_opt(opt, model_a, batches)
     for (x, y), t in zip(batches, traj):
@@ -139,7 +153,7 @@ def test_a_scheduler_can_move_rho_with_the_lr():
     for k, (x, y) in enumerate(make_batches(3)):
         theta, seen = flat_params(model), []
         opt.step(make_closure(opt, model, x, y, seen))
-        assert (seen[1] - theta).norm().item() == pytest.approx(0.2 * 0.5 ** k, rel=1e-9)  # ‖Δ‖ = ρ_t
+        assert (seen[1] - theta).norm().item() == pytest.approx(0.2 * 0.5**k, rel=1e-9)  # ‖Δ‖ = ρ_t
         lr_schedule.step()
         rho_schedule.step()
 
@@ -173,17 +187,26 @@ def test_a_bad_group_value_raises():
 
 def test_state_dict_carries_the_group_values():
     model = make_model()
-    opt = advreg.AMP(two_groups(model, {"epsilon": 0.02, "inner_steps": 2}, {}), torch.optim.SGD, epsilon=0.3,
-                     inner_lr=1.0, lr=LR, momentum=MOMENTUM)
+    opt = advreg.AMP(
+        two_groups(model, {"epsilon": 0.02, "inner_steps": 2}, {}),
+        torch.optim.SGD,
+        epsilon=0.3,
+        inner_lr=1.0,
+        lr=LR,
+        momentum=MOMENTUM,
+    )
     x, y = make_batches(1)[0]
     opt.step(make_closure(opt, model, x, y))
     state = opt.state_dict()
     assert [(g["epsilon"], g["inner_steps"]) for g in state["param_groups"]] == [(0.02, 2), (0.3, 1)]
-    fresh = advreg.AMP(two_groups(copy.deepcopy(model), {}, {}), torch.optim.SGD, epsilon=0.9, inner_lr=3.0,
-                       lr=LR, momentum=MOMENTUM)
+    fresh = advreg.AMP(
+        two_groups(copy.deepcopy(model), {}, {}), torch.optim.SGD, epsilon=0.9, inner_lr=3.0, lr=LR, momentum=MOMENTUM
+    )
     fresh.load_state_dict(state)
-    assert [(g["epsilon"], g["inner_lr"], g["inner_steps"]) for g in fresh.param_groups] == [(0.02, 1.0, 2),
-                                                                                            (0.3, 1.0, 1)]
+    assert [(g["epsilon"], g["inner_lr"], g["inner_steps"]) for g in fresh.param_groups] == [
+        (0.02, 1.0, 2),
+        (0.3, 1.0, 1),
+    ]
 
 
 def test_an_old_checkpoint_without_group_keys_loads():
@@ -222,10 +245,14 @@ def test_rmp_and_awp_groups_take_their_own_radius():
     model = make_model()
     x, y = make_batches(1)[0]
     for opt, check in [
-        (advreg.perturb.RMP(two_groups(model, {"epsilon": 1e-3}, {}), torch.optim.SGD, epsilon=0.5, lr=LR),
-         lambda d, m: [d[m[0]].norm() <= 1e-3, 1e-3 < d[m[1]].norm() <= 0.5]),
-        (advreg.perturb.AWP(two_groups(model, {"gamma": 0.0}, {}), torch.optim.SGD, gamma=0.01, lr=LR),
-         lambda d, m: [d[m[0]].norm() == 0, d[m[1]].norm() > 0]),
+        (
+            advreg.perturb.RMP(two_groups(model, {"epsilon": 1e-3}, {}), torch.optim.SGD, epsilon=0.5, lr=LR),
+            lambda d, m: [d[m[0]].norm() <= 1e-3, 1e-3 < d[m[1]].norm() <= 0.5],
+        ),
+        (
+            advreg.perturb.AWP(two_groups(model, {"gamma": 0.0}, {}), torch.optim.SGD, gamma=0.01, lr=LR),
+            lambda d, m: [d[m[0]].norm() == 0, d[m[1]].norm() > 0],
+        ),
     ]:
         theta, seen = flat_params(model), []
         opt.step(make_closure(opt, model, x, y, seen))

@@ -6,6 +6,7 @@ below on a flat float64 parameter vector (``perturb_helpers.FlatNet``), and the 
 PyTorch's SGD (momentum, weight decay) written by hand. The implementation is then compared against this
 reference step by step, in float64, to ~1e-10.
 """
+
 import copy
 import math
 
@@ -76,8 +77,17 @@ def test_amp_matches_algorithm1(epsilon, inner_lr, inner_steps, norm):
     model = make_model(0)
     batches = make_batches(4)
     ref_model = copy.deepcopy(model)
-    opt = advreg.AMP(model.parameters(), torch.optim.SGD, epsilon=epsilon, inner_lr=inner_lr,
-                     inner_steps=inner_steps, norm=norm, lr=LR, momentum=MOMENTUM, weight_decay=WD)
+    opt = advreg.AMP(
+        model.parameters(),
+        torch.optim.SGD,
+        epsilon=epsilon,
+        inner_lr=inner_lr,
+        inner_steps=inner_steps,
+        norm=norm,
+        lr=LR,
+        momentum=MOMENTUM,
+        weight_decay=WD,
+    )
     losses, calls, traj = run_opt(opt, model, batches)
 
     grad_fn = lambda net, th, x, y: ref_amp_grad(net, th, x, y, epsilon, inner_lr, inner_steps, norm)
@@ -99,8 +109,9 @@ def test_sam_matches_reference(rho, adaptive):
     model = make_model(1)
     batches = make_batches(4, seed=2)
     ref_model = copy.deepcopy(model)
-    opt = advreg.SAM(model.parameters(), torch.optim.SGD, rho=rho, adaptive=adaptive,
-                     lr=LR, momentum=MOMENTUM, weight_decay=WD)
+    opt = advreg.SAM(
+        model.parameters(), torch.optim.SGD, rho=rho, adaptive=adaptive, lr=LR, momentum=MOMENTUM, weight_decay=WD
+    )
     losses, calls, traj = run_opt(opt, model, batches)
     grad_fn = lambda net, th, x, y: ref_sam_grad(net, th, x, y, rho, adaptive)
     ref_losses, ref = ref_trajectory(ref_model, batches, grad_fn, [LR] * len(batches))
@@ -137,8 +148,12 @@ def test_asam_transform_conventions(convention):
     model_at.zero_grad()
     F.cross_entropy(model_at(x), y).backward()
     g = torch.cat([p.grad.reshape(-1) for p in model_at.parameters()])
-    t = torch.cat([(p.detach().abs() + eta if scaled(n) else torch.ones_like(p)).reshape(-1)
-                   for n, p in zip(names, model_at.parameters())])  # T = |θ| + η where scaled, 1 elsewhere
+    t = torch.cat(
+        [
+            (p.detach().abs() + eta if scaled(n) else torch.ones_like(p)).reshape(-1)
+            for n, p in zip(names, model_at.parameters())
+        ]
+    )  # T = |θ| + η where scaled, 1 elsewhere
     torch.testing.assert_close(seen[1] - theta, 0.5 * t * t * g / (t * g).norm(), atol=1e-12, rtol=0)
 
 
@@ -155,10 +170,20 @@ def test_asam_weight_scope_needs_named_parameters():
 def test_amp_one_step_large_inner_lr_is_sam(epsilon):
     model_a, batches = make_model(2), make_batches(4, seed=3)
     model_s = copy.deepcopy(model_a)
-    amp = advreg.AMP(model_a.parameters(), torch.optim.SGD, epsilon=epsilon, inner_lr=1e6, inner_steps=1,
-                     norm="global", lr=LR, momentum=MOMENTUM, weight_decay=WD)
-    sam = advreg.SAM(model_s.parameters(), torch.optim.SGD, rho=epsilon, adaptive=False,
-                     lr=LR, momentum=MOMENTUM, weight_decay=WD)
+    amp = advreg.AMP(
+        model_a.parameters(),
+        torch.optim.SGD,
+        epsilon=epsilon,
+        inner_lr=1e6,
+        inner_steps=1,
+        norm="global",
+        lr=LR,
+        momentum=MOMENTUM,
+        weight_decay=WD,
+    )
+    sam = advreg.SAM(
+        model_s.parameters(), torch.optim.SGD, rho=epsilon, adaptive=False, lr=LR, momentum=MOMENTUM, weight_decay=WD
+    )
     _, _, traj_a = run_opt(amp, model_a, batches)
     _, _, traj_s = run_opt(sam, model_s, batches)
     assert_traj_close(traj_a, traj_s)
@@ -169,7 +194,7 @@ def test_amp_one_step_large_inner_lr_is_sam(epsilon):
 def _one_amp_sgd_update(epsilon, zeta, eta=0.1, seed=3):
     """(theta, x, y, u) where u = (theta_k - theta_{k+1}) / eta for one AMP step (N=1, plain SGD)."""
     model = make_model(seed)
-    (x, y), = make_batches(1, batch_size=32, seed=4)
+    ((x, y),) = make_batches(1, batch_size=32, seed=4)
     theta = flat_params(model)
     opt = advreg.AMP(model.parameters(), torch.optim.SGD, epsilon=epsilon, inner_lr=zeta, inner_steps=1, lr=eta)
     opt.step(make_closure(opt, model, x, y))
@@ -233,10 +258,15 @@ def test_theorem2_projection_active_gradient_norm_penalty():
 
 # ------------------------------------------------------------------------ 5. trivial AMP == base, bitwise
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("kwargs", [dict(epsilon=0.0, inner_lr=1.0, inner_steps=1),
-                                    dict(epsilon=0.0, inner_lr=1.0, inner_steps=3),
-                                    dict(epsilon=0.5, inner_lr=1.0, inner_steps=0)],
-                         ids=["eps0", "eps0_N3", "N0"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(epsilon=0.0, inner_lr=1.0, inner_steps=1),
+        dict(epsilon=0.0, inner_lr=1.0, inner_steps=3),
+        dict(epsilon=0.5, inner_lr=1.0, inner_steps=0),
+    ],
+    ids=["eps0", "eps0_N3", "N0"],
+)
 def test_trivial_amp_is_base_optimizer_bitwise(kwargs, dtype):
     """With dropout, an extra closure call would consume RNG and change the masks, so this also checks
     that the closure is called exactly once."""
@@ -256,14 +286,18 @@ def test_trivial_amp_is_base_optimizer_bitwise(kwargs, dtype):
 
 
 # ---------------------------------------------------------------------------- 6. exact weight restore
-@pytest.mark.parametrize("make_opt", [
-    lambda p: advreg.AMP(p, torch.optim.SGD, epsilon=0.5, inner_lr=1.0, inner_steps=2, lr=0.0),
-    lambda p: advreg.AMP(p, torch.optim.SGD, epsilon=0.5, inner_lr=3.0, inner_steps=1, norm="per_tensor", lr=0.0),
-    lambda p: advreg.SAM(p, torch.optim.SGD, rho=0.5, lr=0.0),
-    lambda p: advreg.SAM(p, torch.optim.SGD, rho=0.5, adaptive=True, lr=0.0),
-    lambda p: advreg.perturb.AWP(p, torch.optim.SGD, gamma=0.1, steps=2, lr=0.0),
-    lambda p: advreg.perturb.RWP(p, torch.optim.SGD, gamma=0.1, lr=0.0),
-], ids=["amp_global", "amp_per_tensor", "sam", "asam", "awp", "rwp"])
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda p: advreg.AMP(p, torch.optim.SGD, epsilon=0.5, inner_lr=1.0, inner_steps=2, lr=0.0),
+        lambda p: advreg.AMP(p, torch.optim.SGD, epsilon=0.5, inner_lr=3.0, inner_steps=1, norm="per_tensor", lr=0.0),
+        lambda p: advreg.SAM(p, torch.optim.SGD, rho=0.5, lr=0.0),
+        lambda p: advreg.SAM(p, torch.optim.SGD, rho=0.5, adaptive=True, lr=0.0),
+        lambda p: advreg.perturb.AWP(p, torch.optim.SGD, gamma=0.1, steps=2, lr=0.0),
+        lambda p: advreg.perturb.RWP(p, torch.optim.SGD, gamma=0.1, lr=0.0),
+    ],
+    ids=["amp_global", "amp_per_tensor", "sam", "asam", "awp", "rwp"],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_weights_restored_exactly(make_opt, dtype):
     model = make_model(5, dtype=dtype, hidden=32)
@@ -281,14 +315,18 @@ def _bn_buffers(model):
     return bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()
 
 
-@pytest.mark.parametrize("make_opt", [
-    lambda p, **kw: advreg.AMP(p, torch.optim.SGD, epsilon=0.5, inner_lr=1.0, inner_steps=2, lr=LR, **kw),
-    lambda p, **kw: advreg.SAM(p, torch.optim.SGD, rho=0.5, lr=LR, **kw),
-    lambda p, **kw: advreg.perturb.AWP(p, torch.optim.SGD, gamma=0.1, steps=2, lr=LR, **kw),
-], ids=["amp", "sam", "awp"])
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda p, **kw: advreg.AMP(p, torch.optim.SGD, epsilon=0.5, inner_lr=1.0, inner_steps=2, lr=LR, **kw),
+        lambda p, **kw: advreg.SAM(p, torch.optim.SGD, rho=0.5, lr=LR, **kw),
+        lambda p, **kw: advreg.perturb.AWP(p, torch.optim.SGD, gamma=0.1, steps=2, lr=LR, **kw),
+    ],
+    ids=["amp", "sam", "awp"],
+)
 def test_batchnorm_stats_clean_pass_only(make_opt):
     model = make_model(6, batchnorm=True)
-    (x, y), = make_batches(1, batch_size=32, seed=7)
+    ((x, y),) = make_batches(1, batch_size=32, seed=7)
     clean = copy.deepcopy(model).train()
     with torch.no_grad():
         clean(x)
@@ -304,13 +342,14 @@ def test_batchnorm_stats_clean_pass_only(make_opt):
 def test_batchnorm_stats_all_passes():
     n_steps = 2
     model = make_model(6, batchnorm=True)
-    (x, y), = make_batches(1, batch_size=32, seed=7)
+    ((x, y),) = make_batches(1, batch_size=32, seed=7)
     clean = copy.deepcopy(model).train()
     with torch.no_grad():
         clean(x)
     mean, var, _ = _bn_buffers(clean)
-    opt = advreg.AMP(model.parameters(), torch.optim.SGD, epsilon=0.5, inner_lr=1.0, inner_steps=n_steps,
-                     lr=LR, bn_stats="all")
+    opt = advreg.AMP(
+        model.parameters(), torch.optim.SGD, epsilon=0.5, inner_lr=1.0, inner_steps=n_steps, lr=LR, bn_stats="all"
+    )
     opt.step(make_closure(opt, model, x, y))
     got_mean, got_var, got_nbt = _bn_buffers(model)
     assert int(got_nbt) == n_steps + 1
@@ -326,13 +365,19 @@ def _has_key(obj, key):
     return False
 
 
-@pytest.mark.parametrize("make_opt", [
-    lambda p: advreg.AMP(p, torch.optim.SGD, epsilon=0.5, inner_lr=1.0, inner_steps=2,
-                         lr=LR, momentum=MOMENTUM, weight_decay=WD),
-    lambda p: advreg.SAM(p, torch.optim.SGD, rho=0.1, lr=LR, momentum=MOMENTUM, weight_decay=WD),
-    lambda p: advreg.perturb.AWP(p, torch.optim.SGD, gamma=0.1, steps=2, warmup_steps=3,
-                                 lr=LR, momentum=MOMENTUM, weight_decay=WD),
-], ids=["amp", "sam", "awp_warmup"])
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda p: advreg.AMP(
+            p, torch.optim.SGD, epsilon=0.5, inner_lr=1.0, inner_steps=2, lr=LR, momentum=MOMENTUM, weight_decay=WD
+        ),
+        lambda p: advreg.SAM(p, torch.optim.SGD, rho=0.1, lr=LR, momentum=MOMENTUM, weight_decay=WD),
+        lambda p: advreg.perturb.AWP(
+            p, torch.optim.SGD, gamma=0.1, steps=2, warmup_steps=3, lr=LR, momentum=MOMENTUM, weight_decay=WD
+        ),
+    ],
+    ids=["amp", "sam", "awp_warmup"],
+)
 def test_state_dict_round_trip(make_opt):
     k, m = 2, 3
     batches = make_batches(k + m, seed=8)
@@ -385,20 +430,23 @@ def test_step_lr_scheduler_drives_base_lr():
 
 
 # ------------------------------------------------------------------------- 10. dtype and closure calls
-@pytest.mark.parametrize("make_opt,expected", [
-    (lambda p: advreg.AMP(p, torch.optim.SGD, epsilon=0.5, inner_lr=1.0, inner_steps=1, lr=LR), 2),
-    (lambda p: advreg.AMP(p, torch.optim.SGD, epsilon=0.5, inner_lr=1.0, inner_steps=2, lr=LR), 3),
-    (lambda p: advreg.AMP(p, torch.optim.SGD, epsilon=0.5, inner_lr=1.0, inner_steps=3, lr=LR), 4),
-    (lambda p: advreg.AMP(p, torch.optim.SGD, epsilon=0.0, inner_lr=1.0, inner_steps=3, lr=LR), 1),
-    (lambda p: advreg.AMP(p, torch.optim.SGD, epsilon=0.5, inner_lr=1.0, inner_steps=0, lr=LR), 1),
-    (lambda p: advreg.SAM(p, torch.optim.SGD, rho=0.05, lr=LR), 2),
-    (lambda p: advreg.SAM(p, torch.optim.SGD, rho=0.05, adaptive=True, lr=LR), 2),
-    (lambda p: advreg.perturb.AWP(p, torch.optim.SGD, gamma=0.01, lr=LR), 2),
-    (lambda p: advreg.perturb.AWP(p, torch.optim.SGD, gamma=0.01, steps=3, lr=LR), 4),
-    (lambda p: advreg.perturb.AWP(p, torch.optim.SGD, gamma=0.0, steps=3, lr=LR), 1),
-    (lambda p: advreg.perturb.RWP(p, torch.optim.SGD, gamma=0.01, lr=LR), 1),
-], ids=["amp_N1", "amp_N2", "amp_N3", "amp_eps0", "amp_N0", "sam", "asam", "awp_K1", "awp_K3", "awp_gamma0",
-        "rwp"])
+@pytest.mark.parametrize(
+    "make_opt,expected",
+    [
+        (lambda p: advreg.AMP(p, torch.optim.SGD, epsilon=0.5, inner_lr=1.0, inner_steps=1, lr=LR), 2),
+        (lambda p: advreg.AMP(p, torch.optim.SGD, epsilon=0.5, inner_lr=1.0, inner_steps=2, lr=LR), 3),
+        (lambda p: advreg.AMP(p, torch.optim.SGD, epsilon=0.5, inner_lr=1.0, inner_steps=3, lr=LR), 4),
+        (lambda p: advreg.AMP(p, torch.optim.SGD, epsilon=0.0, inner_lr=1.0, inner_steps=3, lr=LR), 1),
+        (lambda p: advreg.AMP(p, torch.optim.SGD, epsilon=0.5, inner_lr=1.0, inner_steps=0, lr=LR), 1),
+        (lambda p: advreg.SAM(p, torch.optim.SGD, rho=0.05, lr=LR), 2),
+        (lambda p: advreg.SAM(p, torch.optim.SGD, rho=0.05, adaptive=True, lr=LR), 2),
+        (lambda p: advreg.perturb.AWP(p, torch.optim.SGD, gamma=0.01, lr=LR), 2),
+        (lambda p: advreg.perturb.AWP(p, torch.optim.SGD, gamma=0.01, steps=3, lr=LR), 4),
+        (lambda p: advreg.perturb.AWP(p, torch.optim.SGD, gamma=0.0, steps=3, lr=LR), 1),
+        (lambda p: advreg.perturb.RWP(p, torch.optim.SGD, gamma=0.01, lr=LR), 1),
+    ],
+    ids=["amp_N1", "amp_N2", "amp_N3", "amp_eps0", "amp_N0", "sam", "asam", "awp_K1", "awp_K3", "awp_gamma0", "rwp"],
+)
 def test_float64_and_closure_call_count(make_opt, expected):
     model = make_model(9)
     opt = make_opt(model.parameters())
@@ -410,14 +458,18 @@ def test_float64_and_closure_call_count(make_opt, expected):
 
 
 # ------------------------------------------------------------------------------------- 11. ValueErrors
-@pytest.mark.parametrize("ctor,match", [
-    (lambda p: advreg.AMP(p, torch.optim.SGD, epsilon=-0.1, inner_lr=1.0, lr=LR), "epsilon"),
-    (lambda p: advreg.AMP(p, torch.optim.SGD, epsilon=0.5, inner_lr=0.0, inner_steps=1, lr=LR), "inner_lr"),
-    (lambda p: advreg.AMP(p, torch.optim.SGD, epsilon=0.5, inner_lr=-1.0, inner_steps=2, lr=LR), "inner_lr"),
-    (lambda p: advreg.AMP(p, torch.optim.SGD, epsilon=0.5, inner_lr=1.0, inner_steps=-1, lr=LR), "inner_steps"),
-    (lambda p: advreg.AMP(p, torch.optim.SGD, epsilon=0.5, inner_lr=1.0, norm="linf", lr=LR), "norm"),
-    (lambda p: advreg.SAM(p, torch.optim.SGD, rho=-0.05, lr=LR), "rho"),
-], ids=["eps<0", "zeta=0", "zeta<0", "N<0", "norm", "rho<0"])
+@pytest.mark.parametrize(
+    "ctor,match",
+    [
+        (lambda p: advreg.AMP(p, torch.optim.SGD, epsilon=-0.1, inner_lr=1.0, lr=LR), "epsilon"),
+        (lambda p: advreg.AMP(p, torch.optim.SGD, epsilon=0.5, inner_lr=0.0, inner_steps=1, lr=LR), "inner_lr"),
+        (lambda p: advreg.AMP(p, torch.optim.SGD, epsilon=0.5, inner_lr=-1.0, inner_steps=2, lr=LR), "inner_lr"),
+        (lambda p: advreg.AMP(p, torch.optim.SGD, epsilon=0.5, inner_lr=1.0, inner_steps=-1, lr=LR), "inner_steps"),
+        (lambda p: advreg.AMP(p, torch.optim.SGD, epsilon=0.5, inner_lr=1.0, norm="linf", lr=LR), "norm"),
+        (lambda p: advreg.SAM(p, torch.optim.SGD, rho=-0.05, lr=LR), "rho"),
+    ],
+    ids=["eps<0", "zeta=0", "zeta<0", "N<0", "norm", "rho<0"],
+)
 def test_bad_arguments_raise(ctor, match):
     with pytest.raises(ValueError, match=match):
         ctor(make_model(0).parameters())
@@ -449,7 +501,7 @@ def test_step_without_closure_raises(make_opt):
 @pytest.mark.parametrize("make_opt", [_amp, _sam], ids=["amp", "sam"])
 def test_closure_returning_none_raises(make_opt):
     model = make_model(0)
-    (x, y), = make_batches(1)
+    ((x, y),) = make_batches(1)
     opt = make_opt(model)
 
     def closure():
@@ -470,14 +522,18 @@ def _nan_closure(opt, model, x, y, nan_at):
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         return loss * float("nan") if len(calls) == nan_at else loss
+
     return closure
 
 
-@pytest.mark.parametrize("make_opt,nan_at", [(_amp, 1), (_amp, 2), (_amp, 3), (_sam, 1), (_sam, 2)],
-                         ids=["amp_clean", "amp_ascent2", "amp_final", "sam_clean", "sam_final"])
+@pytest.mark.parametrize(
+    "make_opt,nan_at",
+    [(_amp, 1), (_amp, 2), (_amp, 3), (_sam, 1), (_sam, 2)],
+    ids=["amp_clean", "amp_ascent2", "amp_final", "sam_clean", "sam_final"],
+)
 def test_nan_loss_raises_and_restores_theta(make_opt, nan_at):
     model = make_model(0)
-    (x, y), = make_batches(1)
+    ((x, y),) = make_batches(1)
     opt = make_opt(model)
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(ValueError, match="(?i)finite|nan"):
@@ -523,8 +579,7 @@ def _train_blobs(method, seed, steps=400, batch=50):
     x, y = _noisy_blobs(seed, 200)
     x_test, y_test = _noisy_blobs(10_000 + seed, 2000)
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(10, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
-                          nn.Linear(128, 3)).to(DT)
+    model = nn.Sequential(nn.Linear(10, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 3)).to(DT)
     kw = dict(lr=0.05, momentum=0.9)
     if method == "sgd":
         opt = torch.optim.SGD(model.parameters(), **kw)

@@ -4,6 +4,7 @@ The loop below is davda54/sam's README usage, written here from that usage: a lo
 import and the constructor changed. Its BatchNorm advice (turn running statistics off in the second pass) is not
 followed: the optimizer freezes them itself between the two calls.
 """
+
 import copy
 
 import pytest
@@ -26,8 +27,9 @@ def make_model(seed=0, dtype=DT):
 
 def make_batches(n, seed=1, dtype=DT):
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(16, 5, generator=gen, dtype=dtype), torch.randint(0, 3, (16,), generator=gen))
-            for _ in range(n)]
+    return [
+        (torch.randn(16, 5, generator=gen, dtype=dtype), torch.randint(0, 3, (16,), generator=gen)) for _ in range(n)
+    ]
 
 
 def davda54_loop(model, optimizer, batches, loss_function=F.cross_entropy):
@@ -99,7 +101,7 @@ def test_under_a_grad_scaler_the_two_call_form_is_step_closure():
     results = []
     for two_call in (False, True):
         model = make_model(dtype=torch.float32)
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
         opt = OPTIMIZERS["sam"](model.parameters(), grad_scaler=scaler)
         for k, (x, y) in enumerate(make_batches(4, dtype=torch.float32)):
             blow = k == 2  # the clean pass of this step overflows
@@ -120,6 +122,7 @@ def test_under_a_grad_scaler_the_two_call_form_is_step_closure():
                 def closure():
                     opt.zero_grad()
                     return backward(next(passes))
+
                 if blow:  # step(closure) sees the loss itself: a non-finite loss at θ is an error there
                     with pytest.raises(advreg.perturb.NonFiniteLossError):
                         opt.step(closure)
@@ -129,7 +132,7 @@ def test_under_a_grad_scaler_the_two_call_form_is_step_closure():
             scaler.update()
         results.append((state_of(model), scaler.get_scale()))
     (state_a, scale_a), (state_b, scale_b) = results
-    assert scale_a == scale_b == 2.0 ** 7
+    assert scale_a == scale_b == 2.0**7
     assert all(torch.equal(a, b) for a, b in zip(state_a, state_b))
 
 
@@ -179,12 +182,15 @@ def test_misuse_is_a_clear_error():
     assert amp.steps_taken == 1
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda p: advreg.perturb.RMP(p, torch.optim.SGD, epsilon=0.1, lr=0.1), "one pass per step"),
-    (lambda p: advreg.perturb.RWP(p, torch.optim.SGD, gamma=0.01, lr=0.1), "one pass per step"),
-    (lambda p: advreg.AMP(p, torch.optim.SGD, epsilon=0.5, inner_lr=1.0, every=2, lr=0.1), "every > 1"),
-    (lambda p: advreg.SAM(p, torch.optim.SGD, rho=0.05, no_sync=lambda: None, lr=0.1), "no_sync"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: advreg.perturb.RMP(p, torch.optim.SGD, epsilon=0.1, lr=0.1), "one pass per step"),
+        (lambda p: advreg.perturb.RWP(p, torch.optim.SGD, gamma=0.01, lr=0.1), "one pass per step"),
+        (lambda p: advreg.AMP(p, torch.optim.SGD, epsilon=0.5, inner_lr=1.0, every=2, lr=0.1), "every > 1"),
+        (lambda p: advreg.SAM(p, torch.optim.SGD, rho=0.05, no_sync=lambda: None, lr=0.1), "no_sync"),
+    ],
+)
 def test_what_only_step_closure_can_do_is_refused(make, message):
     model = make_model()
     opt = make(model.parameters())

@@ -1,4 +1,6 @@
-"""ALPS (Guo et al., IJCAI 2021): Theorem 1's closed-form label against a linear program, the Beta mode, the transform."""
+"""ALPS (Guo et al., IJCAI 2021): Theorem 1's closed-form label against a linear program, the Beta mode, the
+transform."""
+
 import json
 
 import numpy as np
@@ -23,8 +25,7 @@ def worst_label_by_lp(log_probs, y, eps):
     a_ub = np.block([[eye, -eye], [-eye, -eye], [np.zeros((1, k)), np.ones((1, k))]])
     b_ub = np.concatenate([onehot, -onehot, [eps]])
     a_eq = np.concatenate([np.ones(k), np.zeros(k)])[None]
-    res = optimize.linprog(c, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=[1.0], bounds=[(0, None)] * (2 * k),
-                           method="highs")
+    res = optimize.linprog(c, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=[1.0], bounds=[(0, None)] * (2 * k), method="highs")
     assert res.status == 0
     return res.x[:k], -res.fun
 
@@ -76,12 +77,15 @@ def test_lambda_follows_the_asymmetric_beta_with_its_mode_near_one():
     assert stats.kstest(lam.numpy(), stats.beta(2, 9).cdf).pvalue < 1e-6
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    (dict(alpha=2.0, beta=2.0), "mode"),  # mode 0.5
-    (dict(alpha=0.5, beta=2.0), "> 1"),
-    (dict(epsilon=0.0), "epsilon"),
-    (dict(epsilon=0.6), "epsilon"),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(alpha=2.0, beta=2.0), "mode"),  # mode 0.5
+        (dict(alpha=0.5, beta=2.0), "> 1"),
+        (dict(epsilon=0.0), "epsilon"),
+        (dict(epsilon=0.6), "epsilon"),
+    ],
+)
 def test_bad_alps_settings_say_what_to_do(kwargs, words):
     with pytest.raises(ValueError, match=words):
         ALPS(**kwargs)
@@ -104,11 +108,42 @@ def test_the_label_uses_eval_mode_and_leaves_the_model_alone():
 
 
 def test_alps_trains_from_the_cli_and_composes_with_amp(tmp_path, capsys):
-    cli.main(["train", "--method", "alps", "--dataset", "digits", "--epochs", "2", "--out", str(tmp_path / "a"),
-              "--quiet", "--set", "alps.epsilon=0.3"])
+    cli.main(
+        [
+            "train",
+            "--method",
+            "alps",
+            "--dataset",
+            "digits",
+            "--epochs",
+            "2",
+            "--out",
+            str(tmp_path / "a"),
+            "--quiet",
+            "--set",
+            "alps.epsilon=0.3",
+        ]
+    )
     metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert metrics["method"] == "alps" and metrics["test_error"] < 60
-    cli.main(["train", "--method", "amp", "--dataset", "digits", "--epochs", "1", "--out", str(tmp_path / "b"),
-              "--quiet", "--set", "stages.transform=alps"])
-    assert json.loads((tmp_path / "b" / "config.json").read_text())["stages"] == {"perturbation": "amp",
-                                                                                   "transform": "alps", "loss": "ce"}
+    cli.main(
+        [
+            "train",
+            "--method",
+            "amp",
+            "--dataset",
+            "digits",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "b"),
+            "--quiet",
+            "--set",
+            "stages.transform=alps",
+        ]
+    )
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["stages"] == {
+        "perturbation": "amp",
+        "transform": "alps",
+        "loss": "ce",
+    }

@@ -3,6 +3,7 @@ the model it is given, a ``plot(result) -> Figure``, and :func:`save` writes the
 
 Shared here: :func:`unchanged` (the snapshot/restore guard of DESIGN §6) and :func:`save`.
 """
+
 from __future__ import annotations
 
 import io
@@ -37,7 +38,9 @@ def unchanged(model: nn.Module) -> Iterator[nn.Module]:
             p.grad = g
 
 
-def save(out: str | Path, name: str, figure: Any, arrays: dict[str, np.ndarray], info: dict[str, Any]) -> dict[str, Path]:
+def save(
+    out: str | Path, name: str, figure: Any, arrays: dict[str, np.ndarray], info: dict[str, Any]
+) -> dict[str, Path]:
     """Write ``name.png`` (the figure), ``name.npz`` (the raw numbers; read with ``allow_pickle=False``) and
     ``name.json`` (``info``: the analysis's settings, its runs and summary numbers), each atomically; close the
     figure; return the paths."""

@@ -4,6 +4,7 @@ The bins are those of :mod:`advreg.metrics` (Appendix D): I_m = ((m-1)/M, m/M], 
 last bin. The diagram pools the test predictions of a method's seeds; the ECE is per run (as in metrics.json,
 in percent) and then mean ± std over the seeds (std over seeds with n-1, as the bench's summary).
 """
+
 from __future__ import annotations
 
 import csv
@@ -38,6 +39,7 @@ def bin_statistics(confidence: Tensor, correct: Tensor, n_bins: int = 15) -> tup
 @dataclass(frozen=True)
 class CalibrationResult:
     """Per method (row order of ``methods``): the pooled reliability diagram and the ECE (%) of each run."""
+
     methods: tuple[str, ...]
     n_bins: int
     counts: np.ndarray  # (methods, M) int
@@ -51,9 +53,13 @@ class CalibrationResult:
         return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"counts": self.counts, "accuracy": self.accuracy, "confidence": self.confidence,
-                "ece_mean": np.array([self.ece_mean_std(m)[0] for m in self.methods]),
-                "ece_std": np.array([self.ece_mean_std(m)[1] for m in self.methods])}
+        return {
+            "counts": self.counts,
+            "accuracy": self.accuracy,
+            "confidence": self.confidence,
+            "ece_mean": np.array([self.ece_mean_std(m)[0] for m in self.methods]),
+            "ece_std": np.array([self.ece_mean_std(m)[1] for m in self.methods]),
+        }
 
     def info(self) -> dict:
         return {"n_bins": self.n_bins, "methods": list(self.methods), "ece_percent": self.ece, "folders": self.folders}
@@ -95,8 +101,9 @@ def reliability(bench: str | Path, n_bins: int = 15) -> CalibrationResult:
         correct = predicted == torch.cat([y for _, y in predictions])
         rows.append(bin_statistics(confidence, correct, n_bins))
     counts, accuracy, mean_confidence = (np.stack(column) for column in zip(*rows))
-    return CalibrationResult(tuple(runs), n_bins, counts, accuracy, mean_confidence, ece,
-                             {m: tuple(f) for m, f in runs.items()})
+    return CalibrationResult(
+        tuple(runs), n_bins, counts, accuracy, mean_confidence, ece, {m: tuple(f) for m, f in runs.items()}
+    )
 
 
 def plot_reliability(result: CalibrationResult):
@@ -109,17 +116,27 @@ def plot_reliability(result: CalibrationResult):
     rows = -(-(n + 1) // cols)
     figure = Figure(figsize=(3.2 * cols, 3.4 * rows), layout="constrained")
     grid = figure.subplots(rows, cols, squeeze=False).ravel()
-    for spare in grid[n + 1:]:
+    for spare in grid[n + 1 :]:
         spare.set_visible(False)
-    axes = grid[:n + 1]
+    axes = grid[: n + 1]
     edges = np.linspace(0.0, 1.0, result.n_bins + 1)
     for i, (ax, method) in enumerate(zip(axes, result.methods)):
         accuracy = np.nan_to_num(result.accuracy[i])  # an empty bin: no bar
-        ax.bar(edges[:-1], accuracy, width=1 / result.n_bins, align="edge", color="tab:blue", edgecolor="k",
-               linewidth=0.5, label="accuracy")
+        ax.bar(
+            edges[:-1],
+            accuracy,
+            width=1 / result.n_bins,
+            align="edge",
+            color="tab:blue",
+            edgecolor="k",
+            linewidth=0.5,
+            label="accuracy",
+        )
         ax.plot(result.confidence[i], result.accuracy[i], "o", color="tab:red", markersize=3, label="mean confidence")
         ax.plot([0, 1], [0, 1], "--", color="0.4", linewidth=0.8)
-        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", title=f"{method}: ECE {result.ece_mean_std(method)[0]:.2f}%")
+        ax.set(
+            xlim=(0, 1), ylim=(0, 1), xlabel="confidence", title=f"{method}: ECE {result.ece_mean_std(method)[0]:.2f}%"
+        )
     axes[0].set_ylabel("accuracy")
     axes[0].legend(fontsize=7, loc="upper left")
     stats = [result.ece_mean_std(m) for m in result.methods]

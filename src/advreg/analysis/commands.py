@@ -3,6 +3,7 @@
 
 Settings are the fields of the kind's config dataclass, given as ``--set key=value`` (``--set dims=2``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,6 +28,7 @@ Loaded = tuple[Any, DataSplits, nn.Module]  # a run folder's (config, data, mode
 @dataclass(frozen=True)
 class Outcome:
     """What a kind made: the figure, the raw arrays, and summary lines (also saved in the json)."""
+
     figure: Any
     arrays: dict[str, np.ndarray]
     summary: dict[str, Any]
@@ -47,8 +49,9 @@ def _labels(folders: list[str], labels: list[str] | None) -> list[str]:
         if len(labels) != len(folders):
             raise ValueError(f"--labels gives {len(labels)} names for {len(folders)} runs; give one per run")
         return labels
-    return [f"{Path(f).parent.name}/{Path(f).name}" if Path(f).name.startswith("seed") else Path(f).name
-            for f in folders]
+    return [
+        f"{Path(f).parent.name}/{Path(f).name}" if Path(f).name.startswith("seed") else Path(f).name for f in folders
+    ]
 
 
 def training_attack(config: Any, data: DataSplits) -> AttackSettings:
@@ -58,33 +61,52 @@ def training_attack(config: Any, data: DataSplits) -> AttackSettings:
 
 
 # -- the kinds -----------------------------------------------------------------------------------------------------
-def _landscape(runs: list[Loaded], labels: list[str], config: landscape.LandscapeConfig,
-               progress: bool, adversarial: bool = False) -> Outcome:
-    results = [landscape.landscape(model, data, config, progress=progress,
-                                   attack=training_attack(cfg, data) if adversarial else None)
-               for cfg, data, model in runs]
+def _landscape(
+    runs: list[Loaded], labels: list[str], config: landscape.LandscapeConfig, progress: bool, adversarial: bool = False
+) -> Outcome:
+    results = [
+        landscape.landscape(
+            model, data, config, progress=progress, attack=training_attack(cfg, data) if adversarial else None
+        )
+        for cfg, data, model in runs
+    ]
     center = (config.steps - 1) // 2
-    summary = {label: {"loss_at_theta": float(r.loss[(center,) * config.dims]), "max_loss": float(r.loss.max()),
-                       "mean_loss": float(r.loss.mean())} for label, r in zip(labels, results)}
+    summary = {
+        label: {
+            "loss_at_theta": float(r.loss[(center,) * config.dims]),
+            "max_loss": float(r.loss.max()),
+            "mean_loss": float(r.loss.mean()),
+        }
+        for label, r in zip(labels, results)
+    }
     arrays = {f"{label}/{k}": v for label, r in zip(labels, results) for k, v in landscape.to_arrays(r).items()}
     return Outcome(landscape.plot(results, labels), arrays, summary)
 
 
 def _radius(runs: list[Loaded], labels: list[str], config: radius.RadiusConfig, progress: bool) -> Outcome:
     results = [radius.radius_sweep(model, data, config, progress=progress) for _, data, model in runs]
-    summary = {label: {f"{split}_worst_at_max_radius": float(r.worst[i, -1]) for i, split in enumerate(r.splits)}
-               | {f"{split}_random_at_max_radius": float(r.random_mean[i, -1]) for i, split in enumerate(r.splits)}
-               for label, r in zip(labels, results)}
+    summary = {
+        label: {f"{split}_worst_at_max_radius": float(r.worst[i, -1]) for i, split in enumerate(r.splits)}
+        | {f"{split}_random_at_max_radius": float(r.random_mean[i, -1]) for i, split in enumerate(r.splits)}
+        for label, r in zip(labels, results)
+    }
     arrays = {f"{label}/{k}": v for label, r in zip(labels, results) for k, v in radius.to_arrays(r).items()}
     return Outcome(radius.plot(results, labels), arrays, summary)
 
 
 def _hessian(runs: list[Loaded], labels: list[str], config: hessian.HessianConfig, progress: bool) -> Outcome:
     results = [hessian.hessian(model, data, config, progress=progress) for _, data, model in runs]
-    summary = {label: {"top_eigenvalue": r.eigenvalue, "power_iterations": r.eigen_iterations,
-                       "converged": r.converged, "eigen_residual": r.eigen_residual, "trace": r.trace_mean,
-                       "trace_stderr": r.trace_stderr}
-               for label, r in zip(labels, results)}
+    summary = {
+        label: {
+            "top_eigenvalue": r.eigenvalue,
+            "power_iterations": r.eigen_iterations,
+            "converged": r.converged,
+            "eigen_residual": r.eigen_residual,
+            "trace": r.trace_mean,
+            "trace_stderr": r.trace_stderr,
+        }
+        for label, r in zip(labels, results)
+    }
     arrays = {f"{label}/{k}": v for label, r in zip(labels, results) for k, v in hessian.to_arrays(r).items()}
     return Outcome(hessian.plot(results, labels), arrays, summary)
 
@@ -98,13 +120,16 @@ class BoundaryConfig:
 def _boundary(runs: list[Loaded], labels: list[str], config: BoundaryConfig, progress: bool) -> Outcome:
     shapes = {data.input_shape for _, data, _ in runs}
     if shapes != {(2,)}:
-        raise ValueError(f"boundary draws 2-D inputs; these runs have input shapes {sorted(shapes)}: train them "
-                         "with --dataset spiral")
+        raise ValueError(
+            f"boundary draws 2-D inputs; these runs have input shapes {sorted(shapes)}: train them "
+            "with --dataset spiral"
+        )
     train_points = runs[0][1].train
     x_range, y_range = boundary.padded_range(train_points[0], config.pad)
     results = [boundary.decision_regions(model, x_range, y_range, config.resolution) for _, _, model in runs]
-    summary = {label: {"test_error": evaluate(model, *data.test)["error"]} for label, (_, data, model) in
-               zip(labels, runs)}
+    summary = {
+        label: {"test_error": evaluate(model, *data.test)["error"]} for label, (_, data, model) in zip(labels, runs)
+    }
     arrays = {k: v for i, r in enumerate(results) for k, v in r.arrays(prefix=f"run{i}_").items()}
     return Outcome(boundary.plot_boundaries(results, labels, train_points), arrays, summary)
 
@@ -136,37 +161,96 @@ def _operational(config: OperationalConfig, progress: bool) -> list[tuple[str, O
     region = operational.region_grid(config.ratios)
     picture = operational.amp_1d(config.epsilon)
     scalar = operational.scalar_example(config.epsilon)
-    return [("operational-region", Outcome(operational.plot_region(region), region.arrays(), {})),
-            ("amp-1d", Outcome(operational.plot_amp_1d(picture), {"theta": picture.theta, "erm": picture.erm,
-                                                                   "amp": picture.amp},
-                               {"theta_erm": picture.theta_erm, "theta_amp": picture.theta_amp})),
-            ("scalar-example", Outcome(operational.plot_scalar_example(scalar),
-                                       {"theta": scalar.theta, **scalar.objectives},
-                                       {"epsilon": scalar.epsilon, "minimizers": scalar.minimizers}))]
+    return [
+        ("operational-region", Outcome(operational.plot_region(region), region.arrays(), {})),
+        (
+            "amp-1d",
+            Outcome(
+                operational.plot_amp_1d(picture),
+                {"theta": picture.theta, "erm": picture.erm, "amp": picture.amp},
+                {"theta_erm": picture.theta_erm, "theta_amp": picture.theta_amp},
+            ),
+        ),
+        (
+            "scalar-example",
+            Outcome(
+                operational.plot_scalar_example(scalar),
+                {"theta": scalar.theta, **scalar.objectives},
+                {"epsilon": scalar.epsilon, "minimizers": scalar.minimizers},
+            ),
+        ),
+    ]
 
 
-KINDS = {k.name: k for k in (
-    Kind("landscape", "loss along filter-normalised random directions (1-D, or 2-D with --set dims=2)", "runs",
-         landscape.LandscapeConfig(), _landscape),
-    Kind("awp-landscape", "the AWP paper's weight-loss landscape: PGD examples crafted for each perturbed model "
-         "(the run's at.* threat model)", "runs", landscape.LandscapeConfig(),
-         lambda runs, labels, config, progress: _landscape(runs, labels, config, progress, adversarial=True)),
-    Kind("radius", "training and test loss at radius r: random directions and the worst case (AMP Fig. 8/10)",
-         "runs", radius.RadiusConfig(), _radius),
-    Kind("hessian", "top Hessian eigenvalue (power iteration) and trace (Hutchinson)", "runs",
-         hessian.HessianConfig(), _hessian),
-    Kind("boundary", "decision regions of runs on 2-D data (AMP Fig. 6: --dataset spiral)", "runs",
-         BoundaryConfig(), _boundary),
-    Kind("curves", "training and test loss/error per epoch from history.csv (AMP Fig. 11)", "folders", None, _curves),
-    Kind("calibration", "reliability diagrams and ECE of a bench folder's selected runs (AMP Fig. 7)", "bench",
-         CalibrationConfig(), _calibration),
-    Kind("operational-region", "Corollary 2's region (Fig. 4), the 1-D AMP loss (Fig. 1), Fig. 9's example",
-         "none", OperationalConfig(), _operational),
-)}
+KINDS = {
+    k.name: k
+    for k in (
+        Kind(
+            "landscape",
+            "loss along filter-normalised random directions (1-D, or 2-D with --set dims=2)",
+            "runs",
+            landscape.LandscapeConfig(),
+            _landscape,
+        ),
+        Kind(
+            "awp-landscape",
+            "the AWP paper's weight-loss landscape: PGD examples crafted for each perturbed model "
+            "(the run's at.* threat model)",
+            "runs",
+            landscape.LandscapeConfig(),
+            lambda runs, labels, config, progress: _landscape(runs, labels, config, progress, adversarial=True),
+        ),
+        Kind(
+            "radius",
+            "training and test loss at radius r: random directions and the worst case (AMP Fig. 8/10)",
+            "runs",
+            radius.RadiusConfig(),
+            _radius,
+        ),
+        Kind(
+            "hessian",
+            "top Hessian eigenvalue (power iteration) and trace (Hutchinson)",
+            "runs",
+            hessian.HessianConfig(),
+            _hessian,
+        ),
+        Kind(
+            "boundary",
+            "decision regions of runs on 2-D data (AMP Fig. 6: --dataset spiral)",
+            "runs",
+            BoundaryConfig(),
+            _boundary,
+        ),
+        Kind(
+            "curves", "training and test loss/error per epoch from history.csv (AMP Fig. 11)", "folders", None, _curves
+        ),
+        Kind(
+            "calibration",
+            "reliability diagrams and ECE of a bench folder's selected runs (AMP Fig. 7)",
+            "bench",
+            CalibrationConfig(),
+            _calibration,
+        ),
+        Kind(
+            "operational-region",
+            "Corollary 2's region (Fig. 4), the 1-D AMP loss (Fig. 1), Fig. 9's example",
+            "none",
+            OperationalConfig(),
+            _operational,
+        ),
+    )
+}
 
 
-def analyze(kind: str, inputs: list[str], out: str | Path, settings: list[str] | None = None,
-            labels: list[str] | None = None, progress: bool = True, log: Callable[[str], None] = print) -> list[Path]:
+def analyze(
+    kind: str,
+    inputs: list[str],
+    out: str | Path,
+    settings: list[str] | None = None,
+    labels: list[str] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[Path]:
     """Run one analysis kind on ``inputs`` and write its files into ``out``; returns the paths written."""
     if kind not in KINDS:
         raise ValueError(f"unknown analysis {kind!r}; choose one of: {', '.join(KINDS)}")
@@ -174,8 +258,12 @@ def analyze(kind: str, inputs: list[str], out: str | Path, settings: list[str] |
     config = _configured(spec, settings or [])
     check_output(out)  # before the work, which can take minutes
     outcomes = _compute(spec, inputs, config, labels, progress, log)
-    info = {"kind": kind, "inputs": [str(i) for i in inputs], "settings": _as_dict(config),
-            "code_version": code_version()}
+    info = {
+        "kind": kind,
+        "inputs": [str(i) for i in inputs],
+        "settings": _as_dict(config),
+        "code_version": code_version(),
+    }
     paths: list[Path] = []
     for name, outcome in outcomes:
         written = save(out, name, outcome.figure, outcome.arrays, {**info, "summary": outcome.summary})
@@ -191,8 +279,9 @@ def _configured(spec: Kind, settings: list[str]) -> Any:
     return override(spec.config, settings)  # the config's own checks raise ValueError on a bad value
 
 
-def _compute(spec: Kind, inputs: list[str], config: Any, labels: list[str] | None, progress: bool,
-             log: Callable[[str], None]) -> list[tuple[str, Outcome]]:
+def _compute(
+    spec: Kind, inputs: list[str], config: Any, labels: list[str] | None, progress: bool, log: Callable[[str], None]
+) -> list[tuple[str, Outcome]]:
     if spec.inputs == "none":
         if inputs:
             raise ValueError(f"analyze {spec.name} computes from the paper's formulas and takes no folders")

@@ -1,5 +1,6 @@
 """Training curves of run folders (the AMP paper's Fig. 11): training and test loss and error per epoch, read
 from each run's history.csv, and the robust errors where the run tracked them (adversarial training)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -11,15 +12,21 @@ import numpy as np
 from advreg.runs import HISTORY, read_history_table
 
 # (column, panel title); a panel is drawn when at least one run has its column
-PANELS = (("train_loss", "Training loss"), ("test_loss", "Test loss"), ("train_error", "Training error (%)"),
-          ("test_error", "Test error (%)"), ("val_robust_error", "Validation robust error (%)"),
-          ("test_robust_error", "Test robust error (%)"))
+PANELS = (
+    ("train_loss", "Training loss"),
+    ("test_loss", "Test loss"),
+    ("train_error", "Training error (%)"),
+    ("test_error", "Test error (%)"),
+    ("val_robust_error", "Validation robust error (%)"),
+    ("test_robust_error", "Test robust error (%)"),
+)
 REQUIRED = ("epoch", *(column for column, _ in PANELS[:4]))  # every history's; the robust errors are optional
 
 
 @dataclass(frozen=True)
 class CurvesResult:
     """One history per run: column name -> (epochs,) float array, every column of its history.csv."""
+
     folders: tuple[str, ...]
     histories: tuple[dict[str, np.ndarray], ...]
 
@@ -63,7 +70,7 @@ def plot_curves(result: CurvesResult, labels: Sequence[str] | None = None):
             if column in history:
                 ax.plot(history["epoch"], history[column], marker=".", label=label)
         ax.set(title=title, xlabel="epoch")
-    for ax in axes[len(panels):]:
+    for ax in axes[len(panels) :]:
         ax.set_visible(False)
     axes[0].legend(fontsize=8)
     return figure

@@ -8,6 +8,7 @@ Both use only Hessian-vector products Hv = ∇(∇L·v) (Pearlmutter 1994) of th
 evaluation subset, the model in eval mode (no dropout, BatchNorm on running statistics), as PyHessian does
 (Yao et al. 2020); Hutchinson: tr H = E[zᵀHz] for Rademacher z (Hutchinson 1989).
 """
+
 from __future__ import annotations
 
 import math
@@ -27,6 +28,7 @@ from advreg.data.splits import DataSplits
 @dataclass(frozen=True)
 class HessianConfig:
     """Power iteration for the Hessian's top eigenvalue: its cap on iterations and its tolerance."""
+
     iterations: int = 100  # power iteration's cap
     tol: float = 1e-4  # stop when the residual ‖Hv − λv‖ is at most tol·|λ|
     probes: int = 100  # Hutchinson's Rademacher vectors
@@ -78,14 +80,13 @@ class HessianResult:
     config: HessianConfig
 
 
-def hvp(model: nn.Module, params: list[Tensor], x: Tensor, y: Tensor, v: list[Tensor],
-        batch_size: int) -> list[Tensor]:
+def hvp(model: nn.Module, params: list[Tensor], x: Tensor, y: Tensor, v: list[Tensor], batch_size: int) -> list[Tensor]:
     """Hv for the mean cross-entropy on (x, y) as the model is now (the caller sets eval mode), batch by batch:
     H = Σ_b (n_b/n)·H_b, so the result does not depend on the batch size."""
     device = next(model.parameters()).device
     out = [torch.zeros_like(p) for p in params]
     for i in range(0, len(y), batch_size):
-        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+        xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
         loss = F.cross_entropy(model(xb), yb, reduction="sum") / len(y)
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         dot = sum((g * u).sum() for g, u in zip(grads, v) if g is not None)  # ∇L·v, still differentiable
@@ -103,8 +104,9 @@ def _dot(a: list[Tensor], b: list[Tensor]) -> float:
     return sum((u.double() * w.double()).sum() for u, w in zip(a, b)).item()
 
 
-def top_eigenvalue(model: nn.Module, data: DataSplits, config: HessianConfig = HessianConfig(), *,
-                   progress: bool = False) -> EigenResult:
+def top_eigenvalue(
+    model: nn.Module, data: DataSplits, config: HessianConfig = HessianConfig(), *, progress: bool = False
+) -> EigenResult:
     """Power iteration v ← Hv/‖Hv‖ from a seeded Gaussian v; λ = vᵀHv, stopped when ‖Hv − λv‖ ≤ tol·|λ|. It finds
     the largest-magnitude eigenvalue (with its sign); the model is left unchanged."""
     x, y = eval_subset(data, config.split, config.samples, config.seed)
@@ -141,8 +143,9 @@ def _normalised(v: list[Tensor]) -> list[Tensor]:
     return [t / norm for t in v]
 
 
-def trace(model: nn.Module, data: DataSplits, config: HessianConfig = HessianConfig(), *,
-          progress: bool = False) -> TraceResult:
+def trace(
+    model: nn.Module, data: DataSplits, config: HessianConfig = HessianConfig(), *, progress: bool = False
+) -> TraceResult:
     """Hutchinson's tr H ≈ mean of zᵀHz over seeded Rademacher z, ± its standard error; the model is left unchanged."""
     x, y = eval_subset(data, config.split, config.samples, config.seed)
     samples = np.empty(config.probes)
@@ -157,21 +160,34 @@ def trace(model: nn.Module, data: DataSplits, config: HessianConfig = HessianCon
     return TraceResult(float(samples.mean()), float(samples.std(ddof=1) / math.sqrt(config.probes)), running, samples)
 
 
-def hessian(model: nn.Module, data: DataSplits, config: HessianConfig = HessianConfig(), *,
-            progress: bool = False) -> HessianResult:
+def hessian(
+    model: nn.Module, data: DataSplits, config: HessianConfig = HessianConfig(), *, progress: bool = False
+) -> HessianResult:
     """:func:`top_eigenvalue` and :func:`trace` with one config; the model is left unchanged."""
     eigen = top_eigenvalue(model, data, config, progress=progress)
     tr = trace(model, data, config, progress=progress)
-    return HessianResult(eigen.eigenvalue, eigen.iterations, eigen.converged, eigen.residual, eigen.history, tr.mean,
-                         tr.stderr, tr.history, tr.samples, config)
+    return HessianResult(
+        eigen.eigenvalue,
+        eigen.iterations,
+        eigen.converged,
+        eigen.residual,
+        eigen.history,
+        tr.mean,
+        tr.stderr,
+        tr.history,
+        tr.samples,
+        config,
+    )
 
 
 def cost(model: nn.Module, data: DataSplits, config: HessianConfig = HessianConfig()) -> str:
     """A one-line estimate of the work, for the CLI to print before it starts."""
     n = min(config.samples, len(getattr(data, config.split)[1]))
     weights = sum(p.numel() for p in trainable(model))
-    return (f"at most {config.iterations} + {config.probes} = {config.iterations + config.probes} Hessian-vector "
-            f"products on {n} {config.split} samples ({weights:,} parameters)")
+    return (
+        f"at most {config.iterations} + {config.probes} = {config.iterations + config.probes} Hessian-vector "
+        f"products on {n} {config.split} samples ({weights:,} parameters)"
+    )
 
 
 def plot(results: HessianResult | list[HessianResult], labels: Sequence[str] | None = None):
@@ -183,14 +199,23 @@ def plot(results: HessianResult | list[HessianResult], labels: Sequence[str] | N
     figure = Figure(figsize=(10, 4), layout="constrained")
     eig, tr = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
     for i, (result, label) in enumerate(zip(results, labels)):
-        eig.plot(np.arange(1, len(result.eigen_history) + 1), result.eigen_history, color=f"C{i}",
-                 label=f"{label}: λ = {result.eigenvalue:.4g}" + ("" if result.converged else " (not converged)"))
+        eig.plot(
+            np.arange(1, len(result.eigen_history) + 1),
+            result.eigen_history,
+            color=f"C{i}",
+            label=f"{label}: λ = {result.eigenvalue:.4g}" + ("" if result.converged else " (not converged)"),
+        )
         k = np.arange(1, len(result.trace_history) + 1)
         band = _running_stderr(result.trace_samples)
-        tr.plot(k, result.trace_history, color=f"C{i}", label=f"{label}: {result.trace_mean:.4g} ± "
-                                                              f"{result.trace_stderr:.2g}")
-        tr.fill_between(k, result.trace_history - band, result.trace_history + band, color=f"C{i}", alpha=0.2,
-                        linewidth=0)
+        tr.plot(
+            k,
+            result.trace_history,
+            color=f"C{i}",
+            label=f"{label}: {result.trace_mean:.4g} ± {result.trace_stderr:.2g}",
+        )
+        tr.fill_between(
+            k, result.trace_history - band, result.trace_history + band, color=f"C{i}", alpha=0.2, linewidth=0
+        )
     eig.set(xlabel="power iteration", ylabel="top eigenvalue λ", title="top Hessian eigenvalue")
     tr.set(xlabel="probes", ylabel="tr H (running mean ± s.e.)", title="Hessian trace (Hutchinson)")
     eig.legend(fontsize=8)
@@ -202,13 +227,19 @@ def _running_stderr(samples: np.ndarray) -> np.ndarray:
     """(P,) the standard error after each probe; 0 after the first, where it is undefined."""
     k = np.arange(1, len(samples) + 1)
     mean = np.cumsum(samples) / k
-    var = np.maximum(np.cumsum(samples ** 2) / k - mean ** 2, 0.0) * k / np.maximum(k - 1, 1)  # ddof 1
+    var = np.maximum(np.cumsum(samples**2) / k - mean**2, 0.0) * k / np.maximum(k - 1, 1)  # ddof 1
     return np.sqrt(var / k)
 
 
 def to_arrays(result: HessianResult) -> dict[str, np.ndarray]:
-    return {"eigenvalue": np.asarray(result.eigenvalue), "eigen_iterations": np.asarray(result.eigen_iterations),
-            "converged": np.asarray(result.converged), "eigen_residual": np.asarray(result.eigen_residual),
-            "eigen_history": result.eigen_history,
-            "trace_mean": np.asarray(result.trace_mean), "trace_stderr": np.asarray(result.trace_stderr),
-            "trace_history": result.trace_history, "trace_samples": result.trace_samples}
+    return {
+        "eigenvalue": np.asarray(result.eigenvalue),
+        "eigen_iterations": np.asarray(result.eigen_iterations),
+        "converged": np.asarray(result.converged),
+        "eigen_residual": np.asarray(result.eigen_residual),
+        "eigen_history": result.eigen_history,
+        "trace_mean": np.asarray(result.trace_mean),
+        "trace_stderr": np.asarray(result.trace_stderr),
+        "trace_history": result.trace_history,
+        "trace_samples": result.trace_samples,
+    }

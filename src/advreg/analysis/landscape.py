@@ -2,8 +2,10 @@
 
 Li et al., "Visualizing the loss landscape of neural nets" (NeurIPS 2018, Sec. 4), as in the AMP paper's Fig. 12-13;
 with an ``attack``, the AWP paper's weight-loss landscape (Appendix B, Algorithm 1): at every point the loss is on PGD
-examples crafted anew for that perturbed model. Also the evaluation helpers that radius.py and hessian.py share: a seeded subset of a split, its mean loss.
+examples crafted anew for that perturbed model. Also the evaluation helpers that radius.py and hessian.py share: a
+seeded subset of a split, its mean loss.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,6 +27,7 @@ SPLITS = ("train", "test")
 
 # ---- shared by the three analyses -------------------------------------------------------------------------------
 
+
 def eval_subset(data: DataSplits, split: str, samples: int, seed: int) -> tuple[Tensor, Tensor]:
     """``samples`` rows of ``data.<split>`` (all of them if it has fewer), drawn without replacement by a generator
     seeded with ``seed`` and kept in data order: the same rows for every model, so runs compare on one subset."""
@@ -43,7 +46,7 @@ def loss_and_error(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> t
     device = next(model.parameters()).device
     total, wrong = 0.0, 0
     for i in range(0, len(y), batch_size):
-        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+        xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
         logits = model(xb)  # (B, K)
         total += F.cross_entropy(logits, yb, reduction="sum").double().item()
         wrong += int((logits.argmax(dim=1) != yb).sum().item())
@@ -82,9 +85,11 @@ def as_list(results) -> list:
 
 # ---- the landscape ----------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class LandscapeConfig:
     """The loss landscape's grid: a curve or a surface, its points per axis and its span."""
+
     dims: int = 1  # 1: a curve along d; 2: a surface over (d, e)
     steps: int = 41  # points per axis; odd, so that α = 0 is on the grid
     span: float = 1.0  # α, β ∈ [−span, span], in units of the filter norms
@@ -122,8 +127,12 @@ def random_direction(model: nn.Module, generator: torch.Generator, ignore_bias_b
     two networks comparable despite scale invariance. Tensors of dim ≤ 1 (biases, BatchNorm) get 0, or, with
     ``ignore_bias_bn=False``, are rescaled as one filter. Drawn on the CPU, so a seed gives the same d anywhere.
     """
-    return [_filter_normalised(p.detach(), torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device),
-                               ignore_bias_bn) for p in trainable(model)]
+    return [
+        _filter_normalised(
+            p.detach(), torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device), ignore_bias_bn
+        )
+        for p in trainable(model)
+    ]
 
 
 def _filter_normalised(theta: Tensor, d: Tensor, ignore_bias_bn: bool) -> Tensor:
@@ -133,8 +142,14 @@ def _filter_normalised(theta: Tensor, d: Tensor, ignore_bias_bn: bool) -> Tensor
     return d * scale.view(-1, *[1] * (theta.dim() - 1))  # broadcast over each filter's slice
 
 
-def landscape(model: nn.Module, data: DataSplits, config: LandscapeConfig = LandscapeConfig(), *,
-              attack: AttackSettings | None = None, progress: bool = False) -> LandscapeResult:
+def landscape(
+    model: nn.Module,
+    data: DataSplits,
+    config: LandscapeConfig = LandscapeConfig(),
+    *,
+    attack: AttackSettings | None = None,
+    progress: bool = False,
+) -> LandscapeResult:
     """The loss and error on the seeded subset at every grid point, the model in eval mode; it is left unchanged.
 
     With ``attack``, the adversarial loss ρ(θ* + α·d) of the AWP paper's Algorithm 1: PGD examples of the subset
@@ -160,11 +175,26 @@ def landscape(model: nn.Module, data: DataSplits, config: LandscapeConfig = Land
     return LandscapeResult(alphas, betas, values[:, 0].reshape(shape), values[:, 1].reshape(shape), config, attack)
 
 
-def _adversarial(model: nn.Module, x: Tensor, y: Tensor, s: AttackSettings, config: LandscapeConfig,
-                 seed: int) -> Tensor:
+def _adversarial(
+    model: nn.Module, x: Tensor, y: Tensor, s: AttackSettings, config: LandscapeConfig, seed: int
+) -> Tensor:
     generator = torch.Generator().manual_seed(config.seed * 100_003 + seed)
-    return torch.cat([pgd(model, x[i:i + config.batch_size], y[i:i + config.batch_size], s.eps, s.alpha, s.steps,
-                          norm=s.norm, box=s.box, generator=generator) for i in range(0, len(y), config.batch_size)])
+    return torch.cat(
+        [
+            pgd(
+                model,
+                x[i : i + config.batch_size],
+                y[i : i + config.batch_size],
+                s.eps,
+                s.alpha,
+                s.steps,
+                norm=s.norm,
+                box=s.box,
+                generator=generator,
+            )
+            for i in range(0, len(y), config.batch_size)
+        ]
+    )
 
 
 @torch.no_grad()
@@ -176,7 +206,7 @@ def _move(params: list[Tensor], theta: list[Tensor], d: list[Tensor], e: list[Te
 def cost(model: nn.Module, data: DataSplits, config: LandscapeConfig = LandscapeConfig()) -> str:
     """A one-line estimate of the work, for the CLI to print before it starts."""
     n = min(config.samples, len(getattr(data, config.split)[1]))
-    points = config.steps ** config.dims
+    points = config.steps**config.dims
     grid = f"{config.steps} × {config.steps} = {points}" if config.dims == 2 else f"{points}"
     weights = sum(p.numel() for p in trainable(model))
     return f"{grid} evaluations of {n} {config.split} samples ({weights:,} parameters)"
@@ -201,8 +231,11 @@ def _plot_curves(results: list[LandscapeResult], labels: list[str]):
     for result, label in zip(results, labels):
         ax.plot(result.alphas, result.loss, label=label)
     kind = "adversarial loss (PGD per point)" if results[0].attack is not None else "loss"
-    ax.set(xlabel="α (filter-normalised direction)", ylabel=f"{results[0].config.split} {kind}",
-           title="loss along a random direction")
+    ax.set(
+        xlabel="α (filter-normalised direction)",
+        ylabel=f"{results[0].config.split} {kind}",
+        title="loss along a random direction",
+    )
     ax.legend()
     return figure
 

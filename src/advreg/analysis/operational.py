@@ -2,6 +2,7 @@
 max-pooling of a 1-D empirical risk (Fig. 1), and the scalar example where AMP is not adversarial training
 (Appendix C, Fig. 9). Zheng, Zhang & Mao, CVPR 2021.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,6 +17,7 @@ GOLDEN = (math.sqrt(5) - 1) / 2  # 1/φ
 
 
 # ---------------------------------------------------------------- Corollary 2 and Fig. 4: the operational region
+
 
 def _check_ratio(ratio: float) -> None:
     if not (isinstance(ratio, (int, float)) and ratio > 0 and math.isfinite(ratio)):
@@ -46,6 +48,7 @@ def in_region(beta: np.ndarray, r: np.ndarray, ratio: float) -> np.ndarray:
 @dataclass(frozen=True)
 class OperationalResult:
     """Corollary 2's region on a (β, r) grid: ``mask[k, i, j]`` is ``in_region(betas[j], rs[i], ratios[k])``."""
+
     ratios: np.ndarray  # (k,)
     betas: np.ndarray  # (nb,)
     rs: np.ndarray  # (nr,)
@@ -53,12 +56,18 @@ class OperationalResult:
     thresholds: np.ndarray  # (k, nb): the lower bound on r, +inf where no r qualifies
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"ratios": self.ratios, "betas": self.betas, "rs": self.rs, "mask": self.mask,
-                "thresholds": self.thresholds}
+        return {
+            "ratios": self.ratios,
+            "betas": self.betas,
+            "rs": self.rs,
+            "mask": self.mask,
+            "thresholds": self.thresholds,
+        }
 
 
-def region_grid(ratios: tuple[float, ...] = FIG4_RATIOS, betas: np.ndarray | None = None,
-                rs: np.ndarray | None = None) -> OperationalResult:
+def region_grid(
+    ratios: tuple[float, ...] = FIG4_RATIOS, betas: np.ndarray | None = None, rs: np.ndarray | None = None
+) -> OperationalResult:
     """The region for each ε²/(2σ₁²) in ``ratios`` on a grid; default β in (0, 1), r in (0, 10]."""
     betas = np.linspace(0.0, 1.0, 401)[1:-1] if betas is None else np.asarray(betas, dtype=np.float64)
     rs = np.linspace(0.0, 10.0, 401)[1:] if rs is None else np.asarray(rs, dtype=np.float64)
@@ -79,11 +88,24 @@ def plot_region(result: OperationalResult):
     colors = _colors(len(result.ratios))
     for k in np.argsort(-result.ratios):  # the regions are nested: draw the largest first
         lower = np.minimum(result.thresholds[k], top)
-        ax.fill_between(result.betas, lower, top, where=lower < top, color=colors[k], alpha=0.6, linewidth=0,
-                        label=f"ε²/2σ₁² = {result.ratios[k]:g}")
+        ax.fill_between(
+            result.betas,
+            lower,
+            top,
+            where=lower < top,
+            color=colors[k],
+            alpha=0.6,
+            linewidth=0,
+            label=f"ε²/2σ₁² = {result.ratios[k]:g}",
+        )
     ax.axhline(1.0, color="0.4", linewidth=0.8, linestyle="--")  # r > 1: μ₂ must be flatter
-    ax.set(xlim=(0, 1), ylim=(0, top), xlabel="β = A₂/A₁", ylabel="r = σ₂²/σ₁²",
-           title="Operational region of AMP (Corollary 2)")
+    ax.set(
+        xlim=(0, 1),
+        ylim=(0, top),
+        xlabel="β = A₂/A₁",
+        ylabel="r = σ₂²/σ₁²",
+        title="Operational region of AMP (Corollary 2)",
+    )
     ax.legend(loc="upper left", fontsize=8)
     return figure
 
@@ -96,9 +118,10 @@ def _colors(n: int) -> list:
 
 # ---------------------------------------------------------------- Fig. 1: the AMP loss of a 1-D empirical risk
 
+
 def gaussian_well(theta: np.ndarray, mu: float, sigma: float, depth: float) -> np.ndarray:
     """The paper's inverted Gaussian surface (Eq. 7) in 1-D without its constant: -A exp(-(θ-μ)²/(2σ²))."""
-    return -depth * np.exp(-((np.asarray(theta) - mu) ** 2) / (2 * sigma ** 2))
+    return -depth * np.exp(-((np.asarray(theta) - mu) ** 2) / (2 * sigma**2))
 
 
 def sharp_flat_loss(theta: np.ndarray) -> np.ndarray:
@@ -108,8 +131,9 @@ def sharp_flat_loss(theta: np.ndarray) -> np.ndarray:
     return 1.0 + gaussian_well(theta, -1.5, 0.25, 1.0) + gaussian_well(theta, 1.5, 1.0, 0.8)
 
 
-def amp_loss_1d(loss: Callable[[np.ndarray], np.ndarray], theta: np.ndarray, epsilon: float,
-                points: int = 2001) -> np.ndarray:
+def amp_loss_1d(
+    loss: Callable[[np.ndarray], np.ndarray], theta: np.ndarray, epsilon: float, points: int = 2001
+) -> np.ndarray:
     """L_AMP(θ) = max_{|δ|≤ε} L(θ+δ) (Eq. 3 in 1-D) as a dense max over ``points`` δ in [-ε, ε], ends included."""
     if not epsilon >= 0 or points < 2:
         raise ValueError(f"epsilon must be >= 0 and points >= 2, got {epsilon!r} and {points!r}")
@@ -121,6 +145,7 @@ def amp_loss_1d(loss: Callable[[np.ndarray], np.ndarray], theta: np.ndarray, eps
 @dataclass(frozen=True)
 class Amp1dResult:
     """The curves of Fig. 1 on a θ grid, and where each is lowest."""
+
     theta: np.ndarray
     erm: np.ndarray
     amp: np.ndarray
@@ -136,8 +161,9 @@ class Amp1dResult:
         return {"theta": self.theta, "erm": self.erm, "amp": self.amp}
 
 
-def amp_1d(epsilon: float = 0.5, theta: np.ndarray | None = None,
-           loss: Callable[[np.ndarray], np.ndarray] = sharp_flat_loss) -> Amp1dResult:
+def amp_1d(
+    epsilon: float = 0.5, theta: np.ndarray | None = None, loss: Callable[[np.ndarray], np.ndarray] = sharp_flat_loss
+) -> Amp1dResult:
     """``loss`` and its AMP loss on ``theta`` (default [-4, 5])."""
     theta = np.linspace(-4.0, 5.0, 1801) if theta is None else np.asarray(theta, dtype=np.float64)
     return Amp1dResult(theta, np.asarray(loss(theta), dtype=np.float64), amp_loss_1d(loss, theta, epsilon), epsilon)
@@ -164,6 +190,7 @@ def plot_amp_1d(result: Amp1dResult):
 
 # ---------------------------------------------------------------- Fig. 9: AMP is not adversarial training
 
+
 def g(z: np.ndarray) -> np.ndarray:
     """Appendix C's loss: g(z) = z for z ≥ 0, -2z for z < 0."""
     z = np.asarray(z, dtype=np.float64)
@@ -175,8 +202,11 @@ def scalar_objectives(theta: np.ndarray, epsilon: float, x: float = 1.0, points:
     training max_{|δ|≤ε} g(θ(x+δ)) (the input perturbed); the maxima are dense over δ, ends included."""
     theta = np.asarray(theta, dtype=np.float64)
     deltas = np.linspace(-epsilon, epsilon, points)  # (P,)
-    return {"erm": g(theta * x), "amp": g((theta[..., None] + deltas) * x).max(axis=-1),
-            "adv": g(theta[..., None] * (x + deltas)).max(axis=-1)}
+    return {
+        "erm": g(theta * x),
+        "amp": g((theta[..., None] + deltas) * x).max(axis=-1),
+        "adv": g(theta[..., None] * (x + deltas)).max(axis=-1),
+    }
 
 
 def golden_minimum(f: Callable[[float], float], lo: float, hi: float, tol: float = 1e-10) -> float:
@@ -199,6 +229,7 @@ def golden_minimum(f: Callable[[float], float], lo: float, hi: float, tol: float
 @dataclass(frozen=True)
 class ScalarExampleResult:
     """Fig. 9 for one ε: the three objectives on a θ grid and their minimizers (the paper: 0, 0 and ε/3)."""
+
     epsilon: float
     theta: np.ndarray
     objectives: dict[str, np.ndarray]
@@ -213,8 +244,10 @@ def scalar_example(epsilon: float = 0.3, theta: np.ndarray | None = None) -> Sca
     if not (isinstance(epsilon, (int, float)) and epsilon > 0):
         raise ValueError(f"epsilon must be a number > 0 (the perturbation radius), got {epsilon!r}")
     span = 2.0 * epsilon + 1.0
-    minimizers = {name: golden_minimum(lambda t, n=name: float(scalar_objectives(np.array(t), epsilon)[n]),
-                                       -span, span) for name in ("erm", "adv", "amp")}
+    minimizers = {
+        name: golden_minimum(lambda t, n=name: float(scalar_objectives(np.array(t), epsilon)[n]), -span, span)
+        for name in ("erm", "adv", "amp")
+    }
     theta = np.linspace(-span, span, 801) if theta is None else np.asarray(theta, dtype=np.float64)
     return ScalarExampleResult(float(epsilon), theta, scalar_objectives(theta, epsilon), minimizers)
 
@@ -225,12 +258,20 @@ def plot_scalar_example(result: ScalarExampleResult):
 
     figure = Figure(figsize=(5, 3.5), layout="constrained")
     ax = figure.add_subplot()
-    styles = {"erm": ("ERM", "tab:red", "-"), "adv": ("adversarial training", "tab:green", "--"),
-              "amp": ("AMP", "tab:blue", "-")}
+    styles = {
+        "erm": ("ERM", "tab:red", "-"),
+        "adv": ("adversarial training", "tab:green", "--"),
+        "amp": ("AMP", "tab:blue", "-"),
+    }
     for name, (label, color, line) in styles.items():
         theta_star = result.minimizers[name]
-        ax.plot(result.theta, result.objectives[name], color=color, linestyle=line,
-                label=f"{label}: θ* = {round(theta_star, 3) + 0.0:.3f}")  # no "-0.000"
+        ax.plot(
+            result.theta,
+            result.objectives[name],
+            color=color,
+            linestyle=line,
+            label=f"{label}: θ* = {round(theta_star, 3) + 0.0:.3f}",
+        )  # no "-0.000"
         ax.axvline(theta_star, color=color, linestyle=":", linewidth=0.8)
     ax.set(xlabel="θ", ylabel="loss", title=f"g(θx), x = 1, ε = {result.epsilon:g}  (θ*_AMP = ε/3)")
     ax.legend(fontsize=8)

@@ -5,6 +5,7 @@ The ascent takes normalised steps, Δ ← Π_r(Δ + ζ·g/‖g‖) with g = ∇L
 step rule of Madry et al.'s PGD): at a minimum ‖g‖ is tiny, so AMP's raw steps ζg would hardly move at small r and
 the curve would depend on ζ; normalised steps reach the sphere after ⌈N/2.5⌉ steps at every r, then slide on it.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,6 +35,7 @@ from advreg.perturb.engine import global_norm
 class RadiusConfig:
     """The radius sweep: the L2 radii of Δ, the random directions per radius and AMP's ascent steps for the worst
     Δ."""
+
     radii: tuple[float, ...] = tuple(i / 10 for i in range(11))  # 0, 0.1, …, 1.0 (L2, whole parameter vector)
     directions: int = 10  # random Δ per radius, the same unit directions at every radius and split
     worst_steps: int = 10  # N ascent steps of AMP's inner maximisation
@@ -76,8 +78,9 @@ def sphere_direction(model: nn.Module, radius: float, generator: torch.Generator
     return _scaled(g, radius / global_norm(g))
 
 
-def radius_sweep(model: nn.Module, data: DataSplits, config: RadiusConfig = RadiusConfig(), *,
-                 progress: bool = False) -> RadiusResult:
+def radius_sweep(
+    model: nn.Module, data: DataSplits, config: RadiusConfig = RadiusConfig(), *, progress: bool = False
+) -> RadiusResult:
     """For each split and radius: the random directions' mean and std loss, and the ascent's worst loss, the model
     in eval mode; it is left unchanged."""
     from tqdm.auto import tqdm
@@ -86,8 +89,9 @@ def radius_sweep(model: nn.Module, data: DataSplits, config: RadiusConfig = Radi
     with tqdm(total=len(config.splits) * len(config.radii) * per_radius, desc="radius", disable=not progress) as bar:
         rows = [_split_curves(model, data, config, split, bar) for split in config.splits]  # P × (3, R)
     curves = np.stack(rows)  # (P, 3, R)
-    return RadiusResult(np.asarray(config.radii, dtype=float), tuple(config.splits), curves[:, 0], curves[:, 1],
-                        curves[:, 2], config)
+    return RadiusResult(
+        np.asarray(config.radii, dtype=float), tuple(config.splits), curves[:, 0], curves[:, 1], curves[:, 2], config
+    )
 
 
 def _split_curves(model: nn.Module, data: DataSplits, config: RadiusConfig, split: str, bar) -> np.ndarray:
@@ -102,8 +106,16 @@ def _split_curves(model: nn.Module, data: DataSplits, config: RadiusConfig, spli
     return out
 
 
-def _random_losses(model: nn.Module, params: list[Tensor], theta: list[Tensor], x: Tensor, y: Tensor, r: float,
-                   config: RadiusConfig, bar) -> np.ndarray:
+def _random_losses(
+    model: nn.Module,
+    params: list[Tensor],
+    theta: list[Tensor],
+    x: Tensor,
+    y: Tensor,
+    r: float,
+    config: RadiusConfig,
+    bar,
+) -> np.ndarray:
     generator = torch.Generator().manual_seed(config.seed)  # the same directions at every r: smoother curves
     losses = np.empty(config.directions)
     for i in range(config.directions):
@@ -113,8 +125,16 @@ def _random_losses(model: nn.Module, params: list[Tensor], theta: list[Tensor], 
     return losses
 
 
-def worst_in_ball(model: nn.Module, params: list[Tensor], theta: list[Tensor], x: Tensor, y: Tensor, r: float,
-                  config: RadiusConfig, bar) -> tuple[float, list[Tensor]]:
+def worst_in_ball(
+    model: nn.Module,
+    params: list[Tensor],
+    theta: list[Tensor],
+    x: Tensor,
+    y: Tensor,
+    r: float,
+    config: RadiusConfig,
+    bar,
+) -> tuple[float, list[Tensor]]:
     """The largest L(θ*+Δ_t) over the iterates Δ_0 = 0, …, Δ_N of the projected ascent, and the last Δ."""
     delta = [torch.zeros_like(t) for t in theta]
     zeta = config.step_scale * r / max(config.worst_steps, 1)
@@ -131,13 +151,14 @@ def worst_in_ball(model: nn.Module, params: list[Tensor], theta: list[Tensor], x
     return worst, delta
 
 
-def loss_and_grad(model: nn.Module, params: list[Tensor], x: Tensor, y: Tensor,
-                  batch_size: int) -> tuple[float, list[Tensor]]:
+def loss_and_grad(
+    model: nn.Module, params: list[Tensor], x: Tensor, y: Tensor, batch_size: int
+) -> tuple[float, list[Tensor]]:
     """Mean cross-entropy on (x, y), summed like :func:`loss_and_error` (the same number), and its gradient."""
     device = next(model.parameters()).device
     total, grads = 0.0, [torch.zeros_like(p) for p in params]
     for i in range(0, len(y), batch_size):
-        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+        xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
         batch_sum = F.cross_entropy(model(xb), yb, reduction="sum")
         total += batch_sum.double().item()
         parts = torch.autograd.grad(batch_sum / len(y), params, allow_unused=True)  # an unused parameter: None
@@ -165,8 +186,10 @@ def cost(model: nn.Module, data: DataSplits, config: RadiusConfig = RadiusConfig
     n = {s: min(config.samples, len(getattr(data, s)[1])) for s in config.splits}
     evaluations = len(config.radii) * (config.directions + config.worst_steps + 1)
     sizes = ", ".join(f"{evaluations} of {n[s]} {s}" for s in config.splits)
-    return (f"{len(config.radii)} radii × ({config.directions} random + {config.worst_steps + 1} ascent) "
-            f"evaluations per split: {sizes} samples ({config.worst_steps} per radius also backpropagate)")
+    return (
+        f"{len(config.radii)} radii × ({config.directions} random + {config.worst_steps + 1} ascent) "
+        f"evaluations per split: {sizes} samples ({config.worst_steps} per radius also backpropagate)"
+    )
 
 
 def plot(results: RadiusResult | list[RadiusResult], labels: Sequence[str] | None = None):
@@ -193,5 +216,10 @@ def plot(results: RadiusResult | list[RadiusResult], labels: Sequence[str] | Non
 
 
 def to_arrays(result: RadiusResult) -> dict[str, np.ndarray]:
-    return {"radii": result.radii, "splits": np.asarray(result.splits), "random_mean": result.random_mean,
-            "random_std": result.random_std, "worst": result.worst}
+    return {
+        "radii": result.radii,
+        "splits": np.asarray(result.splits),
+        "random_mean": result.random_mean,
+        "random_std": result.random_std,
+        "worst": result.worst,
+    }

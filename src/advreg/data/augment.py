@@ -36,6 +36,7 @@ Policy and magnitudes: ``CIFAR10_POLICY`` is the 25 sub-policies of the AutoAugm
 
 Signs are drawn at random (probability ½) per image for the signed magnitudes above.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -111,10 +112,13 @@ CIFAR10_POLICY: tuple[tuple[tuple[str, float, int], tuple[str, float, int]], ...
 
 # ----------------------------------------------------------------------------------------------- helpers
 
+
 def _check_images(x: Tensor) -> None:
     if not isinstance(x, Tensor) or x.ndim != 4:
-        raise ValueError(f"expected a batch of images (N, C, H, W), got {getattr(x, 'shape', type(x))}; "
-                         "add a batch dimension with x.unsqueeze(0)")
+        raise ValueError(
+            f"expected a batch of images (N, C, H, W), got {getattr(x, 'shape', type(x))}; "
+            "add a batch dimension with x.unsqueeze(0)"
+        )
     if x.dtype != torch.uint8 and not x.dtype.is_floating_point:
         raise ValueError(f"images must be uint8 (0..255) or floating point in [0, 1], got {x.dtype}")
 
@@ -150,8 +154,9 @@ def _quantized(x: Tensor) -> Tensor:
     return x.long() if x.dtype == torch.uint8 else (x.double() * 255).round().clamp(0, 255).long()
 
 
-def _per_image(value: float | Sequence[float] | Tensor, n: int, device: torch.device, dtype: torch.dtype,
-               what: str) -> Tensor:
+def _per_image(
+    value: float | Sequence[float] | Tensor, n: int, device: torch.device, dtype: torch.dtype, what: str
+) -> Tensor:
     t = torch.as_tensor(value, dtype=dtype).to(device)
     if t.ndim == 0:
         return t.expand(n)
@@ -169,8 +174,8 @@ def _fill_levels(fill: float | Sequence[float], channels: int, like: Tensor) -> 
 
 # ------------------------------------------------------------------------------------ crop, flip, cutout
 
-def random_crop(x: Tensor, padding: int = 4, generator: torch.Generator | None = None, *,
-                fill: float = 0.0) -> Tensor:
+
+def random_crop(x: Tensor, padding: int = 4, generator: torch.Generator | None = None, *, fill: float = 0.0) -> Tensor:
     """Pad each side by ``padding`` pixels of ``fill`` (in [0, 1]; 0 = zero padding) and crop a random H×W window.
 
     The window's top-left corner is uniform over the (2·padding+1)² offsets, independently per image.
@@ -218,6 +223,7 @@ def cutout(x: Tensor, size: int = 16, generator: torch.Generator | None = None) 
 
 # ------------------------------------------------------------------------------------ geometric ops
 
+
 def _taps(coord: Tensor, interpolation: str) -> list[tuple[Tensor, Tensor | float]]:
     """Pillow's 1-D sampling taps (index, weight) at continuous ``coord`` (pixel i covers [i, i+1))."""
     if interpolation == "nearest":
@@ -259,8 +265,9 @@ def _affine(x: Tensor, matrix: Tensor, interpolation: str, fill: float | Sequenc
     return _from_levels(out, x)
 
 
-def _affine_op(x: Tensor, value, what: str, build: Callable[[Tensor, int, int], list[Tensor]],
-               interpolation: str, fill) -> Tensor:
+def _affine_op(
+    x: Tensor, value, what: str, build: Callable[[Tensor, int, int], list[Tensor]], interpolation: str, fill
+) -> Tensor:
     _check_images(x)
     t = _per_image(value, len(x), x.device, torch.float64, what)  # (N,)
     rows = build(t, x.shape[2], x.shape[3])
@@ -301,6 +308,7 @@ def rotate(x: Tensor, degrees, *, fill=FILL, interpolation: str = "nearest") -> 
 
 
 # ------------------------------------------------------------------------------------ photometric ops
+
 
 def invert(x: Tensor) -> Tensor:
     """``ImageOps.invert``: 255 - v."""
@@ -410,10 +418,21 @@ def sharpness(x: Tensor, factor) -> Tensor:
 
 # ------------------------------------------------------------------------------------ AutoAugment
 
-_GEOMETRIC = {"ShearX": shear_x, "ShearY": shear_y, "TranslateX": translate_x, "TranslateY": translate_y,
-              "Rotate": rotate}
-_WITH_ARG = {"Solarize": solarize, "Posterize": posterize, "Contrast": contrast, "Color": color,
-             "Brightness": brightness, "Sharpness": sharpness}
+_GEOMETRIC = {
+    "ShearX": shear_x,
+    "ShearY": shear_y,
+    "TranslateX": translate_x,
+    "TranslateY": translate_y,
+    "Rotate": rotate,
+}
+_WITH_ARG = {
+    "Solarize": solarize,
+    "Posterize": posterize,
+    "Contrast": contrast,
+    "Color": color,
+    "Brightness": brightness,
+    "Sharpness": sharpness,
+}
 _NO_ARG = {"AutoContrast": auto_contrast, "Invert": invert, "Equalize": equalize}
 OPS = (*_GEOMETRIC, *_NO_ARG, *_WITH_ARG)
 _ENHANCE = ("Contrast", "Color", "Brightness", "Sharpness")
@@ -468,8 +487,9 @@ def _apply_op(op: str, x: Tensor, arg: Tensor | None, scheme: str, fill) -> Tens
     return _WITH_ARG[op](x, arg)
 
 
-def autoaugment(x: Tensor, generator: torch.Generator | None = None, *, policy=CIFAR10_POLICY,
-                scheme: str = "amp", fill=FILL) -> Tensor:
+def autoaugment(
+    x: Tensor, generator: torch.Generator | None = None, *, policy=CIFAR10_POLICY, scheme: str = "amp", fill=FILL
+) -> Tensor:
     """AutoAugment: per image, one sub-policy drawn uniformly; each of its two ops runs with its probability.
 
     Batched by op: at each of the two stages the images that run an op are processed together, with their
@@ -499,8 +519,7 @@ def autoaugment(x: Tensor, generator: torch.Generator | None = None, *, policy=C
     return out
 
 
-def autoaugment_cifar(x: Tensor, generator: torch.Generator | None = None, *, scheme: str = "amp",
-                      fill=FILL) -> Tensor:
+def autoaugment_cifar(x: Tensor, generator: torch.Generator | None = None, *, scheme: str = "amp", fill=FILL) -> Tensor:
     """The CIFAR-10 AutoAugment policy (``CIFAR10_POLICY``) on a batch; see :func:`autoaugment`."""
     return autoaugment(x, generator, policy=CIFAR10_POLICY, scheme=scheme, fill=fill)
 
@@ -511,13 +530,15 @@ def _check_policy(policy) -> None:
             raise ValueError(f"each sub-policy must be two (op, probability, level) triples, got {sub!r}")
         for op, p, level in sub:
             if op not in OPS or not 0 <= p <= 1 or level not in range(10):
-                raise ValueError(f"bad policy step {(op, p, level)!r}: op in {OPS}, probability in [0, 1], "
-                                 "level an integer 0..9")
+                raise ValueError(
+                    f"bad policy step {(op, p, level)!r}: op in {OPS}, probability in [0, 1], level an integer 0..9"
+                )
     if not policy:
         raise ValueError("the policy needs at least one sub-policy")
 
 
 # ------------------------------------------------------------------------------------ composition
+
 
 @dataclass(frozen=True)
 class Augment:
@@ -572,6 +593,7 @@ PRESETS: dict[str, Augment] = {
 
 # ------------------------------------------------------------------------------------ statistics
 
+
 def channel_stats(x: Tensor, batch_size: int = 4096) -> tuple[Tensor, Tensor]:
     """Per-channel mean and (population) std over a training set in [0, 1], float64 ``(C,)`` on the CPU.
 
@@ -585,6 +607,7 @@ def channel_stats(x: Tensor, batch_size: int = 4096) -> tuple[Tensor, Tensor]:
     count = x.shape[0] * x.shape[2] * x.shape[3]
     total = sum(chunk.double().sum((0, 2, 3)) for chunk in x.split(batch_size))
     mean = total / (count * scale)  # (C,)
-    squares = sum(((chunk.double() / scale - mean.view(1, -1, 1, 1)) ** 2).sum((0, 2, 3))
-                  for chunk in x.split(batch_size))
+    squares = sum(
+        ((chunk.double() / scale - mean.view(1, -1, 1, 1)) ** 2).sum((0, 2, 3)) for chunk in x.split(batch_size)
+    )
     return mean.cpu(), (squares / count).sqrt().cpu()

@@ -4,6 +4,7 @@ Bundled with scikit-learn (offline). Pixels /16 into [0, 1], flattened to 64 fea
 is FIXED, independent of the run seed: stratified 80/20 drawn with ``torch.Generator().manual_seed(0)``
 (1438 train / 359 test); the run seed only picks the validation rows out of the 1438.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache

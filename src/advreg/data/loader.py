@@ -2,6 +2,7 @@
 
 Shuffles with ``torch.randperm`` on a caller's generator, so a saved generator state resumes the epoch order.
 """
+
 from __future__ import annotations
 
 from typing import Iterator
@@ -18,13 +19,23 @@ class TensorLoader:
     restoring it on resume gives the same order. Without shuffling the batches are views (no copy).
     """
 
-    def __init__(self, x: Tensor, y: Tensor, batch_size: int, *, shuffle: bool = False,
-                 generator: torch.Generator | None = None, drop_last: bool = False):
+    def __init__(
+        self,
+        x: Tensor,
+        y: Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
+    ):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}; pass e.g. 128")
         if len(x) != len(y):
-            raise ValueError(f"x and y must have the same number of rows, got {len(x)} and {len(y)}; "
-                             "pass inputs and labels of the same samples")
+            raise ValueError(
+                f"x and y must have the same number of rows, got {len(x)} and {len(y)}; "
+                "pass inputs and labels of the same samples"
+            )
         self.x, self.y, self.batch_size = x, y, batch_size
         self.shuffle, self.generator, self.drop_last = shuffle, generator, drop_last
 
@@ -40,7 +51,7 @@ class TensorLoader:
     def _batches(self, order: Tensor | None) -> Iterator[tuple[Tensor, Tensor]]:
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             if order is None:
-                yield self.x[start:start + self.batch_size], self.y[start:start + self.batch_size]
+                yield self.x[start : start + self.batch_size], self.y[start : start + self.batch_size]
             else:
-                idx = order[start:start + self.batch_size].to(self.x.device)
+                idx = order[start : start + self.batch_size].to(self.x.device)
                 yield self.x[idx], self.y[idx.to(self.y.device)]

@@ -2,6 +2,7 @@
 
 Generated offline by the ``mnist1d`` package with its standard arguments, cached as a ``.npz`` file.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -66,8 +67,7 @@ def generate(args: dict) -> dict[str, np.ndarray]:
     finally:
         np.random.set_state(np_state)
         random.setstate(py_state)
-    return {k: np.ascontiguousarray(data[k], dtype=np.float32 if k.startswith("x") else np.int64)
-            for k in KEYS}
+    return {k: np.ascontiguousarray(data[k], dtype=np.float32 if k.startswith("x") else np.int64) for k in KEYS}
 
 
 def _expected_shapes(args: dict) -> dict[str, tuple[int, ...]]:

@@ -2,6 +2,7 @@
 
 A carve takes round(fraction·n) rows, apportioned over the classes by largest remainder.
 """
+
 from __future__ import annotations
 
 import math

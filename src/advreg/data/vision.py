@@ -33,6 +33,7 @@ Choices:
 
 scipy and torchvision are not used: the MAT-file, PPM and pickle readers here are written for exactly these files.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -84,13 +85,17 @@ def data_root(explicit: str | Path | None = None) -> Path:
     elif os.environ.get(ENV_VAR):
         path, origin = Path(os.environ[ENV_VAR]), f"${ENV_VAR}"
     else:
-        raise ValueError(f"no data folder given: pass --data-dir DIR or set ${ENV_VAR} to the folder that holds the "
-                         f"extracted dataset archives (e.g. cifar-10-batches-bin/, GTSRB/, tiny-imagenet-200/); "
-                         f"nothing is ever downloaded")
+        raise ValueError(
+            f"no data folder given: pass --data-dir DIR or set ${ENV_VAR} to the folder that holds the "
+            f"extracted dataset archives (e.g. cifar-10-batches-bin/, GTSRB/, tiny-imagenet-200/); "
+            f"nothing is ever downloaded"
+        )
     path = path.expanduser()
     if not path.is_dir():
-        raise ValueError(f"data folder {path} (from {origin}) is not a directory; create it and extract the "
-                         f"dataset archives into it, or point {origin} at the folder that holds them")
+        raise ValueError(
+            f"data folder {path} (from {origin}) is not a directory; create it and extract the "
+            f"dataset archives into it, or point {origin} at the folder that holds them"
+        )
     return path
 
 
@@ -106,19 +111,25 @@ def _bad(path: Path, expected: str, got: object, fix: str) -> ValueError:
 
 
 def _cifar_fix(root: Path, tag: str) -> str:
-    return (f"download {tag}-binary.tar.gz (or {tag}-python.tar.gz) from {_CIFAR_URL} and extract it into {root} "
-            f"(the --data-dir / ${ENV_VAR} folder)")
+    return (
+        f"download {tag}-binary.tar.gz (or {tag}-python.tar.gz) from {_CIFAR_URL} and extract it into {root} "
+        f"(the --data-dir / ${ENV_VAR} folder)"
+    )
 
 
 def _svhn_fix(root: Path) -> str:
-    return (f"download train_32x32.mat and test_32x32.mat (format 2, cropped digits) from {_SVHN_URL} into "
-            f"{root / 'svhn'} (or {root})")
+    return (
+        f"download train_32x32.mat and test_32x32.mat (format 2, cropped digits) from {_SVHN_URL} into "
+        f"{root / 'svhn'} (or {root})"
+    )
 
 
 def _gtsrb_fix(root: Path) -> str:
-    return (f"download GTSRB_Final_Training_Images.zip, GTSRB_Final_Test_Images.zip and GTSRB_Final_Test_GT.zip "
-            f"from {_GTSRB_URL}, extract the first two into {root} and put GT-final_test.csv from the third into "
-            f"{root / 'GTSRB'}")
+    return (
+        f"download GTSRB_Final_Training_Images.zip, GTSRB_Final_Test_Images.zip and GTSRB_Final_Test_GT.zip "
+        f"from {_GTSRB_URL}, extract the first two into {root} and put GT-final_test.csv from the third into "
+        f"{root / 'GTSRB'}"
+    )
 
 
 def _tiny_fix(root: Path) -> str:
@@ -135,8 +146,10 @@ def _read_bytes(path: Path, expected: str, fix: str) -> bytes:
 
 
 def _as_data(images: np.ndarray, labels: np.ndarray) -> Pair:
-    return (torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)),
-            torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)))
+    return (
+        torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)),
+        torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)),
+    )
 
 
 # ------------------------------------------------------------------------------------------------ CIFAR
@@ -144,30 +157,45 @@ def _as_data(images: np.ndarray, labels: np.ndarray) -> Pair:
 
 def read_cifar10(root: str | Path) -> VisionData:
     """CIFAR-10 (50000 train / 10000 test, 3×32×32, 10 classes), binary version if present, else python version."""
-    return _read_cifar(Path(root), "cifar10", "cifar-10", train=[f"data_batch_{i}" for i in range(1, 6)],
-                       test=["test_batch"], label_key="labels", label_bytes=1)
+    return _read_cifar(
+        Path(root),
+        "cifar10",
+        "cifar-10",
+        train=[f"data_batch_{i}" for i in range(1, 6)],
+        test=["test_batch"],
+        label_key="labels",
+        label_bytes=1,
+    )
 
 
 def read_cifar100(root: str | Path) -> VisionData:
     """CIFAR-100 with its fine labels (50000 train / 10000 test, 3×32×32, 100 classes), binary version first."""
-    return _read_cifar(Path(root), "cifar100", "cifar-100", train=["train"], test=["test"],
-                       label_key="fine_labels", label_bytes=2)
+    return _read_cifar(
+        Path(root), "cifar100", "cifar-100", train=["train"], test=["test"], label_key="fine_labels", label_bytes=2
+    )
 
 
-def _read_cifar(root: Path, name: str, tag: str, *, train: list[str], test: list[str], label_key: str,
-                label_bytes: int) -> VisionData:
+def _read_cifar(
+    root: Path, name: str, tag: str, *, train: list[str], test: list[str], label_key: str, label_bytes: int
+) -> VisionData:
     classes, fix = NUM_CLASSES[name], _cifar_fix(root, tag)
     binary = root / (f"{tag}-batches-bin" if name == "cifar10" else f"{tag}-binary")
     python = root / (f"{tag}-batches-py" if name == "cifar10" else f"{tag}-python")
     if binary.is_dir():
+
         def load(stem: str) -> tuple[np.ndarray, np.ndarray]:
             return _read_cifar_binary(binary / f"{stem}.bin", tag.upper(), label_bytes, classes, fix)
     elif python.is_dir():
+
         def load(stem: str) -> tuple[np.ndarray, np.ndarray]:
             return _read_cifar_pickle(python / stem, tag.upper(), label_key, classes, fix)
     else:
-        raise _bad(binary, f"the folder of the {tag.upper()} binary version (or {python.name}/ of the python "
-                           f"version)", "neither folder", fix)
+        raise _bad(
+            binary,
+            f"the folder of the {tag.upper()} binary version (or {python.name}/ of the python version)",
+            "neither folder",
+            fix,
+        )
     splits = []
     for stems in (train, test):
         parts = [load(stem) for stem in stems]
@@ -175,8 +203,9 @@ def _read_cifar(root: Path, name: str, tag: str, *, train: list[str], test: list
     return VisionData(train=splits[0], test=splits[1], num_classes=classes, name=name)
 
 
-def _read_cifar_binary(path: Path, title: str, label_bytes: int, classes: int,
-                       fix: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_cifar_binary(
+    path: Path, title: str, label_bytes: int, classes: int, fix: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Records of ``label_bytes`` label bytes (the last is the one used: CIFAR-100's fine label) + 3072 pixels."""
     record = label_bytes + 3 * 32 * 32
     expected = f"{title} binary records of {record} bytes ({label_bytes} label byte(s) + 3072 pixel bytes)"
@@ -211,8 +240,11 @@ def _latin1_encode(text: str, encoding: str = "utf-8", errors: str = "strict") -
 def _safe_globals() -> dict[tuple[str, str], object]:
     reconstruct = _numpy_global("numpy._core.multiarray:_reconstruct", "numpy.core.multiarray:_reconstruct")
     frombuffer = _numpy_global("numpy._core.numeric:_frombuffer", "numpy.core.numeric:_frombuffer")
-    allowed: dict[tuple[str, str], object] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
-                                              ("_codecs", "encode"): _latin1_encode}
+    allowed: dict[tuple[str, str], object] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1_encode,
+    }
     for module in ("numpy.core", "numpy._core"):  # files name either, whichever numpy wrote them
         if reconstruct is not None:
             allowed[(f"{module}.multiarray", "_reconstruct")] = reconstruct
@@ -231,9 +263,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> object:
         found = self._allowed.get((module, name))
         if found is None:
-            raise ValueError(_one_line(
-                f"cannot read {self._path}: refusing to unpickle {module}.{name}, which a CIFAR python batch of "
-                f"numpy arrays never holds, so this file is not an official one; do not load it, {self._fix}"))
+            raise ValueError(
+                _one_line(
+                    f"cannot read {self._path}: refusing to unpickle {module}.{name}, which a CIFAR python batch of "
+                    f"numpy arrays never holds, so this file is not an official one; do not load it, {self._fix}"
+                )
+            )
         return found
 
     def persistent_load(self, pid: object) -> object:
@@ -255,8 +290,7 @@ def _plain(value: object, depth: int = 0) -> bool:
     return False
 
 
-def _read_cifar_pickle(path: Path, title: str, label_key: str, classes: int,
-                       fix: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_cifar_pickle(path: Path, title: str, label_key: str, classes: int, fix: str) -> tuple[np.ndarray, np.ndarray]:
     expected = f"a {title} python batch (a pickled dict with b'data' uint8 (N, 3072) and b'{label_key}')"
     raw = _read_bytes(path, expected, fix)
     try:
@@ -270,8 +304,11 @@ def _read_cifar_pickle(path: Path, title: str, label_key: str, classes: int,
     keys = {k.decode("latin-1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
     data, labels = keys.get("data"), keys.get(label_key)
     if type(data) is not np.ndarray or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        got = (f"data of dtype {data.dtype} and shape {data.shape}" if isinstance(data, np.ndarray)
-               else f"keys {sorted(keys)}")
+        got = (
+            f"data of dtype {data.dtype} and shape {data.shape}"
+            if isinstance(data, np.ndarray)
+            else f"keys {sorted(keys)}"
+        )
         raise _bad(path, expected, got, fix)
     if type(labels) is np.ndarray and labels.dtype.kind in "iu" and labels.ndim == 1:
         labels = labels.astype(np.int64)
@@ -282,8 +319,7 @@ def _read_cifar_pickle(path: Path, title: str, label_key: str, classes: int,
     if len(labels) != len(data) or len(data) == 0:
         raise _bad(path, expected, f"{len(data)} images and {len(labels)} labels", fix)
     if labels.min() < 0 or labels.max() >= classes:
-        raise _bad(path, expected + f" with labels in 0..{classes - 1}", f"labels {labels.min()}..{labels.max()}",
-                   fix)
+        raise _bad(path, expected + f" with labels in 0..{classes - 1}", f"labels {labels.min()}..{labels.max()}", fix)
     return data.reshape(-1, 3, 32, 32), labels
 
 
@@ -337,13 +373,18 @@ def _read_svhn_file(path: Path, fix: str) -> Pair:
 def _read_mat(data: bytes, wanted: tuple[str, ...]) -> dict[str, np.ndarray]:
     """The numeric, real variables named in ``wanted`` of a little-endian MATLAB level-5 MAT-file."""
     if data[:10] == b"MATLAB 7.3" or data[512:520] == b"\x89HDF\r\n\x1a\n":
-        raise _MatError("a MATLAB v7.3 (HDF5) file, which this reader does not handle; re-save it in MATLAB with "
-                        "save(..., '-v7') or use the official SVHN files, which are v5")
+        raise _MatError(
+            "a MATLAB v7.3 (HDF5) file, which this reader does not handle; re-save it in MATLAB with "
+            "save(..., '-v7') or use the official SVHN files, which are v5"
+        )
     if len(data) < 128 or not data.startswith(b"MATLAB 5.0 MAT-file"):
         raise _MatError("no 'MATLAB 5.0 MAT-file' header (a MATLAB v4 file or not a MAT-file)")
     if data[126:128] != b"IM":
-        raise _MatError("a big-endian MAT-file, which this reader does not handle"
-                        if data[126:128] == b"MI" else f"endian indicator {data[126:128]!r}")
+        raise _MatError(
+            "a big-endian MAT-file, which this reader does not handle"
+            if data[126:128] == b"MI"
+            else f"endian indicator {data[126:128]!r}"
+        )
     found: dict[str, np.ndarray] = {}
     view = memoryview(data)
     for mtype, body in _mat_elements(view, 128):
@@ -372,14 +413,16 @@ def _mat_elements(view: memoryview, pos: int) -> Iterator[tuple[int, memoryview]
             mtype, nbytes = mtype & 0xFFFF, mtype >> 16
             if nbytes > 4:
                 raise _MatError(f"a small data element of {nbytes} bytes at offset {pos}")
-            yield mtype, view[pos + 4:pos + 4 + nbytes]
+            yield mtype, view[pos + 4 : pos + 4 + nbytes]
             pos += 8
             continue
         start = pos + 8
         if start + nbytes > end:
-            raise _MatError(f"a data element of {nbytes} bytes at offset {pos} that runs past the end "
-                            f"({end} bytes): a truncated file")
-        yield mtype, view[start:start + nbytes]
+            raise _MatError(
+                f"a data element of {nbytes} bytes at offset {pos} that runs past the end "
+                f"({end} bytes): a truncated file"
+            )
+        yield mtype, view[start : start + nbytes]
         pos = start + nbytes + (0 if mtype == _MI_COMPRESSED else -nbytes % 8)  # elements pad to 8 bytes
     if pos < end and any(view[pos:end]):
         raise _MatError(f"{end - pos} stray bytes at offset {pos}")
@@ -431,8 +474,9 @@ def read_gtsrb(root: str | Path, *, crop_roi: bool = False, size: int = 32) -> V
     fix = _gtsrb_fix(root)
     train_dir = root / "GTSRB" / "Final_Training" / "Images"
     if not train_dir.is_dir():
-        raise _bad(train_dir, "the GTSRB training folder with one folder per class (00000, 00001, ...)",
-                   "no such folder", fix)
+        raise _bad(
+            train_dir, "the GTSRB training folder with one folder per class (00000, 00001, ...)", "no such folder", fix
+        )
     class_dirs = sorted(d for d in train_dir.iterdir() if d.is_dir() and len(d.name) == 5 and d.name.isdigit())
     if not class_dirs:
         raise _bad(train_dir, "one folder per class (00000 ... 00042)", "none", fix)
@@ -441,8 +485,12 @@ def read_gtsrb(root: str | Path, *, crop_roi: bool = False, size: int = 32) -> V
     places = [root / "GTSRB" / "GT-final_test.csv", test_dir / "GT-final_test.csv"]
     test_csv = next((p for p in places if p.is_file()), None)
     if test_csv is None:
-        raise _bad(places[0], _GTSRB_CSV + " with the test labels, here or in " + str(test_dir),
-                   "no such file (GT-final_test.test.csv, shipped with the test images, has no ClassId)", fix)
+        raise _bad(
+            places[0],
+            _GTSRB_CSV + " with the test labels, here or in " + str(test_dir),
+            "no such file (GT-final_test.test.csv, shipped with the test images, has no ClassId)",
+            fix,
+        )
     test_rows = _gtsrb_rows(test_csv, test_dir, fix)
     splits = [_gtsrb_images(r, crop_roi, size, fix) for r in (rows, test_rows)]
     return VisionData(train=splits[0], test=splits[1], num_classes=NUM_CLASSES["gtsrb"], name="gtsrb")
@@ -460,8 +508,9 @@ def _gtsrb_rows(path: Path, image_dir: Path, fix: str) -> list[tuple[Path, tuple
         try:
             values = tuple(int(row[c]) for c in _GTSRB_COLUMNS[1:])
         except (TypeError, ValueError):
-            raise _bad(path, _GTSRB_CSV + " with integer fields", f"line {line}: {';'.join(map(str, row.values()))}",
-                       fix) from None
+            raise _bad(
+                path, _GTSRB_CSV + " with integer fields", f"line {line}: {';'.join(map(str, row.values()))}", fix
+            ) from None
         if not 0 <= values[-1] < NUM_CLASSES["gtsrb"]:
             raise _bad(path, _GTSRB_CSV + " with ClassId in 0..42", f"ClassId {values[-1]} on line {line}", fix)
         rows.append((image_dir / row["Filename"], values))
@@ -488,16 +537,20 @@ def _read_ppm(path: Path, fix: str) -> np.ndarray:
         if start == pos:
             raise _bad(path, expected, "a truncated header", fix)
         fields.append(data[start:pos])
-    if fields[0] != b"P6" or not all(f.isdigit() for f in fields[1:]) or data[pos:pos + 1] not in (b" ", b"\t",
-                                                                                                 b"\r", b"\n"):
+    if (
+        fields[0] != b"P6"
+        or not all(f.isdigit() for f in fields[1:])
+        or data[pos : pos + 1] not in (b" ", b"\t", b"\r", b"\n")
+    ):
         raise _bad(path, expected, f"header {b' '.join(fields)[:40]!r}", fix)
     width, height, maxval = (int(f) for f in fields[1:])
     if maxval != 255 or width == 0 or height == 0:
         raise _bad(path, expected, f"a {width}×{height} image with maxval {maxval}", fix)
-    pixels = data[pos + 1:]
+    pixels = data[pos + 1 :]
     if len(pixels) != width * height * 3:
-        raise _bad(path, expected, f"{len(pixels)} pixel bytes for a {width}×{height} image "
-                                   f"(needs {width * height * 3})", fix)
+        raise _bad(
+            path, expected, f"{len(pixels)} pixel bytes for a {width}×{height} image (needs {width * height * 3})", fix
+        )
     return np.frombuffer(pixels, dtype=np.uint8).reshape(height, width, 3).transpose(2, 0, 1)
 
 
@@ -509,9 +562,8 @@ def _gtsrb_images(rows: list[tuple[Path, tuple[int, ...]]], crop_roi: bool, size
             raise _bad(path, f"a {width}×{height} image as its CSV says", f"{image.shape[2]}×{image.shape[1]}", fix)
         if crop_roi:
             if not (0 <= x1 <= x2 < width and 0 <= y1 <= y2 < height):
-                raise _bad(path, "an ROI inside the image", f"Roi ({x1}, {y1})-({x2}, {y2}) in {width}×{height}",
-                           fix)
-            image = image[:, y1:y2 + 1, x1:x2 + 1]  # the ROI's corners are both inclusive
+                raise _bad(path, "an ROI inside the image", f"Roi ({x1}, {y1})-({x2}, {y2}) in {width}×{height}", fix)
+            image = image[:, y1 : y2 + 1, x1 : x2 + 1]  # the ROI's corners are both inclusive
         images.append(image)
         labels[i] = label
     return _resize_uint8(images, size), torch.from_numpy(labels)
@@ -523,7 +575,7 @@ def _resize_uint8(images: list[np.ndarray], size: int) -> Tensor:
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, image in enumerate(images):
         by_shape.setdefault(image.shape, []).append(i)
-    for chunk in (idx[s:s + 1024] for idx in by_shape.values() for s in range(0, len(idx), 1024)):
+    for chunk in (idx[s : s + 1024] for idx in by_shape.values() for s in range(0, len(idx), 1024)):
         batch = torch.from_numpy(np.stack([images[i] for i in chunk])).float()
         resized = F.interpolate(batch, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         out[torch.tensor(chunk)] = resized.round().clamp(0, 255).to(torch.uint8)
@@ -539,8 +591,11 @@ def read_tinyimagenet(root: str | Path) -> VisionData:
     base, fix = root / "tiny-imagenet-200", _tiny_fix(root)
     wnids_path = base / "wnids.txt"
     expected = "the Tiny-ImageNet class list (one WordNet id per line)"
-    wnids = sorted(line.strip() for line in _read_bytes(wnids_path, expected, fix).decode("ascii", "replace")
-                   .splitlines() if line.strip())
+    wnids = sorted(
+        line.strip()
+        for line in _read_bytes(wnids_path, expected, fix).decode("ascii", "replace").splitlines()
+        if line.strip()
+    )
     if not wnids or len(set(wnids)) != len(wnids):
         raise _bad(wnids_path, expected + ", each once", f"{len(wnids)} lines, {len(set(wnids))} distinct", fix)
     index = {wnid: i for i, wnid in enumerate(wnids)}
@@ -563,8 +618,9 @@ def read_tinyimagenet(root: str | Path) -> VisionData:
         test.append((base / "val" / "images" / fields[0], index[fields[1]]))
     if not test:
         raise _bad(notes, note_format, "no lines", fix)
-    return VisionData(train=_read_jpegs(train, fix), test=_read_jpegs(test, fix), num_classes=len(wnids),
-                      name="tinyimagenet")
+    return VisionData(
+        train=_read_jpegs(train, fix), test=_read_jpegs(test, fix), num_classes=len(wnids), name="tinyimagenet"
+    )
 
 
 def _read_jpegs(items: list[tuple[Path, int]], fix: str, size: int = 64) -> Pair:
@@ -588,9 +644,13 @@ def _read_jpegs(items: list[tuple[Path, int]], fix: str, size: int = 64) -> Pair
 
 # ------------------------------------------------------------------------------------------------ lookup
 
-READERS: dict[str, Callable[..., VisionData]] = {"cifar10": read_cifar10, "cifar100": read_cifar100,
-                                                 "svhn": read_svhn, "gtsrb": read_gtsrb,
-                                                 "tinyimagenet": read_tinyimagenet}
+READERS: dict[str, Callable[..., VisionData]] = {
+    "cifar10": read_cifar10,
+    "cifar100": read_cifar100,
+    "svhn": read_svhn,
+    "gtsrb": read_gtsrb,
+    "tinyimagenet": read_tinyimagenet,
+}
 
 
 def read(name: str, root: str | Path | None = None, **options: object) -> VisionData:

@@ -20,6 +20,7 @@ the optimizer runs once per pass. The glue that this needs:
 A subclass that overrides ``backward``, ``optimizer_step``, ``configure_gradient_clipping``, ``on_train_batch_start``
 or the checkpoint hooks calls ``super()``. One optimizer per module.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -49,18 +50,27 @@ class PerturbedModule(pl.LightningModule):
     _advreg_accumulate = False  # accumulate_grad_batches > 1 with an advreg optimizer: replay the kept batches
     _advreg_stepping = False  # inside optimizer_step: every backward counts
 
-    def perturbed_optimizer(self, kind: type[PerturbedOptimizer], base_optimizer: type, params: Any = None,
-                            **kwargs: Any) -> PerturbedOptimizer:
+    def perturbed_optimizer(
+        self, kind: type[PerturbedOptimizer], base_optimizer: type, params: Any = None, **kwargs: Any
+    ) -> PerturbedOptimizer:
         """``kind(params, base_optimizer, **kwargs)`` wired to this trainer: ``model=self``, the DDP model's
         ``no_sync`` under ``strategy="ddp"``, the precision plugin's grad scaler under ``"16-mixed"``, and
         ``gradient_clip_val`` on the final gradient. Call it in ``configure_optimizers``; ``params`` defaults to
         ``self.parameters()``."""
         trainer = self.trainer
         self._advreg_accumulate, self._advreg_window = trainer.accumulate_grad_batches > 1, []
-        optimizer = kind(self.parameters() if params is None else params, base_optimizer, model=self,
-                         grad_scaler=self._take_scaler(), no_sync=_no_sync(trainer.strategy.model), **kwargs)
-        clip_before_base_step(optimizer, lambda: self.clip_gradients(
-            optimizer, trainer.gradient_clip_val, trainer.gradient_clip_algorithm))
+        optimizer = kind(
+            self.parameters() if params is None else params,
+            base_optimizer,
+            model=self,
+            grad_scaler=self._take_scaler(),
+            no_sync=_no_sync(trainer.strategy.model),
+            **kwargs,
+        )
+        clip_before_base_step(
+            optimizer,
+            lambda: self.clip_gradients(optimizer, trainer.gradient_clip_val, trainer.gradient_clip_algorithm),
+        )
         return optimizer
 
     def _take_scaler(self) -> torch.amp.GradScaler | None:
@@ -88,8 +98,9 @@ class PerturbedModule(pl.LightningModule):
             loss = self._advreg_scaler.scale(loss)
         super().backward(loss, *args, **kwargs)
 
-    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any,
-                       optimizer_closure: Callable[[], Any] | None = None) -> None:
+    def optimizer_step(
+        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Callable[[], Any] | None = None
+    ) -> None:
         """Lightning's step (``optimizer.step(closure)``, the closure replaying the accumulated batches first), then
         the grad scaler's ``update``."""
         if self._advreg_accumulate:  # the last kept batch is this one, which Lightning's closure runs
@@ -105,8 +116,9 @@ class PerturbedModule(pl.LightningModule):
         if self._advreg_scaler is not None:
             self._advreg_scaler.update()
 
-    def _replaying(self, window: list[tuple[Any, int]], optimizer: Any,
-                   closure: Callable[[], Any]) -> Callable[[], Any]:
+    def _replaying(
+        self, window: list[tuple[Any, int]], optimizer: Any, closure: Callable[[], Any]
+    ) -> Callable[[], Any]:
         """A closure over the whole accumulated batch: clear the gradients, forward and backward each kept batch
         (its loss divided by k, as Lightning divides it; under DDP without the all-reduce), then Lightning's closure
         on the last batch (whose backward all-reduces the sum)."""
@@ -124,10 +136,15 @@ class PerturbedModule(pl.LightningModule):
                     total = total + loss.detach()
             last = closure()
             return total + last if last is not None else last
+
         return replay
 
-    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: Any = None,
-                                    gradient_clip_algorithm: str | None = None) -> None:
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: Any = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
         """Lightning clips after every pass; an advreg optimizer's gradient is clipped once, before its base step."""
         if not isinstance(optimizer, PerturbedOptimizer):
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
@@ -142,8 +159,10 @@ class PerturbedModule(pl.LightningModule):
         if SCALER_KEY in checkpoint:
             scaler = self._advreg_scaler or getattr(self.trainer.precision_plugin, "scaler", None)
             if scaler is None:
-                raise ValueError("this checkpoint holds a grad scaler's state (it was trained with "
-                                 "precision='16-mixed'): resume it with the same precision")
+                raise ValueError(
+                    "this checkpoint holds a grad scaler's state (it was trained with "
+                    "precision='16-mixed'): resume it with the same precision"
+                )
             scaler.load_state_dict(checkpoint[SCALER_KEY])
 
 

@@ -14,6 +14,7 @@ parameter groups) wrapped in the perturbation, and with the Trainer's own schedu
   (the Trainer then skips the scheduler's step too); ``bf16`` is autocast only.
 - BatchNorm: ``model=`` is the Trainer's model, so running statistics move as after the clean pass only.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -35,13 +36,20 @@ class PerturbedTrainer(transformers.Trainer):
     the scale (not tested: on the CPU Accelerate does not unscale). ``perturbed`` is the advreg optimizer.
     """
 
-    def __init__(self, *args: Any, perturbation: type[PerturbedOptimizer],
-                 perturbation_kwargs: dict[str, Any] | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        perturbation: type[PerturbedOptimizer],
+        perturbation_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ):
         if not (isinstance(perturbation, type) and issubclass(perturbation, PerturbedOptimizer)):
             raise ValueError(f"perturbation must be an advreg optimizer class such as advreg.SAM, got {perturbation!r}")
         if kwargs.get("optimizers", (None, None))[0] is not None or kwargs.get("optimizer_cls_and_kwargs"):
-            raise ValueError("PerturbedTrainer builds its optimizer from the TrainingArguments (optim, learning_rate, "
-                             "weight_decay): leave out optimizers= and optimizer_cls_and_kwargs=")
+            raise ValueError(
+                "PerturbedTrainer builds its optimizer from the TrainingArguments (optim, learning_rate, "
+                "weight_decay): leave out optimizers= and optimizer_cls_and_kwargs="
+            )
         super().__init__(*args, **kwargs)
         self.perturbation, self.perturbation_kwargs = perturbation, dict(perturbation_kwargs or {})
         self.perturbed: PerturbedOptimizer | None = None
@@ -51,15 +59,21 @@ class PerturbedTrainer(transformers.Trainer):
         """The Trainer's optimizer (class, settings and parameter groups) wrapped in the perturbation."""
         if self.optimizer is None:
             base = super().create_optimizer(model)
-            self.perturbed = self.perturbation([dict(g) for g in base.param_groups], type(base), model=self.model,
-                                               grad_scaler=self.accelerator.scaler, **self.perturbation_kwargs)
+            self.perturbed = self.perturbation(
+                [dict(g) for g in base.param_groups],
+                type(base),
+                model=self.model,
+                grad_scaler=self.accelerator.scaler,
+                **self.perturbation_kwargs,
+            )
             if self.args.max_grad_norm and self.args.max_grad_norm > 0:
                 clip_before_base_step(self.perturbed, clip_grad_norm(self.perturbed, self.args.max_grad_norm))
             self.optimizer = _TakenStep(self.perturbed)
         return self.optimizer
 
-    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
-                      num_items_in_batch: Any = None) -> torch.Tensor:
+    def training_step(
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
         """Keep the micro-batch; at the last one of an update, take the perturbed step on all of them. Returns the
         loss to log (0 for a kept micro-batch, the accumulated batch's loss at θ at the last)."""
         self._window.append((inputs, num_items_in_batch))
@@ -71,6 +85,7 @@ class PerturbedTrainer(transformers.Trainer):
         def closure() -> torch.Tensor:
             self.perturbed.zero_grad()
             return sum(trainer_step(model, dict(batch), items) for batch, items in window)
+
         loss = self.perturbed.step(closure)
         return loss.detach()
 
@@ -85,8 +100,11 @@ class _TakenStep(torch.optim.Optimizer):
         self._share()
 
     def _share(self) -> None:
-        self.param_groups, self.state, self.defaults = (self.perturbed.param_groups, self.perturbed.state,
-                                                        self.perturbed.defaults)
+        self.param_groups, self.state, self.defaults = (
+            self.perturbed.param_groups,
+            self.perturbed.state,
+            self.perturbed.defaults,
+        )
 
     def step(self, closure: Any = None) -> None:  # type: ignore[override]
         """Nothing: the perturbed step was taken at the update's last micro-batch."""

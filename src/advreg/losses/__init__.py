@@ -5,6 +5,7 @@ A loss stage is called as ``stage(model, batch)`` on the transform's :class:`~ad
 objectives only need those logits (:class:`OnLogits`), TRADES and MART need the clean and the adversarial logits
 (:class:`OnPair`), and AMM runs the model again (DeepFool) inside its regularizer.
 """
+
 from __future__ import annotations
 
 from advreg.losses.amm import AMMLoss
@@ -18,5 +19,17 @@ from advreg.registry import Member, members, register
 register(Member("loss", "ce", lambda c, ce, loss_config: OnLogits(ce)))  # loss.smoothing and loss.flooding
 LOSSES = tuple(members("loss"))  # every declared loss's name
 
-__all__ = ["AMMLoss", "LOSSES", "LossFn", "LossStage", "OnLogits", "OnPair", "PairLossFn", "cross_entropy", "flood",
-           "make_loss", "mart_loss", "trades_loss"]
+__all__ = [
+    "AMMLoss",
+    "LOSSES",
+    "LossFn",
+    "LossStage",
+    "OnLogits",
+    "OnPair",
+    "PairLossFn",
+    "cross_entropy",
+    "flood",
+    "make_loss",
+    "mart_loss",
+    "trades_loss",
+]

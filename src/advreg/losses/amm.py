@@ -20,6 +20,7 @@ and its label: two copies.
 - Inside the regularizer the model runs in eval mode (BatchNorm on its running statistics) with each dropout mask
   frozen to the one of the cross-entropy pass, so one sample's margin never depends on the others'.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,8 +59,9 @@ def truncation(lam: float, d: float, kind: str, clip_value: float) -> float:
     return (1.0 - lam / clip_value) / d  # INV: d·τ < 1
 
 
-def margin_terms(norms: Tensor, correct: Tensor, lam: float, c: float, d: float, kind: str,
-                 clip_value: float) -> Tensor:
+def margin_terms(
+    norms: Tensor, correct: Tensor, lam: float, c: float, d: float, kind: str, clip_value: float
+) -> Tensor:
     """Per-sample λ·R(-c‖Δx‖) (correct) or λ·R(d·min(‖Δx‖, τ)) (misclassified), as in Eq. 6."""
     tau = truncation(lam, d, kind, clip_value)
     wrong = norms.clamp(max=tau) if math.isfinite(tau) else norms
@@ -67,8 +69,9 @@ def margin_terms(norms: Tensor, correct: Tensor, lam: float, c: float, d: float,
     return terms.clamp(max=clip_value) if kind != "lin" else terms
 
 
-def select_min(norms: Tensor, labels: Tensor, correct: Tensor, usable: Tensor, batch_size: int,
-               fraction: float = 0.2) -> Tensor:
+def select_min(
+    norms: Tensor, labels: Tensor, correct: Tensor, usable: Tensor, batch_size: int, fraction: float = 0.2
+) -> Tensor:
     """MIN aggregation (Sec. 3.3.1): which samples the regularizer keeps, a boolean mask (B,).
 
     A usable correct sample is kept iff (a) its norm is the smallest among the usable correct samples of its
@@ -103,8 +106,10 @@ class FrozenDropout:
         self.dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
         other = sorted({type(m).__name__ for m in self.dropouts if type(m) is not nn.Dropout or m.inplace})
         if other:
-            raise ValueError(f"the AMM regularizer freezes nn.Dropout masks; the model has {', '.join(other)} "
-                             "(use nn.Dropout(p), not in-place)")
+            raise ValueError(
+                f"the AMM regularizer freezes nn.Dropout masks; the model has {', '.join(other)} "
+                "(use nn.Dropout(p), not in-place)"
+            )
         self.masks: dict[nn.Module, Tensor | None] = {}
         self.rows: Tensor | None = None
         self._handles: list[Any] = []
@@ -146,8 +151,10 @@ class FrozenDropout:
         if self.rows is not None:
             mask = mask[self.rows]
         if x.shape != mask.shape:
-            raise RuntimeError(f"a frozen dropout mask of shape {tuple(mask.shape)} cannot serve an input of "
-                               f"shape {tuple(x.shape)}; pass the rows it holds through FrozenDropout.forward")
+            raise RuntimeError(
+                f"a frozen dropout mask of shape {tuple(mask.shape)} cannot serve an input of "
+                f"shape {tuple(x.shape)}; pass the rows it holds through FrozenDropout.forward"
+            )
         return x * mask
 
 
@@ -159,27 +166,46 @@ class AMMLoss:
     Defaults are the paper's MIN+EXP setting (Appendix Table 1: λ = 32, c = 2, d = 1; u = 6).
     """
 
-    def __init__(self, criterion: Any, lam: float = 32.0, c: float = 2.0, d: float = 1.0, aggregation: str = "min",
-                 shrinkage: str = "exp", steps: int = 6, overshoot: float = 0.02, high_order: bool = True,
-                 top_fraction: float = 0.2, clip_value: float = 50.0, candidates: int = 0):
+    def __init__(
+        self,
+        criterion: Any,
+        lam: float = 32.0,
+        c: float = 2.0,
+        d: float = 1.0,
+        aggregation: str = "min",
+        shrinkage: str = "exp",
+        steps: int = 6,
+        overshoot: float = 0.02,
+        high_order: bool = True,
+        top_fraction: float = 0.2,
+        clip_value: float = 50.0,
+        candidates: int = 0,
+    ):
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation {aggregation!r}; choose one of: {', '.join(AGGREGATIONS)}")
         if shrinkage not in SHRINKAGES:
             raise ValueError(f"unknown shrinkage {shrinkage!r}; choose one of: {', '.join(SHRINKAGES)}")
         if not (lam >= 0 and c > 0 and d > 0):
-            raise ValueError(f"lam must be >= 0 and c, d > 0, got lam={lam!r}, c={c!r}, d={d!r} "
-                             "(the paper's MIN+EXP uses 32, 2, 1)")
+            raise ValueError(
+                f"lam must be >= 0 and c, d > 0, got lam={lam!r}, c={c!r}, d={d!r} (the paper's MIN+EXP uses 32, 2, 1)"
+            )
         if not (isinstance(steps, int) and steps >= 1) or overshoot < 0:
-            raise ValueError(f"steps must be an integer >= 1 and overshoot >= 0, got {steps!r}, "
-                             f"{overshoot!r} (the paper uses u = 6 and 0.02)")
+            raise ValueError(
+                f"steps must be an integer >= 1 and overshoot >= 0, got {steps!r}, "
+                f"{overshoot!r} (the paper uses u = 6 and 0.02)"
+            )
         if not 0 < top_fraction <= 1:
             raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction!r} (the paper uses 0.2)")
         if not (isinstance(candidates, int) and (candidates == 0 or candidates >= 2)):
-            raise ValueError(f"candidates must be 0 (all classes) or an integer >= 2, got {candidates!r} (the "
-                             "authors' code uses the top 10 classes at x)")
+            raise ValueError(
+                f"candidates must be 0 (all classes) or an integer >= 2, got {candidates!r} (the "
+                "authors' code uses the top 10 classes at x)"
+            )
         if shrinkage != "lin" and not clip_value > lam:
-            raise ValueError(f"clip_value must exceed lam for {shrinkage.upper()} (it caps λ·R), got "
-                             f"clip_value={clip_value!r}, lam={lam!r}")
+            raise ValueError(
+                f"clip_value must exceed lam for {shrinkage.upper()} (it caps λ·R), got "
+                f"clip_value={clip_value!r}, lam={lam!r}"
+            )
         self.criterion = criterion
         self.lam, self.c, self.d = lam, c, d
         self.aggregation, self.shrinkage = aggregation, shrinkage
@@ -189,8 +215,10 @@ class AMMLoss:
     def __call__(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
         inputs, labels = batch.inputs, batch.target
         if labels.dim() != 1:
-            raise ValueError("the AMM loss needs hard labels (B,); a transform that makes soft targets (mixup, "
-                             "alps) cannot go with it")
+            raise ValueError(
+                "the AMM loss needs hard labels (B,); a transform that makes soft targets (mixup, "
+                "alps) cannot go with it"
+            )
         with FrozenDropout(model) as frozen:
             logits = model(inputs)
             loss = self.criterion(logits, labels)
@@ -211,24 +239,42 @@ class AMMLoss:
         x_sub, y_sub = (x, labels) if rows is None else (x[rows], labels[rows])
         r, success, source = self._deepfool(model, x_sub, y_sub, frozen, rows, create_graph=True)
         kept = success.nonzero().squeeze(1)
-        terms = margin_terms(sample_norms(r[kept]), (source == y_sub)[kept], self.lam, self.c, self.d, self.shrinkage,
-                             self.clip_value)
+        terms = margin_terms(
+            sample_norms(r[kept]), (source == y_sub)[kept], self.lam, self.c, self.d, self.shrinkage, self.clip_value
+        )
         return terms.sum() / len(x)
 
-    def _deepfool(self, model: nn.Module, x: Tensor, labels: Tensor, frozen: FrozenDropout, rows: Tensor | None,
-                  create_graph: bool) -> tuple[Tensor, ...]:
+    def _deepfool(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        labels: Tensor,
+        frozen: FrozenDropout,
+        rows: Tensor | None,
+        create_graph: bool,
+    ) -> tuple[Tensor, ...]:
         """Unclipped DeepFool (the paper's Δx, no input box) of ``x``, the batch's ``rows`` (None: all of it)."""
+
         def forward(inputs: Tensor, sub: Tensor) -> Tensor:  # sub indexes x; the masks are the batch's
             return frozen.forward(model, inputs, sub if rows is None else rows[sub])
 
-        return deepfool_with_source(model, x, self.steps, self.overshoot, create_graph=create_graph, labels=labels,
-                                    high_order=self.high_order, candidates=self.candidates or None,
-                                    forward=forward)
+        return deepfool_with_source(
+            model,
+            x,
+            self.steps,
+            self.overshoot,
+            create_graph=create_graph,
+            labels=labels,
+            high_order=self.high_order,
+            candidates=self.candidates or None,
+            forward=forward,
+        )
 
 
 @dataclass(frozen=True)
 class AMMConfig:
     """AMM's margin term (Yan et al.); the defaults are the paper's MIN+EXP (Appendix Table 1), u = 6 (Sec. 4.2)."""
+
     lam: float = 32.0  # λ, the weight of L_DD
     c: float = 2.0  # scale of correctly classified samples' norms
     d: float = 1.0  # scale of misclassified samples' norms
@@ -242,5 +288,11 @@ class AMMConfig:
     candidates: int = 0  # DeepFool's classes: the top ones at x (the authors' code: 10); 0 is all K
 
 
-register(Member("loss", "amm", lambda c, ce, loss_config: AMMLoss(ce, **dataclasses.asdict(c)),  # the section's keys
-                AMMConfig))  # are AMMLoss's
+register(
+    Member(
+        "loss",
+        "amm",
+        lambda c, ce, loss_config: AMMLoss(ce, **dataclasses.asdict(c)),  # the section's keys
+        AMMConfig,
+    )
+)  # are AMMLoss's

@@ -2,6 +2,7 @@
 
 Smoothing mixes the target with the uniform distribution: t ← (1-α)·t + α/K (AMP paper: α = 0.2).
 """
+
 from __future__ import annotations
 
 import torch.nn.functional as F

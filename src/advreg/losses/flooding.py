@@ -2,6 +2,7 @@
 
 Above the flood level b it is J; below, its gradient flips sign, so training ascends back to b.
 """
+
 from __future__ import annotations
 
 from torch import Tensor

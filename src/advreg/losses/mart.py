@@ -2,6 +2,7 @@
 
 BCE(p', y) = −log p'_y − log(1 − max_{k≠y} p'_k) is MART's boosted cross-entropy on the adversarial example.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,8 +32,9 @@ def mart_loss(logits: Tensor, logits_adv: Tensor, target: Tensor, beta: float = 
     check_pair(logits, logits_adv, target, beta)
     p = F.softmax(logits, dim=1)  # (B, K)
     p_adv = F.softmax(logits_adv, dim=1)  # (B, K)
-    bce = F.cross_entropy(logits_adv, target, reduction="none") \
-        - torch.log(1.0001 - top_wrong_prob(p_adv, target) + 1e-12)  # (B,)
+    bce = F.cross_entropy(logits_adv, target, reduction="none") - torch.log(
+        1.0001 - top_wrong_prob(p_adv, target) + 1e-12
+    )  # (B,)
     kl = (p * (F.log_softmax(logits, dim=1) - torch.log(p_adv + 1e-12))).sum(dim=1)  # (B,)
     weight = 1.0000001 - p.gather(1, target[:, None]).squeeze(1)  # (B,): 1 − p_y(x)
     return (bce + beta * kl * weight).mean()
@@ -41,6 +43,7 @@ def mart_loss(logits: Tensor, logits_adv: Tensor, target: Tensor, beta: float = 
 @dataclass(frozen=True)
 class MARTConfig:
     """The ``mart`` loss (Wang et al., ICLR 2020)."""
+
     beta: float = 6.0  # λ of the misclassification-weighted KL (AWP paper Eq. 3; the MART code's beta)
 
 

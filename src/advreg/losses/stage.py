@@ -1,5 +1,6 @@
 """The loss stage's protocol, and the two ways a criterion becomes a stage: on the logits, on a clean/adversarial
 pair."""
+
 from __future__ import annotations
 
 import functools
@@ -24,6 +25,7 @@ class LossStage(Protocol):
 @dataclass(frozen=True)
 class OnLogits:
     """The loss stage of a criterion on the logits: ``criterion(model(batch.inputs), batch.target)``."""
+
     criterion: LossFn
 
     def __call__(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
@@ -37,12 +39,15 @@ class OnPair:
     model(batch.inputs), batch.target)``, for a batch of adversarial examples that keeps its clean inputs (as
     :class:`advreg.transforms.PGDExamples` makes it). Two forward passes, as the TRADES and MART code does, so
     BatchNorm normalizes each on its own statistics; the clean logits are returned."""
+
     criterion: PairLossFn
 
     def __call__(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
         if batch.clean is None:
-            raise ValueError("TRADES and MART compare the clean and the adversarial inputs, and this batch has no "
-                             "clean inputs; make it with a transform that keeps them (stages.transform=pgd)")
+            raise ValueError(
+                "TRADES and MART compare the clean and the adversarial inputs, and this batch has no "
+                "clean inputs; make it with a transform that keeps them (stages.transform=pgd)"
+            )
         logits = model(batch.clean)  # (B, K)
         return self.criterion(logits, model(batch.inputs), batch.target), logits
 
@@ -56,17 +61,21 @@ def make_loss(smoothing: float = 0.0, flooding: float = 0.0) -> LossFn:
 
     def loss_fn(logits: Tensor, target: Tensor) -> Tensor:
         return flood(cross_entropy(logits, target, smoothing), flooding)
+
     return loss_fn
 
 
 def pair_builder(name: str, criterion: Callable[..., Tensor]) -> Callable[..., OnPair]:
     """The ``build`` of a member whose criterion is ``criterion(logits, logits_adv, target, beta=...)``: its section
     holds β, and the cross-entropy's smoothing and flooding do not apply to it."""
+
     def build(section: Any, ce: LossFn, loss_config: Any) -> OnPair:
         if loss_config.smoothing or loss_config.flooding:
-            raise ValueError(f"loss.smoothing and loss.flooding apply to the ce and amm losses, not to {name}; "
-                             "leave them at 0")
+            raise ValueError(
+                f"loss.smoothing and loss.flooding apply to the ce and amm losses, not to {name}; leave them at 0"
+            )
         if section.beta < 0:
             raise ValueError(f"{name}.beta must be >= 0, got {section.beta!r} (the papers use 6)")
         return OnPair(functools.partial(criterion, beta=section.beta))
+
     return build

@@ -2,6 +2,7 @@
 
 Both terms keep their gradient: as in the TRADES code, the KL differentiates through the clean p(x) too.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,11 +17,15 @@ from advreg.registry import Member, register
 def check_pair(logits: Tensor, logits_adv: Tensor, target: Tensor, beta: float) -> None:
     """Raise ValueError unless logits and logits_adv are both (B, K), target is (B,) class indices and beta >= 0."""
     if logits.dim() != 2 or logits.shape != logits_adv.shape:
-        raise ValueError(f"clean and adversarial logits must both be (B, K), got {tuple(logits.shape)} and "
-                         f"{tuple(logits_adv.shape)}; pass the model's outputs on x and on x' for the same batch")
+        raise ValueError(
+            f"clean and adversarial logits must both be (B, K), got {tuple(logits.shape)} and "
+            f"{tuple(logits_adv.shape)}; pass the model's outputs on x and on x' for the same batch"
+        )
     if target.dim() != 1 or target.shape[0] != logits.shape[0] or target.is_floating_point():
-        raise ValueError(f"target must be (B,) = ({logits.shape[0]},) integer class indices, got "
-                         f"{tuple(target.shape)} {target.dtype}; soft targets are not supported here")
+        raise ValueError(
+            f"target must be (B,) = ({logits.shape[0]},) integer class indices, got "
+            f"{tuple(target.shape)} {target.dtype}; soft targets are not supported here"
+        )
     if beta < 0:
         raise ValueError(f"beta (the KL weight) must be >= 0, got {beta!r} (TRADES and MART use 6)")
 
@@ -41,6 +46,7 @@ def trades_loss(logits: Tensor, logits_adv: Tensor, target: Tensor, beta: float 
 @dataclass(frozen=True)
 class TRADESConfig:
     """The ``trades`` loss (Zhang et al., ICML 2019)."""
+
     beta: float = 6.0  # weight of KL(p(x) ‖ p(x')) (TRADES paper; AWP paper Eq. 2)
 
 

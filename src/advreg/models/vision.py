@@ -18,6 +18,7 @@ Choices, where the sources differ:
   C // 32 groups, lowered to a divisor of C (PyramidNet widths are not multiples of 32), and 1 group below
   64 channels. GroupNorm has the same affine parameters as BatchNorm, so parameter counts do not change.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -57,8 +58,9 @@ def _init(model: nn.Module) -> None:
 
 def _head(norm: str, channels: int, num_classes: int) -> nn.Sequential:
     """Final norm-ReLU of the pre-activation nets, global average pool, linear: (B, C, h, w) -> (B, K)."""
-    return nn.Sequential(make_norm(norm, channels), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(channels, num_classes))
+    return nn.Sequential(
+        make_norm(norm, channels), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)
+    )
 
 
 class Normalize(nn.Module):
@@ -70,8 +72,10 @@ class Normalize(nn.Module):
         m = torch.as_tensor(mean, dtype=torch.float32).flatten()
         s = torch.as_tensor(std, dtype=torch.float32).flatten()
         if m.numel() not in (1, channels) or s.numel() not in (1, channels):
-            raise ValueError(f"mean and std need 1 or {channels} values (one per channel of input_shape "
-                             f"{input_shape}), got {m.numel()} and {s.numel()}")
+            raise ValueError(
+                f"mean and std need 1 or {channels} values (one per channel of input_shape "
+                f"{input_shape}), got {m.numel()} and {s.numel()}"
+            )
         if not (torch.isfinite(m).all() and torch.isfinite(s).all() and (s > 0).all()):
             raise ValueError(f"mean must be finite and std finite and > 0, got mean={mean!r}, std={std!r}")
         self.register_buffer("mean", m.expand(channels).reshape(view).clone())
@@ -90,6 +94,7 @@ def normalized(model: nn.Module, mean, std, input_shape: tuple[int, ...]) -> nn.
 
 
 # --- pre-activation ResNets: PreActResNet18 and the Wide ResNets -------------------------------------------
+
 
 class PreActBlock(nn.Module):
     """norm-ReLU-conv3x3(stride)-norm-ReLU-dropout-conv3x3, plus x or a 1x1 conv of the activated x."""
@@ -112,8 +117,17 @@ class PreActBlock(nn.Module):
 class PreActResNet(nn.Module):
     """3x3 stem, stages of PreActBlocks (the first of each strided), norm-ReLU, pool, linear."""
 
-    def __init__(self, in_channels: int, num_classes: int, stem: int, widths: Sequence[int],
-                 strides: Sequence[int], blocks: int, norm: str = "batch", dropout: float = 0.0):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        stem: int,
+        widths: Sequence[int],
+        strides: Sequence[int],
+        blocks: int,
+        norm: str = "batch",
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.stem = _conv3x3(in_channels, stem)
         layers, cin = [], stem
@@ -137,8 +151,9 @@ def wide_resnet(depth: int, widen: int, in_channels: int, num_classes: int, **kw
     """WRN-depth-widen (Zagoruyko & Komodakis 2016): (depth - 4) / 6 blocks at widths 16k, 32k, 64k."""
     if depth < 10 or (depth - 4) % 6:
         raise ValueError(f"a Wide ResNet's depth must be 6n + 4 with n >= 1 (e.g. 28, 34), got {depth}")
-    return PreActResNet(in_channels, num_classes, 16, (16 * widen, 32 * widen, 64 * widen), (1, 2, 2),
-                        (depth - 4) // 6, **kw)
+    return PreActResNet(
+        in_channels, num_classes, 16, (16 * widen, 32 * widen, 64 * widen), (1, 2, 2), (depth - 4) // 6, **kw
+    )
 
 
 # --- VGG16 with BatchNorm, CIFAR version ---------------------------------------------------------------------
@@ -149,8 +164,9 @@ VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512
 class VGG(nn.Module):
     """conv3x3(bias)-norm-ReLU(-dropout) blocks with max-pools, global pool, a single Linear(512, K)."""
 
-    def __init__(self, in_channels: int, num_classes: int, cfg: Sequence = VGG16, norm: str = "batch",
-                 dropout: float = 0.0):
+    def __init__(
+        self, in_channels: int, num_classes: int, cfg: Sequence = VGG16, norm: str = "batch", dropout: float = 0.0
+    ):
         super().__init__()
         layers: list[nn.Module] = []
         for v in cfg:
@@ -169,6 +185,7 @@ class VGG(nn.Module):
 
 # --- PyramidNet (Han, Kim & Kim 2017) ---------------------------------------------------------------------------
 
+
 class PyramidBlock(nn.Module):
     """Basic: norm-conv3-norm-ReLU-conv3-norm; bottleneck: norm-conv1-norm-ReLU-conv3-norm-ReLU-conv1(4x)-norm.
 
@@ -177,8 +194,11 @@ class PyramidBlock(nn.Module):
     def __init__(self, cin: int, width: int, stride: int, bottleneck: bool, norm: str, dropout: float):
         super().__init__()
         if bottleneck:
-            convs = [nn.Conv2d(cin, width, 1, bias=False), _conv3x3(width, width, stride),
-                     nn.Conv2d(width, 4 * width, 1, bias=False)]
+            convs = [
+                nn.Conv2d(cin, width, 1, bias=False),
+                _conv3x3(width, width, stride),
+                nn.Conv2d(width, 4 * width, 1, bias=False),
+            ]
         else:
             convs = [_conv3x3(cin, width, stride), _conv3x3(width, width)]
         layers: list[nn.Module] = [make_norm(norm, cin)]
@@ -198,13 +218,23 @@ class PyramidBlock(nn.Module):
 class PyramidNet(nn.Module):
     """Widths grow by alpha / (3 n) per block from 16 (additive pyramid), n blocks in each of 3 stages."""
 
-    def __init__(self, in_channels: int, num_classes: int, depth: int, alpha: float, bottleneck: bool,
-                 norm: str = "batch", dropout: float = 0.0):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        depth: int,
+        alpha: float,
+        bottleneck: bool,
+        norm: str = "batch",
+        dropout: float = 0.0,
+    ):
         super().__init__()
         per_block = 9 if bottleneck else 6
         if depth < 2 + per_block or (depth - 2) % per_block:
-            raise ValueError(f"a {'bottleneck' if bottleneck else 'basic'} PyramidNet's depth must be "
-                             f"{per_block}n + 2 with n >= 1 (e.g. {164 if bottleneck else 110}), got {depth}")
+            raise ValueError(
+                f"a {'bottleneck' if bottleneck else 'basic'} PyramidNet's depth must be "
+                f"{per_block}n + 2 with n >= 1 (e.g. {164 if bottleneck else 110}), got {depth}"
+            )
         n = (depth - 2) // per_block
         self.stem = nn.Sequential(_conv3x3(in_channels, 16), make_norm(norm, 16))
         layers, cin, width = [], 16, 16.0
@@ -223,6 +253,7 @@ class PyramidNet(nn.Module):
 
 # --- LeNet (Caffe's; AMM paper Sec. 4.4) ---------------------------------------------------------------------------
 
+
 class LeNet(nn.Module):
     """conv5x5 20 - maxpool - conv5x5 50 - maxpool - fc 500 - ReLU - fc K (Caffe's MNIST LeNet)."""
 
@@ -231,8 +262,13 @@ class LeNet(nn.Module):
         c, h, w = input_shape
         side = lambda n: ((n - 4) // 2 - 4) // 2  # two (conv5x5, maxpool2) stages
         self.features = nn.Sequential(nn.Conv2d(c, 20, 5), nn.MaxPool2d(2), nn.Conv2d(20, 50, 5), nn.MaxPool2d(2))
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(50 * side(h) * side(w), 500), nn.ReLU(),
-                                        _dropout(dropout), nn.Linear(500, num_classes))
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(50 * side(h) * side(w), 500),
+            nn.ReLU(),
+            _dropout(dropout),
+            nn.Linear(500, num_classes),
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))  # (B, 50, 4, 4) at 28x28, (B, 50, 5, 5) at 32x32 -> (B, K)
@@ -256,16 +292,21 @@ VISION_MODELS = tuple(_ARCHS)
 
 def image_shape(name: str, input_shape: tuple[int, ...], min_side: int) -> tuple[int, int, int]:
     if len(input_shape) != 3 or any(not isinstance(s, int) or s < 1 for s in input_shape):
-        raise ValueError(f"model {name!r} takes images: input_shape must be (C, H, W), e.g. (3, 32, 32), "
-                         f"got {tuple(input_shape)}; use 'mlp' for flat feature vectors")
+        raise ValueError(
+            f"model {name!r} takes images: input_shape must be (C, H, W), e.g. (3, 32, 32), "
+            f"got {tuple(input_shape)}; use 'mlp' for flat feature vectors"
+        )
     if min(input_shape[1:]) < min_side:
-        raise ValueError(f"model {name!r} needs images of at least {min_side}x{min_side} pixels, "
-                         f"got input_shape {tuple(input_shape)}")
+        raise ValueError(
+            f"model {name!r} needs images of at least {min_side}x{min_side} pixels, "
+            f"got input_shape {tuple(input_shape)}"
+        )
     return input_shape  # type: ignore[return-value]
 
 
-def build_vision(name: str, num_classes: int, input_shape: tuple[int, ...], *, dropout: float = 0.0,
-                 norm: str = "batch") -> nn.Module:
+def build_vision(
+    name: str, num_classes: int, input_shape: tuple[int, ...], *, dropout: float = 0.0, norm: str = "batch"
+) -> nn.Module:
     """Network ``name`` of ``VISION_MODELS`` for (C, H, W) images."""
     builder, min_side = _ARCHS[name]
     return builder(image_shape(name, input_shape, min_side), num_classes, norm, dropout)

@@ -1,4 +1,5 @@
 """Weight-space perturbations: at which weights the gradient of a step is taken."""
+
 import torch
 
 from advreg.perturb.amp import AMP
@@ -8,7 +9,8 @@ from advreg.perturb.rmp import RMP
 from advreg.perturb.sam import SAM
 from advreg.registry import Member, register
 
-register(Member("perturbation", "none", lambda c, params, steps_per_epoch, sgd, engine: torch.optim.SGD(
-    params, **sgd)))  # plain SGD: no engine
+register(
+    Member("perturbation", "none", lambda c, params, steps_per_epoch, sgd, engine: torch.optim.SGD(params, **sgd))
+)  # plain SGD: no engine
 
 __all__ = ["AMP", "AWP", "RMP", "RWP", "SAM", "NonFiniteLossError", "PerturbedOptimizer", "StepPlan"]

@@ -1,7 +1,9 @@
 """AMP: adversarial model perturbation (Zheng, Zhang & Mao, CVPR 2021, Eq. 4-5 and Algorithm 1).
 
-Minimize the worst batch loss in the L2 ball ‖Δ‖ ≤ ε around θ: N projected ascent steps Δ ← Π_ε(Δ + ζ∇J(θ+Δ)), then the outer step at θ with ∇J(θ+Δ).
+Minimize the worst batch loss in the L2 ball ‖Δ‖ ≤ ε around θ: N projected ascent steps Δ ← Π_ε(Δ + ζ∇J(θ+Δ)), then
+the outer step at θ with ∇J(θ+Δ).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -66,21 +68,45 @@ class AMP(PerturbedOptimizer):
     group_keys = ("epsilon", "inner_lr", "inner_steps")
     epsilon, inner_lr, inner_steps = GroupSetting(), GroupSetting(), GroupSetting()
 
-    def __init__(self, params: Iterable, base_optimizer: type, *, epsilon: float, inner_lr: float,
-                 inner_steps: int = 1, norm: str = "global", every: int = 1, reuse: str = "delta",
-                 alpha: float = 0.7, bn_stats: str = "clean", **base_kwargs: Any):
+    def __init__(
+        self,
+        params: Iterable,
+        base_optimizer: type,
+        *,
+        epsilon: float,
+        inner_lr: float,
+        inner_steps: int = 1,
+        norm: str = "global",
+        every: int = 1,
+        reuse: str = "delta",
+        alpha: float = 0.7,
+        bn_stats: str = "clean",
+        **base_kwargs: Any,
+    ):
         self.norm, self.every, self.reuse, self.alpha = norm, every, reuse, alpha
         self.steps_taken = 0  # completed steps; saved in the state_dict (the refresh schedule)
         self._validate()
-        super().__init__(params, base_optimizer, bn_stats=bn_stats, **base_kwargs,
-                         group_defaults={"epsilon": epsilon, "inner_lr": inner_lr, "inner_steps": inner_steps})
+        super().__init__(
+            params,
+            base_optimizer,
+            bn_stats=bn_stats,
+            **base_kwargs,
+            group_defaults={"epsilon": epsilon, "inner_lr": inner_lr, "inner_steps": inner_steps},
+        )
         self._delta: dict[Tensor, Tensor] = {}  # scratch: Δ during a step
         self._kept: dict[Tensor, Tensor] = {}  # every > 1: Δ or v̂ of the last fresh step, one per parameter (state)
         self._has_kept = False
 
     @staticmethod
-    def check_settings(epsilon: float, inner_lr: float, inner_steps: int = 1, norm: str = "global", every: int = 1,
-                       reuse: str = "delta", alpha: float = 0.7) -> None:
+    def check_settings(
+        epsilon: float,
+        inner_lr: float,
+        inner_steps: int = 1,
+        norm: str = "global",
+        every: int = 1,
+        reuse: str = "delta",
+        alpha: float = 0.7,
+    ) -> None:
         """Raise ValueError on settings the constructor refuses, without parameters (a run's config is checked so)."""
         AMP.check_ball(epsilon, inner_lr, inner_steps)
         AMP.check_schedule(norm, every, reuse, alpha)
@@ -92,8 +118,10 @@ class AMP(PerturbedOptimizer):
         if not is_int(inner_steps) or inner_steps < 0:
             raise ValueError(f"inner_steps must be an integer >= 0 (the paper uses N = 1), got {inner_steps!r}")
         if inner_steps > 0 and not (is_number(inner_lr) and inner_lr > 0):
-            raise ValueError(f"inner_lr (ζ) must be > 0 when inner_steps > 0, got {inner_lr!r}; "
-                             "the paper uses ζ = 1 with ε = 0.5 for PreActResNet18")
+            raise ValueError(
+                f"inner_lr (ζ) must be > 0 when inner_steps > 0, got {inner_lr!r}; "
+                "the paper uses ζ = 1 with ε = 0.5 for PreActResNet18"
+            )
 
     @staticmethod
     def check_schedule(norm: str, every: int, reuse: str, alpha: float) -> None:
@@ -101,13 +129,18 @@ class AMP(PerturbedOptimizer):
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         if not is_int(every) or every < 1:
-            raise ValueError(f"every must be an integer >= 1, got {every!r}: a fresh Δ every k steps and the "
-                             "last one reused in between (1 is the paper's AMP, a fresh Δ every step)")
+            raise ValueError(
+                f"every must be an integer >= 1, got {every!r}: a fresh Δ every k steps and the "
+                "last one reused in between (1 is the paper's AMP, a fresh Δ every step)"
+            )
         if reuse not in REUSE:
-            raise ValueError(f"reuse must be one of {REUSE}, got {reuse!r}: between two fresh Δ, 'delta' takes "
-                             "the pass at θ + the last Δ, 'gradient' the pass at θ plus LookSAM's reused gradient")
-        check_nonnegative("alpha", alpha, "it weighs the reused orthogonal gradient of reuse='gradient' "
-                          "(LookSAM uses 0.7)")
+            raise ValueError(
+                f"reuse must be one of {REUSE}, got {reuse!r}: between two fresh Δ, 'delta' takes "
+                "the pass at θ + the last Δ, 'gradient' the pass at θ plus LookSAM's reused gradient"
+            )
+        check_nonnegative(
+            "alpha", alpha, "it weighs the reused orthogonal gradient of reuse='gradient' (LookSAM uses 0.7)"
+        )
         if math.isinf(alpha):
             raise ValueError("alpha must be finite: it weighs the reused orthogonal gradient (LookSAM uses 0.7)")
 
@@ -117,8 +150,9 @@ class AMP(PerturbedOptimizer):
     def _validate(self) -> None:
         self.check_schedule(self.norm, self.every, self.reuse, self.alpha)
         if not is_int(self.steps_taken) or self.steps_taken < 0:
-            raise ValueError(f"steps_taken must be an integer >= 0, got {self.steps_taken!r}; "
-                             "load a state_dict saved by AMP")
+            raise ValueError(
+                f"steps_taken must be an integer >= 0, got {self.steps_taken!r}; load a state_dict saved by AMP"
+            )
 
     def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
         """One training step; a failed step is not counted, and a failed fresh-Δ step leaves nothing kept."""
@@ -149,8 +183,13 @@ class AMP(PerturbedOptimizer):
         return StepPlan(perturb=fresh, before_base_step=reuse, two_call_refusal=refusal)
 
     def _hyperparameters(self) -> dict[str, Any]:
-        return {"norm": self.norm, "every": self.every, "reuse": self.reuse, "alpha": self.alpha,
-                "steps_taken": self.steps_taken}
+        return {
+            "norm": self.norm,
+            "every": self.every,
+            "reuse": self.reuse,
+            "alpha": self.alpha,
+            "steps_taken": self.steps_taken,
+        }
 
     def _fresh(self) -> bool:
         """Whether this step builds a fresh Δ (Algorithm 1) rather than reusing the kept one."""
@@ -179,8 +218,9 @@ class AMP(PerturbedOptimizer):
             return
         yield from self._ascend(params, theta, balls)
 
-    def _ascend(self, params: list[Tensor], theta: list[Tensor], balls: list[tuple[tuple, list[int]]]
-                ) -> Iterator[None]:
+    def _ascend(
+        self, params: list[Tensor], theta: list[Tensor], balls: list[tuple[tuple, list[int]]]
+    ) -> Iterator[None]:
         """Algorithm 1's inner loop in each ball; a ``yield`` is a pass at θ+Δ (∇J(θ+Δ) in .grad after it)."""
         delta = scratch(self._delta, params)
         torch._foreach_zero_(delta)  # Δ ← 0
@@ -249,8 +289,9 @@ class AMP(PerturbedOptimizer):
     def _sum_over_replicas(self, tensors: list[Tensor]) -> None:
         flat = torch.cat([t.reshape(-1) for t in tensors])
         torch.distributed.all_reduce(flat, group=self._process_group())
-        torch._foreach_copy_(tensors, [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]),
-                                                                             tensors)])
+        torch._foreach_copy_(
+            tensors, [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+        )
 
     def _add_reused_gradient(self) -> None:
         """A step between refreshes with reuse="gradient", before the base step: g ← g + α‖g‖·v̂ (scale-free, so a
@@ -284,10 +325,15 @@ class AMP(PerturbedOptimizer):
             saved.setdefault("reuse", "delta")
         state_dict["perturbation"] = saved
         everything = self._all_params()
-        if kept is not None and (not isinstance(kept, (list, tuple)) or len(kept) != len(everything) or any(
-                not isinstance(k, Tensor) or k.shape != p.shape for k, p in zip(kept, everything))):
-            raise ValueError("the state_dict's kept tensors do not match this optimizer's parameters; load it into "
-                             "an AMP over the same parameters, in the same order")
+        if kept is not None and (
+            not isinstance(kept, (list, tuple))
+            or len(kept) != len(everything)
+            or any(not isinstance(k, Tensor) or k.shape != p.shape for k, p in zip(kept, everything))
+        ):
+            raise ValueError(
+                "the state_dict's kept tensors do not match this optimizer's parameters; load it into "
+                "an AMP over the same parameters, in the same order"
+            )
         super().load_state_dict(state_dict)
         self._has_kept = kept is not None and self.every > 1
         if self._has_kept:
@@ -310,6 +356,7 @@ def _widened(tensors: list[Tensor]) -> list[Tensor]:
 class AMPConfig:
     """The ``amp`` perturbation (Zheng et al., Algorithm 1): ball radius ε, inner step ζ and steps N, the ball's norm,
     and the efficient mode's refresh period and reuse."""
+
     epsilon: float = 0.5
     inner_lr: float = 1.0
     inner_steps: int = 1
@@ -319,6 +366,14 @@ class AMPConfig:
     alpha: float = 0.7  # reuse=gradient: the weight of the reused orthogonal gradient (LookSAM's α)
 
 
-register(Member("perturbation", "amp", lambda c, params, steps_per_epoch, sgd, engine: AMP(
-    params, torch.optim.SGD, **dataclasses.asdict(c), **sgd, **engine), AMPConfig,  # the section's keys are AMP's
-    check=lambda c: AMP.check_settings(**dataclasses.asdict(c))))
+register(
+    Member(
+        "perturbation",
+        "amp",
+        lambda c, params, steps_per_epoch, sgd, engine: AMP(
+            params, torch.optim.SGD, **dataclasses.asdict(c), **sgd, **engine
+        ),
+        AMPConfig,  # the section's keys are AMP's
+        check=lambda c: AMP.check_settings(**dataclasses.asdict(c)),
+    )
+)

@@ -1,7 +1,10 @@
-"""AWP: adversarial weight perturbation (Wu, Xia & Wang, NeurIPS 2020, Eq. 8, 10, 11, 15, Algorithm 2), and RWP (Sec. 5.3).
+"""AWP: adversarial weight perturbation (Wu, Xia & Wang, NeurIPS 2020, Eq. 8, 10, 11, 15, Algorithm 2), and RWP (Sec.
+5.3).
 
-Per layer ‖v_l‖ ≤ γ‖w_l‖: K2 normalized ascent steps v_l ← Π_γ(v_l + η2‖w_l‖g_l/‖g_l‖), η2 = γ/K2, then the outer step at w with ∇ρ(w+v).
+Per layer ‖v_l‖ ≤ γ‖w_l‖: K2 normalized ascent steps v_l ← Π_γ(v_l + η2‖w_l‖g_l/‖g_l‖), η2 = γ/K2, then the outer
+step at w with ∇ρ(w+v).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -42,19 +45,34 @@ class AWP(PerturbedOptimizer):
     group_keys = ("gamma", "step_size")
     gamma, step_size = GroupSetting(), GroupSetting()
 
-    def __init__(self, params: Iterable, base_optimizer: type, *, gamma: float = 0.01, steps: int = 1,
-                 step_size: float | None = None, warmup_steps: int = 0, bn_stats: str = "clean",
-                 **base_kwargs: Any):
+    def __init__(
+        self,
+        params: Iterable,
+        base_optimizer: type,
+        *,
+        gamma: float = 0.01,
+        steps: int = 1,
+        step_size: float | None = None,
+        warmup_steps: int = 0,
+        bn_stats: str = "clean",
+        **base_kwargs: Any,
+    ):
         self.steps, self.warmup_steps = steps, warmup_steps
         self.steps_taken = 0  # completed steps, warm-up included; saved in the state_dict
         self._validate()
-        super().__init__(params, base_optimizer, bn_stats=bn_stats, **base_kwargs,
-                         group_defaults={"gamma": gamma, "step_size": step_size})
+        super().__init__(
+            params,
+            base_optimizer,
+            bn_stats=bn_stats,
+            **base_kwargs,
+            group_defaults={"gamma": gamma, "step_size": step_size},
+        )
         self._delta: dict[Tensor, Tensor] = {}  # scratch: v during a step
 
     @staticmethod
-    def check_settings(gamma: float = 0.01, steps: int = 1, step_size: float | None = None,
-                       warmup_steps: int = 0) -> None:
+    def check_settings(
+        gamma: float = 0.01, steps: int = 1, step_size: float | None = None, warmup_steps: int = 0
+    ) -> None:
         """Raise ValueError on settings the constructor refuses, without parameters (a run's config is checked so)."""
         AWP.check_ball(gamma, step_size)
         AWP.check_schedule(steps, warmup_steps)
@@ -62,11 +80,13 @@ class AWP(PerturbedOptimizer):
     @staticmethod
     def check_ball(gamma: float, step_size: float | None) -> None:
         """The per-group settings: γ and the ascent's step η2."""
-        check_nonnegative("gamma", gamma, "it is the relative radius ‖v_l‖ ≤ γ‖w_l‖ (the paper uses "
-                          "5e-3 to 1e-2; 0 turns AWP off)")
+        check_nonnegative(
+            "gamma", gamma, "it is the relative radius ‖v_l‖ ≤ γ‖w_l‖ (the paper uses 5e-3 to 1e-2; 0 turns AWP off)"
+        )
         if step_size is not None and not (is_number(step_size) and step_size > 0):
-            raise ValueError(f"step_size (η2) must be None (γ/steps, as in the paper) or a number > 0, "
-                             f"got {step_size!r}")
+            raise ValueError(
+                f"step_size (η2) must be None (γ/steps, as in the paper) or a number > 0, got {step_size!r}"
+            )
 
     @staticmethod
     def check_schedule(steps: int, warmup_steps: int) -> None:
@@ -74,8 +94,9 @@ class AWP(PerturbedOptimizer):
         if not is_int(steps) or steps < 1:
             raise ValueError(f"steps (K2) must be an integer >= 1 (the paper uses K2 = 1), got {steps!r}")
         if not is_int(warmup_steps) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an integer >= 0 (0 perturbs from the first step), "
-                             f"got {warmup_steps!r}")
+            raise ValueError(
+                f"warmup_steps must be an integer >= 0 (0 perturbs from the first step), got {warmup_steps!r}"
+            )
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         self.check_ball(group["gamma"], group["step_size"])
@@ -83,8 +104,9 @@ class AWP(PerturbedOptimizer):
     def _validate(self) -> None:
         self.check_schedule(self.steps, self.warmup_steps)
         if not is_int(self.steps_taken) or self.steps_taken < 0:
-            raise ValueError(f"steps_taken must be an integer >= 0, got {self.steps_taken!r}; "
-                             "load a state_dict saved by AWP")
+            raise ValueError(
+                f"steps_taken must be an integer >= 0, got {self.steps_taken!r}; load a state_dict saved by AWP"
+            )
 
     def _end_step(self) -> None:  # a failed step is not counted
         self.steps_taken += 1
@@ -100,8 +122,10 @@ class AWP(PerturbedOptimizer):
         if not layers:
             return  # nothing with dim > 1: v = 0
         settings = self._settings(layers, self.group_keys)  # (γ, η2) of each layer's group
-        step_lengths = [n * (size if size is not None else gamma / self.steps)  # η2‖w_l‖
-                        for n, (gamma, size) in zip(weight_norms, settings)]
+        step_lengths = [
+            n * (size if size is not None else gamma / self.steps)  # η2‖w_l‖
+            for n, (gamma, size) in zip(weight_norms, settings)
+        ]
         radii = [n * gamma for n, (gamma, _) in zip(weight_norms, settings)]  # γ‖w_l‖
         delta = scratch(self._delta, layers)
         torch._foreach_zero_(delta)  # v ← 0
@@ -125,8 +149,15 @@ class RWP(PerturbedOptimizer):
     group_keys = ("gamma",)
     gamma = GroupSetting()
 
-    def __init__(self, params: Iterable, base_optimizer: type, *, gamma: float = 0.01, bn_stats: str = "clean",
-                 **base_kwargs: Any):
+    def __init__(
+        self,
+        params: Iterable,
+        base_optimizer: type,
+        *,
+        gamma: float = 0.01,
+        bn_stats: str = "clean",
+        **base_kwargs: Any,
+    ):
         super().__init__(params, base_optimizer, bn_stats=bn_stats, group_defaults={"gamma": gamma}, **base_kwargs)
 
     @staticmethod
@@ -150,8 +181,7 @@ class RWP(PerturbedOptimizer):
 
 
 # -- the layers of the AWP paper, shared by AWP and RWP ------------------------------------------
-def weight_layers(params: list[Tensor], theta: list[Tensor]
-                  ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+def weight_layers(params: list[Tensor], theta: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """The paper's "layers": the tensors with dim > 1 (Linear/Conv weights), their θ and ‖w_l‖ (0-d each).
 
     Biases and normalization weights (dim ≤ 1) are left out, so their v is 0. ‖w_l‖ is taken at θ, the
@@ -185,13 +215,15 @@ def _check_awp(c: AWPConfig) -> None:
 
 def _build_awp(c: AWPConfig, params: Iterable, steps_per_epoch: int, sgd: dict, engine: dict) -> AWP:
     _check_awp(c)
-    return AWP(params, torch.optim.SGD, gamma=c.gamma, steps=c.steps, warmup_steps=c.warmup * steps_per_epoch,
-               **sgd, **engine)
+    return AWP(
+        params, torch.optim.SGD, gamma=c.gamma, steps=c.steps, warmup_steps=c.warmup * steps_per_epoch, **sgd, **engine
+    )
 
 
 @dataclass(frozen=True)
 class AWPConfig:
     """The ``awp`` perturbation (Wu, Xia & Wang, Algorithm 2): the per-layer radius γ, ascent steps, warm-up."""
+
     gamma: float = 0.01  # ‖v_l‖ ≤ γ‖w_l‖ per layer (AWP paper: 0.01 for AT, 0.005 for TRADES and MART)
     steps: int = 1  # K2 ascent steps of size γ/K2 (Appendix D)
     warmup: int = 0  # epochs of plain adversarial training before AWP starts
@@ -200,9 +232,17 @@ class AWPConfig:
 @dataclass(frozen=True)
 class RWPConfig:
     """The ``rwp`` perturbation: AWP's random baseline, a random direction at the per-layer radius γ."""
+
     gamma: float = 0.01  # ‖v_l‖ = γ‖w_l‖, random direction (AWP paper, Sec. 5.3)
 
 
 register(Member("perturbation", "awp", _build_awp, AWPConfig, check=_check_awp))
-register(Member("perturbation", "rwp", lambda c, params, steps_per_epoch, sgd, engine: RWP(
-    params, torch.optim.SGD, gamma=c.gamma, **sgd, **engine), RWPConfig, check=lambda c: RWP.check_settings(c.gamma)))
+register(
+    Member(
+        "perturbation",
+        "rwp",
+        lambda c, params, steps_per_epoch, sgd, engine: RWP(params, torch.optim.SGD, gamma=c.gamma, **sgd, **engine),
+        RWPConfig,
+        check=lambda c: RWP.check_settings(c.gamma),
+    )
+)

@@ -3,6 +3,7 @@
 Shared by AMP, SAM, RMP, AWP and RWP: a subclass decides Δ (``_perturb``) and, through one hook (``_plan``), what
 a step does; ``PerturbedOptimizer``'s docstring lists the subclass interface.
 """
+
 from __future__ import annotations
 
 import abc
@@ -80,14 +81,24 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
     uses_clean_gradient = True
     group_keys: tuple[str, ...] = ()  # the per-group hyperparameters; a subclass declares its own
 
-    def __init__(self, params: Iterable, base_optimizer: type, *, bn_stats: str = "clean",
-                 grad_scaler: torch.amp.GradScaler | None = None, no_sync: Callable[[], Any] | None = None,
-                 perturb_on: str = "local", model: torch.nn.Module | None = None,
-                 group_defaults: dict[str, Any] | None = None, **base_kwargs: Any):
+    def __init__(
+        self,
+        params: Iterable,
+        base_optimizer: type,
+        *,
+        bn_stats: str = "clean",
+        grad_scaler: torch.amp.GradScaler | None = None,
+        no_sync: Callable[[], Any] | None = None,
+        perturb_on: str = "local",
+        model: torch.nn.Module | None = None,
+        group_defaults: dict[str, Any] | None = None,
+        **base_kwargs: Any,
+    ):
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
             raise ValueError(
                 f"base_optimizer must be an optimizer class such as torch.optim.SGD, got {base_optimizer!r}; "
-                "pass the class itself and its arguments as keywords (lr=0.1, momentum=0.9)")
+                "pass the class itself and its arguments as keywords (lr=0.1, momentum=0.9)"
+            )
         if bn_stats not in BN_STATS:
             raise ValueError(f"bn_stats must be one of {BN_STATS}, got {bn_stats!r}")
         if perturb_on not in PERTURB_ON:
@@ -131,7 +142,8 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
     @abc.abstractmethod
     def _perturb(self, params: list[Tensor], theta: list[Tensor]) -> Iterator[None] | None:
         """Move ``params`` from θ to θ+Δ. On entry they hold θ (also in ``theta``) and, after a clean pass,
-        ``.grad`` = ∇J(θ) (unscaled). A Δ that needs more gradients is a generator: each ``yield`` asks for one more pass at the
+        ``.grad`` = ∇J(θ) (unscaled). A Δ that needs more gradients is a generator: each ``yield`` asks for one more
+        pass at the
         current ``params`` (its gradient unscaled, not all-reduced under ``no_sync``) and resumes with it in
         ``.grad``. ``.grad`` may be overwritten: the final pass replaces it."""
 
@@ -199,8 +211,10 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
         if self._pending is not None:
             self._pending.undo()
             self._pending = None
-            raise ValueError("first_step was called twice without second_step; the pending step was undone "
-                             "(weights back at θ): after first_step, run the backward at θ+Δ, then call second_step")
+            raise ValueError(
+                "first_step was called twice without second_step; the pending step was undone "
+                "(weights back at θ): after first_step, run the backward at θ+Δ, then call second_step"
+            )
         self._validate_groups()
         plan = self._plan()
         refusal = self._two_call_refusal(plan)
@@ -217,8 +231,10 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
         if not plan.clean:
             return f"{type(self).__name__} takes one pass per step, at θ+Δ: call step(closure)"
         if self.no_sync is not None and self.perturb_on == "local":
-            return ("under DDP a local Δ needs its first pass under no_sync, which the two-call form cannot enter: "
-                    "use step(closure), or perturb_on='global' (Δ from the all-reduced gradient)")
+            return (
+                "under DDP a local Δ needs its first pass under no_sync, which the two-call form cannot enter: "
+                "use step(closure), or perturb_on='global' (Δ from the all-reduced gradient)"
+            )
         return None
 
     def _start_pending(self, plan: "StepPlan") -> "_PendingStep":
@@ -244,8 +260,10 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
         second_step): take the next ascent step from the gradient just computed."""
         pending = self._pending
         if pending is None or not pending.more:
-            raise ValueError("ascent_step takes the extra passes of a multi-pass Δ, after first_step and before "
-                             "the final backward; this step needs no more of them: call second_step")
+            raise ValueError(
+                "ascent_step takes the extra passes of a multi-pass Δ, after first_step and before "
+                "the final backward; this step needs no more of them: call second_step"
+            )
         pending.overflow.unscale([p.grad for p in pending.params if p.grad is not None])
         pending.advance()
         if zero_grad:
@@ -256,11 +274,15 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
         """After the backward at θ+Δ: restore θ and the running statistics, then the base step at θ with ∇J(θ+Δ)."""
         pending = self._pending
         if pending is None:
-            raise ValueError("second_step needs first_step: after the first backward call first_step, then run "
-                             "the backward at θ+Δ and call second_step")
+            raise ValueError(
+                "second_step needs first_step: after the first backward call first_step, then run "
+                "the backward at θ+Δ and call second_step"
+            )
         if pending.more:
-            raise ValueError("this Δ needs more passes: after each extra backward call ascent_step "
-                             "(N-1 times for inner_steps=N), then run the last backward and call second_step")
+            raise ValueError(
+                "this Δ needs more passes: after each extra backward call ascent_step "
+                "(N-1 times for inner_steps=N), then run the last backward and call second_step"
+            )
         self._pending = None
         with pending.stack:  # back to θ, and the running statistics as the clean pass left them
             self._check_gradients(pending)
@@ -281,8 +303,9 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
 
     def _refuse_pending(self, what: str) -> None:
         if self._pending is not None:
-            raise ValueError(f"{what} was called between first_step and second_step; finish the two-call step "
-                             "with second_step first")
+            raise ValueError(
+                f"{what} was called between first_step and second_step; finish the two-call step with second_step first"
+            )
 
     def _check_passes(self, losses: list[Tensor], clean: bool, overflow: "_Overflow", params: list[Tensor]) -> None:
         """Raise on a non-finite loss (every replica alike); under a grad scaler, an overflow at θ+Δ (or in any
@@ -335,6 +358,7 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
                     self.local_pass = False
             overflow.unscale([p.grad for g in self.param_groups for p in g["params"] if p.grad is not None])
             return loss
+
         return ascent
 
     @contextmanager
@@ -404,8 +428,10 @@ class PerturbedOptimizer(torch.optim.Optimizer, abc.ABC):
         foreign = set(saved) - set(self._hyperparameters())
         foreign |= {key for group in groups for key in group if key in others}
         if foreign:
-            raise ValueError(f"this state_dict was saved by another optimizer (it has {', '.join(sorted(foreign))}); "
-                             f"load it into the kind of optimizer that saved it, not {type(self).__name__}")
+            raise ValueError(
+                f"this state_dict was saved by another optimizer (it has {', '.join(sorted(foreign))}); "
+                f"load it into the kind of optimizer that saved it, not {type(self).__name__}"
+            )
 
     def _validate(self) -> None:
         """Raise ValueError on bad common hyperparameters (called at construction and after loading)."""
@@ -491,16 +517,20 @@ def _checked(closure: Closure | None, name: str, losses: list[Tensor]) -> Closur
     if closure is None:
         raise ValueError(
             f"{name}.step needs a closure that clears the gradients, computes the loss, calls backward() "
-            "and returns the loss: it is evaluated more than once per step")
+            "and returns the loss: it is evaluated more than once per step"
+        )
 
     def run() -> Tensor:
         with torch.enable_grad():
             loss = closure()
         if not isinstance(loss, Tensor):
-            raise ValueError(f"the closure returned {type(loss).__name__}; it must return the loss tensor "
-                             "(end it with `return loss`)")
+            raise ValueError(
+                f"the closure returned {type(loss).__name__}; it must return the loss tensor "
+                "(end it with `return loss`)"
+            )
         losses.append(loss.detach())
         return loss
+
     return run
 
 
@@ -513,8 +543,9 @@ class NonFiniteLossError(ValueError):
         self.perturbed = perturbed
 
 
-def _require_finite(losses: list[Tensor], where: str,
-                    agree: Callable[[Tensor], Tensor] | None = None, clean_first: bool = False) -> None:
+def _require_finite(
+    losses: list[Tensor], where: str, agree: Callable[[Tensor], Tensor] | None = None, clean_first: bool = False
+) -> None:
     """Raise NonFiniteLossError if a loss is NaN or inf (on any replica, given ``agree``); ``clean_first``: the
     first loss is the pass at θ, the others at perturbed weights."""
     if not losses:
@@ -531,8 +562,11 @@ def _require_finite(losses: list[Tensor], where: str,
     perturbed = clean_first and len(losses) > 1 and math.isfinite(losses[0].sum().item())  # this replica's θ pass
     if clean_first:
         where = "at perturbed weights θ+Δ, though finite at θ" if perturbed else "at the weights θ"
-    raise NonFiniteLossError(f"the loss is not finite (NaN or inf) {where}; the weights were left at θ. "
-                             "Lower the learning rate or the perturbation radius, or check the inputs", perturbed)
+    raise NonFiniteLossError(
+        f"the loss is not finite (NaN or inf) {where}; the weights were left at θ. "
+        "Lower the learning rate or the perturbation radius, or check the inputs",
+        perturbed,
+    )
 
 
 class _Overflow:
@@ -564,8 +598,9 @@ class _Overflow:
     def poison(self, params: list[Tensor]) -> None:
         """Make the final gradient non-finite on each device where a pass overflowed."""
         for device, found in self.found.items():
-            grad = next((p.grad for p in params
-                         if p.grad is not None and p.grad.device == device and p.grad.numel() > 0), None)
+            grad = next(
+                (p.grad for p in params if p.grad is not None and p.grad.device == device and p.grad.numel() > 0), None
+            )
             if grad is not None:  # one element, whatever the layout (a channels_last gradient has no view(-1))
                 grad[(0,) * grad.dim()].add_(torch.where(found > 0, float("inf"), 0.0).to(grad.dtype))
 
@@ -604,8 +639,7 @@ def frozen_running_stats(store: dict | None = None, layers: list[torch.nn.Module
         if id(module) in seen or not _tracks_stats(module):
             return
         seen.add(id(module))
-        buffers = [b for b in (module.running_mean, module.running_var, module.num_batches_tracked)
-                   if b is not None]
+        buffers = [b for b in (module.running_mean, module.running_var, module.num_batches_tracked) if b is not None]
         copies = store.get(module)
         if copies is None or any(c.shape != b.shape or c.device != b.device for c, b in zip(copies, buffers)):
             copies = store[module] = [torch.empty_like(b) for b in buffers]
@@ -646,6 +680,7 @@ class StepPlan:
     - ``two_call_refusal``: why the two-call form cannot take this step, said by ``first_step``'s ValueError
       (None: the engine's own checks decide).
     """
+
     perturb: bool
     clean: bool = True
     before_base_step: Callable[[], None] | None = None
@@ -657,6 +692,7 @@ class _PendingStep:
     """A two-call step between first_step and second_step: what restores θ and the statistics (``stack``), the
     grad scaler's overflow record, the tensors Δ moves, the rest of a multi-pass Δ (``more``: it awaits a pass), and
     the step's plan."""
+
     stack: ExitStack
     overflow: _Overflow
     params: list[Tensor]
@@ -688,8 +724,10 @@ class GroupSetting:
             return self
         values = [group[self.name] for group in opt.param_groups]
         if any(v != values[0] for v in values[1:]):
-            raise ValueError(f"the param groups have different {self.name} values ({values}); "
-                             f"read each group's param_groups[i][{self.name!r}]")
+            raise ValueError(
+                f"the param groups have different {self.name} values ({values}); "
+                f"read each group's param_groups[i][{self.name!r}]"
+            )
         return values[0]
 
     def __set__(self, opt: Any, value: Any) -> None:

@@ -1,7 +1,9 @@
 """RMP: random model perturbation, the AMP paper's baseline (Zheng et al., CVPR 2021, Sec. 5, radius 0.1).
 
-Δ is drawn uniformly from the L2 ball of radius ε over all weights (direction uniform on the sphere, norm ε·U^(1/d)); one pass at θ+Δ, the step applied at θ.
+Δ is drawn uniformly from the L2 ball of radius ε over all weights (direction uniform on the sphere, norm ε·U^(1/d));
+one pass at θ+Δ, the step applied at θ.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,10 +28,16 @@ class RMP(PerturbedOptimizer):
     group_keys = ("epsilon",)
     epsilon = GroupSetting()
 
-    def __init__(self, params: Iterable, base_optimizer: type, *, epsilon: float = 0.1, bn_stats: str = "clean",
-                 **base_kwargs: Any):
-        super().__init__(params, base_optimizer, bn_stats=bn_stats, group_defaults={"epsilon": epsilon},
-                         **base_kwargs)
+    def __init__(
+        self,
+        params: Iterable,
+        base_optimizer: type,
+        *,
+        epsilon: float = 0.1,
+        bn_stats: str = "clean",
+        **base_kwargs: Any,
+    ):
+        super().__init__(params, base_optimizer, bn_stats=bn_stats, group_defaults={"epsilon": epsilon}, **base_kwargs)
 
     @staticmethod
     def check_settings(epsilon: float) -> None:
@@ -62,9 +70,18 @@ def sample_ball(like: list[Tensor], radius: float) -> list[Tensor]:
 @dataclass(frozen=True)
 class RMPConfig:
     """The ``rmp`` perturbation: AMP's random baseline, Δ uniform in an L2 ball."""
+
     epsilon: float = 0.1  # radius of the L2 ball Δ is drawn from
 
 
-register(Member("perturbation", "rmp", lambda c, params, steps_per_epoch, sgd, engine: RMP(
-    params, torch.optim.SGD, epsilon=c.epsilon, **sgd, **engine), RMPConfig,
-    check=lambda c: RMP.check_settings(c.epsilon)))
+register(
+    Member(
+        "perturbation",
+        "rmp",
+        lambda c, params, steps_per_epoch, sgd, engine: RMP(
+            params, torch.optim.SGD, epsilon=c.epsilon, **sgd, **engine
+        ),
+        RMPConfig,
+        check=lambda c: RMP.check_settings(c.epsilon),
+    )
+)

@@ -2,6 +2,7 @@
 
 One normalized ascent step Δ = ρ·T²g/‖Tg‖ (T = I for SAM, T = |θ| + η for ASAM), then the outer step at θ with ∇J(θ+Δ).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,12 +35,23 @@ class SAM(PerturbedOptimizer):
     group_keys = ("rho", "eta")
     rho, eta = GroupSetting(), GroupSetting()
 
-    def __init__(self, params: Iterable, base_optimizer: type, *, rho: float, adaptive: bool = False,
-                 eta: float = 0.01, adaptive_scope: str = "all", bn_stats: str = "clean", **base_kwargs: Any):
+    def __init__(
+        self,
+        params: Iterable,
+        base_optimizer: type,
+        *,
+        rho: float,
+        adaptive: bool = False,
+        eta: float = 0.01,
+        adaptive_scope: str = "all",
+        bn_stats: str = "clean",
+        **base_kwargs: Any,
+    ):
         self.adaptive, self.adaptive_scope = adaptive, adaptive_scope
         self._validate()
-        super().__init__(params, base_optimizer, bn_stats=bn_stats, group_defaults={"rho": rho, "eta": eta},
-                         **base_kwargs)
+        super().__init__(
+            params, base_optimizer, bn_stats=bn_stats, group_defaults={"rho": rho, "eta": eta}, **base_kwargs
+        )
 
     @staticmethod
     def check_settings(rho: float, adaptive: bool = False, eta: float = 0.01, adaptive_scope: str = "all") -> None:
@@ -59,8 +71,10 @@ class SAM(PerturbedOptimizer):
         if not isinstance(adaptive, bool):
             raise ValueError(f"adaptive must be True (ASAM) or False (SAM), got {adaptive!r}")
         if adaptive_scope not in SCOPES:
-            raise ValueError(f"adaptive_scope must be one of {SCOPES}, got {adaptive_scope!r}: 'all' scales "
-                             "every tensor by |θ| + η, 'weight' only those named weight (SamsungLabs' ASAM)")
+            raise ValueError(
+                f"adaptive_scope must be one of {SCOPES}, got {adaptive_scope!r}: 'all' scales "
+                "every tensor by |θ| + η, 'weight' only those named weight (SamsungLabs' ASAM)"
+            )
 
     def _validate(self) -> None:
         self.check_adaptive(self.adaptive, self.adaptive_scope)
@@ -68,8 +82,10 @@ class SAM(PerturbedOptimizer):
     def _validate_group(self, group: dict[str, Any]) -> None:
         self.check_ball(group["rho"], group["eta"])
         if self.adaptive and self.adaptive_scope == "weight" and "param_names" not in group:
-            raise ValueError("adaptive_scope='weight' scales the tensors named weight: pass the parameters with "
-                             "their names, SAM(model.named_parameters(), ...)")
+            raise ValueError(
+                "adaptive_scope='weight' scales the tensors named weight: pass the parameters with "
+                "their names, SAM(model.named_parameters(), ...)"
+            )
 
     def _is_active(self) -> bool:
         return any(group["rho"] > 0 for group in self.param_groups)
@@ -111,11 +127,20 @@ class SAM(PerturbedOptimizer):
 @dataclass(frozen=True)
 class SAMConfig:
     """The ``sam`` perturbation (Foret et al.): radius ρ, and ASAM's adaptive ball (Kwon et al.) with its η."""
+
     rho: float = 0.05
     adaptive: bool = False
     eta: float = 0.01  # ASAM's T = |θ| + η on every tensor (0: davda54/sam's T = |θ|)
 
 
-register(Member("perturbation", "sam", lambda c, params, steps_per_epoch, sgd, engine: SAM(
-    params, torch.optim.SGD, **dataclasses.asdict(c), **sgd, **engine), SAMConfig,  # the section's keys are SAM's
-    check=lambda c: SAM.check_settings(**dataclasses.asdict(c))))
+register(
+    Member(
+        "perturbation",
+        "sam",
+        lambda c, params, steps_per_epoch, sgd, engine: SAM(
+            params, torch.optim.SGD, **dataclasses.asdict(c), **sgd, **engine
+        ),
+        SAMConfig,  # the section's keys are SAM's
+        check=lambda c: SAM.check_settings(**dataclasses.asdict(c)),
+    )
+)

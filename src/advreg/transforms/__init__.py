@@ -3,6 +3,7 @@
 A transform maps ``(model, x, y, num_classes)`` to a :class:`~advreg.batch.Batch`: the inputs x', the target, hard
 (B,) or soft (B, K), and the clean inputs x where x' replaced them (adversarial examples).
 """
+
 from __future__ import annotations
 
 from typing import Callable

@@ -3,6 +3,7 @@
 x̃ = λx + (1-λ)x' with λ ~ Beta(α, β) (mode in (0.75, 1)) and a partner x' from the batch; its label is the worst
 in the L1 ball of radius ε around y, which Theorem 1 gives in closed form: ρ = (1 - ε/2)·y + (ε/2)·k*.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,8 +25,10 @@ def alps_label(logits: Tensor, targets: Tensor, epsilon: float) -> Tensor:
     formula gives. ``targets`` are class indices (B,).
     """
     if not 0 <= epsilon <= 2:
-        raise ValueError(f"epsilon (the L1 radius of the label ball) must be in [0, 2], got {epsilon!r}; "
-                         "the ALPS paper uses (0, 0.5)")
+        raise ValueError(
+            f"epsilon (the L1 radius of the label ball) must be in [0, 2], got {epsilon!r}; "
+            "the ALPS paper uses (0, 0.5)"
+        )
     k = logits.shape[1]
     least_likely = logits.argmin(dim=1)  # (B,): softmax is monotone in the logits
     onehot = F.one_hot(targets, k).to(logits.dtype)
@@ -47,8 +50,10 @@ class ALPS:
 
     def __init__(self, alpha: float = 9.0, beta: float = 2.0, epsilon: float = 0.2):
         if not (alpha > 1 and beta > 1 and 0.75 < beta_mode(alpha, beta) < 1):
-            raise ValueError(f"alpha and beta must be > 1 with the mode (α-1)/(α+β-2) in (0.75, 1) as in "
-                             f"the ALPS paper, got α={alpha!r}, β={beta!r} (e.g. α=9, β=2: mode 0.89)")
+            raise ValueError(
+                f"alpha and beta must be > 1 with the mode (α-1)/(α+β-2) in (0.75, 1) as in "
+                f"the ALPS paper, got α={alpha!r}, β={beta!r} (e.g. α=9, β=2: mode 0.89)"
+            )
         if not 0 < epsilon < 0.5:
             raise ValueError(f"epsilon must be in (0, 0.5) as in the ALPS paper, got {epsilon!r}")
         self.beta = torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(beta)))
@@ -66,6 +71,7 @@ class ALPS:
 @dataclass(frozen=True)
 class ALPSConfig:
     """The ``alps`` transform (Guo et al., Algorithm 1): the Beta(α, β) of λ and the label ball's radius ε."""
+
     alpha: float = 9.0  # λ ~ Beta(α, β), mode (α-1)/(α+β-2) = 0.89
     beta: float = 2.0
     epsilon: float = 0.2  # L1 radius of the label ball, in (0, 0.5)

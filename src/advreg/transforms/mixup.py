@@ -2,6 +2,7 @@
 
 One λ per batch, partners j from a random permutation of the batch; the targets become distributions (B, K).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ class MixUp:
 @dataclass(frozen=True)
 class MixupConfig:
     """The ``mixup`` transform (Zhang et al.): the Beta(α, α) that draws λ."""
+
     alpha: float = 1.0  # λ ~ Beta(α, α)
 
 
