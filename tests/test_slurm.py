@@ -98,14 +98,17 @@ def test_a_bench_on_slurm_has_the_numbers_of_the_local_bench_and_a_rerun_submits
     assert "submitted 0 of 4 runs" in capsys.readouterr().err
 
 
-def test_cancelled_preempted_and_requeued_jobs_finish_with_the_numbers_of_an_uninterrupted_bench(cluster, tmp_path):
+def test_cancelled_preempted_and_requeued_jobs_finish_with_the_numbers_of_an_uninterrupted_bench(cluster, tmp_path,
+                                                                                                   capsys):
     out, grid = tmp_path / "b", ["--methods", "erm", "--seeds", "2", "--epochs", "150"]
     slurm = ["--launcher", "slurm", "--slurm", "time=20"]  # over 10 min: submitit reads SIGUSR2 as a preemption
     held = ["--slurm", "slurm_additional_parameters.begin=now+3600"]  # each job pending until _start_now
-    submit = subprocess.run(_bench(out, *grid, *slurm, *held, "--no-wait"), capture_output=True, text=True)
-    assert submit.returncode == 0 and "submitted 2 of 2 runs" in submit.stderr, submit.stderr
-    again = subprocess.run(_bench(out, *grid, *slurm, "--no-wait"), capture_output=True, text=True)
-    assert "submitted 0 of 2 runs" in again.stderr  # pending: never submitted twice
+    whole = subprocess.Popen(_bench(tmp_path / "whole", *grid, "--jobs", "2"), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)  # meanwhile, the uninterrupted bench
+    cli.main(["bench", *grid, *QUICK, "--out", str(out), *slurm, *held, "--no-wait"])
+    assert "submitted 2 of 2 runs" in capsys.readouterr().err
+    cli.main(["bench", *grid, *QUICK, "--out", str(out), *slurm, "--no-wait"])
+    assert "submitted 0 of 2 runs" in capsys.readouterr().err  # pending: never submitted twice
     first, second = _job(out, "erm/seed0"), _job(out, "erm/seed1")
     _start_now(second)
     _wait_until(lambda: _epochs(out / "runs/erm/seed1") > 0)
@@ -114,9 +117,8 @@ def test_cancelled_preempted_and_requeued_jobs_finish_with_the_numbers_of_an_uni
     _stop_mid_run(first, out / "runs/erm/seed0", "scancel")
     _start_now(second)  # requeued by submitit on USR2
     _wait_until(lambda: _queued(first) is None)
-    collected = subprocess.run([sys.executable, "-m", "advreg.cli", "bench", "--collect", str(out)],
-                               capture_output=True, text=True)
-    assert collected.returncode == 0 and "runs are not finished yet" in collected.stderr
+    cli.main(["bench", "--collect", str(out)])
+    assert "runs are not finished yet" in capsys.readouterr().err
     cancelled_at = _epochs(out / "runs/erm/seed0")
     rerun = subprocess.Popen(_bench(out, *grid, *slurm, "--poll", "0.5"), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
@@ -133,7 +135,7 @@ def test_cancelled_preempted_and_requeued_jobs_finish_with_the_numbers_of_an_uni
     requeued = Path(_job(out, "erm/seed0", "log")).with_suffix(".out").read_text()  # the resubmitted job's
     assert requeued.count("Starting with JobEnvironment") == 2, requeued  # requeued before its run finished
     assert requeued.count("Job completed successfully") == 1, requeued
-    subprocess.run(_bench(tmp_path / "whole", *grid, "--jobs", "2"), check=True, capture_output=True)
+    assert whole.wait(timeout=600) == 0, whole.stderr.read()
     assert _results(out) == _results(tmp_path / "whole") and all(r["error"] == "" for r in _results(out))
 
 
