@@ -45,8 +45,9 @@ def _bench(out, *extra):
     return [sys.executable, "-m", "advreg.cli", "bench", *QUICK, "--out", str(out), *extra]
 
 
-def _job(out, run):
-    return json.loads((out / "slurm" / launchers.JOBS).read_text())[str(out / "runs" / run)]["id"]
+def _job(out, run, field="id"):
+    """The run's job id, or its ``log`` (the job's stderr; its stdout has submitit's log lines)."""
+    return json.loads((out / "slurm" / launchers.JOBS).read_text())[str(out / "runs" / run)][field]
 
 
 def _queued(job_id):
@@ -55,9 +56,20 @@ def _queued(job_id):
 
 
 def _start_now(job_id):
-    """A requeued job waits about two minutes before Slurm starts it again (its BeginTime); the tests don't."""
+    """Start a pending job now: one submitted with a later --begin, or a requeued one (Slurm sets its BeginTime
+    two minutes ahead, the lifetime of a job credential)."""
     _wait_until(lambda: _queued(job_id) == "PENDING")
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, capture_output=True)
+
+
+def _stop_mid_run(job_id, folder, *command, after=0):
+    """Once the job's run has more than ``after`` epochs, suspend the job and ``command JOB_ID`` (scancel, scontrol
+    requeue): its run stops there, seconds from its end however slowly this machine runs. Slurm kills a suspended
+    job at once; a running one gets SIGTERM, which submitit ignores, and SIGKILL only 5 s later (slurmd waits
+    KillWait, at least 5 s): time for this run to go on to its end."""
+    _wait_until(lambda: _epochs(folder) > after)
+    subprocess.run(["scontrol", "suspend", job_id], check=True, capture_output=True)
+    subprocess.run([*command, job_id], check=True)
 
 
 def _wait_until(condition, timeout=300.0):  # generous: CI shares 2 cores with the other test worker
@@ -86,37 +98,44 @@ def test_a_bench_on_slurm_has_the_numbers_of_the_local_bench_and_a_rerun_submits
     assert "submitted 0 of 4 runs" in capsys.readouterr().err
 
 
-# Slurm's requeue and restart times on a shared 2-core machine: a wait that runs out is not a wrong number (any
-# AssertionError, a result that differs, still fails the suite); it timed out twice in 4 full-suite runs here
-@pytest.mark.xfail(raises=(TimeoutError, subprocess.TimeoutExpired), strict=False,
-                   reason="Slurm's requeue timing on a loaded machine")
-def test_cancelled_preempted_and_requeued_jobs_finish_with_the_numbers_of_an_uninterrupted_bench(cluster, tmp_path):
+def test_cancelled_preempted_and_requeued_jobs_finish_with_the_numbers_of_an_uninterrupted_bench(cluster, tmp_path,
+                                                                                                   capsys):
     out, grid = tmp_path / "b", ["--methods", "erm", "--seeds", "2", "--epochs", "150"]
     slurm = ["--launcher", "slurm", "--slurm", "time=20"]  # over 10 min: submitit reads SIGUSR2 as a preemption
-    submit = subprocess.run(_bench(out, *grid, *slurm, "--no-wait"), capture_output=True, text=True)
-    assert submit.returncode == 0 and "submitted 2 of 2 runs" in submit.stderr, submit.stderr
-    again = subprocess.run(_bench(out, *grid, *slurm, "--no-wait"), capture_output=True, text=True)
-    assert "submitted 0 of 2 runs" in again.stderr  # pending or running: never submitted twice
+    held = ["--slurm", "slurm_additional_parameters.begin=now+3600"]  # each job pending until _start_now
+    whole = subprocess.Popen(_bench(tmp_path / "whole", *grid, "--jobs", "2"), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)  # meanwhile, the uninterrupted bench
+    cli.main(["bench", *grid, *QUICK, "--out", str(out), *slurm, *held, "--no-wait"])
+    assert "submitted 2 of 2 runs" in capsys.readouterr().err
+    cli.main(["bench", *grid, *QUICK, "--out", str(out), *slurm, "--no-wait"])
+    assert "submitted 0 of 2 runs" in capsys.readouterr().err  # pending: never submitted twice
     first, second = _job(out, "erm/seed0"), _job(out, "erm/seed1")
-    _wait_until(lambda: _epochs(out / "runs/erm/seed0") > 0 and _epochs(out / "runs/erm/seed1") > 0)
-    subprocess.run(["scancel", first], check=True)
-    subprocess.run(["scancel", "--signal=USR2", second], check=True)  # what Slurm sends before preempting
     _start_now(second)
+    _wait_until(lambda: _epochs(out / "runs/erm/seed1") > 0)
+    subprocess.run(["scancel", "--signal=USR2", second], check=True)  # what Slurm sends before preempting
+    _start_now(first)
+    _stop_mid_run(first, out / "runs/erm/seed0", "scancel")
+    _start_now(second)  # requeued by submitit on USR2
     _wait_until(lambda: _queued(first) is None)
-    collected = subprocess.run([sys.executable, "-m", "advreg.cli", "bench", "--collect", str(out)],
-                               capture_output=True, text=True)
-    assert collected.returncode == 0 and "runs are not finished yet" in collected.stderr
+    cli.main(["bench", "--collect", str(out)])
+    assert "runs are not finished yet" in capsys.readouterr().err
     cancelled_at = _epochs(out / "runs/erm/seed0")
     rerun = subprocess.Popen(_bench(out, *grid, *slurm, "--poll", "0.5"), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
-    _wait_until(lambda: _job(out, "erm/seed0") != first and _epochs(out / "runs/erm/seed0") > cancelled_at)
-    subprocess.run(["scontrol", "requeue", _job(out, "erm/seed0")], check=True)  # the resubmitted job, mid-run
-    _start_now(_job(out, "erm/seed0"))
+    _wait_until(lambda: _job(out, "erm/seed0") != first)
+    resubmitted = _job(out, "erm/seed0")
+    _stop_mid_run(resubmitted, out / "runs/erm/seed0", "scontrol", "requeue", after=cancelled_at)
+    _wait_until(lambda: _queued(resubmitted) == "PENDING")
+    subprocess.run(["scontrol", "release", resubmitted], check=True)  # Slurm holds a job requeued while suspended
+    _start_now(resubmitted)
     printed, err = rerun.communicate(timeout=600)
     assert rerun.returncode == 0 and "submitted 1 of 2 runs" in err and 0 < cancelled_at < 150, err
-    log = Path(json.loads((out / "slurm/jobs.json").read_text())[str(out / "runs/erm/seed1")]["log"]).read_text()
+    log = Path(_job(out, "erm/seed1", "log")).read_text()
     assert "Caught signal SIGUSR2 on" in log and "this job is preempted" in log
-    subprocess.run(_bench(tmp_path / "whole", *grid, "--jobs", "2"), check=True, capture_output=True)
+    requeued = Path(_job(out, "erm/seed0", "log")).with_suffix(".out").read_text()  # the resubmitted job's
+    assert requeued.count("Starting with JobEnvironment") == 2, requeued  # requeued before its run finished
+    assert requeued.count("Job completed successfully") == 1, requeued
+    assert whole.wait(timeout=600) == 0, whole.stderr.read()
     assert _results(out) == _results(tmp_path / "whole") and all(r["error"] == "" for r in _results(out))
 
 
