@@ -19,5 +19,6 @@ site=$(mktemp -d)
 trap 'rm -rf "$site"' EXIT
 NO_MKDOCS_2_WARNING=1 mkdocs build --strict --site-dir "$site"
 ruff check --quiet .  # the lint rules in pyproject.toml
+ruff format --check --quiet .  # the formatting of pyproject.toml's [tool.ruff.format]
 # two workers for two cores; pytest's exit 5 ("no tests ran") is a failure here, as it should be
 python -m pytest -n 2 -q "$@"

@@ -5,6 +5,7 @@ resume from their checkpoints, a failing run reported with its log and not reque
 All in this one module, on one cluster, and on one xdist worker (the xdist_group mark, pytest's ``--dist
 loadgroup`` in pyproject.toml).
 """
+
 import csv
 import json
 import os
@@ -37,8 +38,10 @@ def cluster(tmp_path_factory):
 
 
 def _results(out):
-    return [{k: v for k, v in row.items() if k not in ("folder", "seconds_per_epoch")}
-            for row in csv.DictReader((out / "results.csv").open())]
+    return [
+        {k: v for k, v in row.items() if k not in ("folder", "seconds_per_epoch")}
+        for row in csv.DictReader((out / "results.csv").open())
+    ]
 
 
 def _bench(out, *extra):
@@ -82,8 +85,18 @@ def _wait_until(condition, timeout=300.0):  # generous: CI shares 2 cores with t
 
 def test_a_bench_on_slurm_has_the_numbers_of_the_local_bench_and_a_rerun_submits_nothing(cluster, tmp_path, capsys):
     grid = ["--methods", "erm,amp", "--seeds", "2", "--epochs", "3"]
-    on_slurm = [*grid, *QUICK[:-1], "--out", str(tmp_path / "slurm"), "--launcher", "slurm", "--poll", "0.5",
-                "--slurm", "time=10"]  # not --quiet: the counts while it waits
+    on_slurm = [
+        *grid,
+        *QUICK[:-1],
+        "--out",
+        str(tmp_path / "slurm"),
+        "--launcher",
+        "slurm",
+        "--poll",
+        "0.5",
+        "--slurm",
+        "time=10",
+    ]  # not --quiet: the counts while it waits
     cli.main(["bench", *on_slurm])
     printed, err = capsys.readouterr()
     assert "running, 0 done, 0 failed\n" in err and err.endswith("slurm: 0 pending, 0 running, 4 done, 0 failed\n")
@@ -98,13 +111,15 @@ def test_a_bench_on_slurm_has_the_numbers_of_the_local_bench_and_a_rerun_submits
     assert "submitted 0 of 4 runs" in capsys.readouterr().err
 
 
-def test_cancelled_preempted_and_requeued_jobs_finish_with_the_numbers_of_an_uninterrupted_bench(cluster, tmp_path,
-                                                                                                   capsys):
+def test_cancelled_preempted_and_requeued_jobs_finish_with_the_numbers_of_an_uninterrupted_bench(
+    cluster, tmp_path, capsys
+):
     out, grid = tmp_path / "b", ["--methods", "erm", "--seeds", "2", "--epochs", "150"]
     slurm = ["--launcher", "slurm", "--slurm", "time=20"]  # over 10 min: submitit reads SIGUSR2 as a preemption
     held = ["--slurm", "slurm_additional_parameters.begin=now+3600"]  # each job pending until _start_now
-    whole = subprocess.Popen(_bench(tmp_path / "whole", *grid, "--jobs", "2"), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)  # meanwhile, the uninterrupted bench
+    whole = subprocess.Popen(
+        _bench(tmp_path / "whole", *grid, "--jobs", "2"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )  # meanwhile, the uninterrupted bench
     cli.main(["bench", *grid, *QUICK, "--out", str(out), *slurm, *held, "--no-wait"])
     assert "submitted 2 of 2 runs" in capsys.readouterr().err
     cli.main(["bench", *grid, *QUICK, "--out", str(out), *slurm, "--no-wait"])
@@ -120,8 +135,9 @@ def test_cancelled_preempted_and_requeued_jobs_finish_with_the_numbers_of_an_uni
     cli.main(["bench", "--collect", str(out)])
     assert "runs are not finished yet" in capsys.readouterr().err
     cancelled_at = _epochs(out / "runs/erm/seed0")
-    rerun = subprocess.Popen(_bench(out, *grid, *slurm, "--poll", "0.5"), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    rerun = subprocess.Popen(
+        _bench(out, *grid, *slurm, "--poll", "0.5"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     _wait_until(lambda: _job(out, "erm/seed0") != first)
     resubmitted = _job(out, "erm/seed0")
     _stop_mid_run(resubmitted, out / "runs/erm/seed0", "scontrol", "requeue", after=cancelled_at)
@@ -147,8 +163,26 @@ def _epochs(folder):
 
 def test_a_failing_run_is_reported_with_its_log_and_not_requeued(cluster, tmp_path, capsys):
     out = tmp_path / "b"
-    argv = ["bench", "--methods", "erm", "--seeds", "1", "--epochs", "2", *QUICK, "--out", str(out), "--launcher",
-            "slurm", "--poll", "0.5", "--set", "optim.lr=1e30", "--set", "optim.momentum=0"]
+    argv = [
+        "bench",
+        "--methods",
+        "erm",
+        "--seeds",
+        "1",
+        "--epochs",
+        "2",
+        *QUICK,
+        "--out",
+        str(out),
+        "--launcher",
+        "slurm",
+        "--poll",
+        "0.5",
+        "--set",
+        "optim.lr=1e30",
+        "--set",
+        "optim.momentum=0",
+    ]
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
     err = capsys.readouterr().err
@@ -160,18 +194,53 @@ def test_a_failing_run_is_reported_with_its_log_and_not_requeued(cluster, tmp_pa
 def test_a_run_with_two_replicas_trains_under_torchrun_in_its_job_as_advreg_train_under_torchrun(cluster, tmp_path):
     """What ``gpus_per_node=2`` does on a GPU node, on this CPU node: two gloo replicas of one run in one job."""
     run = ["--epochs", "3", "--set", "model.hidden=16", "--dataset", "digits", "--quiet"]
-    subprocess.run(_bench(tmp_path / "b", "--methods", "erm", "--seeds", "1", "--epochs", "3", "--launcher", "slurm",
-                          "--poll", "0.5", "--slurm", "replicas_per_node=2", "--slurm", f"cpus_per_task={os.cpu_count()}"),
-                   check=True, capture_output=True)
+    subprocess.run(
+        _bench(
+            tmp_path / "b",
+            "--methods",
+            "erm",
+            "--seeds",
+            "1",
+            "--epochs",
+            "3",
+            "--launcher",
+            "slurm",
+            "--poll",
+            "0.5",
+            "--slurm",
+            "replicas_per_node=2",
+            "--slurm",
+            f"cpus_per_task={os.cpu_count()}",
+        ),
+        check=True,
+        capture_output=True,
+    )
     port = slurm_cluster._free_port()
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
-                    f"--master-port={port}", "-m", "advreg.cli", "train", *run, "--out", str(tmp_path / "direct")],
-                   check=True, capture_output=True)
-    on_slurm, direct = (json.loads((f / "metrics.json").read_text()) for f in (tmp_path / "b/runs/erm/seed0",
-                                                                              tmp_path / "direct"))
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=1",
+            "--nproc-per-node=2",
+            f"--master-port={port}",
+            "-m",
+            "advreg.cli",
+            "train",
+            *run,
+            "--out",
+            str(tmp_path / "direct"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    on_slurm, direct = (
+        json.loads((f / "metrics.json").read_text()) for f in (tmp_path / "b/runs/erm/seed0", tmp_path / "direct")
+    )
     assert on_slurm["world_size"] == 2
-    assert {k: v for k, v in on_slurm.items() if "seconds" not in k} == \
-        {k: v for k, v in direct.items() if "seconds" not in k}
+    assert {k: v for k, v in on_slurm.items() if "seconds" not in k} == {
+        k: v for k, v in direct.items() if "seconds" not in k
+    }
 
 
 def test_collect_writes_the_tables_from_the_finished_runs_and_says_how_many_are_missing(tmp_path, capsys):
@@ -186,11 +255,14 @@ def test_collect_writes_the_tables_from_the_finished_runs_and_says_how_many_are_
     assert printed.splitlines()[0] == whole.splitlines()[0]  # the bench's own title, from bench.json
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["bench", "--collect", "."], "has no bench.json, so it is not a bench folder"),
-    (["bench", "--methods", "erm", "--out", "x", "--slurm", "time=5"], "--slurm and --no-wait go with --launcher"),
-    (["bench", "--methods", "erm"], "advreg bench needs --out"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["bench", "--collect", "."], "has no bench.json, so it is not a bench folder"),
+        (["bench", "--methods", "erm", "--out", "x", "--slurm", "time=5"], "--slurm and --no-wait go with --launcher"),
+        (["bench", "--methods", "erm"], "advreg bench needs --out"),
+    ],
+)
 def test_bench_launcher_bad_input_is_one_line(argv, words, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
@@ -205,24 +277,51 @@ def test_without_slurm_commands_the_slurm_launcher_says_what_is_missing(monkeypa
         launchers.check_available()
 
 
-@pytest.mark.parametrize("items, words", [
-    (["gpu=1"], "--slurm expects KEY=VALUE with KEY one of partition"),
-    (["time=soon"], "--slurm time takes a int"),
-    (["gpus_per_node=0"], "--slurm gpus_per_node must be positive"),
-])
+@pytest.mark.parametrize(
+    "items, words",
+    [
+        (["gpu=1"], "--slurm expects KEY=VALUE with KEY one of partition"),
+        (["time=soon"], "--slurm time takes a int"),
+        (["gpus_per_node=0"], "--slurm gpus_per_node must be positive"),
+    ],
+)
 def test_bad_slurm_settings_are_one_line(items, words):
     with pytest.raises(ValueError, match=words):
         launchers.parse_slurm(items)
 
 
 def test_slurm_settings_map_to_submitit_and_a_run_with_several_gpus_runs_under_torchrun():
-    parameters = launchers.parse_slurm(["partition=gpu", "time=90", "nodes=2", "gpus_per_node=4", "mem_gb=32",
-                                        "slurm_additional_parameters.reservation=r1"])
-    assert parameters == {"slurm_partition": "gpu", "timeout_min": 90, "nodes": 2, "gpus_per_node": 4, "mem_gb": 32.0,
-                          "slurm_additional_parameters": {"reservation": "r1"}}
+    parameters = launchers.parse_slurm(
+        [
+            "partition=gpu",
+            "time=90",
+            "nodes=2",
+            "gpus_per_node=4",
+            "mem_gb=32",
+            "slurm_additional_parameters.reservation=r1",
+        ]
+    )
+    assert parameters == {
+        "slurm_partition": "gpu",
+        "timeout_min": 90,
+        "nodes": 2,
+        "gpus_per_node": 4,
+        "mem_gb": 32.0,
+        "slurm_additional_parameters": {"reservation": "r1"},
+    }
     assert launchers.cost(10, parameters) == "10 Slurm job(s) × 8 GPU(s) × at most 90 min = at most 120.0 GPU-hours"
     job = launchers.RunJob(None, "/b/runs/erm/seed0", nodes=2, per_node=4)
     command = launchers.torchrun_command(job, "node7", "4242_3", "/b/runs/erm/.seed0.config.json")
-    assert command[1:] == ["-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=4", "--rdzv-backend=c10d",
-                           "--rdzv-endpoint=node7:22423", "--rdzv-id=4242_3", "-m", "advreg.launchers",
-                           "/b/runs/erm/seed0", "/b/runs/erm/.seed0.config.json"]
+    assert command[1:] == [
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc-per-node=4",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=node7:22423",
+        "--rdzv-id=4242_3",
+        "-m",
+        "advreg.launchers",
+        "/b/runs/erm/seed0",
+        "/b/runs/erm/.seed0.config.json",
+    ]

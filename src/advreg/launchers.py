@@ -8,6 +8,7 @@ and whose folder is not finished. A job that Slurm preempts or that reaches its 
 submitit's checkpointing protocol and resumes from its run folder's last checkpoint (``train(resume=True)``); a
 job that raises (a bad setting, a diverged run) ends there and is reported with its log.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,10 +27,17 @@ from advreg.runs import load_metrics
 REPLICAS = "replicas_per_node"  # ours, not submitit's: torchrun's processes per node (default: gpus_per_node)
 # --slurm KEY → submitit's AutoExecutor parameter (and the kind of its value)
 SLURM_KEYS: dict[str, tuple[str, type]] = {
-    "partition": ("slurm_partition", str), "time": ("timeout_min", int), "nodes": ("nodes", int),
-    "gpus_per_node": ("gpus_per_node", int), "cpus_per_task": ("cpus_per_task", int), "mem_gb": ("mem_gb", float),
-    "account": ("slurm_account", str), "qos": ("slurm_qos", str), "constraint": ("slurm_constraint", str),
-    "replicas_per_node": (REPLICAS, int)}
+    "partition": ("slurm_partition", str),
+    "time": ("timeout_min", int),
+    "nodes": ("nodes", int),
+    "gpus_per_node": ("gpus_per_node", int),
+    "cpus_per_task": ("cpus_per_task", int),
+    "mem_gb": ("mem_gb", float),
+    "account": ("slurm_account", str),
+    "qos": ("slurm_qos", str),
+    "constraint": ("slurm_constraint", str),
+    "replicas_per_node": (REPLICAS, int),
+}
 EXTRA = "slurm_additional_parameters."  # --slurm slurm_additional_parameters.reservation=r1 → sbatch --reservation=r1
 DEFAULT_MINUTES = 5  # submitit's default time limit
 PENDING_STATES = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING", "SUSPENDED"}
@@ -44,11 +52,13 @@ def parse_slurm(items: list[str]) -> dict[str, Any]:
     for item in items:
         key, sep, value = (s.strip() for s in item.partition("="))
         if key.startswith(EXTRA) and sep and value and key != EXTRA:
-            parameters.setdefault("slurm_additional_parameters", {})[key[len(EXTRA):]] = value
+            parameters.setdefault("slurm_additional_parameters", {})[key[len(EXTRA) :]] = value
             continue
         if not sep or key not in SLURM_KEYS or not value:
-            raise ValueError(f"--slurm expects KEY=VALUE with KEY one of {', '.join(SLURM_KEYS)} or {EXTRA}NAME, "
-                             f"got {item!r} (example: --slurm partition=gpu --slurm time=120)")
+            raise ValueError(
+                f"--slurm expects KEY=VALUE with KEY one of {', '.join(SLURM_KEYS)} or {EXTRA}NAME, "
+                f"got {item!r} (example: --slurm partition=gpu --slurm time=120)"
+            )
         name, kind = SLURM_KEYS[key]
         try:
             parameters[name] = kind(value)
@@ -68,10 +78,15 @@ def cost(runs: int, parameters: dict[str, Any]) -> str:
     """The grid's price before it is submitted: the GPU (or CPU) hours that the time limits allow at most."""
     nodes = parameters.get("nodes", 1)
     minutes = parameters.get("timeout_min", DEFAULT_MINUTES)
-    unit, per_run = ("GPU", nodes * parameters["gpus_per_node"]) if parameters.get("gpus_per_node") else \
-        ("CPU", nodes * parameters.get("cpus_per_task", 1))
-    return (f"{runs} Slurm job(s) × {per_run} {unit}(s) × at most {minutes} min = at most "
-            f"{runs * per_run * minutes / 60:.1f} {unit}-hours")
+    unit, per_run = (
+        ("GPU", nodes * parameters["gpus_per_node"])
+        if parameters.get("gpus_per_node")
+        else ("CPU", nodes * parameters.get("cpus_per_task", 1))
+    )
+    return (
+        f"{runs} Slurm job(s) × {per_run} {unit}(s) × at most {minutes} min = at most "
+        f"{runs * per_run * minutes / 60:.1f} {unit}-hours"
+    )
 
 
 @dataclass(frozen=True)
@@ -79,6 +94,7 @@ class RunJob:
     """What a Slurm job runs: train one run folder (resuming it) and add its robust errors. submitit's
     checkpointing protocol (``checkpoint``) resubmits the same call on preemption or time limit: the run
     folder holds the progress, so nothing else needs saving."""
+
     config: TrainConfig
     folder: str
     attacks: tuple[str, ...] = ()
@@ -120,9 +136,20 @@ class RunJob:
 def torchrun_command(job: RunJob, master: str, job_id: str, config: str) -> list[str]:
     """One node's ``torchrun``: c10d rendezvous at ``master`` on a port chosen from the job id."""
     port = 20000 + int("".join(c for c in job_id if c.isdigit()) or 0) % 20000
-    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={job.nodes}",
-            f"--nproc-per-node={job.per_node}", "--rdzv-backend=c10d", f"--rdzv-endpoint={master}:{port}",
-            f"--rdzv-id={job_id}", "-m", "advreg.launchers", job.folder, config]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={job.nodes}",
+        f"--nproc-per-node={job.per_node}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={master}:{port}",
+        f"--rdzv-id={job_id}",
+        "-m",
+        "advreg.launchers",
+        job.folder,
+        config,
+    ]
 
 
 class Slurm:
@@ -135,8 +162,9 @@ class Slurm:
 
     def states(self) -> dict[str, str]:
         """Every job of this user that Slurm still holds, pending or running: job id → state."""
-        shown = subprocess.run(["squeue", "-h", "-r", "--me", "-o", "%i|%T"], capture_output=True, text=True,
-                               check=False)
+        shown = subprocess.run(
+            ["squeue", "-h", "-r", "--me", "-o", "%i|%T"], capture_output=True, text=True, check=False
+        )
         if shown.returncode != 0:
             raise OSError(f"squeue failed ({shown.stderr.strip()}); check that Slurm answers (sinfo)")
         return dict(line.split("|", 1) for line in shown.stdout.split())
@@ -147,8 +175,15 @@ class Slurm:
             return "done"
         job = self.jobs.get(str(folder))
         state = states.get(job["id"], "") if job else ""
-        return "pending" if state in PENDING_STATES else "running" if state in RUNNING_STATES else \
-            "failed" if job else "todo"
+        return (
+            "pending"
+            if state in PENDING_STATES
+            else "running"
+            if state in RUNNING_STATES
+            else "failed"
+            if job
+            else "todo"
+        )
 
     def submit(self, jobs: list[RunJob]) -> None:
         """One job array (the runs share their resources); the ids saved before anything else can go wrong."""
@@ -157,8 +192,11 @@ class Slurm:
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.root / SETTINGS, json.dumps(self.parameters, indent=2).encode())
         executor = submitit.AutoExecutor(folder=self.root / "logs", cluster="slurm")
-        executor.update_parameters(name="advreg-bench", tasks_per_node=1,  # each task: a torchrun, or one process
-                                   **{k: v for k, v in self.parameters.items() if k != REPLICAS})
+        executor.update_parameters(
+            name="advreg-bench",
+            tasks_per_node=1,  # each task: a torchrun, or one process
+            **{k: v for k, v in self.parameters.items() if k != REPLICAS},
+        )
         with executor.batch():
             submitted = [executor.submit(job) for job in jobs]
         for job, handle in zip(jobs, submitted):
@@ -175,9 +213,16 @@ class Slurm:
         return f"its Slurm job {job['id']} ended without finishing it{last} (log: {log}); a rerun resubmits it"
 
 
-def run_slurm(specs: list[Any], out: Path, parameters: dict[str, Any], attacks: tuple[str, ...] = (),
-              source: str | None = None, wait_for: bool = True, every: float = 10.0,
-              quiet: bool = False) -> list[dict[str, Any]] | None:
+def run_slurm(
+    specs: list[Any],
+    out: Path,
+    parameters: dict[str, Any],
+    attacks: tuple[str, ...] = (),
+    source: str | None = None,
+    wait_for: bool = True,
+    every: float = 10.0,
+    quiet: bool = False,
+) -> list[dict[str, Any]] | None:
     """Submit every run that is neither finished nor pending or running, print the cost first; then (unless
     ``wait_for`` is false: None) wait and return one row per run, ``failed`` with its log where its job ended
     unfinished."""
@@ -187,19 +232,29 @@ def run_slurm(specs: list[Any], out: Path, parameters: dict[str, Any], attacks: 
     bench.check_folders(specs)
     slurm = Slurm(out, parameters)
     states = slurm.states()
-    todo = [s for s in specs if slurm.status(s.folder, bench.complete(s.folder, attacks, source), states)
-            in ("todo", "failed")]
+    todo = [
+        s
+        for s in specs
+        if slurm.status(s.folder, bench.complete(s.folder, attacks, source), states) in ("todo", "failed")
+    ]
     nodes, per_node = replicas(parameters)
     if todo:
         print(f"slurm: {cost(len(todo), parameters)}", file=sys.stderr, flush=True)
         slurm.submit([RunJob(s.config, str(s.folder), attacks, source, nodes, per_node) for s in todo])
-    print(f"slurm: submitted {len(todo)} of {len(specs)} runs (job ids and logs in {slurm.root / JOBS})",
-          file=sys.stderr, flush=True)
+    print(
+        f"slurm: submitted {len(todo)} of {len(specs)} runs (job ids and logs in {slurm.root / JOBS})",
+        file=sys.stderr,
+        flush=True,
+    )
     if not wait_for:
         return None
     status = wait(slurm, [s.folder for s in specs], lambda f: bench.complete(f, attacks, source), every, quiet)
-    return [bench.run_row(s, load_metrics(s.folder)) if status[str(s.folder)] == "done" else
-            {**bench.run_row(s, None, slurm.failure(s.folder)), "failed": True} for s in specs]
+    return [
+        bench.run_row(s, load_metrics(s.folder))
+        if status[str(s.folder)] == "done"
+        else {**bench.run_row(s, None, slurm.failure(s.folder)), "failed": True}
+        for s in specs
+    ]
 
 
 def check_available() -> None:
@@ -210,8 +265,10 @@ def check_available() -> None:
         raise ValueError('--launcher slurm needs submitit: pip install "advreg[slurm]"') from None
     missing = [c for c in ("sbatch", "squeue", "scontrol") if shutil.which(c) is None]
     if missing:
-        raise ValueError(f"--launcher slurm needs Slurm's commands on PATH (missing: {', '.join(missing)}); run "
-                         "the bench on the cluster's login node, or use --launcher local")
+        raise ValueError(
+            f"--launcher slurm needs Slurm's commands on PATH (missing: {', '.join(missing)}); run "
+            "the bench on the cluster's login node, or use --launcher local"
+        )
 
 
 def wait(slurm: Slurm, folders: list[Path], done, every: float = 5.0, quiet: bool = False) -> dict[str, str]:
