@@ -77,14 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--epochs", type=int, default=None, help=f"default: the recipe's, else {cfg.TrainConfig.epochs}")
     train.add_argument("--out", required=True, help="the run folder (created; must be new unless --resume)")
-    train.add_argument(
-        "--set",
-        dest="settings",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a setting, e.g. amp.epsilon=0.2 or optim.lr=0.05 (repeatable); "
-        "an unknown key lists the valid ones",
+    _add_settings(
+        train,
+        "override a setting, e.g. amp.epsilon=0.2 or optim.lr=0.05 (repeatable); an unknown key lists the valid ones",
     )
     train.add_argument(
         "--data-dir",
@@ -150,14 +145,7 @@ def _add_bench(commands: Any) -> None:
     _add_recipe(bench)
     bench.add_argument("--epochs", type=int, default=None, help=f"default: the recipe's, else {cfg.TrainConfig.epochs}")
     bench.add_argument("--out", default=None, help="the bench folder (reruns skip finished runs); required")
-    bench.add_argument(
-        "--set",
-        dest="settings",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a setting for every run, e.g. optim.lr=0.05 (repeatable)",
-    )
+    _add_settings(bench, "a setting for every run, e.g. optim.lr=0.05 (repeatable)")
     bench.add_argument(
         "--grid",
         action="append",
@@ -217,6 +205,11 @@ def _add_bench(commands: Any) -> None:
     )
 
 
+def _add_settings(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--set KEY=VALUE``, repeatable, collected in ``settings``."""
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
 def _add_recipe(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--recipe",
@@ -241,14 +234,7 @@ def _add_analyze(commands: Any) -> None:
         "inputs", nargs="*", help="run folders (a bench folder for calibration; none for operational-region)"
     )
     analyze.add_argument("--out", required=True, help="the folder for the figure and its numbers")
-    analyze.add_argument(
-        "--set",
-        dest="settings",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a setting of the analysis, e.g. dims=2, steps=21, samples=500, seed=1 (repeatable)",
-    )
+    _add_settings(analyze, "a setting of the analysis, e.g. dims=2, steps=21, samples=500, seed=1 (repeatable)")
     analyze.add_argument("--labels", default="", help="comma-separated names of the runs in the figure")
     analyze.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -301,22 +287,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.launcher != "slurm" and (args.slurm or args.no_wait):
         raise ValueError("--slurm and --no-wait go with --launcher slurm (add --launcher slurm)")
     parameters = launchers.parse_slurm(args.slurm)
-    methods: list[str | bench.Variant] = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not (methods or args.variants):
-        raise ValueError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from: {', '.join(METHODS)}")
-    methods += [bench.parse_variant(v) for v in args.variants]
+    methods = _bench_methods(args)
     base = base_config(args)
     out = check_output(args.out)
     specs = bench.plan(base, methods, args.seeds, args.settings, bench.parse_grid(args.grid), out, args.recipe)
     for spec in specs:
         validate(spec.config)
     output_folder(out)
-    attacks = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
-    if any(a not in ATTACKS for a in attacks):
-        raise ValueError(f"unknown attack in --attacks {args.attacks!r}; choose from: {', '.join(ATTACKS)}")
-    if args.attack_source and not attacks:
-        raise ValueError("--attack-source needs --attacks (e.g. --attacks fgsm,pgd)")
+    attacks = _bench_attacks(args)
     recipe = f", recipe {args.recipe}" if args.recipe else ""
     title = (
         f"{args.dataset}, {base.model.name}, {base.epochs} epochs{recipe}, mean ± std over {args.seeds} seeds; "
@@ -341,6 +319,25 @@ def cmd_bench(args: argparse.Namespace) -> None:
             specs, min(args.jobs, len(specs)), progress=not args.quiet, attacks=attacks, source=args.attack_source
         )
     _write_tables(out, rows, title)
+
+
+def _bench_methods(args: argparse.Namespace) -> list[str | bench.Variant]:
+    """The presets of ``--methods`` (checked) and the ``--variant`` runs."""
+    methods: list[str | bench.Variant] = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not (methods or args.variants):
+        raise ValueError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from: {', '.join(METHODS)}")
+    return methods + [bench.parse_variant(v) for v in args.variants]
+
+
+def _bench_attacks(args: argparse.Namespace) -> tuple[str, ...]:
+    """The attacks of ``--attacks`` that every finished run is evaluated with (checked)."""
+    attacks = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
+    if any(a not in ATTACKS for a in attacks):
+        raise ValueError(f"unknown attack in --attacks {args.attacks!r}; choose from: {', '.join(ATTACKS)}")
+    if args.attack_source and not attacks:
+        raise ValueError("--attack-source needs --attacks (e.g. --attacks fgsm,pgd)")
+    return attacks
 
 
 def _collect(folder: str) -> None:

@@ -232,23 +232,10 @@ def build_run(config: TrainConfig, replicas: distributed.Replicas | None = None)
         model = model.to(memory_format=torch.channels_last)
     generator = torch.Generator().manual_seed(config.seed)
     loader = TensorLoader(*data.train, config.optim.batch_size, shuffle=True, generator=generator)
-    last = len(data.train[1]) % config.optim.batch_size
-    if replicas is not None and 0 < last < replicas.world:
-        raise ValueError(
-            f"the last batch of each epoch has {last} rows, fewer than the {replicas.world} replicas; "
-            f"choose an optim.batch_size whose remainder in the {len(data.train[1])} training rows is 0 "
-            f"or at least {replicas.world}"
-        )
+    if replicas is not None:
+        _check_last_batch(len(data.train[1]), config.optim.batch_size, replicas.world)
     scaler = torch.amp.GradScaler(device.type) if config.speed.precision == "fp16" else None
-    # the scaler: unscale each pass that builds Δ, skip an overflowing step; the model: BatchNorm bookkeeping
-    # without hooks, which torch.compile needs
-    engine: dict[str, Any] = dict(model=model, grad_scaler=scaler)
-    train_model = None
-    if replicas is not None:  # the passes that build Δ stay local to each replica (speed.perturb_on=local)
-        train_model = replicas.wrap(model, device)
-        engine.update(no_sync=train_model.no_sync, perturb_on=config.speed.perturb_on)
-    if config.speed.compile:
-        train_model = torch.compile(train_model if train_model is not None else model)
+    train_model, engine = _training_model(config, model, device, scaler, replicas)
     optimizer = build_optimizer(config, model.parameters(), steps_per_epoch=len(loader), **engine)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestone_epochs(config), gamma=config.optim.lr_decay)
     box = data.box()  # the input range: the attacks' clip and the unit of their sizes
@@ -282,6 +269,35 @@ def build_run(config: TrainConfig, replicas: distributed.Replicas | None = None)
         train_model,
         replicas,
     )
+
+
+def _check_last_batch(rows: int, batch_size: int, world: int) -> None:
+    last = rows % batch_size
+    if 0 < last < world:
+        raise ValueError(
+            f"the last batch of each epoch has {last} rows, fewer than the {world} replicas; choose an "
+            f"optim.batch_size whose remainder in the {rows} training rows is 0 or at least {world}"
+        )
+
+
+def _training_model(
+    config: TrainConfig,
+    model: nn.Module,
+    device: torch.device,
+    scaler: torch.amp.GradScaler | None,
+    replicas: distributed.Replicas | None,
+) -> tuple[nn.Module | None, dict[str, Any]]:
+    """What the training passes call (the DDP wrapper, torch.compile; None: the model itself) and the perturbation
+    engine's options: the scaler (unscale each pass that builds Δ, skip an overflowing step), the model (BatchNorm
+    bookkeeping without hooks, which torch.compile needs) and, under DDP, ``no_sync`` and ``perturb_on``."""
+    engine: dict[str, Any] = dict(model=model, grad_scaler=scaler)
+    train_model = None
+    if replicas is not None:  # the passes that build Δ stay local to each replica (speed.perturb_on=local)
+        train_model = replicas.wrap(model, device)
+        engine.update(no_sync=train_model.no_sync, perturb_on=config.speed.perturb_on)
+    if config.speed.compile:
+        train_model = torch.compile(train_model if train_model is not None else model)
+    return train_model, engine
 
 
 def milestone_epochs(config: TrainConfig) -> list[int]:

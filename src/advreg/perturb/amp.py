@@ -99,13 +99,7 @@ class AMP(PerturbedOptimizer):
 
     @staticmethod
     def check_settings(
-        epsilon: float,
-        inner_lr: float,
-        inner_steps: int = 1,
-        norm: str = "global",
-        every: int = 1,
-        reuse: str = "delta",
-        alpha: float = 0.7,
+        *, epsilon: float, inner_lr: float, inner_steps: int, norm: str, every: int, reuse: str, alpha: float
     ) -> None:
         """Raise ValueError on settings the constructor refuses, without parameters (a run's config is checked so)."""
         AMP.check_ball(epsilon, inner_lr, inner_steps)

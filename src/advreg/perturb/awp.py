@@ -70,14 +70,6 @@ class AWP(PerturbedOptimizer):
         self._delta: dict[Tensor, Tensor] = {}  # scratch: v during a step
 
     @staticmethod
-    def check_settings(
-        gamma: float = 0.01, steps: int = 1, step_size: float | None = None, warmup_steps: int = 0
-    ) -> None:
-        """Raise ValueError on settings the constructor refuses, without parameters (a run's config is checked so)."""
-        AWP.check_ball(gamma, step_size)
-        AWP.check_schedule(steps, warmup_steps)
-
-    @staticmethod
     def check_ball(gamma: float, step_size: float | None) -> None:
         """The per-group settings: γ and the ascent's step η2."""
         check_nonnegative(
@@ -210,7 +202,8 @@ def _project(delta: list[Tensor], radii: list[Tensor]) -> None:
 def _check_awp(c: AWPConfig) -> None:
     if not (isinstance(c.warmup, int) and c.warmup >= 0):
         raise ValueError(f"warmup is a number of epochs >= 0, got {c.warmup!r}")
-    AWP.check_settings(c.gamma, c.steps)
+    AWP.check_ball(c.gamma, step_size=None)  # the section has no step size: γ/K2, the paper's
+    AWP.check_schedule(c.steps, warmup_steps=0)  # the warm-up is checked above, in epochs
 
 
 def _build_awp(c: AWPConfig, params: Iterable, steps_per_epoch: int, sgd: dict, engine: dict) -> AWP:

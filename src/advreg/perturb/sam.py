@@ -54,7 +54,7 @@ class SAM(PerturbedOptimizer):
         )
 
     @staticmethod
-    def check_settings(rho: float, adaptive: bool = False, eta: float = 0.01, adaptive_scope: str = "all") -> None:
+    def check_settings(*, rho: float, adaptive: bool, eta: float, adaptive_scope: str = "all") -> None:
         """Raise ValueError on settings the constructor refuses, without parameters (a run's config is checked so)."""
         SAM.check_ball(rho, eta)
         SAM.check_adaptive(adaptive, adaptive_scope)
